@@ -1,0 +1,343 @@
+"""One kernel source, three ways to run it: CuPy on a GPU, g++ on the CPU, NVRTC for checking.
+
+Kernel files live in ``san_det/layers/kernels/*.cu``. They are written in the restricted style the
+CPU path can emulate: every ``__global__`` function is a grid-stride loop over its outputs, with no
+``__shared__`` memory, ``__syncthreads`` or warp intrinsics, and element types spelled
+``scalar_t`` (storage) and ``acc_t`` (arithmetic), converted with ``TO_ACC(x)`` / ``FROM_ACC(x)``.
+
+- :meth:`KernelSource.cuda` compiles with ``cupy.RawModule`` and launches on torch's current stream.
+- :meth:`KernelSource.cpu` compiles the same text as C++ (``g++ -O3 -fopenmp``) into a shared
+  library cached by source hash under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it
+  through ctypes; each launch runs every (block, thread) pair of the grid, so a tiny grid exercises
+  the grid-stride loops.
+- :meth:`KernelSource.nvrtc_compile` compiles for a given ``sm_XX`` with ``cuda.bindings.nvrtc``,
+  which needs no GPU, so CI checks that every kernel builds for every dtype.
+
+Kernel arguments may be pointers (``T*``), integers (``int``, ``int64_t``) or ``float``/``double``
+(not ``acc_t``: its width depends on the dtype);
+from Python pass tensors (their ``data_ptr()`` is used) or numbers.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["KernelSource", "KernelCompileError", "cpu_compiler_available", "DEFAULT_THREADS"]
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+DEFAULT_THREADS = 256  # threads per block on the GPU
+
+_DTYPE_NAMES = {
+    torch.float64: "double",
+    torch.float32: "float",
+    torch.float16: "half",
+    torch.bfloat16: "bfloat16",
+}
+
+_CUDA_TYPE_PRELUDE = {
+    "double": "typedef double scalar_t;\ntypedef double acc_t;\n"
+    "#define TO_ACC(x) ((acc_t)(x))\n#define FROM_ACC(x) ((scalar_t)(x))\n",
+    "float": "typedef float scalar_t;\ntypedef float acc_t;\n"
+    "#define TO_ACC(x) ((acc_t)(x))\n#define FROM_ACC(x) ((scalar_t)(x))\n",
+    "half": "#include <cuda_fp16.h>\ntypedef __half scalar_t;\ntypedef float acc_t;\n"
+    "#define TO_ACC(x) __half2float(x)\n#define FROM_ACC(x) __float2half(x)\n",
+    "bfloat16": "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 scalar_t;\ntypedef float acc_t;\n"
+    "#define TO_ACC(x) __bfloat162float(x)\n#define FROM_ACC(x) __float2bfloat16(x)\n",
+}
+_CUDA_COMMON_PRELUDE = "typedef long long int64_t;\n"
+
+_KERNEL_SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel source failed to compile; the message holds the compiler's log."""
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_compiler_available() -> bool:
+    """Whether a C++ compiler with OpenMP is available for the compiled CPU path."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str]]]:
+    """Map each ``__global__`` function to its parameter list of (ctype kind, name)."""
+    kernels = {}
+    for match in _KERNEL_SIGNATURE.finditer(source):
+        params = []
+        for raw in match.group(2).split(","):
+            raw = " ".join(raw.split())
+            if not raw:
+                continue
+            name = re.findall(r"\w+", raw)[-1]
+            decl = raw[: raw.rfind(name)]
+            if "*" in decl:
+                kind = "ptr"
+            elif "acc_t" in decl or "scalar_t" in decl:
+                raise KernelCompileError(f"pass scalar kernel arguments as float or double: {raw!r}")
+            elif "double" in decl:
+                kind = "double"
+            elif "float" in decl:
+                kind = "float"
+            elif "int64_t" in decl or "long" in decl:
+                kind = "int64"
+            elif "int" in decl:
+                kind = "int"
+            else:
+                raise KernelCompileError(f"unsupported kernel parameter type in {raw!r}")
+            params.append((kind, name, decl.strip()))
+        kernels[match.group(1)] = params
+    return kernels
+
+
+def _cache_dir() -> Path:
+    path = Path(os.environ.get("SAN_DET_CACHE", Path.home() / ".cache" / "san_det"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _CpuKernel:
+    def __init__(self, fn, params):
+        self._fn = fn
+        self._params = params
+
+    def __call__(self, grid: int, block: int, *args):
+        if len(args) != len(self._params):
+            raise TypeError(f"kernel takes {len(self._params)} arguments, got {len(args)}")
+        converted = [ctypes.c_int(grid), ctypes.c_int(block)]
+        for (kind, name, _), arg in zip(self._params, args):
+            if kind == "ptr":
+                converted.append(ctypes.c_void_p(arg.data_ptr() if torch.is_tensor(arg) else arg))
+            elif kind == "int":
+                converted.append(ctypes.c_int(int(arg)))
+            elif kind == "int64":
+                converted.append(ctypes.c_int64(int(arg)))
+            elif kind == "float":
+                converted.append(ctypes.c_float(float(arg)))
+            else:
+                converted.append(ctypes.c_double(float(arg)))
+        self._fn(*converted)
+
+
+class _CpuModule:
+    """Kernels of one source compiled for the CPU; attributes are callables ``(grid, block, *args)``."""
+
+    def __init__(self, library_path: Path, kernels: Dict[str, list]):
+        self._lib = ctypes.CDLL(str(library_path))
+        for name, params in kernels.items():
+            fn = getattr(self._lib, f"san_launch_{name}")
+            fn.restype = None
+            setattr(self, name, _CpuKernel(fn, params))
+
+
+class _CudaKernel:
+    def __init__(self, fn, params):
+        self._fn = fn
+        self._params = params
+
+    def __call__(self, grid: int, block: int, *args):
+        import cupy
+
+        if len(args) != len(self._params):
+            raise TypeError(f"kernel takes {len(self._params)} arguments, got {len(args)}")
+        converted = []
+        for (kind, name, decl), arg in zip(self._params, args):
+            if kind == "ptr":
+                converted.append(arg.data_ptr() if torch.is_tensor(arg) else arg)
+            elif kind == "int":
+                converted.append(cupy.int32(arg))
+            elif kind == "int64":
+                converted.append(cupy.int64(arg))
+            elif kind == "float":
+                converted.append(cupy.float32(arg))
+            else:
+                converted.append(cupy.float64(arg))
+        stream = torch.cuda.current_stream()
+        with cupy.cuda.ExternalStream(stream.cuda_stream):
+            self._fn((int(grid),), (int(block),), tuple(converted))
+
+
+class KernelSource:
+    """A ``.cu`` file from ``san_det/layers/kernels`` compiled on demand per dtype and device."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, filename: str):
+        self.path = KERNEL_DIR / filename
+        self.source = self.path.read_text()
+        self.kernels = _parse_kernels(self.source)
+        if not self.kernels:
+            raise KernelCompileError(f"{self.path} defines no __global__ function")
+        self._cpu: Dict[str, _CpuModule] = {}
+        self._cuda: Dict[Tuple[str, int], object] = {}
+
+    # ---------------------------------------------------------------- CUDA
+    def cuda_source(self, dtype_name: str) -> str:
+        """The full CUDA translation unit for one storage dtype."""
+        return _CUDA_COMMON_PRELUDE + _CUDA_TYPE_PRELUDE[dtype_name] + self.source
+
+    def cuda(self, dtype: torch.dtype, device: torch.device):
+        """Compiled kernels for ``dtype`` on a CUDA ``device`` (compiled once per process)."""
+        import cupy
+
+        dtype_name = _DTYPE_NAMES[dtype]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (dtype_name, index)
+        with self._lock:
+            if key not in self._cuda:
+                with cupy.cuda.Device(index):
+                    module = cupy.RawModule(
+                        code=self.cuda_source(dtype_name),
+                        options=("--std=c++17",),
+                        backend="nvrtc",
+                    )
+                    module.compile()
+                    self._cuda[key] = module
+            module = self._cuda[key]
+        return _CudaNamespace(module, self.kernels)
+
+    def nvrtc_compile(self, dtype: torch.dtype, arch: str = "sm_90") -> bytes:
+        """Compile for ``arch`` with NVRTC (no GPU needed) and return the cubin.
+
+        Raises:
+            KernelCompileError: with NVRTC's log when compilation fails.
+        """
+        from cuda.bindings import nvrtc
+
+        source = self.cuda_source(_DTYPE_NAMES[dtype]).encode()
+        err, prog = nvrtc.nvrtcCreateProgram(source, self.path.name.encode(), 0, [], [])
+        _check_nvrtc(err, "nvrtcCreateProgram")
+        options = [f"-arch={arch}".encode(), b"--std=c++17"]
+        include = _cuda_include_dir()
+        if include:
+            options.append(f"-I{include}".encode())
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            nvrtc.nvrtcDestroyProgram(prog)
+            raise KernelCompileError(
+                f"NVRTC failed on {self.path.name} ({dtype}, {arch}):\n{log.decode(errors='replace')}"
+            )
+        _, size = nvrtc.nvrtcGetCUBINSize(prog)
+        cubin = b" " * size
+        nvrtc.nvrtcGetCUBIN(prog, cubin)
+        nvrtc.nvrtcDestroyProgram(prog)
+        return cubin
+
+    # ---------------------------------------------------------------- CPU
+    def cpu_source(self, dtype_name: str) -> str:
+        """The C++ translation unit for one dtype: prelude, kernels and one launcher per kernel."""
+        if dtype_name not in ("float", "double"):
+            raise ValueError("the CPU path computes in float32 or float64 only")
+        parts = [
+            '#include "cpu_prelude.h"',
+            f"typedef {dtype_name} scalar_t;",
+            f"typedef {dtype_name} acc_t;",
+            "#define TO_ACC(x) ((acc_t)(x))",
+            "#define FROM_ACC(x) ((scalar_t)(x))",
+            self.source,
+        ]
+        for name, params in self.kernels.items():
+            decls = ", ".join(f"{decl} {pname}" for _, pname, decl in params)
+            names = ", ".join(pname for _, pname, _ in params)
+            sep = ", " if decls else ""
+            parts.append(
+                f'extern "C" void san_launch_{name}(int grid_, int block_{sep}{decls}) {{\n'
+                "  #pragma omp parallel for schedule(static)\n"
+                "  for (int b = 0; b < grid_; ++b) {\n"
+                "    gridDim = {(unsigned)grid_, 1, 1}; blockDim = {(unsigned)block_, 1, 1};\n"
+                "    blockIdx = {(unsigned)b, 0, 0};\n"
+                "    for (int t = 0; t < block_; ++t) {\n"
+                "      threadIdx = {(unsigned)t, 0, 0};\n"
+                f"      {name}({names});\n"
+                "    }\n  }\n}\n"
+            )
+        return "\n".join(parts)
+
+    def cpu(self, dtype: torch.dtype, extra_flags: Sequence[str] = ()) -> _CpuModule:
+        """Kernels compiled for the CPU (cached on disk by source hash and flags)."""
+        dtype_name = _DTYPE_NAMES[dtype]
+        key = dtype_name + "|" + " ".join(extra_flags)
+        with self._lock:
+            if key not in self._cpu:
+                self._cpu[key] = _CpuModule(
+                    self._build_cpu(dtype_name, tuple(extra_flags)), self.kernels
+                )
+            return self._cpu[key]
+
+    def _build_cpu(self, dtype_name: str, extra_flags: Tuple[str, ...]) -> Path:
+        if not cpu_compiler_available():
+            raise KernelCompileError("no C++ compiler found for the compiled CPU path")
+        source = self.cpu_source(dtype_name)
+        prelude = (KERNEL_DIR / "cpu_prelude.h").read_text()
+        flags = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *extra_flags]
+        digest = hashlib.sha256("\0".join([source, prelude, *flags]).encode()).hexdigest()[:20]
+        target = _cache_dir() / f"{self.path.stem}_{dtype_name}_{digest}.so"
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / f"{self.path.stem}.cpp"
+            src.write_text(source)
+            out = Path(tmp) / target.name
+            cmd = [os.environ.get("CXX", "g++"), *flags, f"-I{KERNEL_DIR}", str(src), "-o", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise KernelCompileError(
+                    f"g++ failed on {self.path.name} ({dtype_name}):\n{proc.stderr}"
+                )
+            # Atomic publish: concurrent processes never load a half-written library.
+            tmp_target = target.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(out, tmp_target)
+            os.replace(tmp_target, target)
+        return target
+
+
+class _CudaNamespace:
+    def __init__(self, module, kernels):
+        for name, params in kernels.items():
+            setattr(self, name, _CudaKernel(module.get_function(name), params))
+
+
+def _check_nvrtc(err, what: str) -> None:
+    from cuda.bindings import nvrtc
+
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise KernelCompileError(f"{what} failed: {err}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_include_dir() -> Optional[str]:
+    """A directory holding cuda_fp16.h for NVRTC, if one can be found."""
+    candidates = []
+    try:
+        import nvidia.cuda_runtime  # type: ignore
+
+        candidates += [Path(p) / "include" for p in nvidia.cuda_runtime.__path__]
+    except ImportError:
+        pass
+    try:
+        import nvidia  # type: ignore
+
+        for base in nvidia.__path__:
+            candidates += list(Path(base).glob("*/include")) + [Path(base) / "cu13" / "include"]
+    except ImportError:
+        pass
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            candidates.append(Path(os.environ[env]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for cand in candidates:
+        if (cand / "cuda_fp16.h").exists():
+            return str(cand)
+    return None
