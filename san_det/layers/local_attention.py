@@ -15,14 +15,18 @@ Backends (see :mod:`san_det.layers.backend`): ``reference`` (plain unfold, the o
 (``kernels/local_attention.cu`` compiled with g++) and ``cuda`` (the same source through CuPy).
 """
 
+import contextlib
+import functools
 import math
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .backend import select_backend
+from .kernel_runtime import DEFAULT_THREADS, KernelSource
 
 __all__ = ["local_attention", "local_attention_reference", "LocalSelfAttention2d"]
 
@@ -104,6 +108,112 @@ def local_attention_reference(
     return out.reshape(n, c, h, w)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_source() -> KernelSource:
+    return KernelSource("local_attention.cu")
+
+
+def _kernels(backend: str, dtype: torch.dtype, device: torch.device):
+    if backend == "cuda":
+        return _kernel_source().cuda(dtype, device)
+    return _kernel_source().cpu(dtype)
+
+
+_LAUNCH_OVERRIDE: Optional[Tuple[int, int]] = None
+_CPU_BLOCK = 64  # items per emulated block: one OpenMP task runs a block's items in order
+_MAX_CUDA_BLOCKS = 1 << 20
+
+
+@contextlib.contextmanager
+def fixed_launch(grid: int, block: int) -> Iterator[None]:
+    """Launch every kernel with ``grid`` blocks of ``block`` threads inside this block.
+
+    For tests: a grid much smaller than the work makes each thread loop in its grid-stride loop.
+    """
+    global _LAUNCH_OVERRIDE
+    previous, _LAUNCH_OVERRIDE = _LAUNCH_OVERRIDE, (int(grid), int(block))
+    try:
+        yield
+    finally:
+        _LAUNCH_OVERRIDE = previous
+
+
+def _launch(kernel, total: int, backend: str, *args) -> None:
+    if total == 0:
+        return
+    if _LAUNCH_OVERRIDE is not None:
+        grid, block = _LAUNCH_OVERRIDE
+    elif backend == "cuda":
+        block = DEFAULT_THREADS
+        grid = min((total + block - 1) // block, _MAX_CUDA_BLOCKS)
+    else:
+        block = _CPU_BLOCK
+        grid = (total + block - 1) // block
+    kernel(grid, block, *args)
+
+
+class _LocalAttentionFunction(torch.autograd.Function):
+    """Kernel-backed local attention; saves the attention probabilities for backward.
+
+    The saved buffer is ``(N, heads, k*k, H, W)`` in the accumulation type (float32 for
+    float16/bfloat16/float32, float64 for float64): ``k*k * heads / C`` times the input size.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel, num_heads, kernel_size, dilation, backend):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rel = rel.contiguous() if rel is not None else None
+        n, c, h, w = q.shape
+        kk = kernel_size * kernel_size
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        mod = _kernels(backend, q.dtype, q.device)
+        attn = torch.empty(n, num_heads, kk, h, w, dtype=acc_dtype, device=q.device)
+        out = torch.empty_like(q)
+        shape = (n, c, h, w, num_heads, kernel_size, dilation)
+        rel_arg = rel if rel is not None else 0
+        _launch(
+            mod.sasa_attention_forward, n * num_heads * h * w, backend,
+            q, k, rel_arg, attn, *shape, int(rel is not None),
+        )  # fmt: skip
+        _launch(mod.sasa_output_forward, n * c * h * w, backend, attn, v, out, *shape)
+        ctx.save_for_backward(q, k, v, rel, attn)
+        ctx.config = (num_heads, kernel_size, dilation, backend)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, rel, attn = ctx.saved_tensors
+        num_heads, kernel_size, dilation, backend = ctx.config
+        grad_out = grad_out.contiguous()
+        n, c, h, w = q.shape
+        kk = kernel_size * kernel_size
+        mod = _kernels(backend, q.dtype, q.device)
+        shape = (n, c, h, w, num_heads, kernel_size, dilation)
+        dlogit = torch.empty_like(attn)
+        _launch(
+            mod.sasa_logit_backward, n * num_heads * h * w, backend,
+            grad_out, v, attn, dlogit, *shape,
+        )  # fmt: skip
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _launch(
+            mod.sasa_qkv_backward, n * c * h * w, backend,
+            q, k, rel if rel is not None else 0, grad_out, attn, dlogit,
+            grad_q, grad_k, grad_v, *shape, int(rel is not None),
+        )  # fmt: skip
+        grad_rel = None
+        if rel is not None and ctx.needs_input_grad[3]:
+            # grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), a, b, i, j] * q[n, c, i, j]: a plain
+            # contraction, left to BLAS / cuBLAS (deterministic, no atomics).
+            d = c // num_heads
+            q_acc = q.view(n, num_heads, d, h * w).to(attn.dtype)
+            grad_rel = torch.einsum(
+                "nhdp,nhap->hda", q_acc, dlogit.view(n, num_heads, kk, h * w)
+            )
+            grad_rel = grad_rel.reshape(c, kernel_size, kernel_size).to(rel.dtype)
+        return grad_q, grad_k, grad_v, grad_rel, None, None, None, None
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,11 +246,18 @@ def local_attention(
         out = (q + k + v) * 0
         return out if rel is None else out + rel.sum() * 0
     backend = select_backend(q)
-    # Kernels are being written: every backend runs the reference for now.
-    del backend
-    return local_attention_reference(
-        q, k, v, rel, num_heads=num_heads, kernel_size=kernel_size, dilation=dilation
-    )
+    if backend == "reference":
+        return local_attention_reference(
+            q, k, v, rel, num_heads=num_heads, kernel_size=kernel_size, dilation=dilation
+        )
+    if backend == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        # The CPU kernels compute in float32 or float64 only: compute in float32, cast back.
+        rel32 = rel.float() if rel is not None else None
+        out = _LocalAttentionFunction.apply(
+            q.float(), k.float(), v.float(), rel32, num_heads, kernel_size, dilation, backend
+        )
+        return out.to(q.dtype)
+    return _LocalAttentionFunction.apply(q, k, v, rel, num_heads, kernel_size, dilation, backend)
 
 
 class LocalSelfAttention2d(nn.Module):
