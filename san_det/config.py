@@ -1,0 +1,17 @@
+"""``add_san_det_config(cfg)``: every config key san_det adds to detectron2's defaults."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_san_det_config", "get_san_det_cfg"]
+
+
+def add_san_det_config(cfg: CN) -> CN:
+    """Add san_det's keys, with their defaults, to a detectron2 config (in place; also returned)."""
+    return cfg
+
+
+def get_san_det_cfg() -> CN:
+    """detectron2's default config extended with san_det's keys."""
+    from detectron2.config import get_cfg
+
+    return add_san_det_config(get_cfg())

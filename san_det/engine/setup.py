@@ -1,0 +1,114 @@
+"""Build the config from command-line arguments, checking the user's input before anything runs.
+
+Every check here happens before a file is written, so bad input never leaves partial output
+(a ``config.yaml`` or log) that a later run could mistake for a real one.
+"""
+
+import os
+import tempfile
+from typing import Iterable, List
+
+import yaml
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..config import get_san_det_cfg
+from .errors import UserInputError
+
+__all__ = ["setup_cfg", "validate_datasets", "check_output_dir"]
+
+_DATASET_PREPARERS = {}
+
+
+def register_dataset_preparer(prefix: str, prepare) -> None:
+    """Datasets whose name starts with ``prefix`` are made on demand by ``prepare(name)``."""
+    _DATASET_PREPARERS[prefix] = prepare
+
+
+def _merge(cfg: CfgNode, what: str, merge) -> None:
+    try:
+        merge()
+    except KeyError as e:
+        # yacs: "Non-existent config key: MODEL.FOO"
+        msg = e.args[0] if e.args else str(e)
+        raise UserInputError(f"{what}: {msg}") from None
+    except (ValueError, AssertionError, TypeError, yaml.YAMLError) as e:
+        raise UserInputError(f"{what}: {e}") from None
+    except OSError as e:
+        raise UserInputError(f"{what}: cannot read {e.filename or e}: {e.strerror or e}") from None
+
+
+def check_output_dir(path: str) -> None:
+    """Raise :class:`UserInputError` unless ``path`` exists (or can be made) and is writable."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise UserInputError(
+            f"OUTPUT_DIR {path!r} is not writable ({e.strerror or e}); "
+            "pass another one with OUTPUT_DIR /some/dir"
+        ) from None
+
+
+def setup_cfg(config_file: str, opts: Iterable[str] = (), freeze: bool = True) -> CfgNode:
+    """detectron2 defaults + san_det keys, merged with ``config_file`` and ``KEY VALUE`` opts.
+
+    Raises:
+        UserInputError: missing config file, unknown key, bad value, unwritable OUTPUT_DIR,
+            missing local MODEL.WEIGHTS file.
+    """
+    if not config_file:
+        raise UserInputError("--config-file is required (e.g. configs/Demo/shapes_retinanet.yaml)")
+    if not os.path.isfile(config_file):
+        raise UserInputError(f"config file not found: {config_file}")
+    cfg = get_san_det_cfg()
+    _merge(cfg, config_file, lambda: cfg.merge_from_file(config_file))
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserInputError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
+    _merge(cfg, "command-line overrides", lambda: cfg.merge_from_list(opts))
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise UserInputError(f"MODEL.WEIGHTS file not found: {weights}")
+    check_output_dir(cfg.OUTPUT_DIR)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def _dataset_files(name: str) -> List[str]:
+    meta = MetadataCatalog.get(name)
+    return [p for p in (getattr(meta, "json_file", None), getattr(meta, "image_root", None)) if p]
+
+
+def validate_datasets(names: Iterable[str]) -> None:
+    """Check that every dataset is registered and its files exist (or make on-demand ones).
+
+    Raises:
+        UserInputError: naming the dataset and the path that is missing.
+    """
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            raise UserInputError(
+                f"dataset {name!r} is not registered. Registered: {', '.join(sorted(registered))}"
+            )
+        prepare = next((p for k, p in _DATASET_PREPARERS.items() if name.startswith(k)), None)
+        if prepare is not None:
+            prepare(name)
+            continue
+        missing = [p for p in _dataset_files(name) if not os.path.exists(p)]
+        if missing:
+            root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+            hint = ""
+            if name.startswith("coco"):
+                hint = (
+                    f" COCO is read from $DETECTRON2_DATASETS/coco (DETECTRON2_DATASETS={root!r}): "
+                    "coco/annotations/instances_{train,val}2017.json, coco/train2017/, coco/val2017/."
+                )
+            raise UserInputError(
+                f"dataset {name!r} not found: missing {', '.join(map(repr, missing))}.{hint}"
+            )
