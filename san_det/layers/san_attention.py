@@ -145,7 +145,9 @@ class SAM(nn.Module):
         relation = relations[0] if relation is None else relation
         if relation not in relations:
             kind = "pairwise" if self.sa_type == 0 else "patchwise"
-            raise ValueError(f"relation for {kind} SAM must be one of {relations}, got {relation!r}")
+            raise ValueError(
+                f"relation for {kind} SAM must be one of {relations}, got {relation!r}"
+            )
         self.relation = relation
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         self.padding = dilation * (kernel_size // 2)

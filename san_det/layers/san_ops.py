@@ -11,15 +11,16 @@ For an input of spatial size ``H x W``, a ``k x k`` window (``k`` odd), ``stride
 ``dilation``, the output has ``L = Ho * Wo`` positions with
 ``Ho = (H + 2 * padding - (dilation * (k - 1) + 1)) // stride + 1`` (and ``Wo`` alike). Output
 position ``(i, j)`` has the window taps ``t = a * k + b`` at padded coordinates
-``(i * stride - padding + a * dilation, j * stride - padding + b * dilation)``; its centre is the tap
-``a = b = k // 2``. With the usual ``padding = dilation * (k // 2)`` the centre is the input pixel
-``(i * stride, j * stride)``; with a larger padding the centre itself may fall in the padding and is
-then read like any other neighbour (the official kernels read out of bounds there).
+``(i * stride - padding + a * dilation, j * stride - padding + b * dilation)``; its centre is
+the tap ``a = b = k // 2``. With the usual ``padding = dilation * (k // 2)`` the centre is the
+input pixel ``(i * stride, j * stride)``; with a larger padding the centre itself may fall in the
+padding and is then read like any other neighbour (the official kernels read out of bounds there).
 
 - :func:`subtraction` ``(N, C, H, W) -> (N, C, k*k, L)``: ``x[centre] - x[tap]``.
 - :func:`subtraction2` ``(N, C, H, W) x 2 -> (N, C, k*k, L)``: ``x1[centre] - x2[tap]``.
 - :func:`aggregation` ``(N, C, H, W), (N, Cw, k*k, L) -> (N, C, Ho, Wo)``:
-  ``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``; ``C`` must be a multiple of ``Cw``.
+  ``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``; ``C`` must be a multiple of
+  ``Cw``.
 
 Every op has three backends (see :mod:`san_det.layers.backend`): ``reference`` (``F.unfold`` on the
 padded input, the oracle), ``cpu`` (the CUDA kernel source of ``kernels/san_ops.cu`` compiled with
@@ -28,10 +29,16 @@ whose backward passes are gather kernels without atomics, in reflect mode too (a
 border is read by its own tap and by its mirror images).
 """
 
-from typing import NamedTuple
+import contextlib
+import threading
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .backend import forced_backend, select_backend
+from .kernel_runtime import DEFAULT_THREADS, KernelSource
 
 __all__ = [
     "PAD_MODES",
@@ -66,7 +73,10 @@ class _Geometry(NamedTuple):
 
 
 def output_size(size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1):
-    """Output length along one axis: ``(size + 2 * padding - (dilation * (k - 1) + 1)) // stride + 1``."""
+    """Output length along one axis.
+
+    ``(size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1``
+    """
     return (size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1
 
 
@@ -114,7 +124,9 @@ def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
     if t.device != ref.device:
-        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+        raise ValueError(
+            f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}"
+        )
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -183,7 +195,7 @@ def subtraction(
     backend = _backend_for(x)
     if backend == "reference":
         return _reference_subtraction2(x, x, g)
-    return _kernel_subtraction(x, g, backend)
+    return _SubtractionFunction.apply(x, g, backend)
 
 
 def subtraction2(
@@ -212,7 +224,7 @@ def subtraction2(
     backend = _backend_for(x1)
     if backend == "reference":
         return _reference_subtraction2(x1, x2, g)
-    return _kernel_subtraction2(x1, x2, g, backend)
+    return _Subtraction2Function.apply(x1, x2, g, backend)
 
 
 def aggregation(
@@ -243,41 +255,147 @@ def aggregation(
     expected = (n, cw, g.taps, g.positions)
     if cw < 1 or c % cw != 0 or tuple(w.shape) != expected:
         raise ValueError(
-            f"w must have shape (N, Cw, k*k, Ho*Wo) = ({n}, Cw, {g.taps}, {g.positions}) with C={c} "
-            f"a multiple of Cw, got {tuple(w.shape)}"
+            f"w must have shape (N, Cw, k*k, Ho*Wo) = ({n}, Cw, {g.taps}, {g.positions}) "
+            f"with C={c} a multiple of Cw, got {tuple(w.shape)}"
         )
     _check_same("w", w, "x", x)
     backend = _backend_for(x)
     if backend == "reference":
         return _reference_aggregation(x, w, g)
-    return _kernel_aggregation(x, w, g, backend)
+    return _AggregationFunction.apply(x, w, g, backend)
 
 
 # ------------------------------------------------------------------------------------ backends
-def _backend_for(x: torch.Tensor) -> str:
-    from .backend import forced_backend, select_backend
+_SOURCE: Optional[KernelSource] = None
+_MAX_CUDA_BLOCKS = 1 << 16
+_cpu_launch = threading.local()
 
+
+@contextlib.contextmanager
+def _cpu_launch_config(grid: int, block: int) -> Iterator[None]:
+    """Run the CPU kernels on a fixed ``grid x block`` launch (tests use tiny ones)."""
+    previous = getattr(_cpu_launch, "config", None)
+    _cpu_launch.config = (grid, block)
+    try:
+        yield
+    finally:
+        _cpu_launch.config = previous
+
+
+def _backend_for(x: torch.Tensor) -> str:
     name = select_backend(x)
     if name == "cpu" and x.dtype not in (torch.float32, torch.float64):
         if forced_backend() == "cpu":
             raise ValueError(f"the cpu backend computes in float32 or float64, got {x.dtype}")
         name = "reference"
-    if name != "reference":
-        # The kernel backends are added in the next step; until then automatic choice falls back.
-        if forced_backend() is not None:
-            raise NotImplementedError(f"SAN ops: backend {name!r} is not implemented yet")
-        name = "reference"
     return name
 
 
-def _kernel_subtraction(x, g, backend):  # pragma: no cover - placeholder until kernels land
-    raise NotImplementedError
+def _launch(
+    backend: str, name: str, tensors: Sequence[torch.Tensor], total: int, scalars: Sequence[int]
+) -> None:
+    """Run kernel ``name`` of san_ops.cu: arguments are ``*tensors, total, *scalars``."""
+    global _SOURCE
+    if total == 0:
+        return
+    if _SOURCE is None:
+        _SOURCE = KernelSource("san_ops.cu")
+    like = tensors[0]
+    if backend == "cpu":
+        # One thread per block keeps each OpenMP thread on its own strided share of the outputs.
+        grid, block = getattr(_cpu_launch, "config", None) or (max(1, torch.get_num_threads()), 1)
+        getattr(_SOURCE.cpu(like.dtype), name)(grid, block, *tensors, total, *scalars)
+    else:
+        block = DEFAULT_THREADS
+        grid = min((total + block - 1) // block, _MAX_CUDA_BLOCKS)
+        with torch.cuda.device(like.device):
+            kernel = getattr(_SOURCE.cuda(like.dtype, like.device), name)
+            kernel(grid, block, *tensors, total, *scalars)
 
 
-def _kernel_subtraction2(x1, x2, g, backend):  # pragma: no cover
-    raise NotImplementedError
+def _window_args(g: _Geometry) -> Tuple[int, ...]:
+    return (
+        g.height,
+        g.width,
+        g.out_height,
+        g.out_width,
+        g.kernel_size,
+        g.stride,
+        g.padding,
+        g.dilation,
+        int(g.reflect),
+    )
 
 
-def _kernel_aggregation(x, w, g, backend):  # pragma: no cover
-    raise NotImplementedError
+def _subtraction_grad(grad_out, g, backend, shape, centre_sign: int, tap_sign: int):
+    grad_in = grad_out.new_empty(shape)
+    scalars = (*_window_args(g), centre_sign, tap_sign)
+    _launch(backend, "san_subtraction_backward", (grad_out, grad_in), grad_in.numel(), scalars)
+    return grad_in
 
+
+class _SubtractionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g: _Geometry, backend: str):
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], x.shape[1], g.taps, g.positions)
+        _launch(backend, "san_subtraction2_forward", (x, x, out), out.numel(), _window_args(g))
+        ctx.g, ctx.backend, ctx.shape = g, backend, x.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
+        return _subtraction_grad(grad_out, ctx.g, ctx.backend, ctx.shape, 1, 1), None, None
+
+
+class _Subtraction2Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, g: _Geometry, backend: str):
+        x1, x2 = x1.contiguous(), x2.contiguous()
+        out = x1.new_empty(x1.shape[0], x1.shape[1], g.taps, g.positions)
+        _launch(backend, "san_subtraction2_forward", (x1, x2, out), out.numel(), _window_args(g))
+        ctx.g, ctx.backend, ctx.shape = g, backend, x1.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
+        grad1 = grad2 = None
+        if ctx.needs_input_grad[0]:
+            grad1 = _subtraction_grad(grad_out, ctx.g, ctx.backend, ctx.shape, 1, 0)
+        if ctx.needs_input_grad[1]:
+            grad2 = _subtraction_grad(grad_out, ctx.g, ctx.backend, ctx.shape, 0, 1)
+        return grad1, grad2, None, None
+
+
+class _AggregationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, g: _Geometry, backend: str):
+        x, w = x.contiguous(), w.contiguous()
+        n, c = x.shape[:2]
+        out = x.new_empty(n, c, g.out_height, g.out_width)
+        scalars = (c, w.shape[1], *_window_args(g))
+        _launch(backend, "san_aggregation_forward", (x, w, out), out.numel(), scalars)
+        ctx.save_for_backward(x, w)
+        ctx.g, ctx.backend = g, backend
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        scalars = (x.shape[1], w.shape[1], *_window_args(ctx.g))
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            tensors = (grad_out, w, grad_x)
+            _launch(ctx.backend, "san_aggregation_input_backward", tensors, x.numel(), scalars)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(w)
+            tensors = (grad_out, x, grad_w)
+            _launch(ctx.backend, "san_aggregation_weight_backward", tensors, w.numel(), scalars)
+        return grad_x, grad_w, None, None
