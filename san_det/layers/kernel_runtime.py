@@ -199,6 +199,8 @@ class KernelSource:
                         code=self.cuda_source(dtype_name),
                         options=("--std=c++17",),
                         backend="nvrtc",
+                        # Kernels are not extern "C": look their mangled names up by expression.
+                        name_expressions=tuple(self.kernels),
                     )
                     module.compile()
                     self._cuda[key] = module
