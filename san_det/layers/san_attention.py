@@ -185,7 +185,7 @@ class SAM(nn.Module):
         """(N, C, H, W) -> (N, C, 1, L): the centre pixel of every output position."""
         s = self.stride
         centre = x[:, :, ::s, ::s]
-        return centre.reshape(x.shape[0], x.shape[1], 1, -1)
+        return centre.reshape(x.shape[0], x.shape[1], 1, centre.shape[2] * centre.shape[3])
 
     def _pairwise_weights(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x1.shape
@@ -210,9 +210,9 @@ class SAM(nn.Module):
         n = x1.shape[0]
         geo = self._geometry
         nbrs = neighbourhood(x2, *geo)  # (N, R, K, L)
-        taps, positions = nbrs.shape[2], nbrs.shape[3]
+        rel, taps, positions = nbrs.shape[1:]
         if self.relation == "concatenation":
-            delta = torch.cat([self._centre(x1), nbrs.reshape(n, -1, 1, positions)], dim=1)
+            delta = torch.cat([self._centre(x1), nbrs.reshape(n, rel * taps, 1, positions)], dim=1)
         elif self.relation == "star":
             delta = (self._centre(x1) * nbrs).sum(dim=1).unsqueeze(2)
         else:  # clique
