@@ -12,6 +12,8 @@ it installs without ``detectron2._C``, and v0.6 predates current Pillow, numpy a
   ``Image.LINEAR`` as a default argument at import time): aliased to the current names.
 - numpy >= 1.24 removed ``np.int``, ``np.float``, ``np.bool``, ``np.str``, ``np.object`` (used by
   v0.6's data loader, masks and evaluators): re-added as the builtins they always were.
+- torch warns that ``torch.jit.script`` (used by v0.6 at import) is deprecated: that warning is
+  silenced.
 - setuptools >= 81 removed ``pkg_resources`` (imported by ``detectron2.model_zoo``): a minimal
   stand-in providing ``resource_filename``.
 
@@ -141,6 +143,8 @@ def apply() -> bool:
             "detectron2 was imported before san_det: import san_det first so that "
             "san_det.compat can patch detectron2 0.6 for the missing C++ extension"
         )
+    # detectron2 0.6 scripts a few functions at import; torch 2.14 warns on each one.
+    warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
     _patch_pillow()
     _patch_numpy()
     _patch_pkg_resources()

@@ -8,6 +8,7 @@ import os
 import tempfile
 from typing import Iterable, List
 
+import torch
 import yaml
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -39,18 +40,33 @@ def _merge(cfg: CfgNode, what: str, merge) -> None:
 
 
 def check_output_dir(path: str) -> None:
-    """Raise :class:`UserInputError` unless ``path`` exists (or can be made) and is writable."""
+    """Raise :class:`UserInputError` unless ``path`` is (or can become) a writable folder.
+
+    Leaves nothing behind: folders made for the check are removed again, so a run that fails a
+    later check leaves no empty output folder.
+    """
     if not path:
         return
+    target = os.path.abspath(path)
+    created = []
+    probe = target
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+        for folder in reversed(created):
+            os.mkdir(folder)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write_test_"):
             pass
     except OSError as e:
         raise UserInputError(
-            f"OUTPUT_DIR {path!r} is not writable ({e.strerror or e}); "
-            "pass another one with OUTPUT_DIR /some/dir"
+            f"OUTPUT_DIR {path!r} cannot be written ({e.strerror or e}: {e.filename or probe}); "
+            "pass another with OUTPUT_DIR /some/dir"
         ) from None
+    finally:
+        for folder in created:
+            if os.path.isdir(folder):
+                os.rmdir(folder)
 
 
 def setup_cfg(config_file: str, opts: Iterable[str] = (), freeze: bool = True) -> CfgNode:
@@ -58,7 +74,7 @@ def setup_cfg(config_file: str, opts: Iterable[str] = (), freeze: bool = True) -
 
     Raises:
         UserInputError: missing config file, unknown key, bad value, unwritable OUTPUT_DIR,
-            missing local MODEL.WEIGHTS file.
+            missing local MODEL.WEIGHTS file, a CUDA device without a GPU.
     """
     if not config_file:
         raise UserInputError("--config-file is required (e.g. configs/Demo/shapes_retinanet.yaml)")
@@ -73,6 +89,11 @@ def setup_cfg(config_file: str, opts: Iterable[str] = (), freeze: bool = True) -
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise UserInputError(f"MODEL.WEIGHTS file not found: {weights}")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA GPU is available; "
+            "add `MODEL.DEVICE cpu` to run on the CPU"
+        )
     check_output_dir(cfg.OUTPUT_DIR)
     if freeze:
         cfg.freeze()
