@@ -2,11 +2,17 @@
 
 from detectron2.config import CfgNode as CN
 
+from .modeling.config import add_backbone_config
+
 __all__ = ["add_san_det_config", "get_san_det_cfg"]
 
 
 def add_san_det_config(cfg: CN) -> CN:
-    """Add san_det's keys, with their defaults, to a detectron2 config (in place; also returned)."""
+    """Add san_det's keys, with their defaults, to a detectron2 config (in place; also returned).
+
+    Backbones, FPN and heads: :func:`san_det.modeling.config.add_backbone_config`.
+    """
+    add_backbone_config(cfg)
     return cfg
 
 
