@@ -1,0 +1,90 @@
+"""A local self-attention layer used where detection models have a 3x3 conv (+ norm + activation).
+
+:class:`AttentionConv2d` is to :class:`~san_det.layers.local_attention.LocalSelfAttention2d` what
+detectron2's ``Conv2d`` (with its ``norm`` and ``activation`` arguments) is to ``nn.Conv2d``: the
+SASA bottleneck, the attentional FPN and the attentional RetinaNet head all use it.
+"""
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from san_det.layers.local_attention import LocalSelfAttention2d
+
+__all__ = ["AttentionConv2d", "check_attention_width", "check_kernel_size"]
+
+
+def check_kernel_size(kernel_size, key: str) -> None:
+    """``ValueError`` naming config key ``key`` unless ``kernel_size`` is an odd positive int."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"{key} must be an odd positive int, got {kernel_size!r}")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{key} must be odd, got {kernel_size}")
+
+
+def check_attention_width(channels: int, num_heads, key: str, where: str) -> None:
+    """``ValueError`` naming ``key`` unless ``num_heads`` splits ``channels`` into even heads.
+
+    Args:
+        channels: width of the attention layer.
+        num_heads: the configured number of heads.
+        key: the config key holding ``num_heads`` (named in the error).
+        where: which layer has that width (named in the error), e.g. "res3 bottleneck".
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{key} must be a positive int, got {num_heads!r}")
+    if channels % num_heads != 0:
+        raise ValueError(
+            f"{key}={num_heads} must divide the width of every attention layer: the {where} "
+            f"has {channels} channels"
+        )
+    if (channels // num_heads) % 2 != 0:
+        raise ValueError(
+            f"{key}={num_heads} leaves an odd head width {channels // num_heads} in the {where} "
+            f"({channels} channels): heads need an even width (row and column embeddings)"
+        )
+
+
+class AttentionConv2d(nn.Module):
+    """``LocalSelfAttention2d`` followed by an optional norm and activation.
+
+    Args:
+        in_channels, out_channels, kernel_size, num_heads, stride: as for
+            :class:`~san_det.layers.local_attention.LocalSelfAttention2d` (``stride > 1`` is
+            attention at stride 1 followed by an ``s x s`` average pool).
+        norm: a normalisation module over ``out_channels`` or ``None``.
+        activation: a callable applied last, or ``None``.
+
+    Shape:
+        ``(N, in_channels, H, W) -> (N, out_channels, ceil(H / stride), ceil(W / stride))``.
+
+    Submodules: ``attention`` (the SASA layer: ``attention.query/key/value`` are the 1x1
+    projections) and ``norm``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 7,
+        num_heads: int = 8,
+        stride: int = 1,
+        norm: Optional[nn.Module] = None,
+        activation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        super().__init__()
+        self.attention = LocalSelfAttention2d(
+            in_channels, out_channels, kernel_size=kernel_size, num_heads=num_heads, stride=stride
+        )
+        self.norm = norm
+        self.activation = activation
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
