@@ -1,0 +1,45 @@
+"""ImageNet-style classification with san_det's backbones, on detectron2's engine.
+
+Importing this package registers the ``ImageClassifier`` meta-architecture and the datasets
+``imagenet_train`` / ``imagenet_val`` (``$DETECTRON2_DATASETS/imagenet``) and
+``embedded_digits_train`` / ``embedded_digits_val`` (scikit-learn's digits, written on first use).
+"""
+
+from .checkpoint import (
+    CheckpointMismatchError,
+    ClassifierCheckpointer,
+    classifier_to_detection_state_dict,
+    load_classifier_into_detector,
+)
+from .classifier import ImageClassifier
+from .config import add_classification_config, is_classification_config
+from .dataset import (
+    ClassificationDatasetError,
+    CorruptImageError,
+    register_image_folder,
+    register_imagenet,
+)
+from .embedded import ensure_embedded_digits, register_embedded_digits
+from .evaluator import ClassificationEvaluator
+from .trainer import ClassificationTrainer
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ClassificationDatasetError",
+    "ClassificationEvaluator",
+    "ClassificationTrainer",
+    "ClassifierCheckpointer",
+    "CorruptImageError",
+    "ImageClassifier",
+    "add_classification_config",
+    "classifier_to_detection_state_dict",
+    "ensure_embedded_digits",
+    "is_classification_config",
+    "load_classifier_into_detector",
+    "register_embedded_digits",
+    "register_image_folder",
+    "register_imagenet",
+]
+
+register_imagenet()
+register_embedded_digits()

@@ -1,0 +1,220 @@
+"""Classifier checkpoints -> detection models: every backbone weight, or a clear error.
+
+An :class:`~san_det.classification.classifier.ImageClassifier` holds its backbone under
+``backbone.`` and its linear layer under ``classifier.``. A detector holds the same backbone under
+``backbone.bottom_up.`` when it has an FPN (detectron2's ``FPN.bottom_up``) and under ``backbone.``
+otherwise. :func:`classifier_to_detection_state_dict` remaps the keys, drops the classifier, and
+checks the result against the detector: every backbone tensor must be provided with the right
+shape, so only FPN and head weights remain missing. A checkpoint from another architecture fails
+with an error naming the first key (or shape) that does not match.
+
+:class:`ClassifierCheckpointer` (a ``DetectionCheckpointer``) does this automatically whenever a
+classifier checkpoint is loaded into a model that is not a classifier, so a pretrained classifier
+given as ``MODEL.WEIGHTS`` to a detection config just works. Classifier checkpoints are recognised
+by the ``"san_det_classifier"`` entry that :class:`ClassifierInfo` adds to every checkpoint the
+classification trainer writes (input format and normalisation, checked against the detector's),
+or by holding only ``backbone.*`` and ``classifier.*`` keys.
+"""
+
+import logging
+from collections import OrderedDict
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .ema import unwrap_model
+
+__all__ = [
+    "CLASSIFIER_INFO_KEY",
+    "CheckpointMismatchError",
+    "ClassifierInfo",
+    "ClassifierCheckpointer",
+    "classifier_info_from_cfg",
+    "classifier_to_detection_state_dict",
+    "detection_backbone_prefix",
+    "is_classifier_checkpoint",
+    "load_classifier_into_detector",
+]
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_INFO_KEY = "san_det_classifier"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is loaded into; the message names the key."""
+
+
+def classifier_info_from_cfg(cfg) -> Dict:
+    """What a detector needs to know about a classifier checkpoint: input format, normalisation."""
+    return {
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "backbone": cfg.MODEL.BACKBONE.NAME,
+        "num_classes": cfg.CLASSIFICATION.NUM_CLASSES,
+        "in_feature": cfg.CLASSIFICATION.IN_FEATURE,
+        "input_format": cfg.INPUT.FORMAT,
+        "pixel_mean": [float(x) for x in cfg.MODEL.PIXEL_MEAN],
+        "pixel_std": [float(x) for x in cfg.MODEL.PIXEL_STD],
+    }
+
+
+class ClassifierInfo:
+    """A checkpointable that writes :func:`classifier_info_from_cfg` into every checkpoint."""
+
+    def __init__(self, info: Dict):
+        self.info = dict(info)
+
+    def state_dict(self) -> Dict:
+        return dict(self.info)
+
+    def load_state_dict(self, state: Dict) -> None:  # informative only: nothing to restore
+        pass
+
+
+def is_classifier_checkpoint(checkpoint: Mapping) -> bool:
+    """Whether ``checkpoint`` (a loaded checkpoint with a ``"model"`` entry) is a classifier's."""
+    if CLASSIFIER_INFO_KEY in checkpoint:
+        return True
+    keys = list(checkpoint.get("model", {}).keys())
+    return (
+        "classifier.weight" in keys
+        and any(k.startswith("backbone.") for k in keys)
+        and all(k.startswith(("backbone.", "classifier.")) for k in keys)
+    )
+
+
+def detection_backbone_prefix(target_keys) -> str:
+    """Where a detector keeps its bottom-up backbone: ``backbone.bottom_up.`` or ``backbone.``."""
+    keys = list(target_keys)
+    if any(k.startswith("backbone.bottom_up.") for k in keys):
+        return "backbone.bottom_up."
+    if any(k.startswith("backbone.") for k in keys):
+        return "backbone."
+    raise CheckpointMismatchError(
+        "the target model has no 'backbone.' submodule to load classifier weights into"
+    )
+
+
+def _shape(t) -> Tuple[int, ...]:
+    return tuple(t.shape) if hasattr(t, "shape") else ()
+
+
+def classifier_to_detection_state_dict(
+    classifier_state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor]
+) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, List[str]]]:
+    """Remap a classifier state dict onto a detector's backbone and check it fits exactly.
+
+    Args:
+        classifier_state: ``backbone.*`` and ``classifier.*`` tensors of an ImageClassifier.
+        target_state: the detector's ``state_dict()`` (only keys and shapes are used).
+
+    Returns:
+        ``(state_dict, report)``: the detector-keyed backbone tensors, and a report with
+        ``"dropped"`` (classifier keys not loaded) and ``"not_in_checkpoint"`` (the detector's
+        keys outside the backbone, i.e. FPN and heads, which stay as initialised).
+
+    Raises:
+        CheckpointMismatchError: a backbone key of the checkpoint has no counterpart in the
+            detector, a shape differs, or a detector backbone weight is not in the checkpoint;
+            the message names the first such key.
+    """
+    prefix = detection_backbone_prefix(target_state.keys())
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    dropped = []
+    unmatched = []
+    for key, value in classifier_state.items():
+        if not key.startswith("backbone."):
+            dropped.append(key)
+            continue
+        new_key = prefix + key[len("backbone.") :]
+        if new_key not in target_state:
+            if key.endswith("num_batches_tracked"):  # BN counter; FrozenBN has none
+                continue
+            unmatched.append((key, new_key))
+            continue
+        if _shape(value) != _shape(target_state[new_key]):
+            raise CheckpointMismatchError(
+                f"checkpoint key {key!r} has shape {_shape(value)} but the model's {new_key!r} "
+                f"has shape {_shape(target_state[new_key])}: the checkpoint is from another "
+                "architecture or configuration (depth, width, kernel size, heads?)"
+            )
+        out[new_key] = value
+    if unmatched:
+        key, new_key = unmatched[0]
+        raise CheckpointMismatchError(
+            f"checkpoint key {key!r} has no counterpart {new_key!r} in the model "
+            f"({len(unmatched)} unmatched backbone keys): the checkpoint is from another "
+            "architecture or configuration"
+        )
+    missing = [
+        k
+        for k in target_state
+        if k.startswith(prefix) and k not in out and not k.endswith("num_batches_tracked")
+    ]
+    if missing:
+        raise CheckpointMismatchError(
+            f"the model's backbone weight {missing[0]!r} is not in the checkpoint "
+            f"({len(missing)} missing backbone keys): the checkpoint is from another architecture "
+            "or configuration"
+        )
+    not_loaded = [k for k in target_state if not k.startswith(prefix)]
+    return out, {"dropped": dropped, "not_in_checkpoint": not_loaded}
+
+
+def _check_normalisation(info: Optional[Mapping], model: torch.nn.Module) -> None:
+    if not info:
+        return
+    for name in ("pixel_mean", "pixel_std"):
+        buf = getattr(model, name, None)
+        if buf is None or name not in info:
+            continue
+        ours = [round(float(x), 3) for x in buf.flatten().tolist()]
+        theirs = [round(float(x), 3) for x in info[name]]
+        if ours != theirs:
+            logger.warning(
+                f"The classifier was trained with MODEL.{name.upper()} {theirs} "
+                f"(INPUT.FORMAT {info.get('input_format')}) but this model uses {ours}: set the "
+                "same values in the detection config, or the pretrained backbone sees other inputs"
+            )
+
+
+class ClassifierCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that loads classifier checkpoints into detectors' backbones.
+
+    Loading into an ``ImageClassifier`` (resuming, evaluating) is unchanged.
+    """
+
+    def _load_model(self, checkpoint):
+        from .classifier import ImageClassifier
+
+        model = unwrap_model(self.model)
+        if not isinstance(model, ImageClassifier) and is_classifier_checkpoint(checkpoint):
+            checkpoint["model"], report = classifier_to_detection_state_dict(
+                checkpoint["model"], model.state_dict()
+            )
+            checkpoint["matching_heuristics"] = False
+            self.logger.info(
+                f"Loading a classifier checkpoint into the detector's backbone: "
+                f"{len(checkpoint['model'])} tensors; classifier keys dropped: "
+                f"{report['dropped']}"
+            )
+            _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), model)
+        return super()._load_model(checkpoint)
+
+
+def load_classifier_into_detector(model: torch.nn.Module, path: str) -> Dict[str, List[str]]:
+    """Load the classifier checkpoint at ``path`` into ``model``'s backbone; returns the report.
+
+    Raises:
+        CheckpointMismatchError: see :func:`classifier_to_detection_state_dict`.
+    """
+    checkpoint = ClassifierCheckpointer(model)._load_file(path)
+    if not is_classifier_checkpoint(checkpoint):
+        raise CheckpointMismatchError(f"{path} is not a classifier checkpoint")
+    target = unwrap_model(model)
+    state, report = classifier_to_detection_state_dict(checkpoint["model"], target.state_dict())
+    _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), target)
+    incompatible = target.load_state_dict(state, strict=False)
+    assert not incompatible.unexpected_keys, incompatible.unexpected_keys  # checked above
+    return report
