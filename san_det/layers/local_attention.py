@@ -18,7 +18,8 @@ Backends (see :mod:`san_det.layers.backend`): ``reference`` (plain unfold, the o
 import contextlib
 import functools
 import math
-from typing import Iterator, Optional, Tuple
+import threading
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,43 +114,65 @@ def _kernel_source() -> KernelSource:
     return KernelSource("local_attention.cu")
 
 
-def _kernels(backend: str, dtype: torch.dtype, device: torch.device):
-    if backend == "cuda":
-        return _kernel_source().cuda(dtype, device)
-    return _kernel_source().cpu(dtype)
-
-
-_LAUNCH_OVERRIDE: Optional[Tuple[int, int]] = None
-_CPU_BLOCK = 64  # items per emulated block: one OpenMP task runs a block's items in order
+_CPU_PIXELS_PER_THREAD = 8  # SAN_TJ of the CPU build: independent sums per emulated thread
+_CPU_BLOCK = 16  # emulated threads per block: one OpenMP task runs a block's threads in order
 _MAX_CUDA_BLOCKS = 1 << 20
+_launch_override = threading.local()
 
 
 @contextlib.contextmanager
-def fixed_launch(grid: int, block: int) -> Iterator[None]:
-    """Launch every kernel with ``grid`` blocks of ``block`` threads inside this block.
+def launch_config(
+    grid: Optional[int] = None,
+    block: Optional[int] = None,
+    cpu_pixels_per_thread: Optional[int] = None,
+) -> Iterator[None]:
+    """Override how the kernels are launched inside this block (for tests).
 
-    For tests: a grid much smaller than the work makes each thread loop in its grid-stride loop.
+    Args:
+        grid, block: launch every kernel with this grid and block size; a grid much smaller than
+            the work makes each thread go round its grid-stride loop.
+        cpu_pixels_per_thread: the ``SAN_TJ`` the CPU kernels are compiled with (the CUDA build
+            always uses 1; setting 1 here runs the CUDA code path on the CPU).
     """
-    global _LAUNCH_OVERRIDE
-    previous, _LAUNCH_OVERRIDE = _LAUNCH_OVERRIDE, (int(grid), int(block))
+    previous = getattr(_launch_override, "value", (None, None, None))
+    _launch_override.value = (grid, block, cpu_pixels_per_thread)
     try:
         yield
     finally:
-        _LAUNCH_OVERRIDE = previous
+        _launch_override.value = previous
 
 
-def _launch(kernel, total: int, backend: str, *args) -> None:
-    if total == 0:
-        return
-    if _LAUNCH_OVERRIDE is not None:
-        grid, block = _LAUNCH_OVERRIDE
-    elif backend == "cuda":
-        block = DEFAULT_THREADS
-        grid = min((total + block - 1) // block, _MAX_CUDA_BLOCKS)
-    else:
-        block = _CPU_BLOCK
-        grid = (total + block - 1) // block
-    kernel(grid, block, *args)
+class _Launcher:
+    """The compiled kernels of one (backend, dtype, device) and how to size their grids."""
+
+    def __init__(self, backend: str, dtype: torch.dtype, device: torch.device):
+        grid, block, tj = getattr(_launch_override, "value", (None, None, None))
+        self.backend = backend
+        self.grid, self.block = grid, block
+        if backend == "cuda":
+            self.pixels_per_thread = 1
+            self.module = _kernel_source().cuda(dtype, device)
+        else:
+            self.pixels_per_thread = int(tj or _CPU_PIXELS_PER_THREAD)
+            flags = (f"-DSAN_TJ={self.pixels_per_thread}",)
+            self.module = _kernel_source().cpu(dtype, flags)
+
+    def __call__(self, name: str, rows: int, width: int, *args) -> None:
+        """Run kernel ``name`` over ``rows`` image rows of ``width`` pixels."""
+        tj = self.pixels_per_thread
+        total = rows * ((width + tj - 1) // tj)
+        if total == 0:
+            return
+        if self.grid is not None or self.block is not None:
+            block = self.block or 1
+            grid = self.grid or (total + block - 1) // block
+        elif self.backend == "cuda":
+            block = DEFAULT_THREADS
+            grid = min((total + block - 1) // block, _MAX_CUDA_BLOCKS)
+        else:
+            block = _CPU_BLOCK
+            grid = (total + block - 1) // block
+        getattr(self.module, name)(grid, block, *args)
 
 
 class _LocalAttentionFunction(torch.autograd.Function):
@@ -166,50 +189,46 @@ class _LocalAttentionFunction(torch.autograd.Function):
         n, c, h, w = q.shape
         kk = kernel_size * kernel_size
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        mod = _kernels(backend, q.dtype, q.device)
+        launch = _Launcher(backend, q.dtype, q.device)
         attn = torch.empty(n, num_heads, kk, h, w, dtype=acc_dtype, device=q.device)
         out = torch.empty_like(q)
         shape = (n, c, h, w, num_heads, kernel_size, dilation)
-        rel_arg = rel if rel is not None else 0
-        _launch(
-            mod.sasa_attention_forward, n * num_heads * h * w, backend,
-            q, k, rel_arg, attn, *shape, int(rel is not None),
-        )  # fmt: skip
-        _launch(mod.sasa_output_forward, n * c * h * w, backend, attn, v, out, *shape)
+        has_rel = int(rel is not None)
+        rows = n * num_heads * h
+        launch("sasa_attention_forward", rows, w, q, k, rel if has_rel else 0, attn, *shape, has_rel)
+        launch("sasa_output_forward", n * c * h, w, attn, v, out, *shape)
         ctx.save_for_backward(q, k, v, rel, attn)
-        ctx.config = (num_heads, kernel_size, dilation, backend)
+        ctx.config = (num_heads, kernel_size, dilation, launch)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, rel, attn = ctx.saved_tensors
-        num_heads, kernel_size, dilation, backend = ctx.config
+        num_heads, kernel_size, dilation, launch = ctx.config
         grad_out = grad_out.contiguous()
         n, c, h, w = q.shape
         kk = kernel_size * kernel_size
-        mod = _kernels(backend, q.dtype, q.device)
         shape = (n, c, h, w, num_heads, kernel_size, dilation)
+        has_rel = int(rel is not None)
         dlogit = torch.empty_like(attn)
-        _launch(
-            mod.sasa_logit_backward, n * num_heads * h * w, backend,
-            grad_out, v, attn, dlogit, *shape,
-        )  # fmt: skip
+        launch("sasa_logit_backward", n * num_heads * h, w, grad_out, v, attn, dlogit, *shape)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _launch(
-            mod.sasa_qkv_backward, n * c * h * w, backend,
-            q, k, rel if rel is not None else 0, grad_out, attn, dlogit,
-            grad_q, grad_k, grad_v, *shape, int(rel is not None),
+        launch(
+            "sasa_qkv_backward", n * c * h, w,
+            q, k, rel if has_rel else 0, grad_out, attn, dlogit,
+            grad_q, grad_k, grad_v, *shape, has_rel,
         )  # fmt: skip
         grad_rel = None
         if rel is not None and ctx.needs_input_grad[3]:
             # grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), a, b, i, j] * q[n, c, i, j]: a plain
             # contraction, left to BLAS / cuBLAS (deterministic, no atomics).
             d = c // num_heads
-            q_acc = q.view(n, num_heads, d, h * w).to(attn.dtype)
-            grad_rel = torch.einsum(
-                "nhdp,nhap->hda", q_acc, dlogit.view(n, num_heads, kk, h * w)
-            )
+            q_heads = q.view(n, num_heads, d, h * w)
+            dl_heads = dlogit.view(n, num_heads, kk, h * w)
+            grad_rel = torch.zeros(num_heads, d, kk, dtype=attn.dtype, device=q.device)
+            for i in range(n):  # per image: no (N, heads, ...) permuted copies
+                grad_rel.baddbmm_(q_heads[i].to(attn.dtype), dl_heads[i].transpose(1, 2))
             grad_rel = grad_rel.reshape(c, kernel_size, kernel_size).to(rel.dtype)
         return grad_q, grad_k, grad_v, grad_rel, None, None, None, None
 

@@ -9,14 +9,39 @@
 // dlogit are acc_t buffers (N, heads, K*K, H, W). Heads are contiguous channel groups of
 // d = C / heads channels. Neighbour (a, b) of pixel (i, j) is (i + (a - r) * dil, j + (b - r) * dil)
 // with r = K / 2; neighbours outside the image are masked: their probability and logit gradient
-// are exactly 0. The thread index runs fastest over the image column so neighbouring GPU threads
-// read neighbouring addresses.
+// are exactly 0.
+//
+// Each thread handles SAN_TJ consecutive pixels of one image row (a compile-time constant): 1 on
+// the GPU, so that neighbouring threads read neighbouring addresses; larger on the CPU, where
+// the SAN_TJ independent accumulations hide the floating-point latency that bounds one pixel's
+// serial sums. Pixels past the end of the row (W not a multiple of SAN_TJ) are skipped.
+
+#ifndef SAN_TJ
+#define SAN_TJ 1
+#endif
 
 #define SAN_GRID_LOOP(idx, total)                                                   \
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (total); \
          idx += (int64_t)blockDim.x * gridDim.x)
 
-// Attention probabilities. One thread per (n, head, i, j): the K*K logits
+#define SAN_FOR_T for (int t = 0; t < SAN_TJ; ++t)
+
+// The pixels t of the tile starting at column j0 whose column offset by `off` is inside the image
+// form the interval [lo, hi); when it is the whole tile, BODY runs unmasked (the CPU compiler can
+// then vectorise it), else only for t in [lo, hi).
+#define SAN_TILE(j0, off, W, BODY)                                               \
+    do {                                                                         \
+        const int lo_ = -(j0) - (off) > 0 ? -(j0) - (off) : 0;                   \
+        int hi_ = (W) - (j0) < SAN_TJ ? (W) - (j0) : SAN_TJ;                     \
+        hi_ = (W) - (j0) - (off) < hi_ ? (W) - (j0) - (off) : hi_;               \
+        if (lo_ == 0 && hi_ == SAN_TJ) {                                         \
+            SAN_FOR_T { BODY; }                                                  \
+        } else {                                                                 \
+            SAN_FOR_T if (t >= lo_ && t < hi_) { BODY; }                         \
+        }                                                                        \
+    } while (0)
+
+// Attention probabilities. One thread per (n, head, i, row tile): the K*K logits
 // sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) are written to attn, then turned
 // into a softmax over the in-image neighbours in place (max, exp and sum, normalise).
 __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
@@ -28,55 +53,76 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
     const int d = C / heads;
     const int r = K / 2;
     const int KK = K * K;
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * HW) {
-        const int64_t pix = idx % HW;
-        const int64_t nh = idx / HW;  // n * heads + h
-        const int i = (int)(pix / W), j = (int)(pix % W);
+    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
+        const int j0 = (int)(idx % WT) * SAN_TJ;
+        const int64_t nhi = idx / WT;  // (n * heads + h) * H + i
+        const int i = (int)(nhi % H);
+        const int64_t nh = nhi / H;
         const int h = (int)(nh % heads);
         const int64_t n = nh / heads;
-        const int64_t qbase = (n * C + (int64_t)h * d) * HW;
-        acc_t* a_ptr = attn + nh * KK * HW + pix;
+        const int64_t pix0 = (int64_t)i * W + j0;
+        const scalar_t* q_ptr = q + (n * C + (int64_t)h * d) * HW + pix0;
+        const scalar_t* k_ptr = k + (n * C + (int64_t)h * d) * HW;
+        const scalar_t* rel_ptr = rel + (int64_t)h * d * KK;
+        acc_t* a_ptr = attn + nh * KK * HW + pix0;
 
-        acc_t vmax = 0;
-        bool seen = false;
+        acc_t vmax[SAN_TJ];
+        bool seen[SAN_TJ];
+        SAN_FOR_T {
+            vmax[t] = 0;
+            seen[t] = false;
+        }
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
+            if (ii < 0 || ii >= H) continue;
             for (int b = 0; b < K; ++b) {
-                const int jj = j + (b - r) * dil;
-                if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-                const int64_t nbr = (int64_t)ii * W + jj;
-                acc_t logit = 0;
+                const int ab = a * K + b;
+                const int64_t nbr0 = (int64_t)ii * W + j0 + (b - r) * dil;
+                const int off = (b - r) * dil;
+                acc_t logit[SAN_TJ];
+                SAN_FOR_T logit[t] = 0;
                 for (int c = 0; c < d; ++c) {
-                    acc_t key = TO_ACC(k[qbase + c * HW + nbr]);
-                    if (has_rel) key += TO_ACC(rel[((int64_t)h * d + c) * KK + a * K + b]);
-                    logit += TO_ACC(q[qbase + c * HW + pix]) * key;
+                    const acc_t rc = has_rel ? TO_ACC(rel_ptr[c * KK + ab]) : (acc_t)0;
+                    const scalar_t* qc = q_ptr + c * HW;
+                    const scalar_t* kc = k_ptr + c * HW + nbr0;
+                    SAN_TILE(j0, off, W, logit[t] += TO_ACC(qc[t]) * (TO_ACC(kc[t]) + rc));
                 }
-                a_ptr[(a * K + b) * HW] = logit;
-                if (!seen || logit > vmax) vmax = logit;
-                seen = true;
+                SAN_FOR_T if (j0 + t < W && j0 + t + off >= 0 && j0 + t + off < W) {
+                    a_ptr[ab * HW + t] = logit[t];
+                    if (!seen[t] || logit[t] > vmax[t]) vmax[t] = logit[t];
+                    seen[t] = true;
+                }
             }
         }
-        acc_t total = 0;
+        acc_t total[SAN_TJ];
+        SAN_FOR_T total[t] = 0;
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
+            const bool row_ok = ii >= 0 && ii < H;
             for (int b = 0; b < K; ++b) {
-                const int jj = j + (b - r) * dil;
                 acc_t* p = a_ptr + (a * K + b) * HW;
-                if (ii < 0 || ii >= H || jj < 0 || jj >= W) {
-                    *p = 0;
-                } else {
-                    const acc_t e = exp(*p - vmax);
-                    *p = e;
-                    total += e;
+                SAN_FOR_T if (j0 + t < W) {
+                    const int jj = j0 + t + (b - r) * dil;
+                    if (row_ok && jj >= 0 && jj < W) {
+                        const acc_t e = exp(p[t] - vmax[t]);
+                        p[t] = e;
+                        total[t] += e;
+                    } else {
+                        p[t] = 0;
+                    }
                 }
             }
         }
-        const acc_t inv = (acc_t)1 / total;
-        for (int ab = 0; ab < KK; ++ab) a_ptr[ab * HW] *= inv;
+        SAN_FOR_T total[t] = (acc_t)1 / total[t];
+        for (int ab = 0; ab < KK; ++ab) {
+            SAN_FOR_T if (j0 + t < W) a_ptr[ab * HW + t] *= total[t];
+        }
     }
 }
 
-// out[n, c, i, j] = sum_{a, b} attn[n, h(c), a, b, i, j] * v[n, c, i', j']; one thread per output.
+// out[n, c, i, j] = sum_{a, b} attn[n, h(c), a, b, i, j] * v[n, c, i', j'];
+// one thread per (n, c, i, row tile).
 __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
                                     const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
                                     int N, int C, int H, int W, int heads, int K, int dil) {
@@ -84,29 +130,34 @@ __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
     const int d = C / heads;
     const int r = K / 2;
     const int KK = K * K;
-    SAN_GRID_LOOP(idx, (int64_t)N * C * HW) {
-        const int64_t pix = idx % HW;
-        const int64_t nc = idx / HW;  // n * C + c
-        const int i = (int)(pix / W), j = (int)(pix % W);
+    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SAN_GRID_LOOP(idx, (int64_t)N * C * H * WT) {
+        const int j0 = (int)(idx % WT) * SAN_TJ;
+        const int64_t nci = idx / WT;
+        const int i = (int)(nci % H);
+        const int64_t nc = nci / H;  // n * C + c
         const int64_t n = nc / C;
         const int h = (int)(nc % C) / d;
-        const acc_t* a_ptr = attn + (n * heads + h) * KK * HW + pix;
+        const int64_t pix0 = (int64_t)i * W + j0;
+        const acc_t* a_ptr = attn + (n * heads + h) * KK * HW + pix0;
         const scalar_t* v_ptr = v + nc * HW;
-        acc_t acc = 0;
+        acc_t acc[SAN_TJ];
+        SAN_FOR_T acc[t] = 0;
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
             if (ii < 0 || ii >= H) continue;
             for (int b = 0; b < K; ++b) {
-                const int jj = j + (b - r) * dil;
-                if (jj < 0 || jj >= W) continue;
-                acc += a_ptr[(a * K + b) * HW] * TO_ACC(v_ptr[(int64_t)ii * W + jj]);
+                const int off = (b - r) * dil;
+                const acc_t* p = a_ptr + (a * K + b) * HW;
+                const scalar_t* vv = v_ptr + (int64_t)ii * W + j0 + off;
+                SAN_TILE(j0, off, W, acc[t] += p[t] * TO_ACC(vv[t]));
             }
         }
-        out[idx] = FROM_ACC(acc);
+        SAN_FOR_T if (j0 + t < W) out[nc * HW + pix0 + t] = FROM_ACC(acc[t]);
     }
 }
 
-// Gradient of the logits. One thread per (n, head, i, j):
+// Gradient of the logits. One thread per (n, head, i, row tile):
 // gv[ab] = sum_{c in head} grad_out[c, i, j] * v[c, i', j'],
 // dlogit[ab] = p[ab] * (gv[ab] - sum_ab' p[ab'] gv[ab']); 0 for out-of-image neighbours.
 __global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
@@ -117,46 +168,58 @@ __global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
     const int d = C / heads;
     const int r = K / 2;
     const int KK = K * K;
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * HW) {
-        const int64_t pix = idx % HW;
-        const int64_t nh = idx / HW;
-        const int i = (int)(pix / W), j = (int)(pix % W);
+    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
+        const int j0 = (int)(idx % WT) * SAN_TJ;
+        const int64_t nhi = idx / WT;
+        const int i = (int)(nhi % H);
+        const int64_t nh = nhi / H;
         const int h = (int)(nh % heads);
         const int64_t n = nh / heads;
-        const int64_t base = (n * C + (int64_t)h * d) * HW;
-        const acc_t* p_ptr = attn + nh * KK * HW + pix;
-        acc_t* g_ptr = dlogit + nh * KK * HW + pix;
+        const int64_t pix0 = (int64_t)i * W + j0;
+        const scalar_t* g_ptr = grad_out + (n * C + (int64_t)h * d) * HW + pix0;
+        const scalar_t* v_ptr = v + (n * C + (int64_t)h * d) * HW;
+        const acc_t* p_ptr = attn + nh * KK * HW + pix0;
+        acc_t* dl_ptr = dlogit + nh * KK * HW + pix0;
 
-        acc_t weighted = 0;
+        acc_t weighted[SAN_TJ];
+        SAN_FOR_T weighted[t] = 0;
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
+            const bool row_ok = ii >= 0 && ii < H;
             for (int b = 0; b < K; ++b) {
-                const int jj = j + (b - r) * dil;
                 const int ab = a * K + b;
-                if (ii < 0 || ii >= H || jj < 0 || jj >= W) {
-                    g_ptr[ab * HW] = 0;
-                    continue;
+                const int64_t nbr0 = (int64_t)ii * W + j0 + (b - r) * dil;
+                const int off = (b - r) * dil;
+                acc_t gv[SAN_TJ];
+                SAN_FOR_T gv[t] = 0;
+                if (row_ok) {
+                    for (int c = 0; c < d; ++c) {
+                        const scalar_t* gc = g_ptr + c * HW;
+                        const scalar_t* vc = v_ptr + c * HW + nbr0;
+                        SAN_TILE(j0, off, W, gv[t] += TO_ACC(gc[t]) * TO_ACC(vc[t]));
+                    }
                 }
-                const int64_t nbr = (int64_t)ii * W + jj;
-                acc_t gv = 0;
-                for (int c = 0; c < d; ++c)
-                    gv += TO_ACC(grad_out[base + c * HW + pix]) * TO_ACC(v[base + c * HW + nbr]);
-                g_ptr[ab * HW] = gv;
-                weighted += p_ptr[ab * HW] * gv;
+                SAN_FOR_T if (j0 + t < W) {
+                    dl_ptr[ab * HW + t] = gv[t];  // p is 0 where the neighbour is outside
+                    weighted[t] += p_ptr[ab * HW + t] * gv[t];
+                }
             }
         }
         for (int ab = 0; ab < KK; ++ab) {
-            const acc_t p = p_ptr[ab * HW];
-            g_ptr[ab * HW] = p * (g_ptr[ab * HW] - weighted);
+            SAN_FOR_T if (j0 + t < W) {
+                const acc_t p = p_ptr[ab * HW + t];
+                dl_ptr[ab * HW + t] = p == 0 ? (acc_t)0 : p * (dl_ptr[ab * HW + t] - weighted[t]);
+            }
         }
     }
 }
 
-// Gradients of q, k and v; one thread per (n, c, i, j), no atomics:
+// Gradients of q, k and v; one thread per (n, c, i, row tile), no atomics:
 // grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]) over the neighbours of
-// (i, j); grad_k and grad_v gather over the pixels (s, t) that see (i, j) as their neighbour (a, b),
-// (s, t) = (i - (a - r) * dil, j - (b - r) * dil):
-// grad_k[c, i, j] = sum dlogit[ab, s, t] * q[c, s, t], grad_v[c, i, j] = sum p[ab, s, t] * g[c, s, t].
+// (i, j); grad_k and grad_v gather over the pixels (s, u) that see (i, j) as their neighbour (a, b),
+// (s, u) = (i - (a - r) * dil, j - (b - r) * dil):
+// grad_k[c, i, j] = sum dlogit[ab, s, u] * q[c, s, u], grad_v[c, i, j] = sum p[ab, s, u] * g[c, s, u].
 __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                   const scalar_t* __restrict__ rel,
                                   const scalar_t* __restrict__ grad_out,
@@ -169,42 +232,55 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
     const int d = C / heads;
     const int r = K / 2;
     const int KK = K * K;
-    SAN_GRID_LOOP(idx, (int64_t)N * C * HW) {
-        const int64_t pix = idx % HW;
-        const int64_t nc = idx / HW;
-        const int i = (int)(pix / W), j = (int)(pix % W);
+    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SAN_GRID_LOOP(idx, (int64_t)N * C * H * WT) {
+        const int j0 = (int)(idx % WT) * SAN_TJ;
+        const int64_t nci = idx / WT;
+        const int i = (int)(nci % H);
+        const int64_t nc = nci / H;
         const int64_t n = nc / C;
         const int c = (int)(nc % C);
         const int h = c / d;
-        const int64_t hbase = (n * heads + h) * KK * HW;
+        const int64_t pix0 = (int64_t)i * W + j0;
+        const acc_t* p_ptr = attn + (n * heads + h) * KK * HW;
+        const acc_t* dl_ptr = dlogit + (n * heads + h) * KK * HW;
         const scalar_t* chan_q = q + nc * HW;
         const scalar_t* chan_k = k + nc * HW;
         const scalar_t* chan_g = grad_out + nc * HW;
-        const scalar_t* chan_rel = rel + (int64_t)c * KK;
-        acc_t gq = 0, gk = 0, gv = 0;
+        acc_t gq[SAN_TJ], gk[SAN_TJ], gv[SAN_TJ];
+        SAN_FOR_T gq[t] = gk[t] = gv[t] = 0;
         for (int a = 0; a < K; ++a) {
             const int off_i = (a - r) * dil;
-            const int ii = i + off_i;  // row of the neighbour of (i, j)
-            const int si = i - off_i;  // row of the pixel that has (i, j) as neighbour (a, .)
+            const int ii = i + off_i;  // row of the neighbours of row i
+            const int si = i - off_i;  // row of the pixels that have row i as neighbour row a
+            const bool nbr_row = ii >= 0 && ii < H;
+            const bool src_row = si >= 0 && si < H;
             for (int b = 0; b < K; ++b) {
                 const int off_j = (b - r) * dil;
                 const int ab = a * K + b;
-                const int jj = j + off_j;
-                if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
-                    acc_t key = TO_ACC(chan_k[(int64_t)ii * W + jj]);
-                    if (has_rel) key += TO_ACC(chan_rel[ab]);
-                    gq += dlogit[hbase + ab * HW + pix] * key;
+                if (nbr_row) {
+                    const acc_t rc = has_rel ? TO_ACC(rel[(int64_t)c * KK + ab]) : (acc_t)0;
+                    const acc_t* dl = dl_ptr + ab * HW + pix0;
+                    const scalar_t* kk = chan_k + (int64_t)ii * W + j0 + off_j;
+                    SAN_TILE(j0, off_j, W, gq[t] += dl[t] * (TO_ACC(kk[t]) + rc));
                 }
-                const int sj = j - off_j;
-                if (si >= 0 && si < H && sj >= 0 && sj < W) {
-                    const int64_t src = (int64_t)si * W + sj;
-                    gk += dlogit[hbase + ab * HW + src] * TO_ACC(chan_q[src]);
-                    gv += attn[hbase + ab * HW + src] * TO_ACC(chan_g[src]);
+                if (src_row) {
+                    const int64_t src0 = (int64_t)si * W + j0 - off_j;
+                    const acc_t* dl = dl_ptr + ab * HW + src0;
+                    const acc_t* p = p_ptr + ab * HW + src0;
+                    const scalar_t* qs = chan_q + src0;
+                    const scalar_t* gs = chan_g + src0;
+                    SAN_TILE(j0, -off_j, W, {
+                        gk[t] += dl[t] * TO_ACC(qs[t]);
+                        gv[t] += p[t] * TO_ACC(gs[t]);
+                    });
                 }
             }
         }
-        grad_q[idx] = FROM_ACC(gq);
-        grad_k[idx] = FROM_ACC(gk);
-        grad_v[idx] = FROM_ACC(gv);
+        SAN_FOR_T if (j0 + t < W) {
+            grad_q[nc * HW + pix0 + t] = FROM_ACC(gq[t]);
+            grad_k[nc * HW + pix0 + t] = FROM_ACC(gk[t]);
+            grad_v[nc * HW + pix0 + t] = FROM_ACC(gv[t]);
+        }
     }
 }
