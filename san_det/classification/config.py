@@ -11,7 +11,7 @@ Classification reuses detectron2's keys wherever one exists (``SOLVER.BASE_LR``,
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_classification_config", "is_classification_config"]
+__all__ = ["add_classification_config", "get_classification_cfg", "is_classification_config"]
 
 
 def add_classification_config(cfg: CN) -> CN:
@@ -86,6 +86,20 @@ def add_classification_config(cfg: CN) -> CN:
     # (any of "rot90", "rot180", "rot270", "vflip", "hflip"; [] = off). The paper's protocol:
     # ["rot90", "rot180", "rot270", "vflip"].
     _C.TEST.ROBUSTNESS_VARIANTS = []
+    return cfg
+
+
+def get_classification_cfg(config_file: str = "", opts=()) -> CN:
+    """san_det's full config (backbone and classification keys), merged with a file and opts."""
+    import san_det.modeling  # noqa: F401  (registers the backbones)
+    from san_det.config import get_san_det_cfg
+
+    cfg = get_san_det_cfg()
+    if "CLASSIFICATION" not in cfg:
+        add_classification_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
     return cfg
 
 

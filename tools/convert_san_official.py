@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Convert a released hszhao/SAN ImageNet checkpoint for san_det.
+
+Classifier (for --eval-only on ImageNet, fine-tuning, or as MODEL.WEIGHTS of a detection config,
+which loads its backbone automatically)::
+
+    python tools/convert_san_official.py --config-file configs/ImageNet/san10_pairwise.yaml \\
+        --input san10_pairwise.pth --output san10_pairwise_d2.pth
+
+Detection backbone only (keys ``backbone.bottom_up.*``, loadable by any detectron2 checkpointer)::
+
+    python tools/convert_san_official.py --config-file configs/ImageNet/san10_pairwise.yaml \\
+        --detection-config configs/COCO-Detection/retinanet_san10_pairwise.yaml \\
+        --input san10_pairwise.pth --output retinanet_san10_pairwise_init.pth
+
+Fails, naming the key, on any official key without a counterpart, missing key or shape mismatch.
+The official models read RGB images normalised with ImageNet's mean/std: the configs under
+configs/ImageNet/ use the same INPUT.FORMAT / MODEL.PIXEL_MEAN / PIXEL_STD.
+"""
+
+import argparse
+import os
+import sys
+
+import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
+import torch
+from detectron2.modeling import build_model
+
+from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY, CheckpointMismatchError
+from san_det.classification.config import get_classification_cfg
+from san_det.classification.convert_san import (
+    OFFICIAL_SAN_INPUT,
+    convert_official_san_to_classifier,
+    convert_official_san_to_detection,
+)
+
+
+def _state_dict_of(config_file: str, opts) -> dict:
+    cfg = get_classification_cfg(config_file, opts)
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg, build_model(cfg).state_dict()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="configs/ImageNet/san*.yaml")
+    parser.add_argument("--detection-config", default="", help="write detection backbone keys")
+    parser.add_argument("--input", required=True, help="official checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="converted checkpoint (.pth)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.input):
+        print(f"convert_san_official.py: error: input not found: {args.input}", file=sys.stderr)
+        return 2
+    checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
+    cfg, classifier_state = _state_dict_of(args.config_file, args.opts)
+    try:
+        if args.detection_config:
+            _, detection_state = _state_dict_of(args.detection_config, args.opts)
+            state = convert_official_san_to_detection(checkpoint, classifier_state, detection_state)
+            out = {"model": state, "__author__": "hszhao/SAN (converted by san_det)"}
+        else:
+            state = convert_official_san_to_classifier(checkpoint, classifier_state)
+            info = dict(OFFICIAL_SAN_INPUT, meta_architecture="ImageClassifier")
+            info.update(backbone=cfg.MODEL.BACKBONE.NAME, num_classes=len(state["classifier.bias"]))
+            out = {"model": state, CLASSIFIER_INFO_KEY: info, "__author__": "hszhao/SAN"}
+    except CheckpointMismatchError as e:
+        print(f"convert_san_official.py: error: {args.input}: {e}", file=sys.stderr)
+        return 1
+    torch.save(out, args.output)
+    print(f"wrote {len(state)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
