@@ -339,7 +339,8 @@ class _SubtractionFunction(torch.autograd.Function):
     def forward(ctx, x, g: _Geometry, backend: str):
         x = x.contiguous()
         out = x.new_empty(x.shape[0], x.shape[1], g.taps, g.positions)
-        _launch(backend, "san_subtraction2_forward", (x, x, out), out.numel(), _window_args(g))
+        total = out.numel() // g.taps
+        _launch(backend, "san_subtraction2_forward", (x, x, out), total, _window_args(g))
         ctx.g, ctx.backend, ctx.shape = g, backend, x.shape
         return out
 
@@ -355,7 +356,8 @@ class _Subtraction2Function(torch.autograd.Function):
     def forward(ctx, x1, x2, g: _Geometry, backend: str):
         x1, x2 = x1.contiguous(), x2.contiguous()
         out = x1.new_empty(x1.shape[0], x1.shape[1], g.taps, g.positions)
-        _launch(backend, "san_subtraction2_forward", (x1, x2, out), out.numel(), _window_args(g))
+        total = out.numel() // g.taps
+        _launch(backend, "san_subtraction2_forward", (x1, x2, out), total, _window_args(g))
         ctx.g, ctx.backend, ctx.shape = g, backend, x1.shape
         return out
 
@@ -397,5 +399,6 @@ class _AggregationFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.empty_like(w)
             tensors = (grad_out, x, grad_w)
-            _launch(ctx.backend, "san_aggregation_weight_backward", tensors, w.numel(), scalars)
+            total = w.numel() // ctx.g.taps
+            _launch(ctx.backend, "san_aggregation_weight_backward", tensors, total, scalars)
         return grad_x, grad_w, None, None

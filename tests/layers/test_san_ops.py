@@ -62,7 +62,9 @@ def _run_all(backend, geometry, x1, x2, wt, seed=1):
     with use_backend(backend):
         outs = [subtraction(x1, *args), subtraction2(x1, x2, *args), aggregation(x2, wt, *args)]
     gen = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
+    # Drawn in float64/float32 and cast, so half-precision runs see the same gradients.
+    draw = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    grads = [torch.randn(o.shape, generator=gen, dtype=draw).to(o.device, o.dtype) for o in outs]
     results = list(outs)
     for out, grad, inputs in zip(outs, grads, [(x1,), (x1, x2), (x2, wt)]):
         results += torch.autograd.grad(out, inputs, grad)

@@ -35,13 +35,17 @@ __device__ __forceinline__ int san_aliases(int i, int size, int pad, int reflect
 // Output row whose tap a reads padded row r, or -1 when there is none.
 __device__ __forceinline__ int san_output_of(int r, int a, int out_size, int stride, int pad,
                                              int dil) {
-  const int s = r + pad - a * dil;
-  if (s < 0 || s % stride != 0) return -1;
-  const int o = s / stride;
+  int o = r + pad - a * dil;
+  if (o < 0) return -1;
+  if (stride != 1) {  // integer division is slow: skip it in the common stride-1 case
+    if (o % stride != 0) return -1;
+    o /= stride;
+  }
   return o < out_size ? o : -1;
 }
 
-// out[n, c, t, p] = x1[n, c, centre(p)] - x2[n, c, tap_t(p)]; total = N * C * k * k * Ho * Wo.
+// out[n, c, t, p] = x1[n, c, centre(p)] - x2[n, c, tap_t(p)]. One thread per (n, c, p) writes
+// all k * k taps; total = N * C * Ho * Wo.
 __global__ void san_subtraction2_forward(const scalar_t* __restrict__ x1,
                                          const scalar_t* __restrict__ x2,
                                          scalar_t* __restrict__ out, int64_t total, int height,
@@ -49,22 +53,27 @@ __global__ void san_subtraction2_forward(const scalar_t* __restrict__ x1,
                                          int pad, int dil, int reflect) {
   const int taps = ksize * ksize;
   const int64_t positions = (int64_t)out_h * out_w;
+  const int centre = ksize / 2;
   for (int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; index < total;
        index += (int64_t)blockDim.x * gridDim.x) {
     const int64_t p = index % positions;
-    const int t = (int)((index / positions) % taps);
-    const int64_t nc = index / positions / taps;
+    const int64_t nc = index / positions;
     const int i = (int)(p / out_w), j = (int)(p % out_w);
-    const int64_t plane = nc * height * width;
-    const int centre = ksize / 2;
+    const scalar_t* a_plane = x1 + nc * height * width;
+    const scalar_t* b_plane = x2 + nc * height * width;
+    scalar_t* o = out + nc * taps * positions + p;
     const int ch = san_source(i * stride - pad + centre * dil, height, reflect);
-    const int cw = san_source(j * stride - pad + centre * dil, width, reflect);
-    const int th = san_source(i * stride - pad + (t / ksize) * dil, height, reflect);
-    const int tw = san_source(j * stride - pad + (t % ksize) * dil, width, reflect);
-    acc_t value = 0;
-    if (ch >= 0 && cw >= 0) value += TO_ACC(x1[plane + (int64_t)ch * width + cw]);
-    if (th >= 0 && tw >= 0) value -= TO_ACC(x2[plane + (int64_t)th * width + tw]);
-    out[index] = FROM_ACC(value);
+    const int cc = san_source(j * stride - pad + centre * dil, width, reflect);
+    const acc_t c_value = (ch >= 0 && cc >= 0) ? TO_ACC(a_plane[ch * width + cc]) : (acc_t)0;
+    for (int a = 0; a < ksize; ++a) {
+      const int r = san_source(i * stride - pad + a * dil, height, reflect);
+      for (int b = 0; b < ksize; ++b) {
+        const int s = san_source(j * stride - pad + b * dil, width, reflect);
+        acc_t value = c_value;
+        if (r >= 0 && s >= 0) value -= TO_ACC(b_plane[r * width + s]);
+        o[(a * ksize + b) * positions] = FROM_ACC(value);
+      }
+    }
   }
 }
 
@@ -191,8 +200,8 @@ __global__ void san_aggregation_input_backward(const scalar_t* __restrict__ grad
   }
 }
 
-// grad_w[n, cw, t, p] = sum over c = cw (mod Cw) of g[n, c, p] * x[n, c, tap_t(p)].
-// total = N * Cw * k * k * Ho * Wo.
+// grad_w[n, cw, t, p] = sum over c = cw (mod Cw) of g[n, c, p] * x[n, c, tap_t(p)]. One thread per
+// (n, cw, p) writes all k * k taps; total = N * Cw * Ho * Wo.
 __global__ void san_aggregation_weight_backward(const scalar_t* __restrict__ grad_out,
                                                 const scalar_t* __restrict__ x,
                                                 scalar_t* __restrict__ grad_w, int64_t total,
@@ -201,24 +210,30 @@ __global__ void san_aggregation_weight_backward(const scalar_t* __restrict__ gra
                                                 int stride, int pad, int dil, int reflect) {
   const int taps = ksize * ksize;
   const int64_t positions = (int64_t)out_h * out_w;
+  const int64_t plane = (int64_t)height * width;
   for (int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; index < total;
        index += (int64_t)blockDim.x * gridDim.x) {
     const int64_t p = index % positions;
-    const int t = (int)((index / positions) % taps);
-    const int64_t ncw = index / positions / taps;
+    const int64_t ncw = index / positions;
     const int cw = (int)(ncw % weight_channels);
     const int64_t n = ncw / weight_channels;
     const int i = (int)(p / out_w), j = (int)(p % out_w);
-    const int r = san_source(i * stride - pad + (t / ksize) * dil, height, reflect);
-    const int s = san_source(j * stride - pad + (t % ksize) * dil, width, reflect);
-    acc_t value = 0;
-    if (r >= 0 && s >= 0) {
-      const int64_t pixel = (int64_t)r * width + s;
-      for (int c = cw; c < channels; c += weight_channels) {
-        const int64_t nc = n * channels + c;
-        value += TO_ACC(grad_out[nc * positions + p]) * TO_ACC(x[nc * height * width + pixel]);
+    const int64_t first = n * channels + cw;  // first (n, c) plane of this weight channel
+    scalar_t* gw = grad_w + ncw * taps * positions + p;
+    for (int a = 0; a < ksize; ++a) {
+      const int r = san_source(i * stride - pad + a * dil, height, reflect);
+      for (int b = 0; b < ksize; ++b) {
+        const int s = san_source(j * stride - pad + b * dil, width, reflect);
+        acc_t value = 0;
+        if (r >= 0 && s >= 0) {
+          const int64_t pixel = (int64_t)r * width + s;
+          for (int c = cw; c < channels; c += weight_channels) {
+            const int64_t nc = first + (c - cw);
+            value += TO_ACC(grad_out[nc * positions + p]) * TO_ACC(x[nc * plane + pixel]);
+          }
+        }
+        gw[(a * ksize + b) * positions] = FROM_ACC(value);
       }
     }
-    grad_w[index] = FROM_ACC(value);
   }
 }
