@@ -1,0 +1,448 @@
+"""SASA local attention: reference vs a naive loop, compiled kernels vs reference (forward and
+every gradient), gradcheck, NVRTC compilation, the layer, bad input. CUDA tests run only where a
+GPU is present."""
+
+import importlib
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import san_det  # noqa: F401  (patches before anything imports detectron2)
+from san_det.layers.backend import use_backend
+from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
+from san_det.layers.local_attention import (
+    LocalSelfAttention2d,
+    launch_config,
+    local_attention,
+    local_attention_reference,
+)
+
+# The package re-exports the function under the module's name: fetch the module itself.
+la_module = importlib.import_module("san_det.layers.local_attention")
+
+needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+# (N, C, H, W, heads, kernel_size, dilation): odd sizes, 1x1, H and W < kernel_size, dilation
+# larger than the image, one head, one channel per head, W not a multiple of the CPU tile.
+GEOMETRIES = [
+    (2, 8, 7, 9, 2, 3, 1),
+    (1, 6, 7, 9, 3, 5, 2),
+    (2, 4, 1, 1, 2, 7, 1),
+    (1, 8, 3, 2, 4, 7, 1),
+    (2, 4, 5, 11, 1, 3, 3),
+    (1, 4, 4, 6, 4, 3, 5),
+    (1, 16, 9, 17, 2, 7, 1),
+]
+
+
+def _ids(g):
+    return "N{}C{}H{}W{}h{}k{}d{}".format(*g)
+
+
+def _inputs(geometry, dtype=torch.float64, device="cpu", seed=0, with_rel=True):
+    n, c, h, w, heads, ks, dil = geometry
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, c, h, w, generator=gen, dtype=dtype) for _ in range(3))
+    rel = torch.randn(c, ks, ks, generator=gen, dtype=dtype) if with_rel else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(q), to(k), to(v), to(rel)
+
+
+def _run(backend, geometry, q, k, v, rel, seed=1):
+    """Output and the gradients of q, k, v (and rel) under a random output gradient."""
+    _, _, _, _, heads, ks, dil = geometry
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    if rel is not None:
+        inputs.append(rel.detach().requires_grad_())
+    with use_backend(backend):
+        out = local_attention(
+            *inputs[:3], inputs[3] if rel is not None else None,
+            num_heads=heads, kernel_size=ks, dilation=dil,
+        )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    return [out, *torch.autograd.grad(out, inputs, grad)]
+
+
+def _assert_all_close(got, want, **tol):
+    assert len(got) == len(want)
+    for name, g, w in zip(["out", "grad_q", "grad_k", "grad_v", "grad_rel"], got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}", **tol)
+
+
+# ------------------------------------------------------------------------------------ reference
+def _naive(geometry, q, k, v, rel):
+    """Pixel-by-pixel definition: softmax over the in-image neighbours only."""
+    n, c, h, w, heads, ks, dil = geometry
+    d, r = c // heads, ks // 2
+    out = torch.zeros_like(q)
+    for b, hd, i, j in itertools.product(range(n), range(heads), range(h), range(w)):
+        cs = slice(hd * d, (hd + 1) * d)
+        logits, values = [], []
+        for a, bb in itertools.product(range(ks), range(ks)):
+            ii, jj = i + (a - r) * dil, j + (bb - r) * dil
+            if 0 <= ii < h and 0 <= jj < w:
+                key = k[b, cs, ii, jj] + (rel[cs, a, bb] if rel is not None else 0)
+                logits.append((q[b, cs, i, j] * key).sum())
+                values.append(v[b, cs, ii, jj])
+        p = torch.softmax(torch.stack(logits), 0)
+        out[b, cs, i, j] = (p[:, None] * torch.stack(values)).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("with_rel", [True, False])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6], ids=_ids)
+def test_reference_matches_naive_loop(geometry, with_rel):
+    q, k, v, rel = _inputs(geometry, with_rel=with_rel)
+    _, _, _, _, heads, ks, dil = geometry
+    got = local_attention_reference(q, k, v, rel, num_heads=heads, kernel_size=ks, dilation=dil)
+    torch.testing.assert_close(got, _naive(geometry, q, k, v, rel), rtol=0, atol=1e-12)
+
+
+def test_borders_are_masked_not_zero_keys():
+    """At the border the result differs from zero-padded keys in the softmax; inside it does not."""
+    geometry = (1, 4, 6, 6, 2, 3, 1)
+    q, k, v, rel = _inputs(geometry)
+    got = local_attention_reference(q, k, v, rel, num_heads=2, kernel_size=3)
+    # Zero keys (and zero values) at out-of-image neighbours, included in the softmax.
+    kc = F.unfold(k, 3, padding=1).view(1, 2, 2, 9, 36) + rel.view(1, 2, 2, 9, 1)
+    logits = (q.view(1, 2, 2, 1, 36) * kc).sum(2)
+    zero_keys = (torch.softmax(logits, 2).unsqueeze(2) * F.unfold(v, 3, padding=1).view(
+        1, 2, 2, 9, 36
+    )).sum(3).view(1, 4, 6, 6)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    torch.testing.assert_close(got[inner], zero_keys[inner], rtol=0, atol=1e-12)
+    assert (got - zero_keys)[:, :, 0].abs().min() > 1e-6
+
+
+# ---------------------------------------------------------------------------- compiled kernels
+@needs_cxx
+@pytest.mark.parametrize("pixels_per_thread", [1, 8])
+@pytest.mark.parametrize("with_rel", [True, False])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=_ids)
+def test_cpu_kernels_match_reference_float64(geometry, with_rel, pixels_per_thread):
+    q, k, v, rel = _inputs(geometry, with_rel=with_rel)
+    want = _run("reference", geometry, q, k, v, rel)
+    with launch_config(cpu_pixels_per_thread=pixels_per_thread):
+        got = _run("cpu", geometry, q, k, v, rel)
+    _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_cxx
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[6]], ids=_ids)
+def test_cpu_kernels_match_reference_float32(geometry):
+    q, k, v, rel = _inputs(geometry, dtype=torch.float32)
+    want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
+    got = _run("cpu", geometry, q, k, v, rel)
+    _assert_all_close([g.double() for g in got], want, rtol=1e-4, atol=2e-5)
+
+
+@needs_cxx
+@pytest.mark.parametrize(
+    "grid, block, pixels_per_thread", [(1, 1, 1), (2, 3, 1), (3, 2, 3), (1, 5, 8)]
+)
+def test_cpu_kernels_on_tiny_grids(grid, block, pixels_per_thread):
+    """Far fewer threads than work: every thread goes round its grid-stride loop many times."""
+    geometry = (2, 6, 5, 7, 3, 5, 1)
+    q, k, v, rel = _inputs(geometry)
+    want = _run("reference", geometry, q, k, v, rel)
+    with launch_config(grid=grid, block=block, cpu_pixels_per_thread=pixels_per_thread):
+        got = _run("cpu", geometry, q, k, v, rel)
+    _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_cxx
+def test_cpu_kernels_large_logits_are_stable():
+    """Logits of several hundred: the max-subtracted softmax neither overflows nor gives NaN."""
+    geometry = (1, 8, 6, 7, 2, 5, 1)
+    q, k, v, rel = _inputs(geometry, dtype=torch.float32)
+    q, k = q * 12, k * 12
+    want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
+    got = _run("cpu", geometry, q, k, v, rel)
+    assert all(torch.isfinite(g).all() for g in got)
+    # Saturated softmaxes: compare the output tightly, gradients relative to their scale.
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-4, atol=1e-4)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3 * w.abs().max().item())
+
+
+@needs_cxx
+def test_non_contiguous_inputs():
+    geometry = (2, 8, 5, 6, 2, 3, 1)
+    q, k, v, rel = _inputs(geometry)
+    want = _run("reference", geometry, q, k, v, rel)
+    # Same values, other memory layouts: channels-last, a transposed view, an expanded stride.
+    nq = q.contiguous(memory_format=torch.channels_last)
+    nk = k.transpose(2, 3).contiguous().transpose(2, 3)
+    nv = torch.cat([v, v], dim=1)[:, ::2]
+    nv[:] = v
+    nrel = rel.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (nq.is_contiguous() or nk.is_contiguous() or nv.is_contiguous())
+    for backend in ["reference"] + (["cpu"] if cpu_compiler_available() else []):
+        _assert_all_close(_run(backend, geometry, nq, nk, nv, nrel), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("with_rel", [True, False])
+def test_gradcheck(backend, with_rel):
+    if backend == "cpu" and not cpu_compiler_available():
+        pytest.skip("no C++ compiler")
+    geometry = (1, 4, 4, 5, 2, 3, 2)
+    q, k, v, rel = _inputs(geometry, with_rel=with_rel)
+    inputs = [t.requires_grad_() for t in (q, k, v) + ((rel,) if with_rel else ())]
+
+    def fn(*args):
+        r = args[3] if with_rel else None
+        with use_backend(backend):
+            return local_attention(*args[:3], r, num_heads=2, kernel_size=3, dilation=2)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_precision_computes_in_float32(dtype):
+    geometry = GEOMETRIES[0]
+    q, k, v, rel = (t.to(dtype) for t in _inputs(geometry, dtype=torch.float32))
+    want = _run("reference", geometry, q.float(), k.float(), v.float(), rel.float())
+    got = _run("cpu", geometry, q, k, v, rel)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)])
+def test_empty_inputs_give_empty_outputs(backend, shape):
+    if backend == "cpu" and not cpu_compiler_available():
+        pytest.skip("no C++ compiler")
+    q, k, v = (torch.zeros(shape, requires_grad=True) for _ in range(3))
+    rel = torch.zeros(8, 3, 3, requires_grad=True)
+    with use_backend(backend):
+        out = local_attention(q, k, v, rel, num_heads=2, kernel_size=3)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape and rel.grad.shape == rel.shape
+
+
+# --------------------------------------------------------------------------------------- NVRTC
+def _nvrtc_available():
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_compile_with_nvrtc(dtype, arch):
+    """The CUDA build (SAN_TJ = 1; shapes are run-time arguments) compiles for every dtype."""
+    source = KernelSource("local_attention.cu")
+    assert set(source.kernels) == {
+        "sasa_attention_forward",
+        "sasa_output_forward",
+        "sasa_logit_backward",
+        "sasa_qkv_backward",
+    }
+    cubin = source.nvrtc_compile(dtype, arch)
+    assert len(cubin) > 1000
+
+
+# ----------------------------------------------------------------------------------- the layer
+def test_layer_shapes_parameters_and_embedding_layout():
+    layer = LocalSelfAttention2d(16, 32, kernel_size=5, num_heads=4, stride=2)
+    assert (layer.kernel_size, layer.num_heads, layer.head_dim) == (5, 4, 8)
+    # Three 1x1 projections without bias and per-channel row/column embeddings of half width.
+    assert sum(p.numel() for p in layer.parameters()) == 3 * 16 * 32 + 2 * 16 * 5
+    assert all(m.bias is None for m in (layer.query, layer.key, layer.value))
+    x = torch.randn(2, 16, 9, 11)
+    assert layer(x).shape == (2, 32, 5, 6)  # ceil(9 / 2) x ceil(11 / 2), like a 3x3/2 conv
+    rel = layer.relative_embedding()
+    assert rel.shape == (32, 5, 5)
+    for head in range(4):
+        row, col = rel[head * 8 : head * 8 + 4], rel[head * 8 + 4 : head * 8 + 8]
+        assert torch.equal(row, row[:, :, :1].expand_as(row))  # depends on the row a only
+        assert torch.equal(col, col[:, :1, :].expand_as(col))  # depends on the column b only
+        assert not torch.equal(row, row[:, :1, :].expand_as(row))
+
+
+def test_layer_matches_functional_definition():
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(6, 8, kernel_size=3, num_heads=2, stride=1, dilation=2).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    q, k, v = (F.conv2d(x, m.weight) for m in (layer.query, layer.key, layer.value))
+    want = _naive((2, 8, 5, 7, 2, 3, 2), q, k, v, layer.relative_embedding())
+    with use_backend("reference"):
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)
+
+
+@needs_cxx
+def test_layer_backends_agree_forward_and_backward():
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(8, 16, kernel_size=7, num_heads=4, stride=2).double()
+    x = torch.randn(2, 8, 9, 10, dtype=torch.float64)
+    results = {}
+    for backend in ("reference", "cpu"):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with use_backend(backend):
+            out = layer(xi)
+        out.square().sum().backward()
+        results[backend] = [out, xi.grad] + [p.grad.clone() for p in layer.parameters()]
+    _assert_all_close_list(results["cpu"], results["reference"])
+
+
+def _assert_all_close_list(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11)
+
+
+def test_layer_every_parameter_gets_a_gradient_and_empty_batch():
+    layer = LocalSelfAttention2d(4, 8, kernel_size=3, num_heads=2)
+    layer(torch.randn(1, 4, 6, 6)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    assert layer(torch.randn(0, 4, 6, 6)).shape == (0, 8, 6, 6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kernel_size=4), "kernel_size"),
+        (dict(kernel_size=0), "kernel_size"),
+        (dict(kernel_size=-3), "kernel_size"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(num_heads=8, out_channels=24), "even"),  # head width 3
+        (dict(stride=0), "stride"),
+        (dict(dilation=0), "dilation"),
+        (dict(in_channels=0), "in_channels"),
+    ],
+)
+def test_layer_bad_arguments(kwargs, match):
+    args = dict(in_channels=4, out_channels=16, kernel_size=3, num_heads=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        LocalSelfAttention2d(**args)
+
+
+def test_layer_bad_input_shape():
+    layer = LocalSelfAttention2d(4, 8, kernel_size=3, num_heads=2)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 4, H, W\)"):
+        layer(torch.randn(1, 5, 6, 6))
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _bad_call(**overrides):
+    args = dict(
+        q=torch.zeros(1, 8, 5, 5),
+        k=torch.zeros(1, 8, 5, 5),
+        v=torch.zeros(1, 8, 5, 5),
+        rel=torch.zeros(8, 3, 3),
+        num_heads=2,
+        kernel_size=3,
+        dilation=1,
+    )
+    args.update(overrides)
+    q, k, v, rel = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("rel")
+    return local_attention(q, k, v, rel, **args)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(kernel_size=4), "kernel_size must be an odd positive int"),
+        (dict(kernel_size=0), "kernel_size"),
+        (dict(kernel_size=-1), "kernel_size"),
+        (dict(num_heads=3), r"num_heads \(3\) must divide the channel count C=8"),
+        (dict(num_heads=0), "num_heads"),
+        (dict(dilation=0), "dilation"),
+        (dict(k=torch.zeros(1, 8, 5, 6)), r"k must have the shape of q \(1, 8, 5, 5\)"),
+        (dict(v=torch.zeros(2, 8, 5, 5)), r"v must have the shape of q"),
+        (dict(q=torch.zeros(8, 5, 5)), r"q must have shape \(N, C, H, W\)"),
+        (dict(rel=torch.zeros(8, 5, 5)), r"rel must have shape \(C, k, k\) = \(8, 3, 3\)"),
+        (dict(rel=torch.zeros(4, 3, 3)), r"rel must have shape"),
+        (dict(k=torch.zeros(1, 8, 5, 5, dtype=torch.float64)), "k must have the dtype of q"),
+        (dict(rel=torch.zeros(8, 3, 3, dtype=torch.float64)), "rel must have the dtype of q"),
+        (dict(q=torch.zeros(1, 8, 5, 5, dtype=torch.int64)), "q must be a floating point"),
+        (dict(k=torch.zeros(1, 8, 5, 5, device="meta")), "k must be on the device of q"),
+    ],
+)
+def test_bad_input(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_call(**overrides)
+
+
+def test_forced_backend_on_wrong_device_raises():
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
+        _bad_call()
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=_ids)
+def test_cuda_kernels_match_reference(geometry, dtype):
+    q, k, v, rel = _inputs(geometry, dtype=dtype, device="cuda")
+    want = _run("reference", geometry, q, k, v, rel)
+    got = _run("cuda", geometry, q, k, v, rel)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    for g in got:
+        assert g.is_cuda and g.dtype == dtype
+    _assert_all_close(got, want, **tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision(dtype):
+    geometry = (2, 16, 9, 13, 2, 7, 1)
+    q, k, v, rel = _inputs(geometry, dtype=torch.float32, device="cuda")
+    q, k, v, rel = (t * 0.5 for t in (q, k, v, rel))
+    want = _run("reference", geometry, q, k, v, rel)
+    got = _run("cuda", geometry, *(t.to(dtype) for t in (q, k, v, rel)))
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol * max(1.0, w.abs().max()))
+
+
+@needs_cuda
+def test_cuda_side_stream_non_contiguous_and_gradcheck():
+    geometry = (2, 8, 6, 7, 2, 5, 1)
+    q, k, v, rel = _inputs(geometry, device="cuda")
+    want = _run("reference", geometry, q, k, v, rel)
+    nq = q.contiguous(memory_format=torch.channels_last)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = _run("cuda", geometry, nq, k, v, rel)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+    small = (1, 4, 4, 5, 2, 3, 2)
+    inputs = [t.requires_grad_() for t in _inputs(small, device="cuda")]
+
+    def fn(*args):
+        with use_backend("cuda"):
+            return local_attention(*args, num_heads=2, kernel_size=3, dilation=2)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
+
+
+@needs_cuda
+def test_cuda_layer_under_autocast():
+    layer = LocalSelfAttention2d(16, 32, kernel_size=7, num_heads=4, stride=2).cuda()
+    x = torch.randn(2, 16, 20, 18, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = layer(x)
+    assert out.dtype == torch.float16 and out.shape == (2, 32, 10, 9)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    with use_backend("reference"), torch.autocast("cuda", dtype=torch.float16):
+        want = layer(x)
+    torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=3e-2)
