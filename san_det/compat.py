@@ -28,7 +28,7 @@ import sys
 import types
 import warnings
 
-__all__ = ["apply", "HAS_DETECTRON2_EXTENSION", "ExtensionUnavailableError", "is_applied"]
+__all__ = ["apply", "DETECTRON2_INSTALLED", "HAS_DETECTRON2_EXTENSION", "ExtensionUnavailableError", "is_applied"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def _detectron2_installed() -> bool:
     return importlib.util.find_spec("detectron2") is not None
 
 
-HAS_DETECTRON2_EXTENSION = _detectron2_installed() and _has_extension()
+DETECTRON2_INSTALLED = _detectron2_installed()
+HAS_DETECTRON2_EXTENSION = DETECTRON2_INSTALLED and _has_extension()
 
 
 class _MissingExtension(types.ModuleType):
@@ -136,7 +137,7 @@ def apply() -> bool:
     Idempotent, and a no-op when detectron2 is missing or is a full build with its extension.
     """
     global _applied
-    if _applied or not _detectron2_installed() or HAS_DETECTRON2_EXTENSION:
+    if _applied or not DETECTRON2_INSTALLED or HAS_DETECTRON2_EXTENSION:
         return _applied
     if "detectron2.layers" in sys.modules:
         raise RuntimeError(

@@ -9,6 +9,7 @@ from .shapes import (
     default_shapes_root,
     ensure_shapes_dataset,
     generate_shapes_dataset,
+    is_shapes_dataset,
     register_shapes_datasets,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "default_shapes_root",
     "ensure_shapes_dataset",
     "generate_shapes_dataset",
+    "is_shapes_dataset",
     "register_shapes_datasets",
 ]
 

@@ -72,6 +72,7 @@ __all__ = [
     "generate_shapes_dataset",
     "register_shapes_datasets",
     "ensure_shapes_dataset",
+    "is_shapes_dataset",
     "render_shapes_image",
 ]
 
@@ -701,6 +702,11 @@ def generate_shapes_dataset(
 # ----------------------------------------------------------------------------------------------
 # detectron2 registration
 # ----------------------------------------------------------------------------------------------
+def is_shapes_dataset(name: str) -> bool:
+    """Whether ``name`` was registered by :func:`register_shapes_datasets`."""
+    return name in _registered
+
+
 def ensure_shapes_dataset(name: str) -> str:
     """Generate the registered shapes dataset ``name`` if needed; returns its ``json_file``.
 

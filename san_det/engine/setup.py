@@ -16,14 +16,40 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from ..config import get_san_det_cfg
 from .errors import UserInputError
 
-__all__ = ["setup_cfg", "validate_datasets", "check_output_dir"]
+__all__ = [
+    "setup_cfg",
+    "validate_datasets",
+    "check_output_dir",
+    "prepare_dataset",
+    "register_dataset_preparer",
+]
 
-_DATASET_PREPARERS = {}
+_DATASET_PREPARERS = []
 
 
-def register_dataset_preparer(prefix: str, prepare) -> None:
-    """Datasets whose name starts with ``prefix`` are made on demand by ``prepare(name)``."""
-    _DATASET_PREPARERS[prefix] = prepare
+def register_dataset_preparer(prepare) -> None:
+    """Add ``prepare(name) -> bool``: makes an on-demand dataset, True if ``name`` was its own."""
+    _DATASET_PREPARERS.append(prepare)
+
+
+def _prepare_shapes(name: str) -> bool:
+    from ..data import shapes
+
+    if not shapes.is_shapes_dataset(name):
+        return False
+    try:
+        shapes.ensure_shapes_dataset(name)
+    except OSError as e:
+        raise UserInputError(f"dataset {name!r} could not be generated: {e}") from None
+    return True
+
+
+register_dataset_preparer(_prepare_shapes)
+
+
+def prepare_dataset(name: str) -> bool:
+    """Make ``name`` if it is generated on demand; returns whether it was."""
+    return any(prepare(name) for prepare in _DATASET_PREPARERS)
 
 
 def _merge(cfg: CfgNode, what: str, merge) -> None:
@@ -117,9 +143,7 @@ def validate_datasets(names: Iterable[str]) -> None:
             raise UserInputError(
                 f"dataset {name!r} is not registered. Registered: {', '.join(sorted(registered))}"
             )
-        prepare = next((p for k, p in _DATASET_PREPARERS.items() if name.startswith(k)), None)
-        if prepare is not None:
-            prepare(name)
+        if prepare_dataset(name):
             continue
         missing = [p for p in _dataset_files(name) if not os.path.exists(p)]
         if missing:
