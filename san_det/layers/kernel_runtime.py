@@ -257,11 +257,12 @@ class KernelSource:
             parts.append(
                 f'extern "C" void san_launch_{name}(int grid_, int block_{sep}{decls}) {{\n'
                 "  #pragma omp parallel for schedule(static)\n"
-                "  for (int b = 0; b < grid_; ++b) {\n"
+                # Loop variables end in '_' so they cannot shadow a kernel parameter.
+                "  for (int block_idx_ = 0; block_idx_ < grid_; ++block_idx_) {\n"
                 "    gridDim = {(unsigned)grid_, 1, 1}; blockDim = {(unsigned)block_, 1, 1};\n"
-                "    blockIdx = {(unsigned)b, 0, 0};\n"
-                "    for (int t = 0; t < block_; ++t) {\n"
-                "      threadIdx = {(unsigned)t, 0, 0};\n"
+                "    blockIdx = {(unsigned)block_idx_, 0, 0};\n"
+                "    for (int thread_idx_ = 0; thread_idx_ < block_; ++thread_idx_) {\n"
+                "      threadIdx = {(unsigned)thread_idx_, 0, 0};\n"
                 f"      {name}({names});\n"
                 "    }\n  }\n}\n"
             )

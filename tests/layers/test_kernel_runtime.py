@@ -1,0 +1,197 @@
+"""KernelSource: parsing, the g++ + ctypes CPU path (grid-stride emulation, cache, errors),
+NVRTC compilation without a GPU, the CuPy path where a GPU is present; backend selection."""
+
+import os
+
+import pytest
+import torch
+
+import san_det  # noqa: F401  (patches before anything imports detectron2)
+from san_det.layers import backend as backend_mod
+from san_det.layers.backend import forced_backend, select_backend, use_backend
+from san_det.layers.kernel_runtime import (
+    KernelCompileError,
+    KernelSource,
+    _parse_kernels,
+    cpu_compiler_available,
+)
+
+needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+# A grid-stride kernel using every supported argument kind. `visits` counts how often each index
+# is handled: exactly once whatever the grid, if the emulated grid-stride loop is right.
+TOY = r"""
+__global__ void axpby(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int* visits,
+                      int64_t n, float a, double b) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)blockDim.x * gridDim.x) {
+        y[i] = FROM_ACC((acc_t)a * TO_ACC(x[i]) + (acc_t)b * TO_ACC(y[i]));
+        visits[i] += 1;
+    }
+}
+
+__global__ void fill_block_ids(int* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        out[i] = blockIdx.x * 1000 + threadIdx.x;
+}
+"""
+
+
+@pytest.fixture
+def toy_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "toy.cu"
+    path.write_text(TOY)
+    return KernelSource(str(path))  # an absolute path replaces the kernels directory
+
+
+def test_parse_kernel_signatures():
+    kernels = _parse_kernels(TOY)
+    assert list(kernels) == ["axpby", "fill_block_ids"]
+    assert [(kind, name) for kind, name, _ in kernels["axpby"]] == [
+        ("ptr", "x"),
+        ("ptr", "y"),
+        ("ptr", "visits"),
+        ("int64", "n"),
+        ("float", "a"),
+        ("double", "b"),
+    ]
+    with pytest.raises(KernelCompileError, match="float or double"):
+        _parse_kernels("__global__ void f(acc_t alpha) {}")
+    with pytest.raises(KernelCompileError, match="unsupported"):
+        _parse_kernels("__global__ void f(char c) {}")
+
+
+def test_source_without_kernels_is_an_error(tmp_path):
+    path = tmp_path / "empty.cu"
+    path.write_text("__device__ int helper() { return 0; }\n")
+    with pytest.raises(KernelCompileError, match="no __global__"):
+        KernelSource(str(path))
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grid, block", [(1, 1), (2, 3), (7, 64), (200, 256)])
+def test_cpu_grid_stride_emulation(toy_source, dtype, grid, block):
+    n = 1000
+    x = torch.randn(n, dtype=dtype)
+    y = torch.randn(n, dtype=dtype)
+    want = 2.5 * x + 0.5 * y
+    visits = torch.zeros(n, dtype=torch.int32)
+    toy_source.cpu(dtype).axpby(grid, block, x, y, visits, n, 2.5, 0.5)
+    torch.testing.assert_close(y, want)
+    assert torch.equal(visits, torch.ones_like(visits))
+
+
+@needs_cxx
+def test_cpu_block_and_thread_indices(toy_source):
+    out = torch.full((12,), -1, dtype=torch.int32)
+    toy_source.cpu(torch.float32).fill_block_ids(2, 4, out, 12)
+    # 8 threads: index i is handled by thread i % 8, i.e. block (i % 8) // 4, thread i % 4.
+    want = [((i % 8) // 4) * 1000 + i % 4 for i in range(12)]
+    assert out.tolist() == want
+
+
+@needs_cxx
+def test_cpu_cache_and_flags(toy_source, tmp_path):
+    toy_source.cpu(torch.float32)
+    cache = tmp_path / "cache"
+    built = sorted(p.name for p in cache.glob("*.so"))
+    assert len(built) == 1 and built[0].startswith("toy_float_")
+    mtime = (cache / built[0]).stat().st_mtime_ns
+    # A fresh KernelSource of the same text reuses the library; other flags build another one.
+    again = KernelSource(toy_source.path.as_posix())
+    again.cpu(torch.float32)
+    assert (cache / built[0]).stat().st_mtime_ns == mtime
+    again.cpu(torch.float32, ("-DSOMETHING=1",))
+    assert len(list(cache.glob("*.so"))) == 2
+    assert not list(cache.glob("*.tmp"))
+
+
+@needs_cxx
+def test_cpu_wrong_argument_count(toy_source):
+    with pytest.raises(TypeError, match="takes 6 arguments, got 2"):
+        toy_source.cpu(torch.float32).axpby(1, 1, torch.zeros(1), torch.zeros(1))
+
+
+@needs_cxx
+def test_cpu_compile_error_carries_the_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "broken.cu"
+    path.write_text("__global__ void f(float* x) { x[0] = undefined_name; }\n")
+    with pytest.raises(KernelCompileError, match="undefined_name"):
+        KernelSource(str(path)).cpu(torch.float32)
+
+
+def test_cpu_source_rejects_half(toy_source):
+    with pytest.raises(ValueError, match="float32 or float64"):
+        toy_source.cpu_source("half")
+
+
+def _nvrtc_available():
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_nvrtc_compiles_without_gpu(toy_source, dtype):
+    assert len(toy_source.nvrtc_compile(dtype, "sm_80")) > 100
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+def test_nvrtc_compile_error_carries_the_log(tmp_path):
+    path = tmp_path / "broken.cu"
+    path.write_text("__global__ void f(float* x) { x[0] = undefined_name; }\n")
+    with pytest.raises(KernelCompileError, match="undefined_name"):
+        KernelSource(str(path)).nvrtc_compile(torch.float32, "sm_90")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_launch_on_side_stream(toy_source, dtype):
+    n = 5000
+    x = torch.randn(n, device="cuda").to(dtype)
+    y = torch.randn(n, device="cuda").to(dtype)
+    want = (2.5 * x.float() + 0.5 * y.float()).to(dtype)
+    visits = torch.zeros(n, dtype=torch.int32, device="cuda")
+    kernels = toy_source.cuda(dtype, x.device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.axpby(3, 32, x, y, visits, n, 2.5, 0.5)  # tiny grid: grid-stride loops
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(y, want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(visits, torch.ones_like(visits))
+
+
+# ------------------------------------------------------------------------------------- backend
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("SAN_DET_BACKEND", raising=False)
+    cpu = torch.zeros(1)
+    assert forced_backend() is None
+    assert select_backend(cpu) == ("cpu" if cpu_compiler_available() else "reference")
+    with use_backend("reference"):
+        assert select_backend(cpu) == "reference"
+        with use_backend(None):
+            assert forced_backend() is None
+        assert forced_backend() == "reference"
+    assert forced_backend() is None
+    monkeypatch.setenv("SAN_DET_BACKEND", "reference")
+    assert select_backend(cpu) == "reference"
+    with use_backend("cpu"):  # the context manager wins over the environment
+        assert select_backend(cpu) == "cpu"
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="not CUDA tensors"):
+        select_backend(cpu)
+    monkeypatch.setenv("SAN_DET_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        forced_backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("gpu"):
+            pass
+    assert backend_mod.BACKENDS == ("reference", "cpu", "cuda")
+    assert os.environ["SAN_DET_BACKEND"] == "bogus"  # monkeypatch restores it afterwards
