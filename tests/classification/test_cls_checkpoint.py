@@ -1,0 +1,153 @@
+"""Pretrained classifier -> detection backbone: every backbone weight, identical outputs, errors."""
+
+import os
+
+import pytest
+import torch
+from conftest import REPO, tiny_san_cfg, tiny_sasa_cfg
+from detectron2.modeling import build_model
+
+from san_det.classification.checkpoint import (
+    CLASSIFIER_INFO_KEY,
+    CheckpointMismatchError,
+    ClassifierCheckpointer,
+    ClassifierInfo,
+    classifier_info_from_cfg,
+    classifier_to_detection_state_dict,
+    detection_backbone_prefix,
+    is_classifier_checkpoint,
+    load_classifier_into_detector,
+)
+from san_det.classification.config import get_classification_cfg
+
+COCO = os.path.join(REPO, "configs", "COCO-Detection")
+
+
+def _detection_cfg(name, cls_cfg, family):
+    cfg = get_classification_cfg(os.path.join(COCO, name))
+    cfg.MODEL.DEVICE = "cpu"
+    # The detector's backbone is the classifier's, at the same tiny size.
+    getattr(cfg.MODEL, family).merge_from_other_cfg(getattr(cls_cfg.MODEL, family))
+    getattr(cfg.MODEL, family).OUT_FEATURES = ["res3", "res4", "res5"]
+    getattr(cfg.MODEL, family).NORM = "SyncBN"  # as the detection configs; same keys as BN
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RETINANET.NUM_CONVS = 1
+    return cfg
+
+
+def _randomise_norm_statistics(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+
+
+def _save_classifier(cfg, tmp_path):
+    torch.manual_seed(0)
+    classifier = build_model(cfg)
+    _randomise_norm_statistics(classifier)  # buffers must be transferred too
+    checkpointer = ClassifierCheckpointer(classifier, str(tmp_path))
+    checkpointer.add_checkpointable(CLASSIFIER_INFO_KEY, ClassifierInfo(classifier_info_from_cfg(cfg)))
+    checkpointer.save("classifier")
+    return classifier.eval(), str(tmp_path / "classifier.pth")
+
+
+@pytest.mark.parametrize(
+    "cls_cfg, detection_config, family",
+    [
+        (tiny_sasa_cfg, "retinanet_sasa26.yaml", "SASA"),
+        (lambda: tiny_sasa_cfg(**{"MODEL.SASA.STEM": "attention"}), "retinanet_sasa26.yaml", "SASA"),
+        (tiny_san_cfg, "retinanet_san10_pairwise.yaml", "SAN"),
+    ],
+    ids=["sasa26", "sasa26_attention_stem", "san10_pairwise"],
+)
+def test_classifier_weights_flow_into_retinanet(cls_cfg, detection_config, family, tmp_path):
+    cls_cfg = cls_cfg()
+    classifier, path = _save_classifier(cls_cfg, tmp_path)
+    det_cfg = _detection_cfg(detection_config, cls_cfg, family)
+    if family == "SASA":
+        det_cfg.MODEL.SASA.STEM = cls_cfg.MODEL.SASA.STEM
+    detector = build_model(det_cfg).eval()
+
+    checkpointer = ClassifierCheckpointer(detector)
+    checkpoint = checkpointer._load_file(path)
+    assert is_classifier_checkpoint(checkpoint)
+    incompatible = checkpointer._load_model(checkpoint)
+    assert not incompatible.unexpected_keys
+    assert not incompatible.incorrect_shapes
+    missing = incompatible.missing_keys
+    assert not [k for k in missing if k.startswith("backbone.bottom_up.")], missing
+    # Only the FPN and the head stay as initialised.
+    assert any(k.startswith("backbone.fpn_") for k in missing)
+    assert any(k.startswith("head.") for k in missing)
+    assert all(k.startswith(("backbone.fpn_", "backbone.top_block.", "head.")) for k in missing)
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = classifier.backbone(x)["res5"]
+        theirs = detector.backbone.bottom_up(x)["res5"]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+
+
+def test_classifier_checkpoint_via_resume_or_load(tmp_path):
+    """The path DefaultTrainer takes for MODEL.WEIGHTS (resume=False)."""
+    cls_cfg = tiny_sasa_cfg()
+    classifier, path = _save_classifier(cls_cfg, tmp_path)
+    detector = build_model(_detection_cfg("retinanet_sasa26.yaml", cls_cfg, "SASA")).eval()
+    ClassifierCheckpointer(detector, str(tmp_path / "out")).resume_or_load(path, resume=False)
+    for k, v in classifier.backbone.state_dict().items():
+        torch.testing.assert_close(detector.backbone.bottom_up.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_load_classifier_into_detector_function(tmp_path):
+    cls_cfg = tiny_san_cfg()
+    classifier, path = _save_classifier(cls_cfg, tmp_path)
+    detector = build_model(_detection_cfg("retinanet_san10_pairwise.yaml", cls_cfg, "SAN"))
+    report = load_classifier_into_detector(detector, path)
+    assert report["dropped"] == ["classifier.weight", "classifier.bias"]
+    assert report["not_in_checkpoint"] and all(
+        not k.startswith("backbone.bottom_up.") for k in report["not_in_checkpoint"]
+    )
+    torch.testing.assert_close(
+        detector.backbone.bottom_up.layer4[0].sam.conv1.weight,
+        classifier.backbone.layer4[0].sam.conv1.weight,
+    )
+
+
+def test_checkpoint_from_another_architecture_names_the_key(tmp_path):
+    san_cfg = tiny_san_cfg()
+    _, path = _save_classifier(san_cfg, tmp_path)
+    detector = build_model(_detection_cfg("retinanet_sasa26.yaml", tiny_sasa_cfg(), "SASA"))
+    with pytest.raises(CheckpointMismatchError, match=r"'backbone\.conv_in\.weight'.*another"):
+        ClassifierCheckpointer(detector).resume_or_load(path, resume=False)
+
+
+def test_checkpoint_of_another_depth_or_width_names_the_key(tmp_path):
+    _, path = _save_classifier(tiny_sasa_cfg(), tmp_path)
+    deeper = tiny_sasa_cfg(**{"MODEL.SASA.DEPTH": 38})
+    detector = build_model(_detection_cfg("retinanet_sasa38.yaml", deeper, "SASA"))
+    with pytest.raises(CheckpointMismatchError, match=r"backbone\.bottom_up\.res2\.1\..*not in"):
+        load_classifier_into_detector(detector, path)
+    wider = tiny_sasa_cfg(**{"MODEL.SASA.WIDTH_PER_GROUP": 8})
+    detector = build_model(_detection_cfg("retinanet_sasa26.yaml", wider, "SASA"))
+    with pytest.raises(CheckpointMismatchError, match=r"shape \(.*\) but the model's"):
+        load_classifier_into_detector(detector, path)
+
+
+def test_remap_rules_on_key_lists():
+    fpn_target = {"backbone.bottom_up.a.weight": torch.zeros(2), "backbone.fpn_out.weight": 0}
+    plain_target = {"backbone.a.weight": torch.zeros(2), "head.w": 0}
+    assert detection_backbone_prefix(fpn_target) == "backbone.bottom_up."
+    assert detection_backbone_prefix(plain_target) == "backbone."
+    with pytest.raises(CheckpointMismatchError, match="no 'backbone.'"):
+        detection_backbone_prefix({"head.w": 0})
+    src = {
+        "backbone.a.weight": torch.ones(2),
+        "backbone.bn.num_batches_tracked": torch.tensor(3),  # FrozenBN targets have none
+        "classifier.weight": torch.ones(3, 2),
+    }
+    out, report = classifier_to_detection_state_dict(src, plain_target)
+    assert list(out) == ["backbone.a.weight"] and report["dropped"] == ["classifier.weight"]
+    assert report["not_in_checkpoint"] == ["head.w"]
+    assert not is_classifier_checkpoint({"model": {"backbone.a": 0, "head.w": 0}})
