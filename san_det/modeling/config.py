@@ -93,6 +93,9 @@ def add_backbone_config(cfg: CN) -> CN:
     _C.MODEL.FPN.ATTENTION_KERNEL_SIZE = 7
     # Heads of the FPN attention layers (must divide MODEL.FPN.OUT_CHANNELS).
     _C.MODEL.FPN.ATTENTION_NUM_HEADS = 8
+    # Input of RetinaNet's P6 (san_det's RetinaNet FPN builders): "res5" (detectron2's C5) or
+    # "p5" (the 256-channel P5, a much smaller P6 layer).
+    _C.MODEL.FPN.TOP_BLOCK_IN_FEATURE = "res5"
 
     # ---------------------------------------------------------------------------------------------
     # RetinaNet head choice; honoured by META_ARCHITECTURE "SanDetRetinaNet".

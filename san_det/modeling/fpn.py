@@ -123,15 +123,31 @@ def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
     if top_block == "maxpool":
         block = LastLevelMaxPool()
     elif top_block == "p6p7":
-        if "res5" not in available:
-            raise ValueError("RetinaNet's P6/P7 are computed from res5: add res5 to OUT_FEATURES")
-        in_p6p7 = available["res5"].channels
+        in_feature = f.TOP_BLOCK_IN_FEATURE
+        if in_feature == "res5":
+            if "res5" not in available:
+                raise ValueError(
+                    "MODEL.FPN.TOP_BLOCK_IN_FEATURE 'res5' needs res5 among the backbone's "
+                    "OUT_FEATURES"
+                )
+            in_p6p7 = available["res5"].channels
+        elif in_feature == "p5":
+            if available[in_features[-1]].stride != 32:
+                raise ValueError(
+                    "MODEL.FPN.TOP_BLOCK_IN_FEATURE 'p5' needs the last MODEL.FPN.IN_FEATURES "
+                    "entry at stride 32"
+                )
+            in_p6p7 = out_channels
+        else:
+            raise ValueError(
+                f"MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of ['res5', 'p5'], got {in_feature!r}"
+            )
         if f.ATTENTION:
             block = LastLevelP6P7Attention(
-                in_p6p7, out_channels, f.ATTENTION_KERNEL_SIZE, f.ATTENTION_NUM_HEADS
+                in_p6p7, out_channels, f.ATTENTION_KERNEL_SIZE, f.ATTENTION_NUM_HEADS, in_feature
             )
         else:
-            block = LastLevelP6P7(in_p6p7, out_channels)
+            block = LastLevelP6P7(in_p6p7, out_channels, in_feature)
     else:
         raise ValueError(f"top_block must be 'maxpool' or 'p6p7', got {top_block!r}")
     common = dict(
