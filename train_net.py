@@ -10,19 +10,43 @@ Detection (COCO, or the embedded shapes set)::
 Classification (ImageNet pretraining) goes through the same script: configs whose
 ``MODEL.META_ARCHITECTURE`` is ``ImageClassifier`` use the classification trainer.
 
+Processes: ``--num-gpus N`` starts N data-parallel processes, one per GPU (NCCL). With
+``MODEL.DEVICE cpu``, or on a machine without GPUs, it starts N CPU processes that synchronise
+through gloo; ``--num-processes N`` says the same for CPU runs. ``SOLVER.IMS_PER_BATCH`` is the
+total batch over all processes. Pass ``--dist-url auto`` to pick a free local port.
+
+Resuming: ``--resume`` continues from the checkpoint that ``OUTPUT_DIR/last_checkpoint`` names
+(checkpoints are written atomically, so that is always a complete one), at the next iteration and
+the same position of the data stream; with ``SEED`` >= 0 a resumed CPU run ends with the same
+weights as an uninterrupted one.
+
 Trailing ``KEY VALUE`` pairs override config entries. Bad input (missing config file or dataset,
-unknown key, unwritable output folder) is reported in one line, with exit status 2.
+unknown key, unwritable output folder, unreadable image, corrupt or mismatched checkpoint) is
+reported in one line, with exit status 2; a NaN/inf loss stops training with a one-line message
+naming the iteration and the last good checkpoint, exit status 1.
 """
 
 import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed; registers san_det components)
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+import torch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
-from san_det.engine import DetectionTrainer, UserInputError, setup_cfg, validate_datasets
+from san_det.engine import (
+    DetectionTrainer,
+    NonFiniteError,
+    UserInputError,
+    launch,
+    setup_cfg,
+    validate_datasets,
+)
+from san_det.engine.trainer import TrainerCheckpointer
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
 
 
 def trainer_class(cfg):
@@ -40,48 +64,105 @@ def setup(args):
     return cfg
 
 
+def evaluate(cfg, trainer_cls, resume: bool):
+    """``--eval-only``: the model must load every tensor from its checkpoint (strict)."""
+    model = trainer_cls.build_model(cfg)
+    checkpointer = TrainerCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if resume and checkpointer.has_checkpoint():
+        path = checkpointer.get_checkpoint_file()
+    else:
+        path = cfg.MODEL.WEIGHTS
+    checkpointer.load(path, checkpointables=[], strict=True)
+    res = trainer_cls.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, res)
+    return res
+
+
 def main(args):
     cfg = setup(args)
     trainer_cls = trainer_class(cfg)
     if args.eval_only:
-        model = trainer_cls.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        res = trainer_cls.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-
+        return evaluate(cfg, trainer_cls, args.resume)
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
-def check_input(args) -> None:
-    """Validate config and datasets in the launching process, before any worker starts."""
+def _fail(error: Exception, status: int):
+    rank = f" (process {comm.get_rank()})" if comm.get_world_size() > 1 else ""
+    print(f"train_net.py: error{rank}: {error}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def run(args):
+    """:func:`main` with user errors and NaN/inf stops reported in one line (every process)."""
+    try:
+        return main(args)
+    except UserInputError as e:
+        _fail(e, EXIT_BAD_INPUT)
+    except NonFiniteError as e:
+        _fail(e, EXIT_TRAINING_FAILED)
+
+
+def check_input(args):
+    """Validate config and datasets in the launching process, before any worker starts.
+
+    Returns:
+        The config.
+    """
     cfg = setup_cfg(args.config_file, args.opts)
     if trainer_class(cfg) is DetectionTrainer:
         names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
         validate_datasets(names)
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UserInputError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_gpus < 1:
+        raise UserInputError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    on_gpu = cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()
+    n = args.num_processes or args.num_gpus
+    if on_gpu and n > torch.cuda.device_count():
+        raise UserInputError(
+            f"{n} processes on MODEL.DEVICE {cfg.MODEL.DEVICE} but only "
+            f"{torch.cuda.device_count()} GPU(s) are visible; add `MODEL.DEVICE cpu` for CPU "
+            "processes"
+        )
+    return cfg
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="data-parallel processes per machine (overrides --num-gpus); on the CPU "
+        "(MODEL.DEVICE cpu or no GPU) these are CPU processes using the gloo backend",
+    )
+    return parser
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     try:
-        check_input(args)
+        cfg = check_input(args)
     except UserInputError as e:
         print(f"train_net.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     print("Command Line Args:", args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    on_gpu = cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()
+    try:
+        return launch(
+            run,
+            args.num_processes or args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            device="cuda" if on_gpu else "cpu",
+        )
+    except ProcessExitedException as e:  # a worker already reported its error in one line
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else EXIT_TRAINING_FAILED)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def add_san_det_config(cfg: CN) -> CN:
     Backbones, FPN and heads: :func:`san_det.modeling.config.add_backbone_config`.
     """
     add_backbone_config(cfg)
+    __import__("san_det.engine.config", fromlist=["*"]).add_engine_config(cfg)  # lazy: no cycle
     return cfg
 
 

@@ -1,7 +1,28 @@
-"""Training entry-point helpers: config setup with clear errors, the detection trainer, launch."""
+"""Training engine: config setup with clear errors, trainers, CPU/GPU launch, safe checkpoints."""
 
+from .checkpoint import CheckpointError, NonFiniteError, SafeCheckpointer
+from .config import add_engine_config
+from .ddp import CPUSyncBatchNorm, wrap_ddp
 from .errors import UserInputError
+from .launch import launch
+from .loader import DeterministicBatchStream, ResumableTrainLoader
 from .setup import setup_cfg, validate_datasets
-from .trainer import DetectionTrainer
+from .trainer import DetectionTrainer, RobustTrainer, build_resumable_train_loader
 
-__all__ = ["UserInputError", "setup_cfg", "validate_datasets", "DetectionTrainer"]
+__all__ = [
+    "CPUSyncBatchNorm",
+    "CheckpointError",
+    "DetectionTrainer",
+    "DeterministicBatchStream",
+    "NonFiniteError",
+    "ResumableTrainLoader",
+    "RobustTrainer",
+    "SafeCheckpointer",
+    "UserInputError",
+    "add_engine_config",
+    "build_resumable_train_loader",
+    "launch",
+    "setup_cfg",
+    "validate_datasets",
+    "wrap_ddp",
+]

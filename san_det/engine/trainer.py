@@ -1,13 +1,62 @@
-"""The detection trainer: detectron2's ``DefaultTrainer`` with COCO evaluation that works everywhere."""
+"""Trainers: detectron2's ``DefaultTrainer`` made crash-safe, reproducible and CPU-parallel.
 
+:class:`RobustTrainer` keeps ``DefaultTrainer``'s loop, hooks, writers and evaluation, and changes:
+
+- DDP through :func:`~san_det.engine.ddp.wrap_ddp`: CPU processes (gloo) work, SyncBN included.
+- Seeds: ``SEED < 0`` is replaced by a random seed shared by all processes; the seed seeds model
+  initialisation, the training data stream (:mod:`san_det.engine.loader`: a pure function of
+  seed and iteration) and each step's RNGs, and is stored in every checkpoint.
+- Checkpoints: :class:`~san_det.engine.checkpoint.SafeCheckpointer` (atomic; strict on resume;
+  never a NaN/inf model).
+- NaN/inf: a step whose loss or gradients are not finite (on any process) stops training before
+  the optimizer changes the model, with :class:`~san_det.engine.checkpoint.NonFiniteError` naming
+  the iteration, the losses and the last good checkpoint.
+
+:class:`DetectionTrainer` adds the detection data (robust mapper, resumable loader) and COCO
+evaluation.
+"""
+
+import logging
 import os
+import time
+import weakref
 
-from detectron2.engine import DefaultTrainer
+import torch
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_train_loader as d2_build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from .. import compat
+from .checkpoint import NonFiniteError, SafeCheckpointer
+from .ddp import wrap_ddp
+from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 
-__all__ = ["DetectionTrainer", "build_coco_evaluator"]
+__all__ = [
+    "DetectionTrainer",
+    "GuardedSimpleTrainer",
+    "RobustTrainer",
+    "TrainerCheckpointer",
+    "build_coco_evaluator",
+    "build_resumable_train_loader",
+    "resolve_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+_STEP_STREAM = 3
+
+try:  # classifier checkpoints given as MODEL.WEIGHTS load into detectors' backbones
+    from ..classification.checkpoint import ClassifierCheckpointer
+
+    class TrainerCheckpointer(SafeCheckpointer, ClassifierCheckpointer):
+        """:class:`SafeCheckpointer` that also converts classifier checkpoints for detectors."""
+
+except ImportError:  # pragma: no cover - the classification package is optional
+    TrainerCheckpointer = SafeCheckpointer
 
 
 def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:
@@ -22,8 +71,199 @@ def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> C
     )
 
 
-class DetectionTrainer(DefaultTrainer):
-    """``DefaultTrainer`` evaluating with :func:`build_coco_evaluator`."""
+def resolve_seed(cfg):
+    """``cfg`` with ``SEED >= 0``: a negative SEED becomes a random seed shared by all processes
+    (all processes must call this). Returns ``cfg`` itself when nothing changes, else a copy."""
+    if cfg.SEED >= 0:
+        return cfg
+    seed = int(comm.shared_random_seed()) % (2**31)
+    logger.info(f"SEED is {cfg.SEED}: using the random seed {seed} (stored in checkpoints)")
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SEED = seed
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def build_resumable_train_loader(cfg, dataset, mapper) -> ResumableTrainLoader:
+    """:class:`ResumableTrainLoader` over ``dataset`` (list of dicts) with ``cfg``'s batch size,
+    seed, workers and aspect-ratio grouping. ``cfg.SEED`` must be >= 0 (:func:`resolve_seed`)."""
+    world = comm.get_world_size()
+    total = cfg.SOLVER.IMS_PER_BATCH
+    if total < 1 or total % world:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of "
+            f"processes ({world})"
+        )
+    if cfg.SEED < 0:
+        raise ValueError("build_resumable_train_loader needs cfg.SEED >= 0 (see resolve_seed)")
+    stream = DeterministicBatchStream(
+        dataset,
+        mapper,
+        total // world,
+        seed=cfg.SEED,
+        shuffle=True,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+    )
+    return ResumableTrainLoader(stream, cfg.DATALOADER.NUM_WORKERS)
+
+
+class GuardedSimpleTrainer(SimpleTrainer):
+    """``SimpleTrainer`` that refuses a step with a non-finite loss or gradient.
+
+    The check runs after ``backward`` (so DDP's gradient all-reduce has completed on every
+    process) and before ``optimizer.step``; all processes agree on the outcome, so all stop.
+    """
+
+    def run_step(self):
+        assert self.model.training, "[GuardedSimpleTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            losses = loss_dict
+            loss_dict = {"total_loss": loss_dict}
+        else:
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._check_finite(loss_dict)
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+    def _check_finite(self, loss_dict) -> None:
+        loss_ok = all(bool(torch.isfinite(v.detach()).all()) for v in loss_dict.values())
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_ok = True
+        if grads:
+            norms = torch._foreach_norm(grads)
+            grad_ok = bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
+        flags = [(loss_ok, grad_ok)]
+        if comm.get_world_size() > 1:
+            flags = comm.all_gather(flags[0])
+        if all(a and b for a, b in flags):
+            return
+        bad_ranks = [r for r, (a, b) in enumerate(flags) if not (a and b)]
+        what = "loss" if not all(a for a, _ in flags) else "gradient"
+        losses = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
+        raise NonFiniteError(
+            f"non-finite {what} at iteration {self.iter} (process(es) {bad_ranks}; this "
+            f"process: {losses}); training stopped before the optimizer step"
+        )
+
+
+class _SeedState:
+    """Checkpointable holding the trainer's seed, so a resumed run continues the same stream."""
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+
+    def state_dict(self):
+        return {"seed": int(self._trainer.seed)}
+
+    def load_state_dict(self, state):
+        seed = int(state["seed"])
+        if seed != self._trainer.seed:
+            logger.warning(
+                f"Resuming with the checkpoint's seed {seed} (the config says {self._trainer.seed})"
+            )
+        self._trainer.seed = seed
+
+
+class RobustTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with the changes of the module docstring. Subclasses supply the data,
+    model and evaluator as for ``DefaultTrainer``; ``build_train_loader`` may return a
+    :class:`ResumableTrainLoader` (exact resume) or any iterable."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = resolve_seed(cfg)
+        self.seed = cfg.SEED
+        seed_all_rng(self.seed + comm.get_rank())  # as detectron2's default_setup
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_ddp(model, broadcast_buffers=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(cfg, model)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_checkpointer(self, cfg, model) -> SafeCheckpointer:
+        """The checkpointer of the trainer's state (model, optimizer, scheduler, seed)."""
+        return TrainerCheckpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            allow_shape_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_SHAPE_MISMATCH", False),
+            trainer=weakref.proxy(self),
+            data_stream=_SeedState(weakref.proxy(self)),
+        )
+
+    def train(self):
+        loader = self.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.seed = self.seed
+            loader.set_start_iter(self.start_iter)
+        return super().train()
+
+    def run_step(self):
+        self._trainer.iter = self.iter
+        # Each step's own randomness (dropout, sampling in heads) depends only on the seed and
+        # the iteration, so a resumed run repeats it.
+        seed_all_rng(mix_seed(self.seed, _STEP_STREAM, self.iter, comm.get_rank()))
+        try:
+            self._trainer.run_step()
+        except NonFiniteError as e:
+            has = self.checkpointer.has_checkpoint()
+            last = self.checkpointer.get_checkpoint_file() if has else "none written yet"
+            raise NonFiniteError(f"{e}; last good checkpoint: {last}") from None
+
+
+class DetectionTrainer(RobustTrainer):
+    """:class:`RobustTrainer` for detection: :class:`~san_det.data.mapper.RobustDatasetMapper`,
+    the resumable training stream, COCO evaluation (:func:`build_coco_evaluator`)."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from ..data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
+
+        filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=filter_empty,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+            if cfg.MODEL.KEYPOINT_ON
+            else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        dicts = sanitize_dataset_dicts(dicts, filter_empty, name=",".join(cfg.DATASETS.TRAIN))
+        mapper = RobustDatasetMapper(cfg, True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logger.warning(
+                f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "
+                "loader; a resumed run does not continue its data stream exactly"
+            )
+            return d2_build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+        return build_resumable_train_loader(cfg, dicts, mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from ..data.mapper import RobustDatasetMapper
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=RobustDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
