@@ -1,0 +1,176 @@
+"""Official hszhao/SAN checkpoints -> our classifier and detection backbone.
+
+The official key layout is written out here from the official model definition (model/san.py of
+hszhao/SAN: ``SAN``, ``Bottleneck``, ``SAM``), independently of san_det's SAN code, so the test
+checks that the released files map onto our modules 1:1 with the right shapes.
+"""
+
+import importlib.util
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+from conftest import REPO
+from detectron2.modeling import build_model
+
+from san_det.classification.checkpoint import CheckpointMismatchError
+from san_det.classification.config import get_classification_cfg
+from san_det.classification.convert_san import (
+    convert_official_san_to_classifier,
+    convert_official_san_to_detection,
+)
+
+LAYERS = {10: [2, 1, 2, 4, 1], 15: [3, 2, 3, 5, 2], 19: [3, 3, 4, 6, 3]}
+
+
+def _bn(prefix, c):
+    return [
+        (f"{prefix}.weight", (c,)),
+        (f"{prefix}.bias", (c,)),
+        (f"{prefix}.running_mean", (c,)),
+        (f"{prefix}.running_var", (c,)),
+        (f"{prefix}.num_batches_tracked", ()),
+    ]
+
+
+def _conv(prefix, cout, cin, bias):
+    return [(f"{prefix}.weight", (cout, cin, 1, 1))] + ([(f"{prefix}.bias", (cout,))] if bias else [])
+
+
+def official_san_shapes(sa_type, depth, kernels=(3, 7, 7, 7, 7), classes=1000, share=8):
+    """Keys and shapes of ``DataParallel(san(sa_type, layers, kernels, classes)).state_dict()``."""
+    shapes = []
+    c = 64
+    shapes += _conv("conv_in", c, 3, False) + _bn("bn_in", c)
+    prev = c
+    for i, (blocks, k) in enumerate(zip(LAYERS[depth], kernels)):
+        c = 64 if i == 0 else 64 * 2 ** (i + 1)
+        shapes += _conv(f"conv{i}", c, prev, False) + _bn(f"bn{i}", c)
+        rel, mid = c // 16, c // 4
+        for b in range(blocks):
+            p = f"layer{i}.{b}"
+            shapes += _bn(f"{p}.bn1", c)
+            shapes += _conv(f"{p}.sam.conv1", rel, c, True) + _conv(f"{p}.sam.conv2", rel, c, True)
+            shapes += _conv(f"{p}.sam.conv3", mid, c, True)
+            if sa_type == "pairwise":
+                shapes += _bn(f"{p}.sam.conv_w.0", rel + 2)
+                shapes += _conv(f"{p}.sam.conv_w.2", rel, rel + 2, False)
+                shapes += _bn(f"{p}.sam.conv_w.3", rel)
+                shapes += _conv(f"{p}.sam.conv_w.5", mid // share, rel, True)
+                shapes += _conv(f"{p}.sam.conv_p", 2, 2, True)
+            else:
+                cin = rel * (k * k + 1)
+                shapes += _bn(f"{p}.sam.conv_w.0", cin)
+                shapes += _conv(f"{p}.sam.conv_w.2", mid // share, cin, False)
+                shapes += _bn(f"{p}.sam.conv_w.3", mid // share)
+                shapes += _conv(f"{p}.sam.conv_w.5", k * k * mid // share, mid // share, True)
+            shapes += _bn(f"{p}.bn2", mid) + _conv(f"{p}.conv", c, mid, True)
+        prev = c
+    shapes += [("fc.weight", (classes, prev)), ("fc.bias", (classes,))]
+    return OrderedDict(("module." + k, s) for k, s in shapes)
+
+
+def _official_checkpoint(sa_type, depth, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = OrderedDict()
+    for k, shape in official_san_shapes(sa_type, depth).items():
+        if k.endswith("num_batches_tracked"):
+            state[k] = torch.tensor(7)
+        else:
+            state[k] = torch.randn(shape, generator=g)
+    return {"epoch": 100, "state_dict": state, "top1_val": 0.749}
+
+
+def _classifier_cfg(sa_type, depth):
+    cfg = get_classification_cfg(
+        os.path.join(REPO, "configs", "ImageNet", f"san{depth}_{sa_type}.yaml")
+    )
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_official_san10_checkpoint_loads_into_our_classifier(sa_type):
+    official = _official_checkpoint(sa_type, 10)
+    model = build_model(_classifier_cfg(sa_type, 10))
+    state = convert_official_san_to_classifier(official, model.state_dict())
+    assert len(state) == len(official["state_dict"]) == len(model.state_dict())
+    model.load_state_dict(state, strict=True)
+    src = official["state_dict"]
+    torch.testing.assert_close(model.classifier.weight, src["module.fc.weight"])
+    torch.testing.assert_close(model.backbone.conv_in.weight, src["module.conv_in.weight"])
+    torch.testing.assert_close(
+        model.backbone.layer3[3].sam.conv_w[5].bias, src["module.layer3.3.sam.conv_w.5.bias"]
+    )
+    torch.testing.assert_close(model.backbone.bn4.running_var, src["module.bn4.running_var"])
+
+
+def test_official_san_checkpoint_into_detection_backbone():
+    official = _official_checkpoint("pairwise", 10)
+    classifier = build_model(_classifier_cfg("pairwise", 10))
+    det_cfg = get_classification_cfg(
+        os.path.join(REPO, "configs", "COCO-Detection", "retinanet_san10_pairwise.yaml")
+    )
+    det_cfg.MODEL.DEVICE = "cpu"
+    detector = build_model(det_cfg)
+    state = convert_official_san_to_detection(
+        official, classifier.state_dict(), detector.state_dict()
+    )
+    assert all(k.startswith("backbone.bottom_up.") for k in state)
+    incompatible = detector.load_state_dict(state, strict=False)
+    assert not incompatible.unexpected_keys
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    torch.testing.assert_close(
+        detector.backbone.bottom_up.layer2[1].sam.conv_p.weight,
+        official["state_dict"]["module.layer2.1.sam.conv_p.weight"],
+    )
+
+
+def test_official_san_errors_name_the_key():
+    model = build_model(_classifier_cfg("pairwise", 10))
+    target = model.state_dict()
+    extra = _official_checkpoint("pairwise", 10)
+    extra["state_dict"]["module.layer9.0.sam.conv1.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError, match=r"'module\.layer9\.0\.sam\.conv1\.weight'"):
+        convert_official_san_to_classifier(extra, target)
+    missing = _official_checkpoint("pairwise", 10)
+    del missing["state_dict"]["module.layer1.0.sam.conv_p.bias"]
+    with pytest.raises(CheckpointMismatchError, match=r"'backbone\.layer1\.0\.sam\.conv_p\.bias'"):
+        convert_official_san_to_classifier(missing, target)
+    with pytest.raises(CheckpointMismatchError, match=r"'module\.layer0\.0\.sam\.conv_w\.0\.\w+' has"):
+        # patchwise checkpoint into a pairwise model
+        convert_official_san_to_classifier(_official_checkpoint("patchwise", 10), target)
+    with pytest.raises(CheckpointMismatchError, match=r"'module\.fc\.weight' has shape"):
+        wrong = _official_checkpoint("pairwise", 10)
+        wrong["state_dict"]["module.fc.weight"] = torch.zeros(10, 2048)
+        convert_official_san_to_classifier(wrong, target)
+    with pytest.raises(CheckpointMismatchError, match=r"'module\.layer0\.2\..*no counterpart"):
+        convert_official_san_to_classifier(_official_checkpoint("pairwise", 15), target)
+    with pytest.raises(CheckpointMismatchError, match="not a tensor"):
+        convert_official_san_to_classifier({"state_dict": {"module.fc.weight": "x"}}, target)
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_tool_end_to_end(tmp_path, capsys):
+    tool = _load_tool("convert_san_official")
+    src, out = tmp_path / "san10_pairwise.pth", tmp_path / "converted.pth"
+    torch.save(_official_checkpoint("pairwise", 10), src)
+    config = os.path.join(REPO, "configs", "ImageNet", "san10_pairwise.yaml")
+    args = ["--config-file", config, "--input", str(src), "--output", str(out)]
+    assert tool.main(args) == 0
+    converted = torch.load(out, map_location="cpu", weights_only=False)
+    assert converted["san_det_classifier"]["input_format"] == "RGB"
+    assert "classifier.weight" in converted["model"]
+    # A patchwise file with the pairwise config fails, naming a key, exit status 1.
+    torch.save(_official_checkpoint("patchwise", 10), src)
+    assert tool.main(args) == 1
+    assert "module.layer0.0.sam.conv_w.0." in capsys.readouterr().err
+    args[3] = str(tmp_path / "missing.pth")
+    assert tool.main(args) == 2
