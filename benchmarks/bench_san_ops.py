@@ -18,7 +18,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_san_ops.py            # CPU, writes results JSON
     OMP_NUM_THREADS=1 python benchmarks/bench_san_ops.py --quick    # first shape, fewer repeats
-    python benchmarks/bench_san_ops.py --device cuda
+    python benchmarks/bench_san_ops.py --device cuda [--batch 32]
 
 Results go to ``benchmarks/results/san_ops_<device>.json`` and a Markdown table to stdout.
 """
@@ -164,8 +164,8 @@ def _table(results) -> str:
     ]
     for r in results:
         key = (tuple(r["shape"]), r["op"])
-        ref = next((q for q in results if (tuple(q["shape"]), q["op"]) == key
-                    and q["backend"] == "reference"), None)
+        same = [q for q in results if (tuple(q["shape"]), q["op"]) == key]
+        ref = next((q for q in same if q["backend"] == "reference"), None)
         conv = next(q for q in results if tuple(q["shape"]) == key[0] and q["op"] == "conv3x3")
         speed = mem = "-"
         if ref is not None and r["op"] != "conv3x3":
@@ -174,8 +174,8 @@ def _table(results) -> str:
         vs_conv = f"{r['forward_backward_ms'] / conv['forward_backward_ms']:.2f}"
         n, c, h, w = r["shape"]
         lines.append(
-            f"| N{n} C{c} {h}x{w} | {r['op']} | {r['backend']} | {r['forward_ms']:.1f} | "
-            f"{r['forward_backward_ms']:.1f} | {r['peak_mb']:.1f} | {speed} | {mem} | {vs_conv} |"
+            f"| N{n} C{c} {h}x{w} | {r['op']} | {r['backend']} | {r['forward_ms']:.3g} | "
+            f"{r['forward_backward_ms']:.3g} | {r['peak_mb']:.1f} | {speed} | {mem} | {vs_conv} |"
         )
     return "\n".join(lines)
 
@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="first shape only, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="override N of every shape")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,6 +201,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.batch:
+        shapes = [(args.batch, *shape[1:]) for shape in shapes]
     repeats = args.repeats or (2 if args.quick else (20 if args.device == "cuda" else 5))
     if args.device == "cuda":
         backends = ["reference", "cuda"]
@@ -229,11 +232,14 @@ def main() -> None:
         "quick": args.quick,
         "results": results,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"san_ops_{args.device}.json"
+    suffix = f"_n{args.batch}" if args.batch else ""
+    out = args.out or ROOT / "benchmarks" / "results" / f"san_ops_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"device {report['device_name']}, torch {torch.__version__}, "
-          f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}; wrote {out}\n")
+    print(
+        f"device {report['device_name']}, torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}; wrote {out}\n"
+    )
     print(_table(results))
 
 

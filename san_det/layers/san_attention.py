@@ -226,4 +226,5 @@ class SAM(nn.Module):
             w = self._pairwise_weights(x1, x2)
         else:
             w = self._patchwise_weights(x1, x2)
-        return aggregation(x3, w, *self._geometry)
+        # Under autocast the softmax computes in float32 while the values are half precision.
+        return aggregation(x3, w.to(x3.dtype), *self._geometry)

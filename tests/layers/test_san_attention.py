@@ -55,7 +55,8 @@ def test_official_layout_and_parameter_count(sa_type, planes, k):
     if sa_type == 0:
         assert shapes["conv_p.weight"] == (2, 2, 1, 1)
     prefixes = {name.split(".")[0] for name in shapes}
-    assert prefixes == ({"conv1", "conv2", "conv3", "conv_w"} | ({"conv_p"} if sa_type == 0 else set()))
+    expected = {"conv1", "conv2", "conv3", "conv_w"} | ({"conv_p"} if sa_type == 0 else set())
+    assert prefixes == expected
 
 
 @pytest.mark.parametrize("case", ALL, ids=_ids)
@@ -159,6 +160,32 @@ def test_reference_and_cpu_backends_agree(case):
         torch.testing.assert_close(cpu, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", ALL, ids=_ids)
+def test_cuda_backend_matches_reference_and_runs_under_autocast(case):
+    sa_type, relation = case
+    torch.manual_seed(3)
+    m = SAM(sa_type, 16, 4, 16, 4, 7, relation=relation).double().cuda()
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64, device="cuda")
+    results = []
+    for backend in ("reference", "cuda"):
+        xb = x.clone().requires_grad_()
+        m.zero_grad()
+        with use_backend(backend):
+            y = m(xb)
+            y.square().sum().backward()
+        results.append([y.detach(), xb.grad, *[p.grad.clone() for p in m.parameters()]])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    m.float()
+    xf = x.float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = m(xf)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    assert torch.isfinite(xf.grad).all()
+
+
 def test_eval_mode_and_empty_batch():
     m = SAM(0, 16, 4, 16, 8, 7).eval()
     assert m(torch.randn(0, 16, 9, 9)).shape == (0, 16, 9, 9)
@@ -186,4 +213,5 @@ def test_bad_arguments():
     # Reflection padding must stay smaller than the feature map (the official constraint).
     with pytest.raises(ValueError, match="padding < H"):
         SAM(0, 16, 4, 16, 8, kernel_size=7)(torch.randn(1, 16, 3, 8))
-    assert SAM(0, 16, 4, 16, 8, 7, pad_mode="zeros")(torch.randn(1, 16, 3, 8)).shape == (1, 16, 3, 8)
+    y = SAM(0, 16, 4, 16, 8, 7, pad_mode="zeros")(torch.randn(1, 16, 3, 8))
+    assert y.shape == (1, 16, 3, 8)
