@@ -48,7 +48,8 @@ def _save_classifier(cfg, tmp_path):
     classifier = build_model(cfg)
     _randomise_norm_statistics(classifier)  # buffers must be transferred too
     checkpointer = ClassifierCheckpointer(classifier, str(tmp_path))
-    checkpointer.add_checkpointable(CLASSIFIER_INFO_KEY, ClassifierInfo(classifier_info_from_cfg(cfg)))
+    info = ClassifierInfo(classifier_info_from_cfg(cfg))
+    checkpointer.add_checkpointable(CLASSIFIER_INFO_KEY, info)
     checkpointer.save("classifier")
     return classifier.eval(), str(tmp_path / "classifier.pth")
 
@@ -57,7 +58,11 @@ def _save_classifier(cfg, tmp_path):
     "cls_cfg, detection_config, family",
     [
         (tiny_sasa_cfg, "retinanet_sasa26.yaml", "SASA"),
-        (lambda: tiny_sasa_cfg(**{"MODEL.SASA.STEM": "attention"}), "retinanet_sasa26.yaml", "SASA"),
+        (
+            lambda: tiny_sasa_cfg(**{"MODEL.SASA.STEM": "attention"}),
+            "retinanet_sasa26.yaml",
+            "SASA",
+        ),
         (tiny_san_cfg, "retinanet_san10_pairwise.yaml", "SAN"),
     ],
     ids=["sasa26", "sasa26_attention_stem", "san10_pairwise"],

@@ -35,7 +35,8 @@ def _bn(prefix, c):
 
 
 def _conv(prefix, cout, cin, bias):
-    return [(f"{prefix}.weight", (cout, cin, 1, 1))] + ([(f"{prefix}.bias", (cout,))] if bias else [])
+    bias = [(f"{prefix}.bias", (cout,))] if bias else []
+    return [(f"{prefix}.weight", (cout, cin, 1, 1))] + bias
 
 
 def official_san_shapes(sa_type, depth, kernels=(3, 7, 7, 7, 7), classes=1000, share=8):
@@ -138,7 +139,8 @@ def test_official_san_errors_name_the_key():
     del missing["state_dict"]["module.layer1.0.sam.conv_p.bias"]
     with pytest.raises(CheckpointMismatchError, match=r"'backbone\.layer1\.0\.sam\.conv_p\.bias'"):
         convert_official_san_to_classifier(missing, target)
-    with pytest.raises(CheckpointMismatchError, match=r"'module\.layer0\.0\.sam\.conv_w\.0\.\w+' has"):
+    pattern = r"'module\.layer0\.0\.sam\.conv_w\.0\.\w+' has"
+    with pytest.raises(CheckpointMismatchError, match=pattern):
         # patchwise checkpoint into a pairwise model
         convert_official_san_to_classifier(_official_checkpoint("patchwise", 10), target)
     with pytest.raises(CheckpointMismatchError, match=r"'module\.fc\.weight' has shape"):
