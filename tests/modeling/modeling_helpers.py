@@ -45,7 +45,7 @@ def tiny_san_cfg(**san):
     return cfg
 
 
-def detection_inputs(size, num_images=2):
+def detection_inputs(size, num_images=2, num_classes=80):
     """``num_images`` images of ``size x size``: the first with two boxes, the others with none."""
     from detectron2.structures import Boxes, Instances
 
@@ -56,7 +56,7 @@ def detection_inputs(size, num_images=2):
         if i == 0:
             boxes = torch.tensor([[4.0, 6.0, 0.6 * size, 0.8 * size], [0.5 * size, 2.0, size - 1, 20.0]])
             inst.gt_boxes = Boxes(boxes)
-            inst.gt_classes = torch.tensor([3, 7])
+            inst.gt_classes = torch.tensor([0, num_classes - 1])
         else:
             inst.gt_boxes = Boxes(torch.zeros(0, 4))
             inst.gt_classes = torch.zeros(0, dtype=torch.long)
