@@ -7,6 +7,7 @@ which torch rejects for a CPU model, and torch's ``nn.SyncBatchNorm`` only runs 
 all-reduced over the process group), so ``MODEL.*.NORM: SyncBN`` configs train on CPU processes.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -166,7 +167,10 @@ def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
         kwargs["device_ids"] = None
     elif "device_ids" not in kwargs:
         kwargs["device_ids"] = [comm.get_local_rank()]
-    return DistributedDataParallel(model, **kwargs)
+    with warnings.catch_warnings():
+        # torch >= 2.12 deprecates broadcast_buffers (detectron2 passes False); same meaning.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(model, **kwargs)
 
 
 def _model_device(model: nn.Module) -> torch.device:
