@@ -193,11 +193,12 @@ class _LocalAttentionFunction(torch.autograd.Function):
         attn = torch.empty(n, num_heads, kk, h, w, dtype=acc_dtype, device=q.device)
         out = torch.empty_like(q)
         shape = (n, c, h, w, num_heads, kernel_size, dilation)
-        has_rel = int(rel is not None)
-        rows = n * num_heads * h
-        launch("sasa_attention_forward", rows, w, q, k, rel if has_rel else 0, attn, *shape, has_rel)
+        # The kernels always read rel: zeros stand for "no relative embedding".
+        rel_arg = rel if rel is not None else q.new_zeros(c, kernel_size, kernel_size)
+        launch("sasa_attention_forward", n * num_heads * h, w, q, k, rel_arg, attn, *shape)
         launch("sasa_output_forward", n * c * h, w, attn, v, out, *shape)
-        ctx.save_for_backward(q, k, v, rel, attn)
+        ctx.save_for_backward(q, k, v, rel_arg, attn)
+        ctx.has_rel = rel is not None
         ctx.config = (num_heads, kernel_size, dilation, launch)
         return out
 
@@ -210,17 +211,15 @@ class _LocalAttentionFunction(torch.autograd.Function):
         n, c, h, w = q.shape
         kk = kernel_size * kernel_size
         shape = (n, c, h, w, num_heads, kernel_size, dilation)
-        has_rel = int(rel is not None)
         dlogit = torch.empty_like(attn)
         launch("sasa_logit_backward", n * num_heads * h, w, grad_out, v, attn, dlogit, *shape)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         launch(
             "sasa_qkv_backward", n * c * h, w,
-            q, k, rel if has_rel else 0, grad_out, attn, dlogit,
-            grad_q, grad_k, grad_v, *shape, has_rel,
+            q, k, rel, grad_out, attn, dlogit, grad_q, grad_k, grad_v, *shape,
         )  # fmt: skip
         grad_rel = None
-        if rel is not None and ctx.needs_input_grad[3]:
+        if ctx.has_rel and ctx.needs_input_grad[3]:
             # grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), a, b, i, j] * q[n, c, i, j]: a plain
             # contraction, left to BLAS / cuBLAS (deterministic, no atomics).
             d = c // num_heads

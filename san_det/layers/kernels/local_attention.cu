@@ -5,16 +5,18 @@
 // The runtime prepends the typedefs scalar_t (storage) and acc_t (arithmetic) and the TO_ACC /
 // FROM_ACC conversions.
 //
-// Layouts (all contiguous): q, k, v, out, grad_* are (N, C, H, W); rel is (C, K, K); attn and
-// dlogit are acc_t buffers (N, heads, K*K, H, W). Heads are contiguous channel groups of
-// d = C / heads channels. Neighbour (a, b) of pixel (i, j) is (i + (a - r) * dil, j + (b - r) * dil)
+// Layouts (all contiguous): q, k, v, out, grad_* are (N, C, H, W); rel is (C, K, K) (zeros when
+// there is none); attn and dlogit are acc_t buffers (N, heads, K*K, H, W). Heads are contiguous
+// channel groups of d = C / heads channels. Neighbour (a, b) of pixel (i, j) is (i + (a - r) * dil, j + (b - r) * dil)
 // with r = K / 2; neighbours outside the image are masked: their probability and logit gradient
 // are exactly 0.
 //
-// Each thread handles SAN_TJ consecutive pixels of one image row (a compile-time constant): 1 on
-// the GPU, so that neighbouring threads read neighbouring addresses; larger on the CPU, where
-// the SAN_TJ independent accumulations hide the floating-point latency that bounds one pixel's
-// serial sums. Pixels past the end of the row (W not a multiple of SAN_TJ) are skipped.
+// Each thread handles a tile of SAN_TJ consecutive pixels of one image row (a compile-time
+// constant): 1 on the GPU, so that neighbouring threads read neighbouring addresses; 8 on the CPU,
+// where the tile's independent sums hide floating-point latency and vectorise. Pixels past the end
+// of the row (W not a multiple of SAN_TJ) are skipped. The window columns b for which the whole
+// tile's neighbours are inside the image form one interval [f0, f1); SAN_FOR_TAPS runs those
+// taps without per-pixel checks (`full` is a literal true there) and the border taps with them.
 
 #ifndef SAN_TJ
 #define SAN_TJ 1
@@ -26,20 +28,38 @@
 
 #define SAN_FOR_T for (int t = 0; t < SAN_TJ; ++t)
 
-// The pixels t of the tile starting at column j0 whose column offset by `off` is inside the image
-// form the interval [lo, hi); when it is the whole tile, BODY runs unmasked (the CPU compiler can
-// then vectorise it), else only for t in [lo, hi).
-#define SAN_TILE(j0, off, W, BODY)                                               \
-    do {                                                                         \
-        const int lo_ = -(j0) - (off) > 0 ? -(j0) - (off) : 0;                   \
-        int hi_ = (W) - (j0) < SAN_TJ ? (W) - (j0) : SAN_TJ;                     \
-        hi_ = (W) - (j0) - (off) < hi_ ? (W) - (j0) - (off) : hi_;               \
-        if (lo_ == 0 && hi_ == SAN_TJ) {                                         \
-            SAN_FOR_T { BODY; }                                                  \
-        } else {                                                                 \
-            SAN_FOR_T if (t >= lo_ && t < hi_) { BODY; }                         \
-        }                                                                        \
-    } while (0)
+// Pixel t of the tile at column j0 exists and its neighbour at column offset off is inside.
+__device__ __forceinline__ bool san_col_ok(int j0, int t, int off, int W) {
+    const int j = j0 + t;
+    return j < W && j + off >= 0 && j + off < W;
+}
+
+__device__ __forceinline__ bool san_tile_inside(int j0, int off, int W) {
+    return j0 + SAN_TJ <= W && j0 + off >= 0 && j0 + SAN_TJ + off <= W;
+}
+
+// [f0, f1): the window columns b whose column offset sign * (b - r) * dil keeps the whole tile
+// inside the image (an interval, since the offset grows with b).
+__device__ __forceinline__ void san_inside_taps(int j0, int W, int K, int r, int dil, int sign,
+                                                int& f0, int& f1) {
+    f0 = 0;
+    while (f0 < K && !san_tile_inside(j0, sign * (f0 - r) * dil, W)) ++f0;
+    f1 = f0;
+    while (f1 < K && san_tile_inside(j0, sign * (f1 - r) * dil, W)) ++f1;
+}
+
+// Runs BODY for every window column b: first the border taps (full == false), then the inside
+// taps [f0, f1) (full == true, a constant the compiler folds away).
+#define SAN_FOR_TAPS(f0, f1, ...)                  \
+    for (int b = 0; b < K; ++b) {                  \
+        if (b >= (f0) && b < (f1)) continue;       \
+        const bool full = false;                   \
+        __VA_ARGS__                                \
+    }                                              \
+    for (int b = (f0); b < (f1); ++b) {            \
+        const bool full = true;                    \
+        __VA_ARGS__                                \
+    }
 
 // Attention probabilities. One thread per (n, head, i, row tile): the K*K logits
 // sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) are written to attn, then turned
@@ -48,7 +68,7 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
                                        const scalar_t* __restrict__ k,
                                        const scalar_t* __restrict__ rel,
                                        acc_t* __restrict__ attn, int N, int C, int H, int W,
-                                       int heads, int K, int dil, int has_rel) {
+                                       int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
@@ -66,6 +86,8 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
         const scalar_t* k_ptr = k + (n * C + (int64_t)h * d) * HW;
         const scalar_t* rel_ptr = rel + (int64_t)h * d * KK;
         acc_t* a_ptr = attn + nh * KK * HW + pix0;
+        int f0, f1;
+        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
 
         acc_t vmax[SAN_TJ];
         bool seen[SAN_TJ];
@@ -76,24 +98,25 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
             if (ii < 0 || ii >= H) continue;
-            for (int b = 0; b < K; ++b) {
+            SAN_FOR_TAPS(f0, f1, {
                 const int ab = a * K + b;
-                const int64_t nbr0 = (int64_t)ii * W + j0 + (b - r) * dil;
                 const int off = (b - r) * dil;
+                const scalar_t* k_row = k_ptr + (int64_t)ii * W + j0 + off;
                 acc_t logit[SAN_TJ];
                 SAN_FOR_T logit[t] = 0;
                 for (int c = 0; c < d; ++c) {
-                    const acc_t rc = has_rel ? TO_ACC(rel_ptr[c * KK + ab]) : (acc_t)0;
+                    const acc_t rc = TO_ACC(rel_ptr[c * KK + ab]);
                     const scalar_t* qc = q_ptr + c * HW;
-                    const scalar_t* kc = k_ptr + c * HW + nbr0;
-                    SAN_TILE(j0, off, W, logit[t] += TO_ACC(qc[t]) * (TO_ACC(kc[t]) + rc));
+                    const scalar_t* kc = k_row + c * HW;
+                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) logit[t] +=
+                        TO_ACC(qc[t]) * (TO_ACC(kc[t]) + rc);
                 }
-                SAN_FOR_T if (j0 + t < W && j0 + t + off >= 0 && j0 + t + off < W) {
+                SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) {
                     a_ptr[ab * HW + t] = logit[t];
-                    if (!seen[t] || logit[t] > vmax[t]) vmax[t] = logit[t];
+                    vmax[t] = (!seen[t] || logit[t] > vmax[t]) ? logit[t] : vmax[t];
                     seen[t] = true;
                 }
-            }
+            })
         }
         acc_t total[SAN_TJ];
         SAN_FOR_T total[t] = 0;
@@ -101,10 +124,10 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
             const int ii = i + (a - r) * dil;
             const bool row_ok = ii >= 0 && ii < H;
             for (int b = 0; b < K; ++b) {
+                const int off = (b - r) * dil;
                 acc_t* p = a_ptr + (a * K + b) * HW;
                 SAN_FOR_T if (j0 + t < W) {
-                    const int jj = j0 + t + (b - r) * dil;
-                    if (row_ok && jj >= 0 && jj < W) {
+                    if (row_ok && san_col_ok(j0, t, off, W)) {
                         const acc_t e = exp(p[t] - vmax[t]);
                         p[t] = e;
                         total[t] += e;
@@ -141,17 +164,19 @@ __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
         const int64_t pix0 = (int64_t)i * W + j0;
         const acc_t* a_ptr = attn + (n * heads + h) * KK * HW + pix0;
         const scalar_t* v_ptr = v + nc * HW;
+        int f0, f1;
+        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
         acc_t acc[SAN_TJ];
         SAN_FOR_T acc[t] = 0;
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
             if (ii < 0 || ii >= H) continue;
-            for (int b = 0; b < K; ++b) {
+            SAN_FOR_TAPS(f0, f1, {
                 const int off = (b - r) * dil;
                 const acc_t* p = a_ptr + (a * K + b) * HW;
                 const scalar_t* vv = v_ptr + (int64_t)ii * W + j0 + off;
-                SAN_TILE(j0, off, W, acc[t] += p[t] * TO_ACC(vv[t]));
-            }
+                SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) acc[t] += p[t] * TO_ACC(vv[t]);
+            })
         }
         SAN_FOR_T if (j0 + t < W) out[nc * HW + pix0 + t] = FROM_ACC(acc[t]);
     }
@@ -181,30 +206,36 @@ __global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
         const scalar_t* v_ptr = v + (n * C + (int64_t)h * d) * HW;
         const acc_t* p_ptr = attn + nh * KK * HW + pix0;
         acc_t* dl_ptr = dlogit + nh * KK * HW + pix0;
+        int f0, f1;
+        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
 
-        acc_t weighted[SAN_TJ];
-        SAN_FOR_T weighted[t] = 0;
+        // First the dot products gv (0 where the neighbour is outside: p is 0 there too).
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
-            const bool row_ok = ii >= 0 && ii < H;
-            for (int b = 0; b < K; ++b) {
-                const int ab = a * K + b;
-                const int64_t nbr0 = (int64_t)ii * W + j0 + (b - r) * dil;
+            if (ii < 0 || ii >= H) {
+                for (int b = 0; b < K; ++b) {
+                    SAN_FOR_T if (j0 + t < W) dl_ptr[(a * K + b) * HW + t] = 0;
+                }
+                continue;
+            }
+            SAN_FOR_TAPS(f0, f1, {
                 const int off = (b - r) * dil;
+                const scalar_t* v_row = v_ptr + (int64_t)ii * W + j0 + off;
                 acc_t gv[SAN_TJ];
                 SAN_FOR_T gv[t] = 0;
-                if (row_ok) {
-                    for (int c = 0; c < d; ++c) {
-                        const scalar_t* gc = g_ptr + c * HW;
-                        const scalar_t* vc = v_ptr + c * HW + nbr0;
-                        SAN_TILE(j0, off, W, gv[t] += TO_ACC(gc[t]) * TO_ACC(vc[t]));
-                    }
+                for (int c = 0; c < d; ++c) {
+                    const scalar_t* gc = g_ptr + c * HW;
+                    const scalar_t* vc = v_row + c * HW;
+                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) gv[t] +=
+                        TO_ACC(gc[t]) * TO_ACC(vc[t]);
                 }
-                SAN_FOR_T if (j0 + t < W) {
-                    dl_ptr[ab * HW + t] = gv[t];  // p is 0 where the neighbour is outside
-                    weighted[t] += p_ptr[ab * HW + t] * gv[t];
-                }
-            }
+                SAN_FOR_T if (j0 + t < W) dl_ptr[(a * K + b) * HW + t] = gv[t];
+            })
+        }
+        acc_t weighted[SAN_TJ];
+        SAN_FOR_T weighted[t] = 0;
+        for (int ab = 0; ab < KK; ++ab) {
+            SAN_FOR_T if (j0 + t < W) weighted[t] += p_ptr[ab * HW + t] * dl_ptr[ab * HW + t];
         }
         for (int ab = 0; ab < KK; ++ab) {
             SAN_FOR_T if (j0 + t < W) {
@@ -227,7 +258,7 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
                                   const acc_t* __restrict__ dlogit,
                                   scalar_t* __restrict__ grad_q, scalar_t* __restrict__ grad_k,
                                   scalar_t* __restrict__ grad_v, int N, int C, int H, int W,
-                                  int heads, int K, int dil, int has_rel) {
+                                  int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
@@ -247,34 +278,39 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
         const scalar_t* chan_q = q + nc * HW;
         const scalar_t* chan_k = k + nc * HW;
         const scalar_t* chan_g = grad_out + nc * HW;
+        int f0, f1, s0, s1;
+        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);   // neighbours (i', j') of the tile
+        san_inside_taps(j0, W, K, r, dil, -1, s0, s1);  // pixels (s, u) that see the tile
         acc_t gq[SAN_TJ], gk[SAN_TJ], gv[SAN_TJ];
         SAN_FOR_T gq[t] = gk[t] = gv[t] = 0;
         for (int a = 0; a < K; ++a) {
-            const int off_i = (a - r) * dil;
-            const int ii = i + off_i;  // row of the neighbours of row i
-            const int si = i - off_i;  // row of the pixels that have row i as neighbour row a
-            const bool nbr_row = ii >= 0 && ii < H;
-            const bool src_row = si >= 0 && si < H;
-            for (int b = 0; b < K; ++b) {
-                const int off_j = (b - r) * dil;
-                const int ab = a * K + b;
-                if (nbr_row) {
-                    const acc_t rc = has_rel ? TO_ACC(rel[(int64_t)c * KK + ab]) : (acc_t)0;
+            const int ii = i + (a - r) * dil;  // row of the neighbours of row i
+            if (ii >= 0 && ii < H) {
+                SAN_FOR_TAPS(f0, f1, {
+                    const int ab = a * K + b;
+                    const int off = (b - r) * dil;
+                    const acc_t rc = TO_ACC(rel[(int64_t)c * KK + ab]);
                     const acc_t* dl = dl_ptr + ab * HW + pix0;
-                    const scalar_t* kk = chan_k + (int64_t)ii * W + j0 + off_j;
-                    SAN_TILE(j0, off_j, W, gq[t] += dl[t] * (TO_ACC(kk[t]) + rc));
-                }
-                if (src_row) {
-                    const int64_t src0 = (int64_t)si * W + j0 - off_j;
+                    const scalar_t* kk = chan_k + (int64_t)ii * W + j0 + off;
+                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) gq[t] +=
+                        dl[t] * (TO_ACC(kk[t]) + rc);
+                })
+            }
+            const int si = i - (a - r) * dil;  // row of the pixels that have row i as row a
+            if (si >= 0 && si < H) {
+                SAN_FOR_TAPS(s0, s1, {
+                    const int ab = a * K + b;
+                    const int off = -(b - r) * dil;
+                    const int64_t src0 = (int64_t)si * W + j0 + off;
                     const acc_t* dl = dl_ptr + ab * HW + src0;
                     const acc_t* p = p_ptr + ab * HW + src0;
                     const scalar_t* qs = chan_q + src0;
                     const scalar_t* gs = chan_g + src0;
-                    SAN_TILE(j0, -off_j, W, {
+                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) {
                         gk[t] += dl[t] * TO_ACC(qs[t]);
                         gv[t] += p[t] * TO_ACC(gs[t]);
-                    });
-                }
+                    }
+                })
             }
         }
         SAN_FOR_T if (j0 + t < W) {
