@@ -113,6 +113,8 @@ def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
     f = cfg.MODEL.FPN
     in_features = list(f.IN_FEATURES)
     available = bottom_up.output_shape()
+    if not in_features:
+        raise ValueError("MODEL.FPN.IN_FEATURES is empty: list the backbone features to use")
     missing = [name for name in in_features if name not in available]
     if missing:
         raise ValueError(

@@ -1,10 +1,20 @@
 """Shared helpers of the modeling tests: small configs, detection inputs, gradient checks."""
 
+import os
+
 import torch
 
 import san_det  # noqa: F401  (compat before detectron2)
 import san_det.modeling  # noqa: F401  (registers the builders)
 from san_det.config import get_san_det_cfg
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def config_path(name):
+    """Absolute path of ``configs/COCO-Detection/<name>.yaml``."""
+    return os.path.join(ROOT, "configs", "COCO-Detection", f"{name}.yaml")
 
 
 def base_cfg():

@@ -7,9 +7,8 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from modeling_helpers import assert_trainable_grads, base_cfg, detection_inputs
+from modeling_helpers import ROOT, assert_trainable_grads, base_cfg, detection_inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(
     glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml"))
     + glob.glob(os.path.join(ROOT, "configs", "Demo", "*.yaml"))

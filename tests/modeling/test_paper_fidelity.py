@@ -3,13 +3,11 @@
 Classifiers are the backbone (``res5``), global average pooling and ``Linear(2048, 1000)``.
 """
 
-import os
-
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from modeling_helpers import base_cfg
+from modeling_helpers import base_cfg, config_path
 from torch import nn
 
 from san_det.modeling import build_san_net, build_sasa_resnet
@@ -143,7 +141,7 @@ DETECTION_PARAMS = {
 
 def detection_params(name, top_block_in):
     cfg = base_cfg()
-    cfg.merge_from_file(f"configs/COCO-Detection/{name}.yaml")
+    cfg.merge_from_file(config_path(name))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.FPN.TOP_BLOCK_IN_FEATURE = top_block_in
     if name == "retinanet_R_50_FPN_1x" and top_block_in == "p5":
@@ -155,8 +153,7 @@ def detection_params(name, top_block_in):
 
 
 @pytest.mark.parametrize("top_block_in", ["res5", "p5"])
-def test_detection_parameters_and_reductions(top_block_in, monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+def test_detection_parameters_and_reductions(top_block_in):
     counts = {}
     for name in ("retinanet_R_50_FPN_1x", "retinanet_sasa50", "retinanet_sasa50_attention_fpn_head"):
         counts[name] = detection_params(name, top_block_in)
