@@ -208,6 +208,7 @@ def main() -> None:
         backends = ["reference", "cuda"]
     else:
         backends = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
+    load_before = os.getloadavg()
     results = []
     for shape in shapes:
         for op in OPS:
@@ -229,6 +230,9 @@ def main() -> None:
         "kernel_size": KERNEL_SIZE,
         "weight_channels": f"C/{SHARE}",
         "repeats": repeats,
+        # Other processes share this machine's CPUs: the 1-minute load before and after.
+        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "cpu_count": os.cpu_count(),
         "quick": args.quick,
         "results": results,
     }
@@ -238,7 +242,8 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"device {report['device_name']}, torch {torch.__version__}, "
-        f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}; wrote {out}\n"
+        f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}, load "
+        f"{report['load_average_1min']} on {os.cpu_count()} CPUs; wrote {out}\n"
     )
     print(_table(results))
 
