@@ -10,4 +10,8 @@ from . import compat
 compat.apply()
 
 if compat.DETECTRON2_INSTALLED:
-    from . import data  # noqa: F401,E402  (registers shapes_train / shapes_val)
+    # registration: datasets, backbones / heads / meta-architectures, classification
+    from . import classification, data, modeling  # noqa: F401,E402
+    from .config import add_san_det_config  # noqa: E402
+
+    __all__ = ["add_san_det_config"]

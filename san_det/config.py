@@ -10,10 +10,17 @@ __all__ = ["add_san_det_config", "get_san_det_cfg"]
 def add_san_det_config(cfg: CN) -> CN:
     """Add san_det's keys, with their defaults, to a detectron2 config (in place; also returned).
 
-    Backbones, FPN and heads: :func:`san_det.modeling.config.add_backbone_config`.
+    - backbones, FPN and heads: :func:`san_det.modeling.config.add_backbone_config`;
+    - classification (ImageNet pretraining): :func:`san_det.classification.config.add_classification_config`;
+    - training robustness (data, checkpoints, launch): :func:`san_det.engine.config.add_engine_config`.
     """
+    # imported here: san_det.engine and san_det.classification import this module
+    from .classification.config import add_classification_config
+    from .engine.config import add_engine_config
+
     add_backbone_config(cfg)
-    __import__("san_det.engine.config", fromlist=["*"]).add_engine_config(cfg)  # lazy: no cycle
+    add_classification_config(cfg)
+    add_engine_config(cfg)
     return cfg
 
 
