@@ -2,7 +2,8 @@
 
 Classification reuses detectron2's keys wherever one exists (``SOLVER.BASE_LR``, ``MOMENTUM``,
 ``NESTEROV``, ``WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM``, ``LR_SCHEDULER_NAME``, ``WARMUP_*``,
-``IMS_PER_BATCH``, ``AMP.ENABLED``, ``DATALOADER.NUM_WORKERS``, ``DATASETS.TRAIN/TEST``,
+``IMS_PER_BATCH``, ``AMP.ENABLED``, ``DATALOADER.NUM_WORKERS``, ``DATALOADER.SKIP_CORRUPT_IMAGES``
+(san_det's engine key), ``SEED``, ``DATASETS.TRAIN/TEST``,
 ``INPUT.FORMAT``, ``MODEL.PIXEL_MEAN/STD``, ``TEST.EVAL_PERIOD``) and adds the rest under
 ``cfg.CLASSIFICATION``. A config is a classification config when ``MODEL.META_ARCHITECTURE`` names
 :class:`~san_det.classification.classifier.ImageClassifier` (or a subclass of it): see
@@ -30,8 +31,6 @@ def add_classification_config(cfg: CN) -> CN:
     # Root of ImageNet in folder layout ({train,val}/<class>/<image>); "" = the default,
     # $DETECTRON2_DATASETS/imagenet (./datasets/imagenet when the variable is unset).
     _C.IMAGENET_ROOT = ""
-    # Log and skip unreadable images instead of stopping with an error naming the file.
-    _C.SKIP_CORRUPT_IMAGES = False
 
     _C.INPUT = CN()
     # Training: RandomResizedCrop to this size (pixels).

@@ -1,11 +1,13 @@
 """Data loaders of classification training and evaluation, on detectron2's data machinery.
 
-Training: the datasets of ``DATASETS.TRAIN`` (``DatasetCatalog``), detectron2's
-``TrainingSampler`` (an infinite shuffled stream, sharded over processes) and
-``build_detection_train_loader`` with ``SOLVER.IMS_PER_BATCH`` images per step over all processes
-and ``DATALOADER.NUM_WORKERS`` workers per process. Evaluation: detectron2's ``InferenceSampler``
-(each image to exactly one process) with ``CLASSIFICATION.TEST.IMS_PER_BATCH`` images per batch
-over all processes. Batches are ``list[dict]`` as detectron2 models take them.
+Training: the datasets of ``DATASETS.TRAIN`` (``DatasetCatalog``) as san_det's resumable stream
+(:class:`~san_det.engine.loader.DeterministicBatchStream`: shuffled per epoch from ``SEED``,
+sharded over processes as detectron2's ``TrainingSampler``, exact on resume), with
+``SOLVER.IMS_PER_BATCH`` images per step over all processes and ``DATALOADER.NUM_WORKERS`` workers
+per process; detectron2's ``TrainingSampler`` loader when ``SEED`` < 0 is passed unresolved.
+Evaluation: detectron2's ``InferenceSampler`` (each image to exactly one process) with
+``CLASSIFICATION.TEST.IMS_PER_BATCH`` images per batch over all processes. Batches are
+``list[dict]`` as detectron2 models take them.
 """
 
 import logging
@@ -18,6 +20,7 @@ from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler, TrainingSampler
 from detectron2.utils import comm
 
+from ..engine.loader import DeterministicBatchStream, ResumableTrainLoader
 from .dataset import ClassificationDatasetError, CorruptImageError, read_image_rgb
 from .transforms import build_classification_transform
 
@@ -97,8 +100,20 @@ def build_classification_train_loader(cfg, dataset=None):
             cfg.DATASETS.TRAIN, cfg.CLASSIFICATION.NUM_CLASSES
         )
     mapper = ClassificationMapper(
-        build_classification_transform(cfg, is_train=True), cfg.CLASSIFICATION.SKIP_CORRUPT_IMAGES
+        build_classification_transform(cfg, is_train=True),
+        cfg.DATALOADER.get("SKIP_CORRUPT_IMAGES", False),
     )
+    world, total = comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH
+    if total < 1 or total % world:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of "
+            f"processes ({world})"
+        )
+    if cfg.get("SEED", -1) >= 0:
+        stream = DeterministicBatchStream(
+            dataset, mapper, total // world, seed=cfg.SEED, aspect_ratio_grouping=False
+        )
+        return ResumableTrainLoader(stream, cfg.DATALOADER.NUM_WORKERS)
     return build_detection_train_loader(
         dataset=dataset,
         mapper=mapper,

@@ -1,11 +1,13 @@
-"""``ClassificationTrainer``: detectron2's ``DefaultTrainer`` for ImageNet-style classification.
+"""``ClassificationTrainer``: san_det's trainer for ImageNet-style classification.
 
-Everything but the task-specific parts is detectron2's: ``SimpleTrainer`` / ``AMPTrainer``
-(``SOLVER.AMP.ENABLED``, GPU), DDP through ``launch``, the checkpointer, ``WarmupCosineLR``, the
-iteration timer, periodic checkpoints and evaluation, and the console / JSON / TensorBoard event
-writers. This class supplies the classification data loaders, the optimizer of the recipe, the
-top-1 / top-5 evaluator (plus SAN's robustness variants), the weight EMA, and a checkpointer that
-records the classifier's input normalisation and loads classifier weights into detectors.
+It is :class:`~san_det.engine.trainer.RobustTrainer` (detectron2's ``DefaultTrainer`` made
+crash-safe and resumable: atomic strict checkpoints, NaN/inf guard, seeded resumable data stream,
+DDP on GPUs or CPU processes through ``launch``), so everything but the task is detectron2's:
+``SimpleTrainer`` / ``AMPTrainer`` (``SOLVER.AMP.ENABLED``, GPU), ``WarmupCosineLR``, the iteration
+timer, periodic checkpoints and evaluation, and the console / JSON / TensorBoard event writers.
+This class supplies the classification data loaders, the optimizer of the recipe, the top-1 /
+top-5 evaluator (plus SAN's robustness variants), the weight EMA, and a checkpoint entry recording
+the classifier's input normalisation (checked when the weights are loaded into a detector).
 
 Usage (``train_net.py`` does this when ``MODEL.META_ARCHITECTURE`` is ``ImageClassifier``)::
 
@@ -16,19 +18,17 @@ Usage (``train_net.py`` does this when ``MODEL.META_ARCHITECTURE`` is ``ImageCla
 """
 
 import logging
-import weakref
 from collections import OrderedDict
 
 import torch
-
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 
-from .checkpoint import CLASSIFIER_INFO_KEY, ClassifierCheckpointer, ClassifierInfo
-from .checkpoint import classifier_info_from_cfg
+from ..engine.trainer import RobustTrainer
+from .checkpoint import CLASSIFIER_INFO_KEY, ClassifierInfo, classifier_info_from_cfg
 from .classifier import ImageClassifier
 from .dataset import register_imagenet
 from .ema import EMAHook, ModelEMA
@@ -50,7 +50,7 @@ def _prepare_datasets(cfg) -> None:
         register_imagenet(cfg.CLASSIFICATION.IMAGENET_ROOT)
 
 
-class ClassificationTrainer(DefaultTrainer):
+class ClassificationTrainer(RobustTrainer):
     """See the module docstring. ``cfg`` is resolved first: LR scaled by ``IMS_PER_BATCH / 256``,
     epoch settings turned into iterations (:func:`resolve_classification_schedule`)."""
 
@@ -96,14 +96,14 @@ class ClassificationTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return ClassificationEvaluator(dataset_name, num_classes=cfg.CLASSIFICATION.NUM_CLASSES)
 
+    def build_checkpointer(self, cfg, model):
+        checkpointer = super().build_checkpointer(cfg, model)
+        info = ClassifierInfo(classifier_info_from_cfg(cfg))
+        checkpointer.add_checkpointable(CLASSIFIER_INFO_KEY, info)
+        return checkpointer
+
     def build_hooks(self):
         cfg = self.cfg
-        # DefaultTrainer made a DetectionCheckpointer just before; the hooks must get this one.
-        self.checkpointer = ClassifierCheckpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        info = ClassifierInfo(classifier_info_from_cfg(cfg))
-        self.checkpointer.add_checkpointable(CLASSIFIER_INFO_KEY, info)
         ret = super().build_hooks()
         if not cfg.CLASSIFICATION.EMA.ENABLED:
             return ret
