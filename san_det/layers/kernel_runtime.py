@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -161,9 +162,28 @@ class _CudaKernel:
                 converted.append(cupy.float32(arg))
             else:
                 converted.append(cupy.float64(arg))
-        stream = torch.cuda.current_stream()
-        with cupy.cuda.ExternalStream(stream.cuda_stream):
+        with _cupy_stream(torch.cuda.current_stream()):
             self._fn((int(grid),), (int(block),), tuple(converted))
+
+
+_STREAMS: Dict[Tuple[int, int], object] = {}
+
+
+def _cupy_stream(stream: "torch.cuda.Stream"):
+    """A CuPy view of a torch stream, made once per (device, stream handle): launches are hot."""
+    import cupy
+
+    key = (stream.device_index, stream.cuda_stream)
+    wrapped = _STREAMS.get(key)
+    if wrapped is None:
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            wrapped = cupy.cuda.Stream.from_external(stream)
+        else:  # older CuPy or torch: the (deprecated in CuPy 14) pointer wrapper
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                wrapped = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
+        _STREAMS[key] = wrapped
+    return wrapped
 
 
 class KernelSource:
@@ -179,6 +199,7 @@ class KernelSource:
             raise KernelCompileError(f"{self.path} defines no __global__ function")
         self._cpu: Dict[str, _CpuModule] = {}
         self._cuda: Dict[Tuple[str, int], object] = {}
+        self._cuda_namespaces: Dict[Tuple[str, int], "_CudaNamespace"] = {}
 
     # ---------------------------------------------------------------- CUDA
     def cuda_source(self, dtype_name: str) -> str:
@@ -192,6 +213,9 @@ class KernelSource:
         dtype_name = _DTYPE_NAMES[dtype]
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = (dtype_name, index)
+        namespace = self._cuda_namespaces.get(key)
+        if namespace is not None:
+            return namespace
         with self._lock:
             if key not in self._cuda:
                 with cupy.cuda.Device(index):
@@ -205,7 +229,8 @@ class KernelSource:
                     module.compile()
                     self._cuda[key] = module
             module = self._cuda[key]
-        return _CudaNamespace(module, self.kernels)
+            namespace = self._cuda_namespaces[key] = _CudaNamespace(module, self.kernels)
+        return namespace
 
     def nvrtc_compile(self, dtype: torch.dtype, arch: str = "sm_90") -> bytes:
         """Compile for ``arch`` with NVRTC (no GPU needed) and return the cubin.

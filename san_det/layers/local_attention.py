@@ -223,11 +223,9 @@ class _LocalAttentionFunction(torch.autograd.Function):
             # grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), a, b, i, j] * q[n, c, i, j]: a plain
             # contraction, left to BLAS / cuBLAS (deterministic, no atomics).
             d = c // num_heads
-            q_heads = q.view(n, num_heads, d, h * w)
-            dl_heads = dlogit.view(n, num_heads, kk, h * w)
-            grad_rel = torch.zeros(num_heads, d, kk, dtype=attn.dtype, device=q.device)
-            for i in range(n):  # per image: no (N, heads, ...) permuted copies
-                grad_rel.baddbmm_(q_heads[i].to(attn.dtype), dl_heads[i].transpose(1, 2))
+            q_heads = q.view(n * num_heads, d, h * w).to(attn.dtype)
+            dl_heads = dlogit.view(n * num_heads, kk, h * w).transpose(1, 2)
+            grad_rel = torch.bmm(q_heads, dl_heads).view(n, num_heads, d, kk).sum(dim=0)
             grad_rel = grad_rel.reshape(c, kernel_size, kernel_size).to(rel.dtype)
         return grad_q, grad_k, grad_v, grad_rel, None, None, None, None
 

@@ -28,6 +28,12 @@
 
 #define SAN_FOR_T for (int t = 0; t < SAN_TJ; ++t)
 
+// a / b for a non-negative index a and b > 0, in 32 bits when a fits (64-bit division is a long
+// instruction sequence on the GPU).
+__device__ __forceinline__ int64_t san_div(int64_t a, int b) {
+    return a <= 0x7fffffff ? (int64_t)((unsigned)a / (unsigned)b) : a / b;
+}
+
 // Pixel t of the tile at column j0 exists and its neighbour at column offset off is inside.
 __device__ __forceinline__ bool san_col_ok(int j0, int t, int off, int W) {
     const int j = j0 + t;
@@ -75,12 +81,12 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        const int j0 = (int)(idx % WT) * SAN_TJ;
-        const int64_t nhi = idx / WT;  // (n * heads + h) * H + i
-        const int i = (int)(nhi % H);
-        const int64_t nh = nhi / H;
-        const int h = (int)(nh % heads);
-        const int64_t n = nh / heads;
+        const int64_t nhi = san_div(idx, WT);  // (n * heads + h) * H + i
+        const int j0 = (int)(idx - nhi * WT) * SAN_TJ;
+        const int64_t nh = san_div(nhi, H);
+        const int i = (int)(nhi - nh * H);
+        const int64_t n = san_div(nh, heads);
+        const int h = (int)(nh - n * heads);
         const int64_t pix0 = (int64_t)i * W + j0;
         const scalar_t* q_ptr = q + (n * C + (int64_t)h * d) * HW + pix0;
         const scalar_t* k_ptr = k + (n * C + (int64_t)h * d) * HW;
@@ -155,12 +161,12 @@ __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, (int64_t)N * C * H * WT) {
-        const int j0 = (int)(idx % WT) * SAN_TJ;
-        const int64_t nci = idx / WT;
-        const int i = (int)(nci % H);
-        const int64_t nc = nci / H;  // n * C + c
-        const int64_t n = nc / C;
-        const int h = (int)(nc % C) / d;
+        const int64_t nci = san_div(idx, WT);  // (n * C + c) * H + i
+        const int j0 = (int)(idx - nci * WT) * SAN_TJ;
+        const int64_t nc = san_div(nci, H);
+        const int i = (int)(nci - nc * H);
+        const int64_t n = san_div(nc, C);
+        const int h = (int)(nc - n * C) / d;
         const int64_t pix0 = (int64_t)i * W + j0;
         const acc_t* a_ptr = attn + (n * heads + h) * KK * HW + pix0;
         const scalar_t* v_ptr = v + nc * HW;
@@ -195,12 +201,12 @@ __global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        const int j0 = (int)(idx % WT) * SAN_TJ;
-        const int64_t nhi = idx / WT;
-        const int i = (int)(nhi % H);
-        const int64_t nh = nhi / H;
-        const int h = (int)(nh % heads);
-        const int64_t n = nh / heads;
+        const int64_t nhi = san_div(idx, WT);  // (n * heads + h) * H + i
+        const int j0 = (int)(idx - nhi * WT) * SAN_TJ;
+        const int64_t nh = san_div(nhi, H);
+        const int i = (int)(nhi - nh * H);
+        const int64_t n = san_div(nh, heads);
+        const int h = (int)(nh - n * heads);
         const int64_t pix0 = (int64_t)i * W + j0;
         const scalar_t* g_ptr = grad_out + (n * C + (int64_t)h * d) * HW + pix0;
         const scalar_t* v_ptr = v + (n * C + (int64_t)h * d) * HW;
@@ -265,12 +271,12 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, (int64_t)N * C * H * WT) {
-        const int j0 = (int)(idx % WT) * SAN_TJ;
-        const int64_t nci = idx / WT;
-        const int i = (int)(nci % H);
-        const int64_t nc = nci / H;
-        const int64_t n = nc / C;
-        const int c = (int)(nc % C);
+        const int64_t nci = san_div(idx, WT);  // (n * C + c) * H + i
+        const int j0 = (int)(idx - nci * WT) * SAN_TJ;
+        const int64_t nc = san_div(nci, H);
+        const int i = (int)(nci - nc * H);
+        const int64_t n = san_div(nc, C);
+        const int c = (int)(nc - n * C);
         const int h = c / d;
         const int64_t pix0 = (int64_t)i * W + j0;
         const acc_t* p_ptr = attn + (n * heads + h) * KK * HW;
