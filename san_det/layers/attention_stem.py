@@ -161,13 +161,16 @@ class SpatiallyAwareAttentionStem(nn.Module):
 
         q, k = self.query(x), self.key(x)
         # Spatially-aware values: mix the M projections with position-dependent weights.
+        # Plain matmuls (not einsum) so that fvcore counts them exactly.
         mix = self.mixture_weights().to(x.dtype).repeat(hp // b, wp // b, 1)  # (Hp, Wp, M)
-        v = torch.einsum("nmchw,hwm->nchw", self.value(x).view(n, m, c, hp, wp), mix)
+        values = self.value(x).view(n, m, c, hp * wp).permute(0, 3, 2, 1)  # (N, Hp*Wp, C, M)
+        v = (values @ mix.view(hp * wp, m, 1)).view(n, hp, wp, c).permute(0, 3, 1, 2)
 
         qb, kb, vb = self._blocks(q), self._blocks(k), self._blocks(v)
         logits = qb @ kb.transpose(-1, -2)  # (B, heads, b*b, b*b)
         rel = self.relative_embedding().to(x.dtype)
-        logits = logits + torch.einsum("zhpd,hdpq->zhpq", qb, rel)
+        # q . r: per query position p, (heads, 1, d) @ (heads, d, b*b)
+        logits = logits + (qb.unsqueeze(3) @ rel.permute(0, 2, 1, 3)).squeeze(3)
         if pad_h or pad_w:
             inside = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
             inside[:h, :w] = True

@@ -18,8 +18,8 @@ trace node                  multiply-adds counted
 ``SANSubtractionOp``        0 (subtractions, no multiplications; fvcore counts no adds)
 ==========================  ================================================================
 
-Everything else (the 1x1 projections, SAN's attention MLP, the attention stem's matmuls and
-einsums) is ordinary aten ops that fvcore counts itself. Counts are multiply-adds ("FLOPs" in
+Everything else (the 1x1 projections, SAN's attention MLP, the attention stem's matmuls) is
+ordinary aten ops that fvcore counts itself. Counts are multiply-adds ("FLOPs" in
 fvcore's and SAN's tables; SASA's tables count a multiply-add as 2 FLOPs). The result does not
 depend on the backend (reference, cpu, cuda) that computes the ops.
 
@@ -161,8 +161,9 @@ def local_attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     rel_shape = get_shape(inputs[3]) if len(inputs) > 3 else None
     if rel_shape:  # (C, k, k)
         kernel_size = rel_shape[-1]
-    else:  # rel is None: read kernel_size from the op's scalar arguments
-        kernel_size = _python_op_scalars(inputs[0])[1]
+    else:  # rel is None: kernel_size is the second int argument (num_heads, kernel_size, ...)
+        ints = [a for a in _python_op_scalars(inputs[0]) if isinstance(a, int)]
+        kernel_size = ints[1]
     return 2 * n * c * h * w * kernel_size * kernel_size
 
 

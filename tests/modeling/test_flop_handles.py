@@ -1,0 +1,118 @@
+"""fvcore counts san_det's attention ops: exact formulas, any backend, no side effects."""
+
+import importlib
+
+import pytest
+import torch
+from detectron2.modeling import build_backbone
+from modeling_helpers import tiny_sasa_cfg
+from torch import nn
+
+from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
+from san_det.layers.backend import use_backend
+from san_det.layers.kernel_runtime import cpu_compiler_available
+from san_det.layers.local_attention import LocalSelfAttention2d
+from san_det.layers.san_attention import SAM
+from san_det.modeling.flop_handles import SanDetFlopCountAnalysis, countable_attention_ops
+
+# The fastest CPU backend when a compiler exists, and the reference everywhere.
+BACKENDS = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
+
+
+def count(model, x):
+    flops = SanDetFlopCountAnalysis(model.eval(), (x,))
+    flops.unsupported_ops_warnings(False)
+    flops.uncalled_modules_warnings(False)
+    return flops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_local_self_attention(backend, stride):
+    layer = LocalSelfAttention2d(12, 16, kernel_size=5, num_heads=4, stride=stride)
+    x = torch.randn(2, 12, 9, 7)
+    with use_backend(backend):
+        flops = count(layer, x)
+        ops = flops.by_operator()
+    n, h, w = 2, 9, 7  # attention runs at full resolution, then the average pool
+    assert ops["conv"] == 3 * n * 12 * 16 * h * w
+    assert ops["PythonOp.LocalAttentionOp"] == 2 * n * 16 * h * w * 5 * 5
+    assert flops.total() == ops["conv"] + ops["PythonOp.LocalAttentionOp"]
+
+
+class _NoRelAttention(nn.Module):
+    def forward(self, q):
+        module = importlib.import_module("san_det.layers.local_attention")
+        return module.local_attention(q, q, q, None, num_heads=2, kernel_size=3)
+
+
+def test_local_attention_without_relative_embedding():
+    flops = count(_NoRelAttention(), torch.randn(1, 8, 5, 6))
+    assert flops.by_operator()["PythonOp.LocalAttentionOp"] == 2 * 8 * 5 * 6 * 9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_sam_aggregation(backend, sa_type):
+    sam = SAM(sa_type, 32, 2, 8, 8, kernel_size=3)
+    x = torch.randn(2, 32, 6, 5)
+    with use_backend(backend):
+        ops = count(sam, x).by_operator()
+    assert ops["PythonOp.SANAggregationOp"] == 2 * 8 * 9 * 6 * 5
+    # phi, psi, beta (1x1 convs with bias) are counted by fvcore as usual, plus the MLP.
+    assert ops["conv"] > 2 * (32 * 2 + 32 * 8 // 2) * 6 * 5
+
+
+def test_attention_stem_is_counted_by_fvcore():
+    stem = SpatiallyAwareAttentionStem(3, 16, block_size=4, num_heads=4, num_value_mixtures=3)
+    n, h, w = 1, 16, 12
+    ops = count(stem, torch.randn(n, 3, h, w)).by_operator()
+    pixels = n * h * w
+    assert ops["conv"] == pixels * 3 * (16 + 16 + 3 * 16)  # q, k and the 3 value matrices
+    # mixture logits (per window position), value mixing, q . k, q . r and the weighted values
+    assert ops["matmul"] == 4 * 4 * 16 * 3 + pixels * 3 * 16 + 3 * pixels * 16 * 16
+    assert set(ops) == {"conv", "matmul", "batch_norm"}
+
+
+def test_whole_backbone_counts_every_attention_layer():
+    model = build_backbone(_named(tiny_sasa_cfg(), "build_sasa_backbone")).eval()
+    expected = []
+
+    def hook(module, inputs, output):
+        n, _, h, w = inputs[0].shape
+        expected.append(2 * n * module.out_channels * h * w * module.kernel_size**2)
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LocalSelfAttention2d)
+    ]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    ops = count(model, torch.randn(1, 3, 64, 64)).by_operator()
+    assert len(expected) == 1 + 2 + 4 + 1  # one per block of SASA-26
+    assert ops["PythonOp.LocalAttentionOp"] == sum(expected)
+
+
+def _named(cfg, name):
+    cfg.MODEL.BACKBONE.NAME = name
+    return cfg
+
+
+def test_markers_compute_the_same_outputs_and_are_removed_afterwards():
+    la = importlib.import_module("san_det.layers.local_attention")
+    sa = importlib.import_module("san_det.layers.san_attention")
+    originals = (la.local_attention, sa.aggregation, sa.subtraction, sa.subtraction2)
+    layer, sam = LocalSelfAttention2d(8, 8, 3, 2), SAM("pairwise", 16, 1, 8, 8, 3)
+    x, y = torch.randn(1, 8, 5, 5), torch.randn(1, 16, 5, 5)
+    with torch.no_grad():
+        expected = layer(x), sam.eval()(y)
+        with countable_attention_ops():
+            got = layer(x), sam(y)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b)
+    assert (la.local_attention, sa.aggregation, sa.subtraction, sa.subtraction2) == originals
+    count(layer, x).total()
+    assert la.local_attention is originals[0]
+    layer(x).sum().backward()  # training works after an analysis
+    assert layer.query.weight.grad is not None
