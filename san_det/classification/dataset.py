@@ -158,20 +158,26 @@ def register_image_folder(
     split_dir: str,
     class_dir: Optional[str] = None,
     prepare: Optional[Callable[[], None]] = None,
+    hint: str = "",
     **metadata,
 ) -> None:
     """Register ``name`` (replacing an earlier registration) reading ``split_dir`` lazily.
 
     The folders are read when the dataset is first used (``DatasetCatalog.get(name)``), which also
     sets ``MetadataCatalog.get(name).classes``; ``prepare()``, if given, runs first (e.g. to write
-    an embedded dataset to disk).
+    an embedded dataset to disk). ``hint`` is appended to the errors about the folders.
     """
     class_dir = class_dir or split_dir
 
     def load():
         if prepare is not None:
             prepare()
-        dicts = load_image_folder(split_dir, class_dir)
+        try:
+            dicts = load_image_folder(split_dir, class_dir)
+        except ClassificationDatasetError as e:
+            if not hint:
+                raise
+            raise type(e)(f"dataset {name!r}: {e}. {hint}") from None
         meta = MetadataCatalog.get(name)
         classes = find_classes(class_dir)
         if meta.get("classes") != classes:
@@ -200,6 +206,11 @@ def register_imagenet(root: Optional[str] = None, prefix: str = "imagenet") -> T
     """
     root = root or default_imagenet_root()
     train, val = f"{prefix}_train", f"{prefix}_val"
-    register_image_folder(train, os.path.join(root, "train"))
-    register_image_folder(val, os.path.join(root, "val"), class_dir=os.path.join(root, "train"))
+    hint = (
+        "ImageNet is read from $DETECTRON2_DATASETS/imagenet/{train,val} (DETECTRON2_DATASETS="
+        f"{os.environ.get('DETECTRON2_DATASETS', '<unset>')}) or CLASSIFICATION.IMAGENET_ROOT"
+    )
+    train_dir = os.path.join(root, "train")
+    register_image_folder(train, train_dir, hint=hint)
+    register_image_folder(val, os.path.join(root, "val"), class_dir=train_dir, hint=hint)
     return train, val

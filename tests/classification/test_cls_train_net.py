@@ -1,0 +1,52 @@
+"""train_net.py picks the classification trainer from the config: train, then --eval-only."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+from conftest import DEMO_CONFIG, IMAGE_SIZE, REPO
+
+
+def _train_net():
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_net_trains_and_evaluates_a_classifier(digits, tmp_path):
+    train, val, _ = digits
+    out = str(tmp_path / "run")
+    size = str(IMAGE_SIZE)
+    opts = [
+        "DATASETS.TRAIN", f"('{train}',)",
+        "DATASETS.TEST", f"('{val}',)",
+        "CLASSIFICATION.INPUT.TRAIN_CROP_SIZE", size,
+        "CLASSIFICATION.INPUT.TEST_RESIZE", size,
+        "CLASSIFICATION.INPUT.TEST_CROP_SIZE", size,
+        "CLASSIFICATION.SOLVER.EPOCHS", "0",
+        "CLASSIFICATION.SOLVER.WARMUP_EPOCHS", "0",
+        "CLASSIFICATION.SOLVER.EVAL_PERIOD_EPOCHS", "0",
+        "CLASSIFICATION.SOLVER.CHECKPOINT_PERIOD_EPOCHS", "0",
+        "SOLVER.MAX_ITER", "6",
+        "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.IMS_PER_BATCH", "16",
+        "SEED", "0",
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
+    train_net = _train_net()
+    train_net.cli(["--config-file", DEMO_CONFIG] + opts)
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = [json.loads(line) for line in f]
+    final = [m for m in metrics if "classification/top1" in m][-1]  # one test set: no prefix
+    assert "total_loss" in metrics[0] and "lr" in metrics[0]
+
+    weights = os.path.join(out, "model_final.pth")
+    args = ["--config-file", DEMO_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights]
+    results = train_net.cli(args + opts)
+    top = results["classification"]
+    assert top["num_images"] == 359
+    assert top["top1"] == pytest.approx(final["classification/top1"])
+    assert top["top5"] == pytest.approx(final["classification/top5"])
