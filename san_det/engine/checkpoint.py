@@ -217,7 +217,18 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         path = self._loading or "<checkpoint>"
-        incompatible = super()._load_model(checkpoint)
+        passed = []  # the keys that reach load_state_dict (after renaming, shape checks)
+        load_state_dict = self.model.load_state_dict
+
+        def recording(state_dict, *args, **kwargs):
+            passed.extend(state_dict.keys())
+            return load_state_dict(state_dict, *args, **kwargs)
+
+        self.model.load_state_dict = recording
+        try:
+            incompatible = super()._load_model(checkpoint)
+        finally:
+            del self.model.load_state_dict
         model_keys = list(self.model.state_dict().keys())
         shapes = {k: (ckpt, ours) for k, ckpt, ours in incompatible.incorrect_shapes}
         missing = set(_filter_reused_missing_keys(self.model, incompatible.missing_keys))
@@ -234,7 +245,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             f"{len(shapes)} with another shape, {len(missing)} missing from the checkpoint, "
             f"{len(unexpected)} not in the model"
         )
-        loaded = len(model_keys) - len(missing) - len(shapes)
+        loaded = len(set(model_keys) & set(passed))
         if self._strict and problems:
             key, what = problems[0]
             raise CheckpointError(

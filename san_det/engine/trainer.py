@@ -3,11 +3,16 @@
 :class:`RobustTrainer` keeps ``DefaultTrainer``'s loop, hooks, writers and evaluation, and changes:
 
 - DDP through :func:`~san_det.engine.ddp.wrap_ddp`: CPU processes (gloo) work, SyncBN included.
+- Checkpoints hold the optimizer state (detectron2 0.6's ``DefaultTrainer`` leaves it out).
 - Seeds: ``SEED < 0`` is replaced by a random seed shared by all processes; the seed seeds model
   initialisation, the training data stream (:mod:`san_det.engine.loader`: a pure function of
   seed and iteration) and each step's RNGs, and is stored in every checkpoint.
 - Checkpoints: :class:`~san_det.engine.checkpoint.SafeCheckpointer` (atomic; strict on resume;
-  never a NaN/inf model).
+  never a NaN/inf model), also holding the seed and the model's non-tensor running state
+  (RetinaNet's EMA loss normalizer), so a resumed run continues exactly.
+- Reproducible numerics: TorchScript functions run unoptimised in training steps (see
+  :meth:`RobustTrainer.run_step`); on the CPU a resumed run then ends with exactly the weights of
+  an uninterrupted one.
 - NaN/inf: a step whose loss or gradients are not finite (on any process) stops training before
   the optimizer changes the model, with :class:`~san_det.engine.checkpoint.NonFiniteError` naming
   the iteration, the losses and the last good checkpoint.
@@ -174,6 +179,39 @@ class _SeedState:
         self._trainer.seed = seed
 
 
+class _ModelRunningState:
+    """Checkpointable with the Python-number running state of a model that ``state_dict`` misses:
+    the EMA loss normalizer of detectron2's dense detectors (RetinaNet, FCOS: ``loss_normalizer``).
+    Without it a resumed RetinaNet restarts the EMA at its initial value and trains differently.
+    (In multi-process runs each process has its own EMA; rank 0's is saved and restored to all.)
+    """
+
+    ATTRIBUTES = ("loss_normalizer",)
+
+    def __init__(self, model):
+        self._model = model.module if hasattr(model, "module") else model
+
+    def _modules(self):
+        for name, module in self._model.named_modules():
+            if hasattr(module, "_ema_update"):
+                yield name, module
+
+    def state_dict(self):
+        state = {}
+        for name, module in self._modules():
+            values = {a: float(getattr(module, a)) for a in self.ATTRIBUTES if hasattr(module, a)}
+            if values:
+                state[name] = values
+        return state
+
+    def load_state_dict(self, state):
+        modules = dict(self._modules())
+        for name, values in state.items():
+            if name in modules:
+                for attr, value in values.items():
+                    setattr(modules[name], attr, value)
+
+
 class RobustTrainer(DefaultTrainer):
     """``DefaultTrainer`` with the changes of the module docstring. Subclasses supply the data,
     model and evaluator as for ``DefaultTrainer``; ``build_train_loader`` may return a
@@ -210,7 +248,21 @@ class RobustTrainer(DefaultTrainer):
             allow_shape_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_SHAPE_MISMATCH", False),
             trainer=weakref.proxy(self),
             data_stream=_SeedState(weakref.proxy(self)),
+            model_running_state=_ModelRunningState(model),
         )
+
+    def state_dict(self):
+        # detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of checkpoints.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state: the optimizer starts afresh")
 
     def train(self):
         loader = self.data_loader
@@ -225,7 +277,12 @@ class RobustTrainer(DefaultTrainer):
         # the iteration, so a resumed run repeats it.
         seed_all_rng(mix_seed(self.seed, _STEP_STREAM, self.iter, comm.get_rank()))
         try:
-            self._trainer.run_step()
+            # TorchScript's profiling executor runs scripted functions (detectron2's focal loss,
+            # box transforms) unfused on their first calls and fused afterwards, which rounds
+            # differently: a resumed process would start on other numerics than the run it
+            # continues. Unoptimised execution is the same on every call (and these are tiny ops).
+            with torch.jit.optimized_execution(False):
+                self._trainer.run_step()
         except NonFiniteError as e:
             has = self.checkpointer.has_checkpoint()
             last = self.checkpointer.get_checkpoint_file() if has else "none written yet"
