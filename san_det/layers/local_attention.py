@@ -114,7 +114,10 @@ def _kernel_source() -> KernelSource:
     return KernelSource("local_attention.cu")
 
 
-_CPU_PIXELS_PER_THREAD = 8  # SAN_TJ of the CPU build: independent sums per emulated thread
+# Work per emulated / GPU thread (see kernels/local_attention.cu): SAN_TJ pixels of a row and
+# SAN_CG channels of a head. The CUDA build uses the .cu file's defaults.
+_CUDA_TILE = (1, 4)
+_CPU_TILE = (8, 1)
 _CPU_BLOCK = 16  # emulated threads per block: one OpenMP task runs a block's threads in order
 _MAX_CUDA_BLOCKS = 1 << 20
 _launch_override = threading.local()
@@ -125,17 +128,18 @@ def launch_config(
     grid: Optional[int] = None,
     block: Optional[int] = None,
     cpu_pixels_per_thread: Optional[int] = None,
+    cpu_channels_per_thread: Optional[int] = None,
 ) -> Iterator[None]:
     """Override how the kernels are launched inside this block (for tests).
 
     Args:
         grid, block: launch every kernel with this grid and block size; a grid much smaller than
             the work makes each thread go round its grid-stride loop.
-        cpu_pixels_per_thread: the ``SAN_TJ`` the CPU kernels are compiled with (the CUDA build
-            always uses 1; setting 1 here runs the CUDA code path on the CPU).
+        cpu_pixels_per_thread, cpu_channels_per_thread: the ``SAN_TJ`` / ``SAN_CG`` tile the CPU
+            kernels are compiled with (``1, 4`` runs the CUDA build's code path on the CPU).
     """
-    previous = getattr(_launch_override, "value", (None, None, None))
-    _launch_override.value = (grid, block, cpu_pixels_per_thread)
+    previous = getattr(_launch_override, "value", (None, None, None, None))
+    _launch_override.value = (grid, block, cpu_pixels_per_thread, cpu_channels_per_thread)
     try:
         yield
     finally:
@@ -146,20 +150,24 @@ class _Launcher:
     """The compiled kernels of one (backend, dtype, device) and how to size their grids."""
 
     def __init__(self, backend: str, dtype: torch.dtype, device: torch.device):
-        grid, block, tj = getattr(_launch_override, "value", (None, None, None))
+        grid, block, tj, cg = getattr(_launch_override, "value", (None, None, None, None))
         self.backend = backend
         self.grid, self.block = grid, block
         if backend == "cuda":
-            self.pixels_per_thread = 1
+            self.tile = _CUDA_TILE
             self.module = _kernel_source().cuda(dtype, device)
         else:
-            self.pixels_per_thread = int(tj or _CPU_PIXELS_PER_THREAD)
-            flags = (f"-DSAN_TJ={self.pixels_per_thread}",)
+            self.tile = (int(tj or _CPU_TILE[0]), int(cg or _CPU_TILE[1]))
+            flags = (f"-DSAN_TJ={self.tile[0]}", f"-DSAN_CG={self.tile[1]}")
             self.module = _kernel_source().cpu(dtype, flags)
+
+    def channel_groups(self, head_dim: int) -> int:
+        """Threads per (pixel tile, head) of the kernels that work on channel groups."""
+        return -(-head_dim // self.tile[1])
 
     def __call__(self, name: str, rows: int, width: int, *args) -> None:
         """Run kernel ``name`` over ``rows`` image rows of ``width`` pixels."""
-        tj = self.pixels_per_thread
+        tj = self.tile[0]
         total = rows * ((width + tj - 1) // tj)
         if total == 0:
             return
@@ -196,7 +204,8 @@ class _LocalAttentionFunction(torch.autograd.Function):
         # The kernels always read rel: zeros stand for "no relative embedding".
         rel_arg = rel if rel is not None else q.new_zeros(c, kernel_size, kernel_size)
         launch("sasa_attention_forward", n * num_heads * h, w, q, k, rel_arg, attn, *shape)
-        launch("sasa_output_forward", n * c * h, w, attn, v, out, *shape)
+        groups = launch.channel_groups(c // num_heads)
+        launch("sasa_output_forward", n * num_heads * groups * h, w, attn, v, out, *shape)
         ctx.save_for_backward(q, k, v, rel_arg, attn)
         ctx.has_rel = rel is not None
         ctx.config = (num_heads, kernel_size, dilation, launch)
@@ -214,8 +223,9 @@ class _LocalAttentionFunction(torch.autograd.Function):
         dlogit = torch.empty_like(attn)
         launch("sasa_logit_backward", n * num_heads * h, w, grad_out, v, attn, dlogit, *shape)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        groups = launch.channel_groups(c // num_heads)
         launch(
-            "sasa_qkv_backward", n * c * h, w,
+            "sasa_qkv_backward", n * num_heads * groups * h, w,
             q, k, rel, grad_out, attn, dlogit, grad_q, grad_k, grad_v, *shape,
         )  # fmt: skip
         grad_rel = None

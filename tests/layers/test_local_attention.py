@@ -120,16 +120,30 @@ def test_borders_are_masked_not_zero_keys():
 
 
 # ---------------------------------------------------------------------------- compiled kernels
+# (SAN_TJ, SAN_CG) tiles of the CPU build: the CUDA build's (1, 4), the CPU default (8, 1) and an
+# odd mix where neither the row width nor the head width is a multiple of the tile.
+TILES = [(1, 4), (8, 1), (3, 3)]
+
+
 @needs_cxx
-@pytest.mark.parametrize("pixels_per_thread", [1, 8])
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "TJ{}CG{}".format(*t))
 @pytest.mark.parametrize("with_rel", [True, False])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=_ids)
-def test_cpu_kernels_match_reference_float64(geometry, with_rel, pixels_per_thread):
+def test_cpu_kernels_match_reference_float64(geometry, with_rel, tile):
     q, k, v, rel = _inputs(geometry, with_rel=with_rel)
     want = _run("reference", geometry, q, k, v, rel)
-    with launch_config(cpu_pixels_per_thread=pixels_per_thread):
+    with launch_config(cpu_pixels_per_thread=tile[0], cpu_channels_per_thread=tile[1]):
         got = _run("cpu", geometry, q, k, v, rel)
     _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_cuda_tile_is_the_kernel_default():
+    """The tile the launcher sizes CUDA grids for is the one the .cu file compiles by default."""
+    source = KernelSource("local_attention.cu").source
+    defaults = tuple(
+        int(source.split(f"#define {name} ")[1].split()[0]) for name in ("SAN_TJ", "SAN_CG")
+    )
+    assert defaults == la_module._CUDA_TILE
 
 
 @needs_cxx
@@ -143,14 +157,14 @@ def test_cpu_kernels_match_reference_float32(geometry):
 
 @needs_cxx
 @pytest.mark.parametrize(
-    "grid, block, pixels_per_thread", [(1, 1, 1), (2, 3, 1), (3, 2, 3), (1, 5, 8)]
+    "grid, block, tile", [(1, 1, (1, 4)), (2, 3, (1, 4)), (3, 2, (3, 3)), (1, 5, (8, 1))]
 )
-def test_cpu_kernels_on_tiny_grids(grid, block, pixels_per_thread):
+def test_cpu_kernels_on_tiny_grids(grid, block, tile):
     """Far fewer threads than work: every thread goes round its grid-stride loop many times."""
-    geometry = (2, 6, 5, 7, 3, 5, 1)
+    geometry = (2, 12, 5, 7, 2, 5, 1)
     q, k, v, rel = _inputs(geometry)
     want = _run("reference", geometry, q, k, v, rel)
-    with launch_config(grid=grid, block=block, cpu_pixels_per_thread=pixels_per_thread):
+    with launch_config(grid, block, *tile):
         got = _run("cpu", geometry, q, k, v, rel)
     _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
 

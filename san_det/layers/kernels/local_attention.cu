@@ -11,15 +11,20 @@
 // with r = K / 2; neighbours outside the image are masked: their probability and logit gradient
 // are exactly 0.
 //
-// Each thread handles a tile of SAN_TJ consecutive pixels of one image row (a compile-time
-// constant): 1 on the GPU, so that neighbouring threads read neighbouring addresses; 8 on the CPU,
-// where the tile's independent sums hide floating-point latency and vectorise. Pixels past the end
-// of the row (W not a multiple of SAN_TJ) are skipped. The window columns b for which the whole
-// tile's neighbours are inside the image form one interval [f0, f1); SAN_FOR_TAPS runs those
-// taps without per-pixel checks (`full` is a literal true there) and the border taps with them.
+// Work per thread is a compile-time tile: SAN_TJ consecutive pixels of one image row and, in the
+// kernels that produce one value per channel, SAN_CG consecutive channels of one head (they share
+// the attention weights read for them). The defaults are the GPU's (SAN_TJ 1: neighbouring threads
+// read neighbouring addresses; SAN_CG 4); the CPU build uses SAN_TJ 8, SAN_CG 1, where the tile's
+// independent sums hide floating-point latency and vectorise. Pixels past the end of a row and
+// channels past the end of a head are skipped. With SAN_TJ > 1 the window columns b whose
+// neighbours are inside the image for the whole tile form one interval [f0, f1); SAN_FOR_TAPS runs
+// those taps without per-pixel checks (`full` is a literal true there) and the others with them.
 
 #ifndef SAN_TJ
 #define SAN_TJ 1
+#endif
+#ifndef SAN_CG
+#define SAN_CG 4
 #endif
 
 #define SAN_GRID_LOOP(idx, total)                                                   \
@@ -27,6 +32,14 @@
          idx += (int64_t)blockDim.x * gridDim.x)
 
 #define SAN_FOR_T for (int t = 0; t < SAN_TJ; ++t)
+#define SAN_FOR_G for (int g = 0; g < SAN_CG; ++g)
+// The first cg channels of the group (all of them with SAN_CG 1, without a check the CPU compiler
+// would have to keep).
+#if SAN_CG > 1
+#define SAN_FOR_GROUP(cg) SAN_FOR_G if (g < (cg))
+#else
+#define SAN_FOR_GROUP(cg) for (int g = 0; g < 1; ++g)
+#endif
 
 // a / b for a non-negative index a and b > 0, in 32 bits when a fits (64-bit division is a long
 // instruction sequence on the GPU).
@@ -55,7 +68,8 @@ __device__ __forceinline__ void san_inside_taps(int j0, int W, int K, int r, int
 }
 
 // Runs BODY for every window column b: first the border taps (full == false), then the inside
-// taps [f0, f1) (full == true, a constant the compiler folds away).
+// taps [f0, f1) (full == true, a constant the compiler folds away). One plain loop when SAN_TJ is 1.
+#if SAN_TJ > 1
 #define SAN_FOR_TAPS(f0, f1, ...)                  \
     for (int b = 0; b < K; ++b) {                  \
         if (b >= (f0) && b < (f1)) continue;       \
@@ -66,6 +80,13 @@ __device__ __forceinline__ void san_inside_taps(int j0, int W, int K, int r, int
         const bool full = true;                    \
         __VA_ARGS__                                \
     }
+#else
+#define SAN_FOR_TAPS(f0, f1, ...)                  \
+    for (int b = 0; b < K; ++b) {                  \
+        const bool full = false;                   \
+        __VA_ARGS__                                \
+    }
+#endif
 
 // Attention probabilities. One thread per (n, head, i, row tile): the K*K logits
 // sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) are written to attn, then turned
@@ -151,7 +172,7 @@ __global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
 }
 
 // out[n, c, i, j] = sum_{a, b} attn[n, h(c), a, b, i, j] * v[n, c, i', j'];
-// one thread per (n, c, i, row tile).
+// one thread per (n, head, channel group, i, row tile).
 __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
                                     const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
                                     int N, int C, int H, int W, int heads, int K, int dil) {
@@ -160,20 +181,24 @@ __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
     const int r = K / 2;
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
-    SAN_GRID_LOOP(idx, (int64_t)N * C * H * WT) {
-        const int64_t nci = san_div(idx, WT);  // (n * C + c) * H + i
-        const int j0 = (int)(idx - nci * WT) * SAN_TJ;
-        const int64_t nc = san_div(nci, H);
-        const int i = (int)(nci - nc * H);
-        const int64_t n = san_div(nc, C);
-        const int h = (int)(nc - n * C) / d;
+    const int G = (d + SAN_CG - 1) / SAN_CG;  // channel groups per head
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * H * WT) {
+        const int64_t rowid = san_div(idx, WT);  // ((n * heads + h) * G + grp) * H + i
+        const int j0 = (int)(idx - rowid * WT) * SAN_TJ;
+        const int64_t nhg = san_div(rowid, H);
+        const int i = (int)(rowid - nhg * H);
+        const int64_t nh = san_div(nhg, G);
+        const int grp = (int)(nhg - nh * G);
+        const int64_t n = san_div(nh, heads);
+        const int h = (int)(nh - n * heads);
+        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;  // channels here
         const int64_t pix0 = (int64_t)i * W + j0;
-        const acc_t* a_ptr = attn + (n * heads + h) * KK * HW + pix0;
-        const scalar_t* v_ptr = v + nc * HW;
+        const acc_t* a_ptr = attn + nh * KK * HW + pix0;
+        const scalar_t* v_ptr = v + (n * C + (int64_t)h * d + grp * SAN_CG) * HW;
         int f0, f1;
         san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
-        acc_t acc[SAN_TJ];
-        SAN_FOR_T acc[t] = 0;
+        acc_t acc[SAN_CG][SAN_TJ];
+        SAN_FOR_G SAN_FOR_T acc[g][t] = 0;
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;
             if (ii < 0 || ii >= H) continue;
@@ -181,10 +206,18 @@ __global__ void sasa_output_forward(const acc_t* __restrict__ attn,
                 const int off = (b - r) * dil;
                 const acc_t* p = a_ptr + (a * K + b) * HW;
                 const scalar_t* vv = v_ptr + (int64_t)ii * W + j0 + off;
-                SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) acc[t] += p[t] * TO_ACC(vv[t]);
+                acc_t pt[SAN_TJ];
+                SAN_FOR_T pt[t] = (full || san_col_ok(j0, t, off, W)) ? p[t] : (acc_t)0;
+                SAN_FOR_GROUP(cg) {
+                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W))
+                        acc[g][t] += pt[t] * TO_ACC(vv[g * HW + t]);
+                }
             })
         }
-        SAN_FOR_T if (j0 + t < W) out[nc * HW + pix0 + t] = FROM_ACC(acc[t]);
+        SAN_FOR_GROUP(cg) {
+            SAN_FOR_T if (j0 + t < W) out[(n * C + (int64_t)h * d + grp * SAN_CG + g) * HW +
+                                          pix0 + t] = FROM_ACC(acc[g][t]);
+        }
     }
 }
 
@@ -252,7 +285,7 @@ __global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
     }
 }
 
-// Gradients of q, k and v; one thread per (n, c, i, row tile), no atomics:
+// Gradients of q, k and v; one thread per (n, head, channel group, i, row tile), no atomics:
 // grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]) over the neighbours of
 // (i, j); grad_k and grad_v gather over the pixels (s, u) that see (i, j) as their neighbour (a, b),
 // (s, u) = (i - (a - r) * dil, j - (b - r) * dil):
@@ -270,36 +303,46 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
     const int r = K / 2;
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
-    SAN_GRID_LOOP(idx, (int64_t)N * C * H * WT) {
-        const int64_t nci = san_div(idx, WT);  // (n * C + c) * H + i
-        const int j0 = (int)(idx - nci * WT) * SAN_TJ;
-        const int64_t nc = san_div(nci, H);
-        const int i = (int)(nci - nc * H);
-        const int64_t n = san_div(nc, C);
-        const int c = (int)(nc - n * C);
-        const int h = c / d;
+    const int G = (d + SAN_CG - 1) / SAN_CG;
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * H * WT) {
+        const int64_t rowid = san_div(idx, WT);  // ((n * heads + h) * G + grp) * H + i
+        const int j0 = (int)(idx - rowid * WT) * SAN_TJ;
+        const int64_t nhg = san_div(rowid, H);
+        const int i = (int)(rowid - nhg * H);
+        const int64_t nh = san_div(nhg, G);
+        const int grp = (int)(nhg - nh * G);
+        const int64_t n = san_div(nh, heads);
+        const int h = (int)(nh - n * heads);
+        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;
+        const int c0 = h * d + grp * SAN_CG;  // first channel of the group
         const int64_t pix0 = (int64_t)i * W + j0;
-        const acc_t* p_ptr = attn + (n * heads + h) * KK * HW;
-        const acc_t* dl_ptr = dlogit + (n * heads + h) * KK * HW;
-        const scalar_t* chan_q = q + nc * HW;
-        const scalar_t* chan_k = k + nc * HW;
-        const scalar_t* chan_g = grad_out + nc * HW;
+        const acc_t* p_ptr = attn + nh * KK * HW;
+        const acc_t* dl_ptr = dlogit + nh * KK * HW;
+        const int64_t chan0 = (n * C + c0) * HW;
+        const scalar_t* chan_q = q + chan0;
+        const scalar_t* chan_k = k + chan0;
+        const scalar_t* chan_g = grad_out + chan0;
+        const scalar_t* rel_c = rel + (int64_t)c0 * KK;
         int f0, f1, s0, s1;
         san_inside_taps(j0, W, K, r, dil, 1, f0, f1);   // neighbours (i', j') of the tile
         san_inside_taps(j0, W, K, r, dil, -1, s0, s1);  // pixels (s, u) that see the tile
-        acc_t gq[SAN_TJ], gk[SAN_TJ], gv[SAN_TJ];
-        SAN_FOR_T gq[t] = gk[t] = gv[t] = 0;
+        acc_t gq[SAN_CG][SAN_TJ], gk[SAN_CG][SAN_TJ], gv[SAN_CG][SAN_TJ];
+        SAN_FOR_G SAN_FOR_T gq[g][t] = gk[g][t] = gv[g][t] = 0;
         for (int a = 0; a < K; ++a) {
             const int ii = i + (a - r) * dil;  // row of the neighbours of row i
             if (ii >= 0 && ii < H) {
                 SAN_FOR_TAPS(f0, f1, {
                     const int ab = a * K + b;
                     const int off = (b - r) * dil;
-                    const acc_t rc = TO_ACC(rel[(int64_t)c * KK + ab]);
                     const acc_t* dl = dl_ptr + ab * HW + pix0;
                     const scalar_t* kk = chan_k + (int64_t)ii * W + j0 + off;
-                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) gq[t] +=
-                        dl[t] * (TO_ACC(kk[t]) + rc);
+                    acc_t dlt[SAN_TJ];
+                    SAN_FOR_T dlt[t] = (full || san_col_ok(j0, t, off, W)) ? dl[t] : (acc_t)0;
+                    SAN_FOR_GROUP(cg) {
+                        const acc_t rc = TO_ACC(rel_c[g * KK + ab]);
+                        SAN_FOR_T if (full || san_col_ok(j0, t, off, W))
+                            gq[g][t] += dlt[t] * (TO_ACC(kk[g * HW + t]) + rc);
+                    }
                 })
             }
             const int si = i - (a - r) * dil;  // row of the pixels that have row i as row a
@@ -310,19 +353,30 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
                     const int64_t src0 = (int64_t)si * W + j0 + off;
                     const acc_t* dl = dl_ptr + ab * HW + src0;
                     const acc_t* p = p_ptr + ab * HW + src0;
-                    const scalar_t* qs = chan_q + src0;
-                    const scalar_t* gs = chan_g + src0;
-                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) {
-                        gk[t] += dl[t] * TO_ACC(qs[t]);
-                        gv[t] += p[t] * TO_ACC(gs[t]);
+                    acc_t dlt[SAN_TJ], pt[SAN_TJ];
+                    SAN_FOR_T {
+                        const bool ok = full || san_col_ok(j0, t, off, W);
+                        dlt[t] = ok ? dl[t] : (acc_t)0;
+                        pt[t] = ok ? p[t] : (acc_t)0;
+                    }
+                    SAN_FOR_GROUP(cg) {
+                        const scalar_t* qs = chan_q + g * HW + src0;
+                        const scalar_t* gs = chan_g + g * HW + src0;
+                        SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) {
+                            gk[g][t] += dlt[t] * TO_ACC(qs[t]);
+                            gv[g][t] += pt[t] * TO_ACC(gs[t]);
+                        }
                     }
                 })
             }
         }
-        SAN_FOR_T if (j0 + t < W) {
-            grad_q[nc * HW + pix0 + t] = FROM_ACC(gq[t]);
-            grad_k[nc * HW + pix0 + t] = FROM_ACC(gk[t]);
-            grad_v[nc * HW + pix0 + t] = FROM_ACC(gv[t]);
+        SAN_FOR_GROUP(cg) {
+            SAN_FOR_T if (j0 + t < W) {
+                const int64_t o = chan0 + g * HW + pix0 + t;
+                grad_q[o] = FROM_ACC(gq[g][t]);
+                grad_k[o] = FROM_ACC(gk[g][t]);
+                grad_v[o] = FROM_ACC(gv[g][t]);
+            }
         }
     }
 }
