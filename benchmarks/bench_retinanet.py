@@ -1,0 +1,247 @@
+"""RetinaNet training-step and inference time and peak memory: R50 vs SASA-50 vs attention everywhere.
+
+Models (configs/COCO-Detection): ``retinanet_R_50_FPN_1x`` (conv baseline), ``retinanet_sasa50``
+(conv stem + attention backbone) and ``retinanet_sasa50_attention_fpn_head`` (full-attention
+backbone, attentional FPN and head), all with 80 classes, side by side in one run on the same
+input (``--batch`` images of ``--size x --size`` with 3 boxes each, fixed seed).
+
+- train step: forward with losses, backward and an SGD step (``model.train()``), median of
+  ``--repeats`` steps after ``--warmup`` steps;
+- inference: ``model.eval()`` forward under ``torch.no_grad`` (post-processing included), median;
+- peak memory: the process's peak resident set (``VmHWM``, reset via ``/proc/self/clear_refs``
+  after the warm-up) minus the resident set before the measured train steps, each model in a
+  fresh subprocess (so models do not share allocator state); includes allocator granularity;
+- profile: one training step under ``torch.profiler``, the ops with the most self CPU time and the
+  share of time inside san_det's attention ops (forward and backward).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_retinanet.py           # writes the JSON
+    OMP_NUM_THREADS=1 python benchmarks/bench_retinanet.py --quick   # tiny smoke run, no JSON
+
+Writes ``benchmarks/results/retinanet_cpu.json`` and prints a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = (
+    "retinanet_R_50_FPN_1x",
+    "retinanet_sasa50",
+    "retinanet_sasa50_attention_fpn_head",
+)
+ATTENTION_OP_NAMES = ("_LocalAttentionFunction", "LocalAttention", "local_attention", "sasa_")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _inputs(batch: int, size: int):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(batch):
+        inst = Instances((size, size))
+        xy = torch.rand(3, 2, generator=g) * size * 0.6
+        wh = (torch.rand(3, 2, generator=g) * 0.3 + 0.1) * size
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(0, 80, (3,), generator=g)
+        image = torch.rand(3, size, size, generator=g) * 255
+        inputs.append({"image": image, "instances": inst, "height": size, "width": size})
+    return inputs
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: int) -> dict:
+    """Measure one model (called in a fresh subprocess)."""
+    import san_det  # noqa: F401
+
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from san_det.config import get_san_det_cfg
+    from san_det.layers.backend import select_backend
+
+    torch.manual_seed(0)
+    cfg = get_san_det_cfg()
+    cfg.merge_from_file(str(ROOT / "configs" / "COCO-Detection" / f"{name}.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    inputs = _inputs(batch, size)
+
+    def train_step():
+        with EventStorage(0):
+            losses = model(inputs)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: non-finite loss {loss.item()}")
+
+    model.train()
+    for _ in range(warmup):
+        train_step()
+    rss_before = _status_mb("VmRSS")
+    peak_ok = _reset_peak_rss()
+    train_s = _median_time(train_step, repeats)
+    peak_mb = _status_mb("VmHWM") - rss_before if peak_ok else None
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step()
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    attention_us = sum(
+        e.self_cpu_time_total for e in events if any(k in e.key for k in ATTENTION_OP_NAMES)
+    )
+    top_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+
+    model.eval()
+    eval_inputs = [{k: x[k] for k in ("image", "height", "width")} for x in inputs]
+    with torch.no_grad():
+        model(eval_inputs)
+        infer_s = _median_time(lambda: model(eval_inputs), repeats)
+    return {
+        "model": name,
+        "parameters": params,
+        "train_step_s": train_s,
+        "inference_s": infer_s,
+        "train_peak_extra_mb": peak_mb,
+        "attention_backend": select_backend(torch.zeros(1)),
+        "profile_total_self_cpu_s": total_us / 1e6,
+        "profile_attention_share": attention_us / total_us if total_us else 0.0,
+        "profile_top_ops": [
+            {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+            for e in top_ops
+        ],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12, help="profiled ops listed per model")
+    parser.add_argument("--quick", action="store_true", help="batch 1, 128x128, 1 repeat, no JSON")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retinanet_cpu.json"))
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.warmup, args.repeats = 1, 128, 1, 1
+    if args._child:
+        result = run_one(args._child, args.batch, args.size, args.warmup, args.repeats, args.top)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # freed blocks go back to the OS
+    results = []
+    for name in args.models:
+        cmd = [
+            sys.executable, __file__, "--_child", name, "--batch", str(args.batch),
+            "--size", str(args.size), "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats), "--top", str(args.top),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise RuntimeError(f"{name} failed (exit {proc.returncode})")
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        r = results[-1]
+        print(f"{name}: train {r['train_step_s']:.2f} s, inference {r['inference_s']:.2f} s", flush=True)
+
+    base = next((r for r in results if r["model"] == MODELS[0]), None)
+    print()
+    print(f"batch {args.batch} x {args.size}x{args.size}, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {_cpu_name()}")  # fmt: skip
+    print("| model | params (M) | train step (s) | vs R50 | inference (s) | vs R50 | "
+          "train peak extra (MB) | attention ops share of train step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ratio_t = r["train_step_s"] / base["train_step_s"] if base else float("nan")
+        ratio_i = r["inference_s"] / base["inference_s"] if base else float("nan")
+        peak = f"{r['train_peak_extra_mb']:.0f}" if r["train_peak_extra_mb"] is not None else "n/a"
+        print(
+            f"| {r['model']} | {r['parameters'] / 1e6:.2f} | {r['train_step_s']:.2f} | "
+            f"{ratio_t:.2f}x | {r['inference_s']:.2f} | {ratio_i:.2f}x | {peak} | "
+            f"{100 * r['profile_attention_share']:.0f}% |"
+        )
+    for r in results:
+        print(f"\n{r['model']}: top ops by self CPU time in one profiled train step "
+              f"({r['profile_total_self_cpu_s']:.2f} s)")  # fmt: skip
+        for op in r["profile_top_ops"]:
+            print(f"  {op['self_cpu_s']:7.3f} s  {op['calls']:5d} calls  {op['op']}")
+    if not args.quick:
+        meta = {
+            "batch": args.batch,
+            "size": args.size,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu": _cpu_name(),
+            "load_average": os.getloadavg(),
+            "torch": __import__("torch").__version__,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        os.replace(tmp, args.out)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
