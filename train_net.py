@@ -89,9 +89,20 @@ def main(args):
     return trainer.train()
 
 
+def _one_line(error: Exception) -> str:
+    """The error's message; for one re-raised from a data-loader worker (whose message holds
+    the worker's traceback) the original message, the traceback's last line."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        last = message.splitlines()[-1]
+        prefix = type(error).__name__ + ": "
+        message = last.split(prefix, 1)[1] if prefix in last else last
+    return " ".join(message.split("\n"))
+
+
 def _fail(error: Exception, status: int):
     rank = f" (process {comm.get_rank()})" if comm.get_world_size() > 1 else ""
-    print(f"train_net.py: error{rank}: {error}", file=sys.stderr, flush=True)
+    print(f"train_net.py: error{rank}: {_one_line(error)}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 

@@ -123,6 +123,11 @@ class DeterministicBatchStream(IterableDataset):
             return None
         return np.array([0 if d["width"] > d["height"] else 1 for d in dicts], dtype=np.int8)
 
+    @property
+    def num_images(self) -> int:
+        """Number of images in the dataset the stream draws from."""
+        return len(self._dicts)
+
     def __len__(self):  # for DataLoader's length heuristics only: the stream is infinite
         raise TypeError("DeterministicBatchStream is infinite")
 

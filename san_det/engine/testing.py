@@ -164,7 +164,8 @@ def write_coco_dataset(folder: str, images: Sequence[Dict], categories=("a", "b"
         pil = Image.fromarray(_draw((w, h), boxes, classes, seed=i))
         mode = spec.get("mode", "RGB")
         if mode == "I;16":
-            pil = Image.fromarray((np.asarray(pil.convert("L")).astype(np.uint16) * 257), "I;16")
+            pil = Image.fromarray(np.asarray(pil.convert("L")).astype(np.uint16) * 257)
+            assert pil.mode == "I;16", pil.mode
         elif mode != "RGB":
             pil = pil.convert(mode)
         broken = spec.get("broken")
