@@ -33,7 +33,7 @@ __all__ = ["local_attention", "local_attention_reference", "LocalSelfAttention2d
 
 
 def _check_inputs(q, k, v, rel, num_heads, kernel_size, dilation):
-    """Validate the arguments of :func:`local_attention`; raise ``ValueError`` naming the culprit."""
+    """Validate :func:`local_attention`'s arguments; raise ``ValueError`` naming the culprit."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not torch.is_tensor(t):
             raise ValueError(f"{name} must be a tensor of shape (N, C, H, W), got {type(t)}")

@@ -7,9 +7,9 @@
 //
 // Layouts (all contiguous): q, k, v, out, grad_* are (N, C, H, W); rel is (C, K, K) (zeros when
 // there is none); attn and dlogit are acc_t buffers (N, heads, K*K, H, W). Heads are contiguous
-// channel groups of d = C / heads channels. Neighbour (a, b) of pixel (i, j) is (i + (a - r) * dil, j + (b - r) * dil)
-// with r = K / 2; neighbours outside the image are masked: their probability and logit gradient
-// are exactly 0.
+// channel groups of d = C / heads channels. Neighbour (a, b) of pixel (i, j) is
+// (i + (a - r) * dil, j + (b - r) * dil) with r = K / 2; neighbours outside the image are masked:
+// their probability and logit gradient are exactly 0.
 //
 // Work per thread is a compile-time tile: SAN_TJ consecutive pixels of one image row and, in the
 // kernels that produce one value per channel, SAN_CG consecutive channels of one head (they share
@@ -68,7 +68,7 @@ __device__ __forceinline__ void san_inside_taps(int j0, int W, int K, int r, int
 }
 
 // Runs BODY for every window column b: first the border taps (full == false), then the inside
-// taps [f0, f1) (full == true, a constant the compiler folds away). One plain loop when SAN_TJ is 1.
+// taps [f0, f1) (full == true, a constant the compiler folds away); one plain loop for SAN_TJ 1.
 #if SAN_TJ > 1
 #define SAN_FOR_TAPS(f0, f1, ...)                  \
     for (int b = 0; b < K; ++b) {                  \
@@ -287,9 +287,10 @@ __global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
 
 // Gradients of q, k and v; one thread per (n, head, channel group, i, row tile), no atomics:
 // grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]) over the neighbours of
-// (i, j); grad_k and grad_v gather over the pixels (s, u) that see (i, j) as their neighbour (a, b),
-// (s, u) = (i - (a - r) * dil, j - (b - r) * dil):
-// grad_k[c, i, j] = sum dlogit[ab, s, u] * q[c, s, u], grad_v[c, i, j] = sum p[ab, s, u] * g[c, s, u].
+// (i, j); grad_k and grad_v gather over the pixels (s, u) that see (i, j) as their neighbour
+// (a, b), (s, u) = (i - (a - r) * dil, j - (b - r) * dil):
+// grad_k[c, i, j] = sum dlogit[ab, s, u] * q[c, s, u],
+// grad_v[c, i, j] = sum p[ab, s, u] * grad_out[c, s, u].
 __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                   const scalar_t* __restrict__ rel,
                                   const scalar_t* __restrict__ grad_out,
