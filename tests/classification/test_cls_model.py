@@ -164,3 +164,16 @@ def test_imagenet_configs_build(path):
         paper = PAPER_PARAMS_M[name.replace("_full_attention", "").replace(".yaml", "")]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         assert abs(params - paper) / paper < 0.01, (params, paper)
+
+
+@pytest.mark.parametrize("name", ["sasa26.yaml", "sasa26_full_attention.yaml"])
+def test_sasa_recipe_starts_with_bounded_gradients(name):
+    """The SASA configs' first gradient is moderate (ZERO_INIT_RESIDUAL): without it SASA's
+    gradient norm at initialisation was in the thousands here and training diverged on a GPU."""
+    cfg = get_classification_cfg(os.path.join(REPO, "configs", "ImageNet", name))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model(_batch(4))["loss_cls"].backward()
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    assert float(torch.stack(grads).norm()) < 100.0
