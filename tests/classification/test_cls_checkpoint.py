@@ -1,5 +1,6 @@
 """Pretrained classifier -> detection backbone: every backbone weight, identical outputs, errors."""
 
+import logging
 import os
 
 import pytest
@@ -95,14 +96,17 @@ def test_classifier_weights_flow_into_retinanet(cls_cfg, detection_config, famil
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
 
 
-def test_classifier_checkpoint_via_resume_or_load(tmp_path):
+def test_classifier_checkpoint_via_resume_or_load(tmp_path, caplog):
     """The path DefaultTrainer takes for MODEL.WEIGHTS (resume=False)."""
     cls_cfg = tiny_sasa_cfg()
     classifier, path = _save_classifier(cls_cfg, tmp_path)
     detector = build_model(_detection_cfg("retinanet_sasa26.yaml", cls_cfg, "SASA")).eval()
-    ClassifierCheckpointer(detector, str(tmp_path / "out")).resume_or_load(path, resume=False)
+    with caplog.at_level(logging.WARNING, logger="san_det.classification.checkpoint"):
+        ClassifierCheckpointer(detector, str(tmp_path / "out")).resume_or_load(path, resume=False)
     for k, v in classifier.backbone.state_dict().items():
         torch.testing.assert_close(detector.backbone.bottom_up.state_dict()[k], v, rtol=0, atol=0)
+    # The detection config's default normalisation differs from the classifier's: a warning.
+    assert "MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]" in caplog.text
 
 
 def test_load_classifier_into_detector_function(tmp_path):
