@@ -18,7 +18,7 @@ unreadable image (:class:`CorruptImageError`, raised when the image is read).
 
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
@@ -40,7 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_CACHE: Dict[Tuple, List[dict]] = {}
 # What PIL raises for unreadable files (UnidentifiedImageError and truncation are OSErrors).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -99,10 +98,6 @@ def _check_same_classes(split_dir: str, classes: Sequence[str], class_dir: str) 
     )
 
 
-def _class_dir_state(split_dir: str, classes: Sequence[str]) -> Tuple:
-    return tuple(os.stat(os.path.join(split_dir, c)).st_mtime_ns for c in classes)
-
-
 def load_image_folder(split_dir: str, class_dir: Optional[str] = None) -> List[dict]:
     """Dataset dicts of ``split_dir`` with class indices taken from ``class_dir``'s folders.
 
@@ -112,16 +107,12 @@ def load_image_folder(split_dir: str, class_dir: Optional[str] = None) -> List[d
             class folders and ``split_dir``'s must be the same.
 
     Returns:
-        ``[{"file_name", "label", "image_id"}]`` sorted by class then file name. The listing is
-        cached per process while the class folders are unchanged.
+        ``[{"file_name", "label", "image_id"}]`` sorted by class then file name.
     """
     class_dir = class_dir or split_dir
     classes = find_classes(class_dir)
     if os.path.abspath(class_dir) != os.path.abspath(split_dir):
         _check_same_classes(split_dir, classes, class_dir)
-    key = (os.path.abspath(split_dir), tuple(classes), _class_dir_state(split_dir, classes))
-    if key in _CACHE:
-        return [dict(d) for d in _CACHE[key]]
     dicts = []
     for label, name in enumerate(classes):
         folder = os.path.join(split_dir, name)
@@ -135,9 +126,8 @@ def load_image_folder(split_dir: str, class_dir: Optional[str] = None) -> List[d
             dicts.append({"file_name": os.path.join(folder, f), "label": label})
     for i, d in enumerate(dicts):
         d["image_id"] = i
-    _CACHE[key] = dicts
     logger.info(f"Loaded {len(dicts)} images of {len(classes)} classes from {split_dir}")
-    return [dict(d) for d in dicts]
+    return dicts
 
 
 def read_image_rgb(path: str) -> Image.Image:
