@@ -6,7 +6,7 @@ Two kinds of layer are understood:
   layer's input ``x``; for a pixel ``(i, j)`` the weights are recomputed with the operator's
   formula from the layer's own projections and relative embeddings::
 
-      w[h, a, b] = softmax_{a, b in image}( sum_{c in h} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) )
+      w[h, a, b] = softmax_{a, b in image}(sum_{c in h} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]))
 
   with ``(i', j') = (i + (a - r) * dilation, j + (b - r) * dilation)``, ``r = kernel_size // 2``;
   neighbours outside the image get weight 0 (they are masked out of the softmax, as in
@@ -386,6 +386,7 @@ def render_attention_png(
     pixel_size: float,
     panel_size: int = 160,
     max_groups: int = 16,
+    labels: Optional[Sequence[str]] = None,
 ) -> Tuple[int, int]:
     """Save a PNG of attention maps overlaid on ``image``; returns its ``(width, height)``.
 
@@ -406,6 +407,7 @@ def render_attention_png(
             stride relative to ``image``, e.g. 8.0 for a stride-8 layer on an unresized image).
         panel_size: side of every panel in pixels.
         max_groups: most heads / channel groups drawn per row.
+        labels: caption of each row's first panel (default: the window centre in image pixels).
     """
     if not maps:
         raise ValueError("maps is empty: give at least one pixel")
@@ -415,10 +417,12 @@ def render_attention_png(
         raise ValueError(f"pixel_size must be > 0, got {pixel_size}")
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    if labels is not None and len(labels) != len(maps):
+        raise ValueError(f"labels must give one caption per map ({len(maps)}), got {len(labels)}")
     groups = min(maps[0].weights.shape[0], max_groups)
     h, w = image.shape[:2]
     rows = []
-    for amap in maps:
+    for row_index, amap in enumerate(maps):
         k, r, dil = amap.kernel_size, amap.kernel_size // 2, amap.dilation
         cy, cx = ((c + 0.5) * pixel_size for c in amap.centre)  # window centre, image px
         half = (r * dil + 0.5) * pixel_size  # half the window span
@@ -436,8 +440,8 @@ def render_attention_png(
         )
         draw.line([(cx * s - 4, cy * s), (cx * s + 4, cy * s)], fill=(255, 0, 0), width=2)
         draw.line([(cx * s, cy * s - 4), (cx * s, cy * s + 4)], fill=(255, 0, 0), width=2)
-        y_img, x_img = int(cy), int(cx)
-        panels = [_labelled(overview, f"y={y_img} x={x_img}")]
+        label = labels[row_index] if labels is not None else f"y={int(cy)} x={int(cx)}"
+        panels = [_labelled(overview, label)]
 
         signed = amap.kind == "san_patchwise"
         base = _crop(image, box, panel_size).convert("RGBA")
@@ -454,12 +458,13 @@ def render_attention_png(
                     if not amap.inside[a, b] and amap.kind == "sasa":
                         continue  # masked out of the softmax: weight 0 by construction
                     value = float(weights[a, b]) / peak
-                    draw.rectangle(cell, fill=_colour(value, signed) + (150,))
+                    alpha = int(50 + 170 * abs(value))  # small weights: a light tint only
+                    draw.rectangle(cell, fill=_colour(value, signed) + (alpha,))
                     if a == r and b == r:
                         draw.rectangle(cell, outline=(255, 255, 255, 255), width=2)
             panel = Image.alpha_composite(base, overlay).convert("RGB")
-            rows_label = f"{amap.group_name[:5]} {g} max {float(weights.max()):.2f}"
-            panels.append(_labelled(panel, rows_label))
+            caption = f"{amap.group_name[:5]} {g} max {float(weights.max()):.2f}"
+            panels.append(_labelled(panel, caption))
         row = Image.new("RGB", (panel_size * len(panels), panel_size + LABEL_HEIGHT))
         for idx, panel in enumerate(panels):
             row.paste(panel, (idx * panel_size, 0))

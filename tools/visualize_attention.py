@@ -158,7 +158,9 @@ def run(args) -> str:
     height, width = image.shape[:2]
     for y, x in pixels:
         if not (0 <= y < height and 0 <= x < width):
-            raise InputError(f"--pixels {y},{x} lies outside the {height}x{width} image {args.input}")
+            raise InputError(
+                f"--pixels {y},{x} lies outside the {height}x{width} image {args.input}"
+            )
 
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     resized = resize.get_transform(image).apply_image(image)
@@ -203,6 +205,7 @@ def run(args) -> str:
         pixel_size=pixel_size,
         panel_size=args.panel_size,
         max_groups=args.max_groups,
+        labels=[f"pixel y={y} x={x}" for y, x in pixels],
     )
     for (y, x), amap in zip(pixels, maps):
         peaks = ", ".join(f"{float(w.max()):.2f}" for w in amap.weights[: args.max_groups])
