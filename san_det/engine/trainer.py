@@ -269,7 +269,12 @@ class RobustTrainer(DefaultTrainer):
         if isinstance(loader, ResumableTrainLoader):
             loader.seed = self.seed
             loader.set_start_iter(self.start_iter)
-        return super().train()
+        results = super().train()
+        if results is None and comm.is_main_process():
+            # The evaluation after the last iteration (detectron2 returns it only when
+            # TEST.EXPECTED_RESULTS is set).
+            results = getattr(self, "_last_eval_results", None)
+        return results
 
     def run_step(self):
         self._trainer.iter = self.iter
