@@ -149,6 +149,7 @@ def detection_params(name, top_block_in):
         cfg.MODEL.BACKBONE.NAME = "build_retinanet_sasa_fpn_backbone"
         cfg.MODEL.SASA.STAGE_TYPES = ["conv"] * 4
         cfg.MODEL.SASA.NORM = cfg.MODEL.RESNETS.NORM
+        cfg.MODEL.SASA.STRIDE_IN_1X1 = cfg.MODEL.RESNETS.STRIDE_IN_1X1
     return num_params(build_model(cfg))
 
 
