@@ -141,9 +141,10 @@ class _CpuModule:
 
 
 class _CudaKernel:
-    def __init__(self, fn, params):
+    def __init__(self, fn, params, device_index: int):
         self._fn = fn
         self._params = params
+        self._device_index = device_index
 
     def __call__(self, grid: int, block: int, *args):
         import cupy
@@ -162,8 +163,11 @@ class _CudaKernel:
                 converted.append(cupy.float32(arg))
             else:
                 converted.append(cupy.float64(arg))
-        with _cupy_stream(torch.cuda.current_stream()):
-            self._fn((int(grid),), (int(block),), tuple(converted))
+        # The module was compiled for this device: launch there, on torch's current stream of
+        # that device (not of whichever device happens to be current).
+        with cupy.cuda.Device(self._device_index):
+            with _cupy_stream(torch.cuda.current_stream(self._device_index)):
+                self._fn((int(grid),), (int(block),), tuple(converted))
 
 
 _STREAMS: Dict[Tuple[int, int], object] = {}
@@ -229,7 +233,7 @@ class KernelSource:
                     module.compile()
                     self._cuda[key] = module
             module = self._cuda[key]
-            namespace = self._cuda_namespaces[key] = _CudaNamespace(module, self.kernels)
+            namespace = self._cuda_namespaces[key] = _CudaNamespace(module, self.kernels, index)
         return namespace
 
     def nvrtc_compile(self, dtype: torch.dtype, arch: str = "sm_90") -> bytes:
@@ -332,9 +336,9 @@ class KernelSource:
 
 
 class _CudaNamespace:
-    def __init__(self, module, kernels):
+    def __init__(self, module, kernels, device_index: int):
         for name, params in kernels.items():
-            setattr(self, name, _CudaKernel(module.get_function(name), params))
+            setattr(self, name, _CudaKernel(module.get_function(name), params, device_index))
 
 
 def _check_nvrtc(err, what: str) -> None:
