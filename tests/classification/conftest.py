@@ -22,9 +22,18 @@ def digits(tmp_path_factory):
     return train, val, root
 
 
+@pytest.fixture(scope="session")
+def digits32(tmp_path_factory):
+    """As :func:`digits`, at the demo config's 32x32."""
+    root = str(tmp_path_factory.mktemp("datasets32"))
+    train, val = register_embedded_digits(root, image_size=32, prefix="test_digits32")
+    return train, val, root
+
+
 def tiny_resnet_cfg(output_dir: str, train: str, val: str):
     """The CPU demo config (ResNet-18) with a 16-channel stem, 16x16 inputs, 60 iterations."""
     cfg = get_classification_cfg(DEMO_CONFIG)
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (val,)
     c = cfg.CLASSIFICATION
