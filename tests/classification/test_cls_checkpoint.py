@@ -1,11 +1,13 @@
 """Pretrained classifier -> detection backbone: every backbone weight, identical outputs, errors."""
 
+import importlib.util
 import logging
 import os
 
 import pytest
 import torch
 from conftest import REPO, tiny_san_cfg, tiny_sasa_cfg
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import (
@@ -160,3 +162,33 @@ def test_remap_rules_on_key_lists():
     assert list(out) == ["backbone.a.weight"] and report["dropped"] == ["classifier.weight"]
     assert report["not_in_checkpoint"] == ["head.w"]
     assert not is_classifier_checkpoint({"model": {"backbone.a": 0, "head.w": 0}})
+
+
+def test_convert_classifier_to_detection_tool(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "convert_classifier_to_detection",
+        os.path.join(REPO, "tools", "convert_classifier_to_detection.py"),
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cls_cfg = tiny_sasa_cfg()
+    classifier, path = _save_classifier(cls_cfg, tmp_path)
+    det_cfg = _detection_cfg("retinanet_sasa26.yaml", cls_cfg, "SASA")
+    s = det_cfg.MODEL.SASA
+    opts = [
+        "MODEL.SASA.STEM_OUT_CHANNELS", str(s.STEM_OUT_CHANNELS),
+        "MODEL.SASA.WIDTH_PER_GROUP", str(s.WIDTH_PER_GROUP),
+        "MODEL.SASA.RES2_OUT_CHANNELS", str(s.RES2_OUT_CHANNELS),
+        "MODEL.SASA.KERNEL_SIZE", str(s.KERNEL_SIZE),
+        "MODEL.SASA.NUM_HEADS", str(s.NUM_HEADS),
+    ]  # fmt: skip
+    config = os.path.join(COCO, "retinanet_sasa26.yaml")
+    out = str(tmp_path / "init.pth")
+    assert tool.main(["--config-file", config, "--input", path, "--output", out] + opts) == 0
+    detector = build_model(_detection_cfg("retinanet_sasa26.yaml", cls_cfg, "SASA"))
+    DetectionCheckpointer(detector).load(out)  # a plain detectron2 checkpointer
+    for k, v in classifier.backbone.state_dict().items():
+        torch.testing.assert_close(detector.backbone.bottom_up.state_dict()[k], v, rtol=0, atol=0)
+    # Full-width detection config: the shapes differ, the tool names the key and fails.
+    assert tool.main(["--config-file", config, "--input", path, "--output", out]) == 1
+    assert "has shape" in capsys.readouterr().err
