@@ -120,7 +120,8 @@ def sanitize_annotations(annotations: List[Dict], height: int, width: int, count
 
 
 def _describe(counts: Counter) -> str:
-    dropped = counts["dropped_degenerate"] + counts["dropped_non_finite"] + counts["dropped_outside"]
+    kinds = ("dropped_degenerate", "dropped_non_finite", "dropped_outside")
+    dropped = sum(counts[k] for k in kinds)
     return (
         f"{dropped} boxes dropped ({counts['dropped_degenerate']} with non-positive width or "
         f"height, {counts['dropped_outside']} outside the image, {counts['dropped_non_finite']} "

@@ -20,7 +20,7 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -73,10 +73,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _shape(value) -> Tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else ()
 
 
 class SafeCheckpointer(DetectionCheckpointer):

@@ -58,7 +58,14 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
-            raise ValueError(f"CPUSyncBatchNorm expects input of shape (N, C, *), got {input.dim()}D")
+            raise ValueError(
+                f"CPUSyncBatchNorm expects input of shape (N, C, *), got {input.dim()}D"
+            )
+
+    def _momentum_factor(self) -> float:
+        if self.momentum is None:  # cumulative moving average
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
 
     def _need_sync(self) -> bool:
         if not (self.training and dist.is_available() and dist.is_initialized()):
@@ -73,9 +80,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor = 0.0
             if self.training and self.track_running_stats:
                 self.num_batches_tracked.add_(1)
-                factor = (
-                    1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                )
+                factor = self._momentum_factor()
             return F.batch_norm(
                 input,
                 self.running_mean if not self.training or self.track_running_stats else None,
@@ -106,9 +111,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                factor = (
-                    1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                )
+                factor = self._momentum_factor()
                 unbiased = var.detach() * (count / (count - 1))
                 self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)

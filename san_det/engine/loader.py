@@ -11,7 +11,8 @@ iteration ``i`` on rank ``r`` depends on nothing but the seed, ``i``, ``r`` and 
 - Augmentation: each sample is mapped with Python's, NumPy's and torch's global RNGs seeded from
   ``(seed, p)`` (and restored afterwards), so its random crop/flip does not depend on which worker
   maps it or what ran before.
-- Resuming at iteration ``i`` starts the stream at ``i``'s batch (:meth:`ResumableTrainLoader.set_start_iter`).
+- Resuming at iteration ``i`` starts the stream at ``i``'s batch
+  (:meth:`ResumableTrainLoader.set_start_iter`).
 - Data-loader workers take batches round-robin; torch's ``DataLoader`` returns them in order.
 - An image the mapper skips (returns None: unreadable, with ``DATALOADER.SKIP_CORRUPT_IMAGES``) is
   replaced by the next image of the dataset, also deterministically.
@@ -37,7 +38,7 @@ __all__ = ["DeterministicBatchStream", "ResumableTrainLoader", "mix_seed", "seed
 
 logger = logging.getLogger(__name__)
 
-_EPOCH_STREAM, _SAMPLE_STREAM, _STEP_STREAM = 1, 2, 3
+_EPOCH_STREAM, _SAMPLE_STREAM = 1, 2  # trainer.py seeds steps with stream 3
 
 
 def mix_seed(*values: int) -> int:
@@ -48,7 +49,8 @@ def mix_seed(*values: int) -> int:
 @contextmanager
 def seeded_rng(seed: int):
     """Seed Python's, NumPy's and torch's (CPU) global RNGs; restore their states on exit."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

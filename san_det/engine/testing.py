@@ -125,10 +125,9 @@ class TinyTestNet(nn.Module):
         logits = self.fc(F.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
         if not self.training:
             return [{"logits": row} for row in logits]
-        target = torch.tensor(
-            [int(d["instances"].gt_classes[0]) if len(d["instances"]) else 0 for d in batched_inputs],
-            device=self.device,
-        )
+        first = [int(d["instances"].gt_classes[0]) if len(d["instances"]) else 0
+                 for d in batched_inputs]
+        target = torch.tensor(first, device=self.device)
         return {"loss_cls": F.cross_entropy(logits, target)}
 
 
@@ -220,5 +219,6 @@ def simple_images(n: int, seed: int = 0) -> List[Dict]:
         k = 1 + i % 2
         boxes = [[float(v) for v in (*rng.integers(0, 32, 2), *rng.integers(12, 30, 2))]
                  for _ in range(k)]
-        out.append({"name": f"img{i}.png", "boxes": boxes, "classes": [(i + j) % 3 for j in range(k)]})
+        classes = [(i + j) % 3 for j in range(k)]
+        out.append({"name": f"img{i}.png", "boxes": boxes, "classes": classes})
     return out

@@ -325,7 +325,8 @@ class DetectionTrainer(RobustTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         from ..data.mapper import RobustDatasetMapper
 
-        return build_detection_test_loader(cfg, dataset_name, mapper=RobustDatasetMapper(cfg, False))
+        mapper = RobustDatasetMapper(cfg, False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

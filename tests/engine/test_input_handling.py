@@ -18,6 +18,11 @@ from san_det.engine import DetectionTrainer, NonFiniteError
 from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _error_lines(capsys):
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith("train_net.py: error")]
 BOX = [[8.0, 8.0, 20.0, 20.0]]
 
 
@@ -45,7 +50,8 @@ def _trainer(tmp_path, name, images, iters=2, **cfg_changes):
 # ------------------------------------------------------------------------- unreadable images
 @pytest.mark.parametrize("broken", ["truncated", "garbage", "missing"])
 def test_unreadable_image_stops_training_naming_the_file(tmp_path, broken):
-    images = [{"name": "good.png", "boxes": BOX}, {"name": "bad.jpg", "boxes": BOX, "broken": broken}]
+    images = [{"name": "good.png", "boxes": BOX},
+              {"name": "bad.jpg", "boxes": BOX, "broken": broken}]
     trainer = _trainer(tmp_path, f"unreadable_{broken}", images)
     with pytest.raises(CorruptImageError, match=r"cannot read image .*bad\.jpg"):
         trainer.train()
@@ -54,7 +60,8 @@ def test_unreadable_image_stops_training_naming_the_file(tmp_path, broken):
 def test_unreadable_image_is_skipped_with_a_warning_when_allowed(tmp_path, caplog):
     images = [{"name": "good.png", "boxes": BOX},
               {"name": "bad.jpg", "boxes": BOX, "broken": "truncated"}]
-    trainer = _trainer(tmp_path, "skip", images, iters=3, **{"DATALOADER.SKIP_CORRUPT_IMAGES": True})
+    skip = {"DATALOADER.SKIP_CORRUPT_IMAGES": True}
+    trainer = _trainer(tmp_path, "skip", images, iters=3, **skip)
     seen = []
     loader_iter = iter(trainer.data_loader)
     with caplog.at_level(logging.WARNING):
@@ -76,7 +83,7 @@ def test_train_net_reports_an_unreadable_image_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         _load_train_net().cli(["--config-file", str(tmp_path / "tiny.yaml")])
     assert info.value.code == 2
-    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train_net.py: error")]
+    errors = _error_lines(capsys)
     assert len(errors) == 1 and str(tmp_path / "data" / "bad.jpg") in errors[0], errors
     assert "Traceback" not in errors[0] and "truncated" in errors[0], errors
 
@@ -183,7 +190,8 @@ def test_nan_loss_stops_with_the_iteration_keeping_the_last_good_checkpoint(tmp_
     trainer = _trainer(tmp_path, "nan_loss", simple_images(4), iters=8,
                        **{"SOLVER.CHECKPOINT_PERIOD": 2})
     trainer.register_hooks([_Poison(at=2)])  # after the checkpointer: iteration 3 sees NaN
-    with pytest.raises(NonFiniteError, match=r"non-finite loss at iteration 3 .*model_0000001\.pth"):
+    expected = r"non-finite loss at iteration 3 .*model_0000001\.pth"
+    with pytest.raises(NonFiniteError, match=expected):
         trainer.train()
     assert _last_checkpoint(trainer) == "model_0000001.pth"
     assert not (Path(trainer.cfg.OUTPUT_DIR) / "model_0000003.pth").exists()
@@ -208,7 +216,7 @@ def test_diverging_training_stops_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         _load_train_net().cli(["--config-file", str(tmp_path / "tiny.yaml")])
     assert info.value.code == 1
-    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train_net.py: error")]
+    errors = _error_lines(capsys)
     assert len(errors) == 1 and "non-finite" in errors[0] and "at iteration" in errors[0], errors
     last = (tmp_path / "out" / "last_checkpoint").read_text()
     assert last in errors[0]

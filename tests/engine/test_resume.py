@@ -22,6 +22,11 @@ from san_det.engine.testing import (
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+def _error_lines(capsys):
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith("train_net.py: error")]
+
 _DRIVER = """
 import io, os, signal, sys
 sys.path.insert(0, {root!r})
@@ -35,7 +40,8 @@ kill_during = os.environ.get("KILL_DURING_SAVE")    # an iteration: die half-way
 real_save = torch.save
 
 def save(obj, f, *args, **kwargs):
-    if kill_during is not None and isinstance(obj, dict) and obj.get("iteration") == int(kill_during):
+    dying = kill_during is not None and isinstance(obj, dict)
+    if dying and obj.get("iteration") == int(kill_during):
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
         data = buf.getvalue()
@@ -173,7 +179,7 @@ def test_train_net_reports_a_truncated_checkpoint_in_one_line(trained, tmp_path,
         train_net.cli(["--config-file", str(tmp_path / "tiny.yaml"), "--resume",
                        "OUTPUT_DIR", str(out)])
     assert info.value.code == 2
-    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train_net.py: error")]
+    errors = _error_lines(capsys)
     assert len(errors) == 1 and str(out / "model_final.pth") in errors[0], errors
 
 
