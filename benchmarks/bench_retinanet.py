@@ -1,4 +1,4 @@
-"""RetinaNet training-step and inference time and peak memory: R50 vs SASA-50 vs attention everywhere.
+"""RetinaNet train-step and inference time and peak memory: R50, SASA-50, attention everywhere.
 
 Models (configs/COCO-Detection): ``retinanet_R_50_FPN_1x`` (conv baseline), ``retinanet_sasa50``
 (conv stem + attention backbone) and ``retinanet_sasa50_attention_fpn_head`` (full-attention
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=12, help="profiled ops listed per model")
     parser.add_argument("--quick", action="store_true", help="batch 1, 128x128, 1 repeat, no JSON")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retinanet_cpu.json"))
+    default_out = ROOT / "benchmarks" / "results" / "retinanet_cpu.json"
+    parser.add_argument("--out", default=str(default_out))
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
             raise RuntimeError(f"{name} failed (exit {proc.returncode})")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
         r = results[-1]
-        print(f"{name}: train {r['train_step_s']:.2f} s, inference {r['inference_s']:.2f} s", flush=True)
+        print(f"{name}: train {r['train_step_s']:.2f} s, inference {r['inference_s']:.2f} s")
+        sys.stdout.flush()
 
     base = next((r for r in results if r["model"] == MODELS[0]), None)
     print()

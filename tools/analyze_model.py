@@ -149,7 +149,8 @@ def analyze(cfg, tasks, input_size=None, max_depth=3) -> Dict[str, Any]:
     report: Dict[str, Any] = {"input_size": (int(h), int(w))}
     if "parameter" in tasks:
         report["parameters"] = parameter_count(model)[""]
-        report["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = (p.numel() for p in model.parameters() if p.requires_grad)
+        report["trainable_parameters"] = sum(trainable)
         report["parameter_table"] = parameter_count_table(model, max_depth=max_depth)
     if "flop" in tasks or "activation" in tasks:
         wrapper = ImageToTensors(model, int(h), int(w)).eval()

@@ -7,11 +7,9 @@ detectron2 0.6's ``RetinaNet`` builds ``RetinaNetHead`` directly. san_det adds
 losses, inference) is detectron2's.
 """
 
-import logging
 import math
 from typing import List, Tuple
 
-import torch
 from detectron2.config import configurable
 from detectron2.layers import CycleBatchNormList, ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -29,8 +27,6 @@ __all__ = [
     "build_retinanet_head",
     "SanDetRetinaNet",
 ]
-
-logger = logging.getLogger(__name__)
 
 RETINANET_HEAD_REGISTRY = Registry("RETINANET_HEAD")
 RETINANET_HEAD_REGISTRY.__doc__ = """

@@ -221,9 +221,13 @@ def build_san_net(cfg, input_shape: ShapeSpec) -> SANBackbone:
     """Build the SAN described by ``cfg.MODEL.SAN`` (validated, errors name the config key)."""
     s = cfg.MODEL.SAN
     if s.DEPTH not in SAN_BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.SAN.DEPTH must be one of {list(SAN_BLOCKS_PER_STAGE)}, got {s.DEPTH!r}")
+        raise ValueError(
+            f"MODEL.SAN.DEPTH must be one of {list(SAN_BLOCKS_PER_STAGE)}, got {s.DEPTH!r}"
+        )
     if s.SA_TYPE not in SAN_SA_TYPES:
-        raise ValueError(f"MODEL.SAN.SA_TYPE must be one of {list(SAN_SA_TYPES)}, got {s.SA_TYPE!r}")
+        raise ValueError(
+            f"MODEL.SAN.SA_TYPE must be one of {list(SAN_SA_TYPES)}, got {s.SA_TYPE!r}"
+        )
     relations = _RELATIONS[s.SA_TYPE]
     relation = s.RELATION or None
     if relation is not None and relation not in relations:

@@ -46,7 +46,8 @@ def _naive_stem_attention(stem, x):
                         logits[hd, t] = qh @ (kh + r)
                 attn = torch.softmax(logits, dim=1)
                 for hd in range(heads):
-                    out[bi, hd * d : (hd + 1) * d, i, j] = attn[hd] @ values[:, hd * d : (hd + 1) * d]
+                    head = slice(hd * d, (hd + 1) * d)
+                    out[bi, head, i, j] = attn[hd] @ values[:, head]
     return out
 
 
@@ -79,7 +80,8 @@ def test_shape_pool_and_gradients():
     stem.eval()
     with torch.no_grad():
         pre = stem.norm(_attention_only(stem, x))
-        torch.testing.assert_close(stem(x), torch.nn.functional.max_pool2d(pre, 4, 4, ceil_mode=True))
+        expected = torch.nn.functional.max_pool2d(pre, 4, 4, ceil_mode=True)
+        torch.testing.assert_close(stem(x), expected)
 
 
 def _attention_only(stem, x):

@@ -64,7 +64,9 @@ def detection_inputs(size, num_images=2, num_classes=80):
     for i in range(num_images):
         inst = Instances((size, size))
         if i == 0:
-            boxes = torch.tensor([[4.0, 6.0, 0.6 * size, 0.8 * size], [0.5 * size, 2.0, size - 1, 20.0]])
+            boxes = torch.tensor(
+                [[4.0, 6.0, 0.6 * size, 0.8 * size], [0.5 * size, 2.0, size - 1, 20.0]]
+            )
             inst.gt_boxes = Boxes(boxes)
             inst.gt_classes = torch.tensor([0, num_classes - 1])
         else:

@@ -1,4 +1,4 @@
-"""Every registered san_det backbone builds, runs forward/backward and describes itself correctly."""
+"""Every registered san_det backbone builds, runs forward/backward and describes itself."""
 
 import math
 
@@ -159,7 +159,8 @@ def _with_name(cfg, name):
 
 
 def test_out_features_truncate_unused_stages():
-    cfg = _with_name(_full_cfg("san", DEPTH=10, OUT_FEATURES=["res2", "res3"]), "build_san_backbone")
+    cfg = _full_cfg("san", DEPTH=10, OUT_FEATURES=["res2", "res3"])
+    cfg = _with_name(cfg, "build_san_backbone")
     model = build_backbone(cfg)
     assert hasattr(model, "layer2") and not hasattr(model, "layer3")
     cfg = _with_name(_full_cfg("sasa", DEPTH=26, OUT_FEATURES=["res3"]), "build_sasa_backbone")
@@ -173,7 +174,8 @@ def _frozen_groups(model, family):
         groups = {"stem": model.stem}
         groups.update({f"res{i}": getattr(model, f"res{i}") for i in range(2, 6)})
         return groups
-    groups = {"stem": nn.ModuleList([model.conv_in, model.bn_in, model.conv0, model.bn0, model.layer0])}
+    stem = [model.conv_in, model.bn_in, model.conv0, model.bn0, model.layer0]
+    groups = {"stem": nn.ModuleList(stem)}
     for i in range(1, 5):
         groups[f"res{i + 1}"] = nn.ModuleList(
             [getattr(model, f"conv{i}"), getattr(model, f"bn{i}"), getattr(model, f"layer{i}")]

@@ -82,9 +82,8 @@ def test_whole_backbone_counts_every_attention_layer():
         n, _, h, w = inputs[0].shape
         expected.append(2 * n * module.out_channels * h * w * module.kernel_size**2)
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LocalSelfAttention2d)
-    ]
+    layers = [m for m in model.modules() if isinstance(m, LocalSelfAttention2d)]
+    handles = [m.register_forward_hook(hook) for m in layers]
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     for handle in handles:

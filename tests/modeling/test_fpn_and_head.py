@@ -81,7 +81,8 @@ def test_attention_head_output_format_equals_retinanet_head():
     cfg = _head_cfg()
     conv_head, att_head = RetinaNetHead(cfg, SHAPES), build_retinanet_head(cfg, SHAPES)
     assert isinstance(att_head, AttentionRetinaNetHead)
-    features = [torch.randn(2, 256, math.ceil(64 / s.stride), math.ceil(48 / s.stride)) for s in SHAPES]
+    sizes = [(math.ceil(64 / s.stride), math.ceil(48 / s.stride)) for s in SHAPES]
+    features = [torch.randn(2, 256, h, w) for h, w in sizes]
     conv_out, att_out = conv_head(features), att_head(features)
     assert len(att_out) == 2
     for a, b in zip(conv_out, att_out):
@@ -95,7 +96,8 @@ def test_attention_head_structure_and_init():
     for layer in list(head.cls_subnet) + list(head.bbox_subnet):
         att = layer.attention
         assert isinstance(att, LocalSelfAttention2d)
-        assert (att.in_channels, att.out_channels, att.kernel_size, att.num_heads) == (256, 256, 7, 8)
+        config = (att.in_channels, att.out_channels, att.kernel_size, att.num_heads)
+        assert config == (256, 256, 7, 8)
         assert isinstance(layer.activation, nn.ReLU)
         # Value projections from N(0, 0.01): 65536 samples, std within 2%.
         assert abs(att.value.weight.std().item() - 0.01) < 2e-4
@@ -143,7 +145,8 @@ def test_head_name_and_fpn_attention_are_checked():
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.META_ARCHITECTURE = "SanDetRetinaNet"
     cfg.MODEL.RETINANET.HEAD_NAME = "DeformableHead"
-    with pytest.raises(ValueError, match=r"HEAD_NAME must be one of \['AttentionRetinaNetHead', 'RetinaNetHead'\]"):
+    valid = r"\['AttentionRetinaNetHead', 'RetinaNetHead'\]"
+    with pytest.raises(ValueError, match=r"HEAD_NAME must be one of " + valid):
         build_model(cfg)
     cfg.MODEL.RETINANET.HEAD_NAME = "RetinaNetHead"
     cfg.MODEL.FPN.ATTENTION = True  # detectron2's resnet FPN builder ignores the key

@@ -57,7 +57,8 @@ SAN_CASES = [
     ),
     (
         dict(SA_TYPE="patchwise", RELATION="subtraction"),
-        r"MODEL.SAN.RELATION for patchwise SAN must be one of \['concatenation', 'star', 'clique'\]",
+        r"MODEL.SAN.RELATION for patchwise SAN must be one of "
+        r"\['concatenation', 'star', 'clique'\]",
     ),
     (dict(PAD_MODE="circular"), r"MODEL.SAN.PAD_MODE must be one of \['zeros', 'reflect'\]"),
     (dict(KERNELS=[3, 7, 7, 7]), r"MODEL.SAN.KERNELS must list 5 footprints"),

@@ -156,7 +156,8 @@ def detection_params(name, top_block_in):
 @pytest.mark.parametrize("top_block_in", ["res5", "p5"])
 def test_detection_parameters_and_reductions(top_block_in):
     counts = {}
-    for name in ("retinanet_R_50_FPN_1x", "retinanet_sasa50", "retinanet_sasa50_attention_fpn_head"):
+    names = ("retinanet_R_50_FPN_1x", "retinanet_sasa50", "retinanet_sasa50_attention_fpn_head")
+    for name in names:
         counts[name] = detection_params(name, top_block_in)
         assert counts[name] == DETECTION_PARAMS[name, top_block_in], name
     base = counts["retinanet_R_50_FPN_1x"]
