@@ -27,6 +27,7 @@ import time
 import weakref
 
 import torch
+import torch.distributed as dist
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data import build_detection_train_loader as d2_build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
@@ -141,23 +142,25 @@ class GuardedSimpleTrainer(SimpleTrainer):
         self.optimizer.step()
 
     def _check_finite(self, loss_dict) -> None:
-        loss_ok = all(bool(torch.isfinite(v.detach()).all()) for v in loss_dict.values())
+        values = [v.detach() for v in loss_dict.values()]
+        device = values[0].device
+        loss_ok = torch.stack([torch.isfinite(v).all() for v in values]).all()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_ok = True
+        grad_ok = torch.ones((), dtype=torch.bool, device=device)
         if grads:
-            norms = torch._foreach_norm(grads)
-            grad_ok = bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
-        flags = [(loss_ok, grad_ok)]
-        if comm.get_world_size() > 1:
-            flags = comm.all_gather(flags[0])
-        if all(a and b for a, b in flags):
+            norms = torch.stack([n.float().to(device) for n in torch._foreach_norm(grads)])
+            grad_ok = torch.isfinite(norms.sum())
+        flags = torch.stack([loss_ok, grad_ok]).float()
+        if comm.get_world_size() > 1:  # every process must stop at the same step
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        loss_ok, grad_ok = (bool(x) for x in flags.tolist())  # the only host sync
+        if loss_ok and grad_ok:
             return
-        bad_ranks = [r for r, (a, b) in enumerate(flags) if not (a and b)]
-        what = "loss" if not all(a for a, _ in flags) else "gradient"
-        losses = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
+        where = " on at least one process" if comm.get_world_size() > 1 else ""
+        losses = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(loss_dict, values))
         raise NonFiniteError(
-            f"non-finite {what} at iteration {self.iter} (process(es) {bad_ranks}; this "
-            f"process: {losses}); training stopped before the optimizer step"
+            f"non-finite {'gradient' if loss_ok else 'loss'} at iteration {self.iter}{where} "
+            f"(losses here: {losses}); training stopped before the optimizer step"
         )
 
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import san_det  # noqa: F401
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from san_det.engine import DetectionTrainer, launch, wrap_ddp
+from san_det.engine import DetectionTrainer, NonFiniteError, launch, wrap_ddp
 from san_det.engine.ddp import CPUSyncBatchNorm
 from san_det.engine.testing import (
     register_coco_dataset,
@@ -50,12 +51,35 @@ def _worker(folder, out_root, total_batch, result_path):
         kinds[norm] = type(model.norm).__name__
     # What the other rank ended with: data-parallel replicas must agree.
     gathered = comm.all_gather(results["GN"]["fc.weight"])
+    nan_error = _nan_on_rank_1(folder, out_root, total_batch)
     if comm.is_main_process():
         torch.save(
             {"weights": results, "norm_types": kinds, "world": comm.get_world_size(),
-             "replicas": gathered},
+             "replicas": gathered, "nan_error": nan_error},
             result_path,
         )
+
+
+class _PoisonRank1(HookBase):
+    def before_step(self):
+        if self.trainer.iter == 1 and comm.get_rank() == 1:
+            with torch.no_grad():
+                self.trainer.model.module.fc.bias.fill_(float("nan"))
+
+
+def _nan_on_rank_1(folder, out_root, total_batch):
+    """Only rank 1's loss becomes NaN: every rank must stop at that iteration (no hang)."""
+    register_coco_dataset("launch_train", folder)
+    cfg = tiny_test_net_cfg(os.path.join(out_root, "nan"), ("launch_train",), ITERS, norm="GN")
+    cfg.SOLVER.IMS_PER_BATCH = total_batch
+    trainer = DetectionTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.register_hooks([_PoisonRank1()])
+    try:
+        trainer.train()
+    except NonFiniteError as e:
+        return str(e)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +131,13 @@ def test_syncbn_across_processes_equals_bn_on_the_whole_batch(runs):
     # Plain BN with two processes normalises each half alone: its statistics differ.
     local = two["weights"]["BN"]
     assert (local["norm.running_var"] - full["norm.running_var"]).abs().max() > 1e-4
+
+
+def test_nan_on_one_process_stops_every_process(runs):
+    two = runs[0]
+    message = two["nan_error"]  # rank 0's: its own loss was finite
+    assert message is not None
+    assert "non-finite loss at iteration 1 on at least one process" in message
 
 
 def test_wrap_ddp_is_identity_in_one_process():

@@ -256,3 +256,23 @@ def test_random_seed_is_stored_and_restored_on_resume(trained, tmp_path):
     second = DetectionTrainer(cfg)  # draws another random seed ...
     second.resume_or_load(resume=True)  # ... and takes the checkpoint's
     assert second.seed == first.seed
+
+
+def test_eval_only_with_a_mismatched_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
+    import importlib.util
+
+    root, cfg = trained
+    cfg = cfg.clone()
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    (tmp_path / "tiny.yaml").write_text(cfg.dump())
+    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    weights = str(root / "out" / "model_final.pth")
+    with pytest.raises(SystemExit) as info:
+        train_net.cli(["--config-file", str(tmp_path / "tiny.yaml"), "--eval-only",
+                       "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "out")])
+    assert info.value.code == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and weights in errors[0], errors
+    assert "'head.cls_subnet.2.weight'" in errors[0], errors
