@@ -45,4 +45,4 @@ def test_train_then_coco_eval(tmp_path):
     assert all(math.isfinite(bbox[k]) for k in ("AP", "AP50", "AP75", "APs", "APm")), bbox
     assert math.isnan(bbox["APl"])
     assert 0.0 <= bbox["AP50"] <= 100.0
-    assert (tmp_path / "out" / "inference" / "coco_instances_results.json").exists()
+    assert (tmp_path / "out" / "inference" / "tshapes_val" / "coco_instances_results.json").exists()
