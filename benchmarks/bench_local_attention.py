@@ -28,7 +28,6 @@ Writes ``benchmarks/results/local_attention_<device>.json`` and prints a Markdow
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,39 +38,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _process_stats import cpu_name, reset_peak_rss, status_mb  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 QUICK_SHAPES = [(1, 16, 14, 14)]
 KERNEL_SIZE = 7
 HEADS = 8
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _build(case: str, shape, device: str):
@@ -148,11 +122,11 @@ def measure(case: str, backend: str, shape, device: str, repeats: int) -> dict:
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            if not _reset_peak_rss():
+            if not reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-            base = _status_mb("VmRSS")
+            base = status_mb("VmRSS")
             forward_backward()
-            peak = _status_mb("VmHWM") - base
+            peak = status_mb("VmHWM") - base
         fwd, fwd_min = _time_ms(forward, device, repeats)
         fwd_bwd, fwd_bwd_min = _time_ms(forward_backward, device, repeats)
     return {
@@ -241,7 +215,7 @@ def main() -> None:
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     report = {
         "device": args.device,
         "device_name": device_name,

@@ -25,7 +25,6 @@ Writes ``benchmarks/results/retinanet_cpu.json`` and prints a Markdown table.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _process_stats import cpu_name, reset_peak_rss, status_mb  # noqa: E402
 
 MODELS = (
     "retinanet_R_50_FPN_1x",
@@ -41,34 +43,6 @@ MODELS = (
     "retinanet_sasa50_attention_fpn_head",
 )
 ATTENTION_OP_NAMES = ("_LocalAttentionFunction", "LocalAttention", "local_attention", "sasa_")
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _inputs(batch: int, size: int):
@@ -130,10 +104,10 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
     model.train()
     for _ in range(warmup):
         train_step()
-    rss_before = _status_mb("VmRSS")
-    peak_ok = _reset_peak_rss()
+    rss_before = status_mb("VmRSS")
+    peak_ok = reset_peak_rss()
     train_s = _median_time(train_step, repeats)
-    peak_mb = _status_mb("VmHWM") - rss_before if peak_ok else None
+    peak_mb = status_mb("VmHWM") - rss_before if peak_ok else None
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_step()
@@ -207,7 +181,7 @@ def main(argv=None) -> int:
     base = next((r for r in results if r["model"] == MODELS[0]), None)
     print()
     print(f"batch {args.batch} x {args.size}x{args.size}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {_cpu_name()}")  # fmt: skip
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {cpu_name()}")  # fmt: skip
     print("| model | params (M) | train step (s) | vs R50 | inference (s) | vs R50 | "
           "train peak extra (MB) | attention ops share of train step |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
@@ -232,7 +206,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "load_average": os.getloadavg(),
             "torch": __import__("torch").__version__,
         }
