@@ -46,3 +46,30 @@ def test_train_then_coco_eval(tmp_path):
     assert math.isnan(bbox["APl"])
     assert 0.0 <= bbox["AP50"] <= 100.0
     assert (tmp_path / "out" / "inference" / "tshapes_val" / "coco_instances_results.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_config_loss_decreases(tmp_path):
+    """A short run of the demo model (the config `make demo` trains) learns: the loss falls."""
+    register_shapes_datasets(root=str(tmp_path / "data"), num_train=64, num_val=4, prefix="lshapes")
+    cfg = setup_cfg(
+        DEMO,
+        [
+            "DATASETS.TRAIN", "('lshapes_train',)",
+            "DATASETS.TEST", "()",
+            "SOLVER.MAX_ITER", "25",
+            "SOLVER.IMS_PER_BATCH", "8",
+            "SOLVER.WARMUP_ITERS", "5",
+            "DATALOADER.NUM_WORKERS", "0",
+            "SEED", "3",
+            "OUTPUT_DIR", str(tmp_path / "out"),
+        ],
+    )
+    trainer = DetectionTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert len(losses) == 25 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    print(f"mean loss, first 5 iterations {first:.3f}, last 5 {last:.3f}")
+    assert last < 0.8 * first, (first, last)
