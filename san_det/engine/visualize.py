@@ -46,7 +46,7 @@ def write_prediction_images(
     dataset_name: Optional[str] = None,
     output_dir: Optional[str] = None,
     num_images: int = DEFAULT_NUM_IMAGES,
-    score_threshold: float = 0.5,
+    score_threshold: float = 0.3,
     scale: float = 2.0,
 ) -> List[str]:
     """Draw ground truth and predictions for the first ``num_images`` images of a dataset.
@@ -95,7 +95,13 @@ def write_prediction_images(
             instances = output["instances"].to("cpu")
             instances = instances[instances.scores >= score_threshold]
             rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT)
-            truth = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(record).get_image()
+            boxes_only = dict(record)  # masks would hide the colours the detector saw
+            boxes_only["annotations"] = [
+                {k: v for k, v in a.items() if k != "segmentation"}
+                for a in record.get("annotations", [])
+            ]
+            truth = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(boxes_only)
+            truth = truth.get_image()
             pred = Visualizer(rgb, metadata, scale=scale)
             pred = pred.draw_instance_predictions(instances).get_image()
             gap = np.full((truth.shape[0], 4, 3), 255, dtype=np.uint8)
@@ -129,7 +135,7 @@ class PredictionImagesHook(HookBase):
         score_threshold: predictions below it are not drawn.
     """
 
-    def __init__(self, cfg, num_images: Optional[int] = None, score_threshold: float = 0.5):
+    def __init__(self, cfg, num_images: Optional[int] = None, score_threshold: float = 0.3):
         self._cfg = cfg
         if num_images is None:
             num_images = cfg.TEST.get("PREDICTION_IMAGES", DEFAULT_NUM_IMAGES)
