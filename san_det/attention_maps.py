@@ -463,7 +463,8 @@ def render_attention_png(
                     if a == r and b == r:
                         draw.rectangle(cell, outline=(255, 255, 255, 255), width=2)
             panel = Image.alpha_composite(base, overlay).convert("RGB")
-            caption = f"{amap.group_name[:5]} {g} max {float(weights.max()):.2f}"
+            short = "head" if amap.group_name == "head" else "group"
+            caption = f"{short} {g} max {float(weights.max()):.2f}"
             panels.append(_labelled(panel, caption))
         row = Image.new("RGB", (panel_size * len(panels), panel_size + LABEL_HEIGHT))
         for idx, panel in enumerate(panels):

@@ -257,3 +257,30 @@ def test_tool_command_line_help():
     )
     assert result.returncode == 0, result.stderr
     assert "--list-layers" in result.stdout and "--pixels" in result.stdout
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_tool_on_a_san_model(tmp_path, capsys, sa_type):
+    """A narrow SAN10 RetinaNet (random init): SAM modules are listed with their channel
+    groups and drawn one panel per group (capped by --max-groups)."""
+    tool = _load_tool()
+    config = str(ROOT / f"configs/COCO-Detection/retinanet_san10_{sa_type}.yaml")
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.SAN.BASE_WIDTH", "32", "MODEL.SAN.NORM", "BN",
+            "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.RETINANET.NUM_CONVS", "1",
+            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+            "OUTPUT_DIR", str(tmp_path)]  # fmt: skip
+    assert tool.main(["--config-file", config, "--list-layers"] + opts) == 0
+    listed = capsys.readouterr().out
+    # layer1 (stride 4) has width 128: SAM output 32 channels, 32 / 8 = 4 channel groups
+    assert f"backbone.bottom_up.layer1.0.sam  SAN {sa_type} SAM" in listed
+    assert "k=7, 4 channel groups" in listed
+    Image.fromarray(np.full((128, 160, 3), 90, dtype=np.uint8)).save(tmp_path / "img.png")
+    out = tmp_path / "san.png"
+    args = ["--config-file", config, "--input", str(tmp_path / "img.png"), "--layer",
+            "backbone.bottom_up.layer1.0", "--pixels", "0,0", "64,80", "--panel-size", "64",
+            "--max-groups", "3", "--output", str(out)] + opts  # fmt: skip
+    assert tool.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "per channel group" in printed and "image px per grid pixel" in printed
+    with Image.open(out) as png:
+        assert png.size == ((1 + 3) * 64, 2 * (64 + LABEL_HEIGHT))
