@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from san_det.attention_maps import attention_layers
 from san_det.data import register_shapes_datasets
 from san_det.engine import DetectionTrainer, setup_cfg
-from san_det.engine.visualize import PredictionImagesHook, write_prediction_images
+from san_det.engine.visualize import write_prediction_images
 from san_det.layers import LocalSelfAttention2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +43,6 @@ def test_demo_config_is_a_small_sasa_retinanet(tmp_path):
     assert all(f in shapes for f in cfg.MODEL.RETINANET.IN_FEATURES)
 
 
-class _Trainer(DetectionTrainer):
-    def build_hooks(self):
-        return super().build_hooks() + [PredictionImagesHook(self.cfg, num_images=3)]
-
-
 @pytest.mark.slow
 def test_demo_training_writes_events_and_prediction_images(tmp_path):
     register_shapes_datasets(root=str(tmp_path / "data"), num_train=8, num_val=4, prefix="dshapes")
@@ -61,10 +56,11 @@ def test_demo_training_writes_events_and_prediction_images(tmp_path):
             "SOLVER.IMS_PER_BATCH", "4",
             "SOLVER.WARMUP_ITERS", "1",
             "DATALOADER.NUM_WORKERS", "0",
+            "TEST.PREDICTION_IMAGES", "3",
             "OUTPUT_DIR", str(out),
         ],
     )  # fmt: skip
-    trainer = _Trainer(cfg)
+    trainer = DetectionTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     # detectron2 0.6's train() returns None unless TEST.EXPECTED_RESULTS is set; the final

@@ -26,4 +26,7 @@ def add_engine_config(cfg: CN) -> CN:
     # another number of classes): False = error naming the file and the key; True = keep the
     # model's initial value for such tensors and log each one (detectron2's behaviour).
     cfg.MODEL.WEIGHTS_ALLOW_SHAPE_MISMATCH = False
+    # Detection: after training, draw ground truth | predictions for this many images of
+    # DATASETS.TEST[0] into OUTPUT_DIR/predictions/ (0 = none).
+    cfg.TEST.PREDICTION_IMAGES = 8
     return cfg

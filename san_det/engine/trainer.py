@@ -334,3 +334,9 @@ class DetectionTrainer(RobustTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_coco_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        from .visualize import PredictionImagesHook
+
+        # after EvalHook: the images are drawn once the final evaluation has run
+        return super().build_hooks() + [PredictionImagesHook(self.cfg)]
