@@ -26,6 +26,7 @@ reported in one line, with exit status 2; a NaN/inf loss stops training with a o
 naming the iteration and the last good checkpoint, exit status 1.
 """
 
+import logging
 import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed; registers san_det components)
@@ -33,6 +34,7 @@ import torch
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 from san_det.engine import (
@@ -61,6 +63,8 @@ def trainer_class(cfg):
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    # san_det's own messages (dataset generation, prediction images) to the console and log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="san_det")
     return cfg
 
 
@@ -155,11 +159,20 @@ def argument_parser():
 
 def cli(argv=None):
     args = argument_parser().parse_args(argv)
+    # The checks may generate an embedded dataset: show its progress before the loggers of
+    # detectron2's default_setup exist (this handler is removed again before training).
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S"))
+    san_det_logger = logging.getLogger("san_det")
+    san_det_logger.addHandler(console)
+    san_det_logger.setLevel(logging.INFO)
     try:
         cfg = check_input(args)
     except UserInputError as e:
         print(f"train_net.py: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    finally:
+        san_det_logger.removeHandler(console)
     print("Command Line Args:", args)
     on_gpu = cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()
     try:
