@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _process_stats import cpu_name, reset_peak_rss, status_mb  # noqa: E402
+from _common import cpu_name, ratio_table, reset_peak_rss, status_mb  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 QUICK_SHAPES = [(1, 16, 14, 14)]
@@ -152,30 +152,6 @@ def _run_child(case, backend, shape, repeats) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _table(results) -> str:
-    lines = [
-        "| shape | case | backend | fwd ms | fwd+bwd ms | peak MB | fwd+bwd speedup vs unfold "
-        "| memory vs unfold | fwd+bwd / conv3x3 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        shape = tuple(r["shape"])
-        same = [q for q in results if tuple(q["shape"]) == shape and q["case"] == r["case"]]
-        ref = next((q for q in same if q["backend"] == "reference"), None)
-        conv = next(q for q in results if tuple(q["shape"]) == shape and q["case"] == "conv3x3")
-        speed = mem = "-"
-        if ref is not None and r is not ref:
-            speed = f"{ref['forward_backward_ms'] / r['forward_backward_ms']:.1f}x"
-            mem = f"{ref['peak_mb'] / max(r['peak_mb'], 1e-3):.1f}x less"
-        vs_conv = f"{r['forward_backward_ms'] / conv['forward_backward_ms']:.2f}"
-        n, c, h, w = shape
-        lines.append(
-            f"| N{n} C{c} {h}x{w} | {r['case']} | {r['backend']} | {r['forward_ms']:.3g} | "
-            f"{r['forward_backward_ms']:.3g} | {r['peak_mb']:.1f} | {speed} | {mem} | {vs_conv} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -244,7 +220,7 @@ def main() -> None:
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']} (torch threads {report['torch_threads']}), "
         f"float32, k={KERNEL_SIZE}, {HEADS} heads, median of {repeats}; wrote {out}\n"
     )
-    print(_table(results))
+    print(ratio_table(results, "case"))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _process_stats import cpu_name, reset_peak_rss, status_mb  # noqa: E402
+from _common import cpu_name, reset_peak_rss, status_mb  # noqa: E402
 
 MODELS = (
     "retinanet_R_50_FPN_1x",

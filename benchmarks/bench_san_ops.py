@@ -38,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import ratio_table  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 KERNEL_SIZE = 7
@@ -156,30 +159,6 @@ def _run_child(op, backend, shape, repeats) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _table(results) -> str:
-    lines = [
-        "| shape | op | backend | fwd ms | fwd+bwd ms | peak MB | fwd+bwd speedup vs reference "
-        "| memory vs reference | fwd+bwd vs conv3x3 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        key = (tuple(r["shape"]), r["op"])
-        same = [q for q in results if (tuple(q["shape"]), q["op"]) == key]
-        ref = next((q for q in same if q["backend"] == "reference"), None)
-        conv = next(q for q in results if tuple(q["shape"]) == key[0] and q["op"] == "conv3x3")
-        speed = mem = "-"
-        if ref is not None and r["op"] != "conv3x3":
-            speed = f"{ref['forward_backward_ms'] / r['forward_backward_ms']:.1f}x"
-            mem = f"{ref['peak_mb'] / max(r['peak_mb'], 1e-3):.1f}x less"
-        vs_conv = f"{r['forward_backward_ms'] / conv['forward_backward_ms']:.2f}"
-        n, c, h, w = r["shape"]
-        lines.append(
-            f"| N{n} C{c} {h}x{w} | {r['op']} | {r['backend']} | {r['forward_ms']:.3g} | "
-            f"{r['forward_backward_ms']:.3g} | {r['peak_mb']:.1f} | {speed} | {mem} | {vs_conv} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -245,7 +224,7 @@ def main() -> None:
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}, load "
         f"{report['load_average_1min']} on {os.cpu_count()} CPUs; wrote {out}\n"
     )
-    print(_table(results))
+    print(ratio_table(results, "op"))
 
 
 if __name__ == "__main__":
