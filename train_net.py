@@ -53,11 +53,9 @@ EXIT_TRAINING_FAILED = 1
 
 def trainer_class(cfg):
     """The trainer for the task the config describes (detection or classification)."""
-    if cfg.MODEL.META_ARCHITECTURE == "ImageClassifier":
-        from san_det.classification import ClassificationTrainer
+    from san_det.classification import ClassificationTrainer, is_classification_config
 
-        return ClassificationTrainer
-    return DetectionTrainer
+    return ClassificationTrainer if is_classification_config(cfg) else DetectionTrainer
 
 
 def setup(args):
