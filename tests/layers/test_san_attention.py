@@ -73,8 +73,37 @@ def test_every_relation_trains(case, stride):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        if name != "conv_p.bias":  # cancels in p_i - p_j (reflect mode), as in the official code
+        if name != "conv_p.bias":  # exactly 0 in reflect mode: see the test below
             assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("relation", PAIRWISE_RELATIONS)
+@pytest.mark.parametrize("pad_mode", ["reflect", "zeros"])
+def test_position_bias_cancels_exactly_with_reflection_padding(relation, pad_mode):
+    """With reflection padding every tap reads a real pixel, so conv_p's bias cancels in
+    p_i - p_j: the output does not depend on it and its exact gradient is 0 (float rounding leaves
+    ~1e-16 relative in float64). Zero padding keeps it at the borders: a real gradient."""
+    torch.manual_seed(0)
+    m = SAM(0, 16, 4, 16, 8, 3, relation=relation, pad_mode=pad_mode).double()
+    x = torch.randn(2, 16, 7, 9, dtype=torch.float64)
+    mass = []  # sum |dL / d conv_p(grid)|: the scale the bias gradient is a sum over
+
+    def record(_module, _inputs, out):
+        out.register_hook(lambda g: mass.append(g.abs().sum().item()))
+
+    hook = m.conv_p.register_forward_hook(record)
+    m(x).square().mean().backward()
+    hook.remove()
+    relative = m.conv_p.bias.grad.abs().max().item() / mass[0]
+    m.eval()
+    with torch.no_grad():
+        before = m(x)
+        m.conv_p.bias.add_(0.5)
+        change = (m(x) - before).abs().max().item()
+    if pad_mode == "reflect":
+        assert relative < 1e-12 and change < 1e-12, (relative, change)
+    else:
+        assert relative > 1e-3 and change > 1e-6, (relative, change)
 
 
 # ------------------------------------------------------------------------------------ oracle

@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
-from modeling_helpers import assert_trainable_grads, base_cfg, tiny_san_cfg, tiny_sasa_cfg
+from modeling_helpers import GradientAudit, base_cfg, tiny_san_cfg, tiny_sasa_cfg
 from torch import nn
 
 from san_det.modeling import AttentionFPN, SANBackbone, SASAResNet
@@ -87,6 +87,7 @@ def test_forward_backward_shapes(builder, variant, overrides, fpn_attention):
     model.train()
     assert model.size_divisibility == 32
     x = torch.randn(2, 3, size, size)
+    audit = GradientAudit(model)
     outputs = model(x)
     shapes = model.output_shape()
     assert list(outputs) == list(shapes)
@@ -99,7 +100,7 @@ def test_forward_backward_shapes(builder, variant, overrides, fpn_attention):
         loss = loss + out.square().mean()
     loss.backward()
     # Zero-initialised residual norms stop the gradient of their branch at initialisation.
-    assert_trainable_grads(model, nonzero=variant != "zero_init")
+    audit.check(nonzero=variant != "zero_init")
     if fpn_attention:
         assert isinstance(model, AttentionFPN)
 
@@ -204,6 +205,7 @@ def test_freeze_at(family, stem, freeze_at):
         assert all(isinstance(m, FrozenBatchNorm2d) == frozen for m in norms), name
     if 0 < freeze_at < 5:  # the rest still trains
         size = 64 if family == "sasa" else 128
+        audit = GradientAudit(model)
         out = model(torch.randn(1, 3, size, size))
         sum(o.square().mean() for o in out.values()).backward()
-        assert_trainable_grads(model)
+        audit.check()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from modeling_helpers import ROOT, assert_trainable_grads, base_cfg, detection_inputs
+from modeling_helpers import ROOT, GradientAudit, base_cfg, detection_inputs
 
 CONFIGS = sorted(
     glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml"))
@@ -48,6 +48,7 @@ def test_config_trains_a_step_and_predicts(path):
     size = 128 if big else 64
     inputs = detection_inputs(size, num_classes=cfg.MODEL.RETINANET.NUM_CLASSES)  # 2nd: no boxes
     model.train()
+    audit = GradientAudit(model)
     with EventStorage(0):
         losses = model(inputs)
     assert set(losses) == {"loss_cls", "loss_box_reg"}
@@ -56,7 +57,7 @@ def test_config_trains_a_step_and_predicts(path):
     total.backward()
     # Zero-initialised residual norms stop their branch's gradient at initialisation.
     zero_init = "sasa" in cfg.MODEL.BACKBONE.NAME and cfg.MODEL.SASA.ZERO_INIT_RESIDUAL
-    assert_trainable_grads(model, nonzero=not zero_init)
+    audit.check(nonzero=not zero_init)
 
     model.eval()
     with torch.no_grad():
