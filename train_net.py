@@ -59,7 +59,8 @@ def trainer_class(cfg):
 
 
 def setup(args):
-    cfg = setup_cfg(args.config_file, args.opts)
+    # OUTPUT_DIR was checked once by check_input in the launching process.
+    cfg = setup_cfg(args.config_file, args.opts, check_output=False)
     default_setup(cfg, args)
     # san_det's own messages (dataset generation, prediction images) to the console and log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="san_det")

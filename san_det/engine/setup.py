@@ -95,8 +95,13 @@ def check_output_dir(path: str) -> None:
                 os.rmdir(folder)
 
 
-def setup_cfg(config_file: str, opts: Iterable[str] = (), freeze: bool = True) -> CfgNode:
+def setup_cfg(
+    config_file: str, opts: Iterable[str] = (), freeze: bool = True, check_output: bool = True
+) -> CfgNode:
     """detectron2 defaults + san_det keys, merged with ``config_file`` and ``KEY VALUE`` opts.
+
+    ``check_output=False`` skips the OUTPUT_DIR probe: for the worker processes of a launch,
+    whose launcher already ran it (workers probing one folder at once would race).
 
     Raises:
         UserInputError: missing config file, unknown key, bad value, unwritable OUTPUT_DIR,
@@ -120,7 +125,8 @@ def setup_cfg(config_file: str, opts: Iterable[str] = (), freeze: bool = True) -
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA GPU is available; "
             "add `MODEL.DEVICE cpu` to run on the CPU"
         )
-    check_output_dir(cfg.OUTPUT_DIR)
+    if check_output:
+        check_output_dir(cfg.OUTPUT_DIR)
     if freeze:
         cfg.freeze()
     return cfg
