@@ -16,7 +16,7 @@ STAMP="$VENV/.san_det_stamp"
 WANT="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
-    && "$VENV/bin/python" -c "import torch, detectron2, san_det" 2>/dev/null; then
+    && "$VENV/bin/python" -c "import torch, detectron2, san_det, faster_coco_eval" 2>/dev/null; then
     exit 0
 fi
 
@@ -35,9 +35,10 @@ open(sys.argv[1], "w").write(
 PYEOF
 PIP+=(-c "$CONSTRAINTS")
 
-"${PIP[@]}" "fvcore==0.1.5.post20221221" "iopath>=0.1.7,<0.1.10" pycocotools \
-    opencv-python-headless cupy-cuda13x pytest termcolor yacs tabulate cloudpickle tqdm \
-    tensorboard matplotlib omegaconf hydra-core Pillow scikit-image scikit-learn
+# detectron2 0.6's own runtime needs (it is installed with --no-deps below: its metadata pins
+# black==21.4b2); san_det's come from setup.py's install_requires at the end.
+"${PIP[@]}" "fvcore==0.1.5.post20221221" "iopath>=0.1.7,<0.1.10" pycocotools termcolor yacs \
+    tabulate cloudpickle tqdm tensorboard matplotlib omegaconf hydra-core Pillow
 
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
     BUILD="$(mktemp -d)"
@@ -55,6 +56,8 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
     rm -rf "$BUILD"
 fi
 
-"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+# san_det with its dependencies, the test extra and CuPy for CUDA 13 (torch 2.14.1's default build);
+# also installs san_det_compat.pth (see setup.py).
+"${PIP[@]}" --no-build-isolation -e "$ROOT[test,cuda13]"
 echo "$WANT" > "$STAMP"
 echo "[setup_env] done"
