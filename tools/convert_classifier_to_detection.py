@@ -19,14 +19,12 @@ import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import (
     CLASSIFIER_INFO_KEY,
     CheckpointMismatchError,
-    classifier_to_detection_state_dict,
-    is_classifier_checkpoint,
+    ClassifierCheckpointer,
 )
 from san_det.classification.config import get_classification_cfg
 
@@ -44,14 +42,13 @@ def main(argv=None) -> int:
     cfg = get_classification_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
-    checkpoint = DetectionCheckpointer(model)._load_file(args.input)
+    checkpointer = ClassifierCheckpointer(model, require_classifier=True)
     try:
-        if not is_classifier_checkpoint(checkpoint):
-            raise CheckpointMismatchError("not a classifier checkpoint (backbone.*, classifier.*)")
-        state, report = classifier_to_detection_state_dict(checkpoint["model"], model.state_dict())
+        checkpoint = checkpointer.load(args.input, checkpointables=[])  # all but "model"
     except CheckpointMismatchError as e:
         print(f"{parser.prog}: error: {args.input}: {e}", file=sys.stderr)
         return 1
+    state, report = checkpointer.classifier_state, checkpointer.classifier_report
     out = {"model": state, "__author__": "san_det classifier"}
     if CLASSIFIER_INFO_KEY in checkpoint:
         out["classifier_info"] = checkpoint[CLASSIFIER_INFO_KEY]

@@ -183,23 +183,44 @@ class ClassifierCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that loads classifier checkpoints into detectors' backbones.
 
     Loading into an ``ImageClassifier`` (resuming, evaluating) is unchanged.
+
+    Args:
+        require_classifier: refuse (:class:`CheckpointMismatchError`) a checkpoint that is not a
+            classifier's, instead of loading it as detectron2 does.
+
+    Attributes:
+        classifier_state, classifier_report: after a ``load`` that converted a classifier
+            checkpoint, the detector-keyed backbone tensors and the report of
+            :func:`classifier_to_detection_state_dict`; None otherwise.
     """
+
+    def __init__(self, *args, require_classifier: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.require_classifier = require_classifier
+        self.classifier_state = self.classifier_report = None
 
     def _load_model(self, checkpoint):
         from .classifier import ImageClassifier
 
         model = unwrap_model(self.model)
+        self.classifier_state = self.classifier_report = None
         if not isinstance(model, ImageClassifier) and is_classifier_checkpoint(checkpoint):
             checkpoint["model"], report = classifier_to_detection_state_dict(
                 checkpoint["model"], model.state_dict()
             )
             checkpoint["matching_heuristics"] = False
+            self.classifier_state, self.classifier_report = checkpoint["model"], report
             self.logger.info(
                 f"Loading a classifier checkpoint into the detector's backbone: "
                 f"{len(checkpoint['model'])} tensors; classifier keys dropped: "
                 f"{report['dropped']}"
             )
             _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), model)
+        elif self.require_classifier:
+            raise CheckpointMismatchError(
+                "not a classifier checkpoint (neither san_det classifier info nor only "
+                "backbone.* and classifier.* keys)"
+            )
         return super()._load_model(checkpoint)
 
 
@@ -207,14 +228,12 @@ def load_classifier_into_detector(model: torch.nn.Module, path: str) -> Dict[str
     """Load the classifier checkpoint at ``path`` into ``model``'s backbone; returns the report.
 
     Raises:
-        CheckpointMismatchError: see :func:`classifier_to_detection_state_dict`.
+        CheckpointMismatchError: the file is not a classifier checkpoint, or see
+            :func:`classifier_to_detection_state_dict`; the message starts with ``path``.
     """
-    checkpoint = ClassifierCheckpointer(model)._load_file(path)
-    if not is_classifier_checkpoint(checkpoint):
-        raise CheckpointMismatchError(f"{path} is not a classifier checkpoint")
-    target = unwrap_model(model)
-    state, report = classifier_to_detection_state_dict(checkpoint["model"], target.state_dict())
-    _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), target)
-    incompatible = target.load_state_dict(state, strict=False)
-    assert not incompatible.unexpected_keys, incompatible.unexpected_keys  # checked above
-    return report
+    checkpointer = ClassifierCheckpointer(model, require_classifier=True)
+    try:
+        checkpointer.load(path, checkpointables=[])
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{path}: {e}") from e
+    return checkpointer.classifier_report
