@@ -56,24 +56,13 @@ def _register(folder: str, ground_truth) -> str:
 
 def _processed(name: str, results, use_fast_impl: bool):
     """A COCOEvaluator holding ``results`` as the model's outputs, per image."""
-    import torch
-    from detectron2.data import MetadataCatalog
     from detectron2.evaluation import COCOEvaluator
-    from detectron2.structures import Boxes, BoxMode, Instances
 
-    mapping = MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id
+    from san_det.engine.synthetic_coco import process_coco_results
+
     evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, use_fast_impl=use_fast_impl)
     evaluator.reset()
-    by_image = {}
-    for r in results:
-        by_image.setdefault(r["image_id"], []).append(r)
-    for image_id, rows in by_image.items():
-        instances = Instances((480, 640))
-        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32)
-        instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
-        instances.scores = torch.tensor([r["score"] for r in rows])
-        instances.pred_classes = torch.tensor([mapping[r["category_id"]] for r in rows])
-        evaluator.process([{"image_id": image_id}], [{"instances": instances}])
+    process_coco_results(evaluator, name, results)
     return evaluator
 
 

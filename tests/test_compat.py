@@ -296,9 +296,9 @@ def test_nothing_is_patched_under_a_full_detectron2(tmp_path):
         assert "aliases: False False" in out  # both removed there, and not re-added
 
 
-def _build(kind: str, out_dir) -> set:
-    """Files of the wheel that ``setuptools.build_meta.build_<kind>`` makes from a copy of the
-    project (the build writes into the source tree)."""
+def _build(kind: str, out_dir) -> Path:
+    """The wheel that ``setuptools.build_meta.build_<kind>`` makes from a copy of the project
+    (a build writes into the source tree)."""
     src = out_dir / "src"
     shutil.copytree(
         ROOT,
@@ -309,16 +309,40 @@ def _build(kind: str, out_dir) -> set:
     code = f"from setuptools.build_meta import build_{kind}; print(build_{kind}({str(out_dir)!r}))"
     run = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    wheel = out_dir / run.stdout.strip().splitlines()[-1]
-    with zipfile.ZipFile(wheel) as z:
-        return set(z.namelist())
+    return out_dir / run.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("kind", ["wheel", "editable"])
 def test_installs_carry_the_import_hook(tmp_path, kind):
-    files = _build(kind, tmp_path)
-    assert "san_det_compat.pth" in files
+    with zipfile.ZipFile(_build(kind, tmp_path)) as wheel:
+        files = set(wheel.namelist())
+        assert "san_det_compat.pth" in files
+        assert wheel.read("san_det_compat.pth").decode() == "import _san_det_compat_hook\n"
     if kind == "wheel":
         assert {"_san_det_compat_hook.py", "san_det/compat.py"} <= files
-    pth = ROOT / "setup.py"
-    assert "import _san_det_compat_hook" in pth.read_text()
+
+
+@needs_shim
+def test_regular_install_patches_detectron2_imported_first(tmp_path):
+    """The wheel unpacked as a site directory (its .pth processed), this checkout's not seen."""
+    site_dir = tmp_path / "site"
+    with zipfile.ZipFile(_build("wheel", tmp_path)) as wheel:
+        wheel.extractall(site_dir)
+    import detectron2
+
+    others = os.path.dirname(os.path.dirname(detectron2.__file__))  # detectron2, torch, ...
+    code = f"""
+        import site, sys
+        sys.path.append({others!r})
+        site.addsitedir({str(site_dir)!r})  # runs san_det_compat.pth
+        from detectron2.data.datasets import register_coco_instances
+        import detectron2.export
+        compat = sys.modules["san_det.compat"]
+        print(compat.__file__, compat.is_applied(), "san_det" in sys.modules)
+        """
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", textwrap.dedent(code)], capture_output=True, text=True,
+        cwd="/", env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(site_dir / "san_det" / "compat.py"), "True", "False"]

@@ -4,13 +4,18 @@
 some crowd) is found by a few jittered detections whose scores fall with the jitter, some with the
 wrong class, plus false positives, up to ``detections_per_image`` per image; so AP lands between 0
 and 1 and every branch of COCO's matching (crowd, area ranges, max detections) is taken.
+:func:`process_coco_results` feeds such results to a detectron2 evaluator as a model's outputs.
 """
 
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances
 
-__all__ = ["synthetic_coco_detections"]
+__all__ = ["process_coco_results", "synthetic_coco_detections"]
 
 
 def _boxes(rng: np.random.Generator, n: int, width: int, height: int) -> np.ndarray:
@@ -88,3 +93,21 @@ def synthetic_coco_detections(
         "categories": [{"id": int(c), "name": f"class_{c}"} for c in cats],
     }
     return ground_truth, results
+
+
+def process_coco_results(
+    evaluator: DatasetEvaluator, dataset_name: str, results: List[Dict], image_size=(480, 640)
+) -> None:
+    """``evaluator.process`` each image's detections of ``results`` (COCO format, dataset category
+    ids) as the ``Instances`` a detector would output; ``image_size`` is ``(height, width)``."""
+    mapping = MetadataCatalog.get(dataset_name).thing_dataset_id_to_contiguous_id
+    by_image: Dict[int, List[Dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    for image_id, rows in by_image.items():
+        instances = Instances(image_size)
+        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32)
+        instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+        instances.scores = torch.tensor([r["score"] for r in rows])
+        instances.pred_classes = torch.tensor([mapping[r["category_id"]] for r in rows])
+        evaluator.process([{"image_id": image_id}], [{"instances": instances}])

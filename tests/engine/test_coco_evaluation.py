@@ -9,17 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
-from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import san_det  # noqa: F401  (patches detectron2)
 from san_det import compat
-from san_det.engine.synthetic_coco import synthetic_coco_detections
+from san_det.engine.synthetic_coco import process_coco_results, synthetic_coco_detections
 from san_det.engine.trainer import build_coco_evaluator
 
 needs_shim = pytest.mark.skipif(
@@ -81,19 +79,9 @@ def _register(tmp_path, name, ground_truth):
 
 
 def _run_evaluator(name, results, use_fast_impl):
-    mapping = MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id
     evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, use_fast_impl=use_fast_impl)
     evaluator.reset()
-    by_image = {}
-    for r in results:
-        by_image.setdefault(r["image_id"], []).append(r)
-    for image_id, rows in by_image.items():
-        instances = Instances((480, 640))
-        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32)
-        instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
-        instances.scores = torch.tensor([r["score"] for r in rows])
-        instances.pred_classes = torch.tensor([mapping[r["category_id"]] for r in rows])
-        evaluator.process([{"image_id": image_id}], [{"instances": instances}])
+    process_coco_results(evaluator, name, results)
     with contextlib.redirect_stdout(io.StringIO()):
         return evaluator.evaluate()["bbox"]
 
