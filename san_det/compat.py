@@ -33,8 +33,9 @@ When the module concerned is imported:
   ``torch.optim.lr_scheduler._LRScheduler``, which torch's own schedulers no longer are: it
   accepts any ``torch.optim.lr_scheduler.LRScheduler``.
 - ``detectron2.evaluation``'s fast COCO evaluator (``COCOeval_opt``) needs ``_C``: replaced by
-  faster-coco-eval's ``COCOeval_faster`` (same numbers, C++), or pycocotools' ``COCOeval``
-  where faster-coco-eval is not installed (:func:`coco_eval_backend`).
+  faster-coco-eval's ``COCOeval_faster`` for boxes and masks (same numbers, C++), pycocotools'
+  ``COCOeval`` for keypoints and where faster-coco-eval is not installed
+  (:func:`coco_eval_backend`).
 - ``detectron2.model_zoo.get_config`` / ``get_config_file``: v0.6 from PyPI packages no model-zoo
   configs; they say so (:class:`ModelZooConfigsUnavailableError`) instead of "not available in
   Model Zoo".
@@ -278,9 +279,20 @@ def _fast_coco_eval_class():
 
         return COCOeval
 
+    from pycocotools.cocoeval import COCOeval
+
     class FasterCOCOeval(COCOeval_faster):
         """faster-coco-eval's ``COCOeval_faster`` (C++ ``evaluate``/``accumulate``, the numbers of
-        pycocotools) printing its summary as pycocotools does."""
+        pycocotools) printing its summary as pycocotools does, for boxes and masks.
+
+        Keypoints get pycocotools' ``COCOeval``: faster-coco-eval chooses their categories from its
+        own ``COCO`` class (``cat_img_map``), which detectron2's pycocotools ``COCO`` lacks.
+        """
+
+        def __new__(cls, cocoGt=None, cocoDt=None, iouType="segm", **kwargs):
+            if iouType not in ("bbox", "segm"):
+                return COCOeval(cocoGt, cocoDt, iouType)
+            return super().__new__(cls)
 
         def __init__(self, cocoGt=None, cocoDt=None, iouType="segm", **kwargs):
             kwargs.setdefault("print_function", print)
