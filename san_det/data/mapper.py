@@ -29,9 +29,10 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_every_n_seconds
 from PIL import Image, ImageOps
 
-from ..engine.errors import UserInputError
+from ..errors import UserInputError
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "CorruptImageError",
     "RobustDatasetMapper",
     "read_image_robust",

@@ -1,7 +1,5 @@
-"""The one exception type that command-line tools report as a single line, without a traceback."""
+"""Re-export of :class:`san_det.errors.UserInputError` (its home below every other layer)."""
+
+from ..errors import UserInputError
 
 __all__ = ["UserInputError"]
-
-
-class UserInputError(ValueError):
-    """Bad input from the user (config, paths, datasets): the message says what and where."""
