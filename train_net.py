@@ -37,15 +37,21 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
+from san_det.classification.loader import get_classification_dataset_dicts
 from san_det.engine import (
     DetectionTrainer,
     NonFiniteError,
     UserInputError,
+    check_detection_classes,
     launch,
     setup_cfg,
     validate_datasets,
 )
 from san_det.engine.trainer import TrainerCheckpointer
+from san_det.engine.visualize import (
+    check_prediction_images_config,
+    write_configured_prediction_images,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
@@ -79,6 +85,8 @@ def evaluate(cfg, trainer_cls, resume: bool):
     res = trainer_cls.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, res)
+    if issubclass(trainer_cls, DetectionTrainer):
+        write_configured_prediction_images(cfg, model)  # TEST.PREDICTION_IMAGES, main process
     return res
 
 
@@ -126,9 +134,13 @@ def check_input(args):
         The config.
     """
     cfg = setup_cfg(args.config_file, args.opts)
+    names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if trainer_class(cfg) is DetectionTrainer:
-        names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
+        check_prediction_images_config(cfg)
         validate_datasets(names)
+        check_detection_classes(cfg, names)  # also loads the config's own COCO jsons
+    else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
+        get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)
     if args.num_processes is not None and args.num_processes < 1:
         raise UserInputError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_gpus < 1:

@@ -12,15 +12,19 @@ def add_san_det_config(cfg: CN) -> CN:
 
     - backbones, FPN and heads: :func:`san_det.modeling.config.add_backbone_config`;
     - classification (ImageNet pretraining): :func:`san_det.classification.config.add_classification_config`;
-    - training robustness (data, checkpoints, launch): :func:`san_det.engine.config.add_engine_config`.
+    - training robustness (data, checkpoints, launch): :func:`san_det.engine.config.add_engine_config`;
+    - datasets named in the config (``DATASETS.COCO_INSTANCES``):
+      :func:`san_det.data.config.add_dataset_config`.
     """
     # imported here: san_det.engine and san_det.classification import this module
     from .classification.config import add_classification_config
+    from .data.config import add_dataset_config
     from .engine.config import add_engine_config
 
     add_backbone_config(cfg)
     add_classification_config(cfg)
     add_engine_config(cfg)
+    add_dataset_config(cfg)
     return cfg
 
 

@@ -2,8 +2,15 @@
 
 See :mod:`san_det.data.shapes`: a synthetic COCO-format detection set generated lazily on first
 use, so demos and tests train and evaluate with detectron2's COCO loader and evaluator offline.
+Your own COCO-format datasets are named in the config (``DATASETS.COCO_INSTANCES``, see
+:mod:`san_det.data.coco_instances`).
 """
 
+from .coco_instances import (
+    is_config_coco_dataset,
+    load_config_coco_dataset,
+    register_coco_instances_from_cfg,
+)
 from .shapes import (
     SHAPE_CLASSES,
     default_shapes_root,
@@ -18,7 +25,10 @@ __all__ = [
     "default_shapes_root",
     "ensure_shapes_dataset",
     "generate_shapes_dataset",
+    "is_config_coco_dataset",
     "is_shapes_dataset",
+    "load_config_coco_dataset",
+    "register_coco_instances_from_cfg",
     "register_shapes_datasets",
 ]
 

@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, NonFiniteError, SafeCheckpointer
 from .config import add_engine_config
+from .dataset_checks import check_detection_classes
 from .ddp import CPUSyncBatchNorm, wrap_ddp
 from .errors import UserInputError
 from .launch import launch
@@ -21,6 +22,7 @@ __all__ = [
     "UserInputError",
     "add_engine_config",
     "build_resumable_train_loader",
+    "check_detection_classes",
     "launch",
     "setup_cfg",
     "validate_datasets",

@@ -26,7 +26,12 @@ def add_engine_config(cfg: CN) -> CN:
     # another number of classes): False = error naming the file and the key; True = keep the
     # model's initial value for such tensors and log each one (detectron2's behaviour).
     cfg.MODEL.WEIGHTS_ALLOW_SHAPE_MISMATCH = False
-    # Detection: after training, draw ground truth | predictions for this many images of
-    # DATASETS.TEST[0] into OUTPUT_DIR/predictions/ (0 = none).
+    # Detection: after training and after --eval-only, draw ground truth | predictions for this
+    # many images of DATASETS.TEST[0] into OUTPUT_DIR/predictions/ (0 = none).
     cfg.TEST.PREDICTION_IMAGES = 8
+    # Prediction images: predictions with a lower score are not drawn.
+    cfg.TEST.PREDICTION_SCORE_THRESHOLD = 0.3
+    # Prediction images: longer side of each drawn image at most this many pixels (small images
+    # are drawn at up to twice their size, for readable labels).
+    cfg.TEST.PREDICTION_IMAGE_MAX_SIZE = 1024
     return cfg

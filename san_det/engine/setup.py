@@ -14,6 +14,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import get_san_det_cfg
+from ..data.coco_instances import register_coco_instances_from_cfg
 from .errors import UserInputError
 
 __all__ = [
@@ -65,8 +66,9 @@ def _merge(cfg: CfgNode, what: str, merge) -> None:
         raise UserInputError(f"{what}: cannot read {e.filename or e}: {e.strerror or e}") from None
 
 
-def check_output_dir(path: str) -> None:
-    """Raise :class:`UserInputError` unless ``path`` is (or can become) a writable folder.
+def check_output_dir(path: str, option: str = "OUTPUT_DIR") -> None:
+    """Raise :class:`UserInputError` unless ``path`` is (or can become) a writable folder;
+    the message names ``option``, where the path came from.
 
     Leaves nothing behind: folders made for the check are removed again, so a run that fails a
     later check leaves no empty output folder.
@@ -86,8 +88,8 @@ def check_output_dir(path: str) -> None:
             pass
     except OSError as e:
         raise UserInputError(
-            f"OUTPUT_DIR {path!r} cannot be written ({e.strerror or e}: {e.filename or probe}); "
-            "pass another with OUTPUT_DIR /some/dir"
+            f"{option} {path!r} cannot be written ({e.strerror or e}: {e.filename or probe}); "
+            f"pass another with {option} /some/dir"
         ) from None
     finally:
         for folder in created:
@@ -104,8 +106,9 @@ def setup_cfg(
     whose launcher already ran it (workers probing one folder at once would race).
 
     Raises:
-        UserInputError: missing config file, unknown key, bad value, unwritable OUTPUT_DIR,
-            missing local MODEL.WEIGHTS file, a CUDA device without a GPU.
+        UserInputError: missing config file, unknown key, bad value, a malformed
+            DATASETS.COCO_INSTANCES entry, unwritable OUTPUT_DIR, missing local MODEL.WEIGHTS
+            file, a CUDA device without a GPU.
     """
     if not config_file:
         raise UserInputError("--config-file is required (e.g. configs/Demo/shapes_retinanet.yaml)")
@@ -117,6 +120,7 @@ def setup_cfg(
     if len(opts) % 2:
         raise UserInputError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
     _merge(cfg, "command-line overrides", lambda: cfg.merge_from_list(opts))
+    register_coco_instances_from_cfg(cfg)  # DATASETS.COCO_INSTANCES, in every process
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise UserInputError(f"MODEL.WEIGHTS file not found: {weights}")
@@ -147,7 +151,9 @@ def validate_datasets(names: Iterable[str]) -> None:
     for name in names:
         if name not in registered:
             raise UserInputError(
-                f"dataset {name!r} is not registered. Registered: {', '.join(sorted(registered))}"
+                f"dataset {name!r} is not registered. Registered: {', '.join(sorted(registered))}. "
+                "For your own COCO json add [name, json_file, image_root] to "
+                'DATASETS.COCO_INSTANCES (README: "Train on your own COCO data")'
             )
         if prepare_dataset(name):
             continue

@@ -13,6 +13,8 @@
 - Reproducible numerics: TorchScript functions run unoptimised in training steps (see
   :meth:`RobustTrainer.run_step`); on the CPU a resumed run then ends with exactly the weights of
   an uninterrupted one.
+- ``metrics.json`` stays valid JSON: NaN/inf metrics (COCO AP of an empty area range) are
+  written as ``null`` (:class:`~san_det.engine.metrics_json.FiniteJSONWriter`).
 - NaN/inf: a step whose loss or gradients are not finite (on any process) stops training before
   the optimizer changes the model, with :class:`~san_det.engine.checkpoint.NonFiniteError` naming
   the iteration, the losses and the last good checkpoint.
@@ -34,12 +36,14 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, Trainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from .checkpoint import NonFiniteError, SafeCheckpointer
 from .ddp import wrap_ddp
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
+from .metrics_json import FiniteJSONWriter
 
 __all__ = [
     "DetectionTrainer",
@@ -256,6 +260,15 @@ class RobustTrainer(DefaultTrainer):
             data_stream=_SeedState(weakref.proxy(self)),
             model_running_state=_ModelRunningState(model),
         )
+
+    def build_writers(self):
+        """detectron2's writers, with ``metrics.json`` kept valid JSON (NaN/inf as null)."""
+        writers = super().build_writers()
+        for i, writer in enumerate(writers):
+            if type(writer) is JSONWriter:
+                writer.close()
+                writers[i] = FiniteJSONWriter.in_output_dir(self.cfg.OUTPUT_DIR)
+        return writers
 
     def state_dict(self):
         # detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of checkpoints.
