@@ -3,6 +3,7 @@ them; bad input is one line, exit status 2, nothing written."""
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -33,6 +34,19 @@ def _load_tool():
 
 
 predict_tool = _load_tool()
+
+
+@pytest.fixture(autouse=True)
+def _no_closed_log_streams():
+    """Loggers set up by earlier in-process train_net runs may still write to the closed
+    capture streams of their tests ("--- Logging error ---" on stderr): drop those handlers."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in list(lg.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                lg.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
