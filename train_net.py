@@ -7,6 +7,10 @@ Detection (COCO, or the embedded shapes set)::
     python train_net.py --config-file configs/Demo/shapes_retinanet.yaml MODEL.DEVICE cpu
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 
+Your own COCO json and image folder: name them in the config, ``DATASETS.COCO_INSTANCES
+[[name, json_file, image_root], ...]`` (README, "Train on your own COCO data");
+``MODEL.RETINANET.NUM_CLASSES`` is checked against their categories.
+
 Classification (ImageNet pretraining) goes through the same script: configs whose
 ``MODEL.META_ARCHITECTURE`` is ``ImageClassifier`` use the classification trainer.
 
@@ -47,6 +51,7 @@ from san_det.engine import (
     setup_cfg,
     validate_datasets,
 )
+from san_det.modeling.input_info import check_weights_input
 from san_det.engine.trainer import TrainerCheckpointer
 from san_det.engine.visualize import (
     check_prediction_images_config,
@@ -76,7 +81,9 @@ def setup(args):
 def evaluate(cfg, trainer_cls, resume: bool):
     """``--eval-only``: the model must load every tensor from its checkpoint (strict)."""
     model = trainer_cls.build_model(cfg)
-    checkpointer = TrainerCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = TrainerCheckpointer(
+        model, save_dir=cfg.OUTPUT_DIR, allow_input_mismatch=cfg.MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH
+    )
     if resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
     else:
@@ -134,6 +141,7 @@ def check_input(args):
         The config.
     """
     cfg = setup_cfg(args.config_file, args.opts)
+    check_weights_input(cfg)  # MODEL.WEIGHTS recording another input normalisation
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if trainer_class(cfg) is DetectionTrainer:
         check_prediction_images_config(cfg)

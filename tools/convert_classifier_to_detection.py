@@ -27,6 +27,7 @@ from san_det.classification.checkpoint import (
     ClassifierCheckpointer,
 )
 from san_det.classification.config import get_classification_cfg
+from san_det.modeling.input_info import INPUT_INFO_KEY, recorded_input_info
 
 
 def main(argv=None) -> int:
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     out = {"model": state, "__author__": "san_det classifier"}
     if CLASSIFIER_INFO_KEY in checkpoint:
         out["classifier_info"] = checkpoint[CLASSIFIER_INFO_KEY]
+    info = recorded_input_info(checkpoint)
+    if info is not None:  # checked against the detector whenever the file is loaded
+        out[INPUT_INFO_KEY] = {k: info[k] for k in ("input_format", "pixel_mean", "pixel_std")}
     torch.save(out, args.output)
     print(
         f"wrote {len(state)} backbone tensors to {args.output}; "

@@ -15,7 +15,9 @@ Detection backbone only (keys ``backbone.bottom_up.*``, loadable by any detectro
 
 Fails, naming the key, on any official key without a counterpart, missing key or shape mismatch.
 The official models read RGB images normalised with ImageNet's mean/std: the configs under
-configs/ImageNet/ use the same INPUT.FORMAT / MODEL.PIXEL_MEAN / PIXEL_STD.
+configs/ImageNet/ and configs/COCO-Detection/retinanet_san*.yaml use the same INPUT.FORMAT /
+MODEL.PIXEL_MEAN / PIXEL_STD. Both outputs record that input (the detection file under
+``san_det_input``); san_det's trainers refuse to load a file into a model configured otherwise.
 """
 
 import argparse
@@ -33,6 +35,7 @@ from san_det.classification.convert_san import (
     convert_official_san_to_classifier,
     convert_official_san_to_detection,
 )
+from san_det.modeling.input_info import INPUT_INFO_KEY, describe_input_mismatch, input_info_from_cfg
 
 
 def _state_dict_of(config_file: str, opts) -> dict:
@@ -56,9 +59,17 @@ def main(argv=None) -> int:
     cfg, classifier_state = _state_dict_of(args.config_file, args.opts)
     try:
         if args.detection_config:
-            _, detection_state = _state_dict_of(args.detection_config, args.opts)
+            det_cfg, detection_state = _state_dict_of(args.detection_config, args.opts)
             state = convert_official_san_to_detection(checkpoint, classifier_state, detection_state)
             out = {"model": state, "__author__": "hszhao/SAN (converted by san_det)"}
+            out[INPUT_INFO_KEY] = dict(OFFICIAL_SAN_INPUT)  # checked when the file is loaded
+            differences = describe_input_mismatch(OFFICIAL_SAN_INPUT, input_info_from_cfg(det_cfg))
+            if differences:
+                print(
+                    f"convert_san_official.py: warning: {args.detection_config} does not use the "
+                    f"official input: {differences}; loading {args.output} into it will fail",
+                    file=sys.stderr,
+                )
         else:
             state = convert_official_san_to_classifier(checkpoint, classifier_state)
             info = dict(OFFICIAL_SAN_INPUT, meta_architecture="ImageClassifier")

@@ -13,7 +13,9 @@ classifier checkpoint is loaded into a model that is not a classifier, so a pret
 given as ``MODEL.WEIGHTS`` to a detection config just works. Classifier checkpoints are recognised
 by the ``"san_det_classifier"`` entry that :class:`ClassifierInfo` adds to every checkpoint the
 classification trainer writes (input format and normalisation, checked against the detector's),
-or by holding only ``backbone.*`` and ``classifier.*`` keys.
+or by holding only ``backbone.*`` and ``classifier.*`` keys. A normalisation that differs from
+the detector's is a warning here and an error in the trainers' checkpointer
+(:mod:`san_det.modeling.input_info`).
 """
 
 import logging
@@ -23,6 +25,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..modeling.input_info import (
+    InputInfo,
+    check_checkpoint_input,
+    input_info_from_cfg,
+    register_input_info_key,
+)
 from .ema import unwrap_model
 
 __all__ = [
@@ -53,23 +61,16 @@ def classifier_info_from_cfg(cfg) -> Dict:
         "backbone": cfg.MODEL.BACKBONE.NAME,
         "num_classes": cfg.CLASSIFICATION.NUM_CLASSES,
         "in_feature": cfg.CLASSIFICATION.IN_FEATURE,
-        "input_format": cfg.INPUT.FORMAT,
-        "pixel_mean": [float(x) for x in cfg.MODEL.PIXEL_MEAN],
-        "pixel_std": [float(x) for x in cfg.MODEL.PIXEL_STD],
+        **input_info_from_cfg(cfg),
     }
 
 
-class ClassifierInfo:
+class ClassifierInfo(InputInfo):
     """A checkpointable that writes :func:`classifier_info_from_cfg` into every checkpoint."""
 
-    def __init__(self, info: Dict):
-        self.info = dict(info)
 
-    def state_dict(self) -> Dict:
-        return dict(self.info)
-
-    def load_state_dict(self, state: Dict) -> None:  # informative only: nothing to restore
-        pass
+# the classifier's entry holds the input format and normalisation too: checked on every load
+register_input_info_key(CLASSIFIER_INFO_KEY)
 
 
 def is_classifier_checkpoint(checkpoint: Mapping) -> bool:
@@ -162,21 +163,10 @@ def classifier_to_detection_state_dict(
     return out, {"dropped": dropped, "not_in_checkpoint": not_loaded}
 
 
-def _check_normalisation(info: Optional[Mapping], model: torch.nn.Module) -> None:
-    if not info:
-        return
-    for name in ("pixel_mean", "pixel_std"):
-        buf = getattr(model, name, None)
-        if buf is None or name not in info:
-            continue
-        ours = [round(float(x), 3) for x in buf.flatten().tolist()]
-        theirs = [round(float(x), 3) for x in info[name]]
-        if ours != theirs:
-            logger.warning(
-                f"The classifier was trained with MODEL.{name.upper()} {theirs} "
-                f"(INPUT.FORMAT {info.get('input_format')}) but this model uses {ours}: set the "
-                "same values in the detection config, or the pretrained backbone sees other inputs"
-            )
+def _check_normalisation(info: Optional[Mapping], model: torch.nn.Module, path: str) -> None:
+    """A warning when the classifier's inputs differ from the model's (a ``SafeCheckpointer``,
+    the trainers' checkpointer, raises instead unless told otherwise)."""
+    check_checkpoint_input(info, model, path, allow_mismatch=True, log=logger)
 
 
 class ClassifierCheckpointer(DetectionCheckpointer):
@@ -215,7 +205,9 @@ class ClassifierCheckpointer(DetectionCheckpointer):
                 f"{len(checkpoint['model'])} tensors; classifier keys dropped: "
                 f"{report['dropped']}"
             )
-            _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), model)
+            if not hasattr(self, "allow_input_mismatch"):  # else a SafeCheckpointer checked it
+                path = getattr(self, "_loading", "") or "the classifier checkpoint"
+                _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), model, path)
         elif self.require_classifier:
             raise CheckpointMismatchError(
                 "not a classifier checkpoint (neither san_det classifier info nor only "

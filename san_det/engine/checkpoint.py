@@ -14,6 +14,8 @@
   ``MODEL.WEIGHTS`` (fine-tuning) allows missing and unexpected keys, reported in one summary, but
   not a checkpoint with no tensor in common with the model, nor shape mismatches unless
   ``allow_shape_mismatch``.
+- Input checks: a checkpoint that records the input format / normalisation its weights expect
+  (:mod:`san_det.modeling.input_info`) must match the model's, unless ``allow_input_mismatch``.
 """
 
 import glob
@@ -26,6 +28,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _filter_reused_missing_keys
 
+from ..modeling.input_info import InputMismatchError, check_checkpoint_input, recorded_input_info
 from .errors import UserInputError
 
 __all__ = ["CheckpointError", "NonFiniteError", "SafeCheckpointer", "first_non_finite"]
@@ -82,11 +85,23 @@ class SafeCheckpointer(DetectionCheckpointer):
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
         allow_shape_mismatch: when loading weights for fine-tuning (not resuming), skip tensors
             whose shape differs from the model's (logged) instead of raising.
+        allow_input_mismatch: load a checkpoint that records another input format or
+            normalisation than the model's (:mod:`san_det.modeling.input_info`) with a warning
+            instead of raising :class:`~san_det.modeling.input_info.InputMismatchError`.
     """
 
-    def __init__(self, model, save_dir="", *, allow_shape_mismatch: bool = False, **kwargs):
+    def __init__(
+        self,
+        model,
+        save_dir="",
+        *,
+        allow_shape_mismatch: bool = False,
+        allow_input_mismatch: bool = False,
+        **kwargs,
+    ):
         super().__init__(model, save_dir, **kwargs)
         self.allow_shape_mismatch = allow_shape_mismatch
+        self.allow_input_mismatch = allow_input_mismatch
         self._strict = False
         self._loading = ""
         if self.save_to_disk and self._is_local(save_dir):
@@ -190,7 +205,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         self._loading = path
         try:
             return super().load(path, checkpointables)
-        except CheckpointError:
+        except (CheckpointError, InputMismatchError):
             raise
         except (ValueError, KeyError) as e:  # raised by a model-loading converter
             raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from e
@@ -213,6 +228,8 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         path = self._loading or "<checkpoint>"
+        info = recorded_input_info(checkpoint)
+        check_checkpoint_input(info, self.model, path, self.allow_input_mismatch)
         passed = []  # the keys that reach load_state_dict (after renaming, shape checks)
         load_state_dict = self.model.load_state_dict
 

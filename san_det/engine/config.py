@@ -26,6 +26,10 @@ def add_engine_config(cfg: CN) -> CN:
     # another number of classes): False = error naming the file and the key; True = keep the
     # model's initial value for such tensors and log each one (detectron2's behaviour).
     cfg.MODEL.WEIGHTS_ALLOW_SHAPE_MISMATCH = False
+    # MODEL.WEIGHTS recording another input format / normalisation than INPUT.FORMAT,
+    # MODEL.PIXEL_MEAN, MODEL.PIXEL_STD (converted SAN backbones, classifiers, san_det's own
+    # checkpoints record theirs): False = error naming both; True = load with a warning.
+    cfg.MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH = False
     # Detection: after training and after --eval-only, draw ground truth | predictions for this
     # many images of DATASETS.TEST[0] into OUTPUT_DIR/predictions/ (0 = none).
     cfg.TEST.PREDICTION_IMAGES = 8

@@ -151,7 +151,9 @@ def load_detector(cfg) -> torch.nn.Module:
             "output/model_final.pth"
         )
     model = build_model(cfg)
-    TrainerCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
+    allow = cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False)
+    checkpointer = TrainerCheckpointer(model, allow_input_mismatch=allow)
+    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
     return model.eval()
 
 

@@ -9,7 +9,8 @@
   seed and iteration) and each step's RNGs, and is stored in every checkpoint.
 - Checkpoints: :class:`~san_det.engine.checkpoint.SafeCheckpointer` (atomic; strict on resume;
   never a NaN/inf model), also holding the seed and the model's non-tensor running state
-  (RetinaNet's EMA loss normalizer), so a resumed run continues exactly.
+  (RetinaNet's EMA loss normalizer), so a resumed run continues exactly, and the input format
+  and normalisation (:mod:`san_det.modeling.input_info`, checked when the file is loaded).
 - Reproducible numerics: TorchScript functions run unoptimised in training steps (see
   :meth:`RobustTrainer.run_step`); on the CPU a resumed run then ends with exactly the weights of
   an uninterrupted one.
@@ -40,6 +41,7 @@ from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
+from ..modeling.input_info import INPUT_INFO_KEY, InputInfo, input_info_from_cfg
 from .checkpoint import NonFiniteError, SafeCheckpointer
 from .ddp import wrap_ddp
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
@@ -65,7 +67,8 @@ try:  # classifier checkpoints given as MODEL.WEIGHTS load into detectors' backb
     class TrainerCheckpointer(SafeCheckpointer, ClassifierCheckpointer):
         """:class:`SafeCheckpointer` that also converts classifier checkpoints for detectors."""
 
-except ImportError:  # pragma: no cover - the classification package is optional
+except ModuleNotFoundError:  # pragma: no cover - the classification package is optional
+    # (only a missing package: an import cycle must fail loudly, not lose classifier loading)
     TrainerCheckpointer = SafeCheckpointer
 
 
@@ -256,9 +259,11 @@ class RobustTrainer(DefaultTrainer):
             model,
             cfg.OUTPUT_DIR,
             allow_shape_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_SHAPE_MISMATCH", False),
+            allow_input_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False),
             trainer=weakref.proxy(self),
             data_stream=_SeedState(weakref.proxy(self)),
             model_running_state=_ModelRunningState(model),
+            **{INPUT_INFO_KEY: InputInfo(input_info_from_cfg(cfg))},
         )
 
     def build_writers(self):

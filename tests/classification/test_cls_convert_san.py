@@ -6,6 +6,7 @@ checks that the released files map onto our modules 1:1 with the right shapes.
 """
 
 import importlib.util
+import logging
 import os
 from collections import OrderedDict
 
@@ -176,3 +177,100 @@ def test_convert_tool_end_to_end(tmp_path, capsys):
     assert "module.layer0.0.sam.conv_w.0." in capsys.readouterr().err
     args[3] = str(tmp_path / "missing.pth")
     assert tool.main(args) == 2
+
+
+@pytest.fixture(scope="module")
+def converted_detection_backbone(tmp_path_factory):
+    """An official SAN10 pairwise file converted with --detection-config (the shipped config)."""
+    folder = tmp_path_factory.mktemp("san_det_input")
+    src, out = folder / "official.pth", folder / "retinanet_san10_pairwise_init.pth"
+    torch.save(_official_checkpoint("pairwise", 10), src)
+    args = [
+        "--config-file", os.path.join(REPO, "configs", "ImageNet", "san10_pairwise.yaml"),
+        "--detection-config", DETECTION_SAN10, "--input", str(src), "--output", str(out),
+    ]  # fmt: skip
+    assert _load_tool("convert_san_official").main(args) == 0
+    return out
+
+
+DETECTION_SAN10 = os.path.join(REPO, "configs", "COCO-Detection", "retinanet_san10_pairwise.yaml")
+D2_DEFAULT_INPUT = [
+    "INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]",
+    "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]",
+]  # fmt: skip
+
+
+def _san10_detector(*opts):
+    cfg = get_classification_cfg(DETECTION_SAN10, ["MODEL.DEVICE", "cpu", *opts])
+    return cfg, build_model(cfg)
+
+
+def test_converted_backbone_records_the_official_input(converted_detection_backbone):
+    from san_det.classification.convert_san import OFFICIAL_SAN_INPUT
+    from san_det.modeling.input_info import INPUT_INFO_KEY
+
+    saved = torch.load(converted_detection_backbone, map_location="cpu", weights_only=True)
+    assert saved[INPUT_INFO_KEY] == OFFICIAL_SAN_INPUT
+    # the shipped SAN detection configs normalise as the official models do
+    cfg, detector = _san10_detector()
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert list(cfg.MODEL.PIXEL_MEAN) == OFFICIAL_SAN_INPUT["pixel_mean"]
+    assert list(cfg.MODEL.PIXEL_STD) == OFFICIAL_SAN_INPUT["pixel_std"]
+    from san_det.engine.trainer import TrainerCheckpointer
+
+    TrainerCheckpointer(detector).resume_or_load(str(converted_detection_backbone), resume=False)
+    torch.testing.assert_close(
+        detector.backbone.bottom_up.layer2[1].sam.conv_p.weight,
+        saved["model"]["backbone.bottom_up.layer2.1.sam.conv_p.weight"],
+    )
+
+
+def test_a_converted_backbone_in_a_model_normalising_otherwise_is_refused(
+    converted_detection_backbone, caplog
+):
+    from san_det.modeling.input_info import InputMismatchError
+    from san_det.engine.trainer import TrainerCheckpointer
+
+    _, detector = _san10_detector(*D2_DEFAULT_INPUT)
+    before = detector.backbone.bottom_up.conv_in.weight.detach().clone()
+    path = str(converted_detection_backbone)
+    with pytest.raises(InputMismatchError) as info:
+        TrainerCheckpointer(detector).resume_or_load(path, resume=False)
+    message = str(info.value)
+    assert path in message and "\n" not in message
+    assert "INPUT.FORMAT RGB (this model: BGR)" in message
+    assert "MODEL.PIXEL_STD [58.395, 57.12, 57.375] (this model: [1.0, 1.0, 1.0])" in message
+    assert "MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH" in message
+    torch.testing.assert_close(detector.backbone.bottom_up.conv_in.weight, before)  # not loaded
+    with caplog.at_level(logging.WARNING):
+        TrainerCheckpointer(detector, allow_input_mismatch=True).resume_or_load(path, resume=False)
+    assert "expect other inputs" in caplog.text and "Loading them anyway" in caplog.text
+
+
+def test_train_net_refuses_it_in_one_line_before_writing(converted_detection_backbone, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", DETECTION_SAN10,
+         "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(converted_detection_backbone),
+         *D2_DEFAULT_INPUT, "OUTPUT_DIR", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("train_net.py: error:")]
+    assert len(errors) == 1 and "expect other inputs" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_convert_tool_warns_about_a_detection_config_of_other_input(tmp_path, capsys):
+    src, out = tmp_path / "official.pth", tmp_path / "init.pth"
+    torch.save(_official_checkpoint("pairwise", 10), src)
+    args = [
+        "--config-file", os.path.join(REPO, "configs", "ImageNet", "san10_pairwise.yaml"),
+        "--detection-config", DETECTION_SAN10, "--input", str(src), "--output", str(out),
+        "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]",
+    ]  # fmt: skip
+    assert _load_tool("convert_san_official").main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in err
