@@ -5,6 +5,7 @@
 - :class:`TinyTestNet`: a meta-architecture with one conv, a norm (``MODEL.RESNETS.NORM``: ``""``,
   ``"GN"``, ``"BN"``, ``"SyncBN"``) and a linear classifier of each image's first box class; its
   loss is a mean over the batch, so data-parallel runs must equal one process with the whole batch.
+- :func:`train_tiny_retinanet`: that RetinaNet trained a few iterations on :func:`simple_images`.
 - :func:`write_coco_dataset` / :func:`register_coco_dataset`: small COCO-format sets in a folder,
   with optional broken images (truncated JPEG, not an image, missing) and arbitrary boxes.
 """
@@ -24,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import get_san_det_cfg
+from .trainer import DetectionTrainer
 
 __all__ = [
     "TinyTestNet",
@@ -31,6 +33,7 @@ __all__ = [
     "simple_images",
     "tiny_retinanet_cfg",
     "tiny_test_net_cfg",
+    "train_tiny_retinanet",
     "write_coco_dataset",
 ]
 
@@ -222,3 +225,15 @@ def simple_images(n: int, seed: int = 0) -> List[Dict]:
         classes = [(i + j) % 3 for j in range(k)]
         out.append({"name": f"img{i}.png", "boxes": boxes, "classes": classes})
     return out
+
+
+def train_tiny_retinanet(root: str, dataset: str, max_iter: int = 2) -> CfgNode:
+    """Register ``dataset`` (4 :func:`simple_images` in ``root/data``), train
+    :func:`tiny_retinanet_cfg` on it for ``max_iter`` iterations into ``root/out``; returns the
+    config."""
+    register_coco_dataset(dataset, os.path.join(root, "data"), simple_images(4))
+    cfg = tiny_retinanet_cfg(os.path.join(root, "out"), (dataset,), max_iter=max_iter)
+    trainer = DetectionTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return cfg

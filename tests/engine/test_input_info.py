@@ -8,8 +8,7 @@ import san_det  # noqa: F401
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import ClassifierCheckpointer
-from san_det.engine import DetectionTrainer
-from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
+from san_det.engine.testing import train_tiny_retinanet
 from san_det.engine.trainer import TrainerCheckpointer
 from san_det.modeling.input_info import (
     INPUT_INFO_KEY,
@@ -41,11 +40,7 @@ def test_describe_input_mismatch():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("input_info")
-    register_coco_dataset("input_info_train", str(root / "data"), simple_images(4))
-    cfg = tiny_retinanet_cfg(str(root / "out"), ("input_info_train",), max_iter=1)
-    trainer = DetectionTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    cfg = train_tiny_retinanet(str(root), "input_info_train", max_iter=1)
     (root / "tiny.yaml").write_text(cfg.dump())
     return root, cfg
 

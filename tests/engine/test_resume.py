@@ -18,6 +18,7 @@ from san_det.engine.testing import (
     simple_images,
     tiny_retinanet_cfg,
     tiny_test_net_cfg,
+    train_tiny_retinanet,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,12 +130,7 @@ def test_sigkill_and_resume_give_the_uninterrupted_weights(tmp_path):
 def trained(tmp_path_factory):
     """A tiny RetinaNet trained for 2 iterations, with its checkpoint folder."""
     root = tmp_path_factory.mktemp("ckpt")
-    register_coco_dataset("ckpt_train", str(root / "data"), simple_images(4))
-    cfg = tiny_retinanet_cfg(str(root / "out"), ("ckpt_train",), max_iter=2)
-    trainer = DetectionTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    return root, cfg
+    return root, train_tiny_retinanet(str(root), "ckpt_train", max_iter=2)
 
 
 def test_atomic_save_leaves_no_temporary_and_tags_last(trained):
