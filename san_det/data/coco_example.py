@@ -89,6 +89,9 @@ def write_coco_example(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {
-        split: (os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split))
+        split: (
+            os.path.join(root, "annotations", f"instances_{split}.json"),
+            os.path.join(root, split),
+        )
         for split in counts
     }

@@ -191,7 +191,9 @@ def check_prediction_output(
             or cannot be written, two inputs that would share a drawing name.
     """
     if not 0.0 <= confidence_threshold <= 1.0:
-        raise UserInputError(f"--confidence-threshold must be in [0, 1], got {confidence_threshold}")
+        raise UserInputError(
+            f"--confidence-threshold must be in [0, 1], got {confidence_threshold}"
+        )
     if max_size < 1:
         raise UserInputError(f"the drawing size must be >= 1 pixel, got {max_size}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):

@@ -160,4 +160,6 @@ def check_weights_input(cfg) -> None:
         return
     if isinstance(checkpoint, Mapping):
         allow = cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False)
-        check_checkpoint_input(recorded_input_info(checkpoint), input_info_from_cfg(cfg), path, allow)
+        check_checkpoint_input(
+            recorded_input_info(checkpoint), input_info_from_cfg(cfg), path, allow
+        )

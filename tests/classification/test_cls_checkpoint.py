@@ -228,7 +228,8 @@ def test_trainers_checkpointer_refuses_a_classifier_of_other_normalisation(tmp_p
         )
     assert "Loading them anyway" in caplog.text
     det_cfg.INPUT.FORMAT = cls_cfg.INPUT.FORMAT
-    det_cfg.MODEL.PIXEL_MEAN, det_cfg.MODEL.PIXEL_STD = cls_cfg.MODEL.PIXEL_MEAN, cls_cfg.MODEL.PIXEL_STD
+    det_cfg.MODEL.PIXEL_MEAN = cls_cfg.MODEL.PIXEL_MEAN
+    det_cfg.MODEL.PIXEL_STD = cls_cfg.MODEL.PIXEL_STD
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         detector = build_model(det_cfg)

@@ -60,7 +60,9 @@ def test_loading_into_another_normalisation_is_refused(trained, caplog):
     with pytest.raises(InputMismatchError, match=r"MODEL\.PIXEL_STD \[1\.0, 1\.0, 1\.0\] \(this"):
         TrainerCheckpointer(build_model(other)).load(path, checkpointables=[])
     TrainerCheckpointer(build_model(cfg)).load(path, checkpointables=[])  # same config: fine
-    TrainerCheckpointer(build_model(other), allow_input_mismatch=True).load(path, checkpointables=[])
+    TrainerCheckpointer(build_model(other), allow_input_mismatch=True).load(
+        path, checkpointables=[]
+    )
     assert "Loading them anyway" in caplog.text
 
 

@@ -70,7 +70,9 @@ def test_train_two_processes_then_eval_only_then_resume(workdir):
     # class names from the json reach the logs and the evaluator (the unused star included)
     assert "Distribution of instances among all 4 categories" in log
     assert "AP-star" not in log and "| star " in log and "triangle" in log
-    results = json.loads((out / "inference/shapes_coco_val/coco_instances_results.json").read_text())
+    results = json.loads(
+        (out / "inference/shapes_coco_val/coco_instances_results.json").read_text()
+    )
     assert results and {r["category_id"] for r in results} <= {2, 5, 7, 9}  # the json's own ids
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     final = [m for m in metrics if "bbox/AP" in m][-1]

@@ -71,7 +71,9 @@ def test_a_16_bit_image_is_predicted_and_drawn_as_evaluation_reads_it(tmp_path):
 def test_a_large_image_is_drawn_no_larger_than_the_cap(tmp_path):
     folder = tmp_path / "big"
     register_coco_dataset(
-        "visbig", str(folder), [{"name": "big.png", "size": (3000, 2000), "boxes": [[100, 100, 900, 600]]}]
+        "visbig",
+        str(folder),
+        [{"name": "big.png", "size": (3000, 2000), "boxes": [[100, 100, 900, 600]]}],
     )
     cfg = _cfg(tmp_path, "visbig")
     paths = write_prediction_images(cfg, RecordingDetector(), output_dir=str(tmp_path / "p"))
@@ -88,12 +90,16 @@ def test_a_large_image_is_drawn_no_larger_than_the_cap(tmp_path):
 
 
 def test_score_threshold_and_count_come_from_the_config(tmp_path):
-    register_coco_dataset("visthr", str(tmp_path / "data"), [{"name": f"{i}.png"} for i in range(3)])
+    register_coco_dataset(
+        "visthr", str(tmp_path / "data"), [{"name": f"{i}.png"} for i in range(3)]
+    )
     drawn = {}
     for threshold in ("0.5", "0.95"):
         cfg = _cfg(tmp_path, "visthr", "TEST.PREDICTION_SCORE_THRESHOLD", threshold,
                    "TEST.PREDICTION_IMAGES", "2")  # fmt: skip
-        paths = write_prediction_images(cfg, RecordingDetector(0.9), output_dir=str(tmp_path / threshold))
+        paths = write_prediction_images(
+            cfg, RecordingDetector(0.9), output_dir=str(tmp_path / threshold)
+        )
         assert [p.rsplit("/", 1)[1] for p in paths] == ["0.png", "1.png", "predictions.png"]
         drawn[threshold] = np.asarray(Image.open(paths[0]).convert("RGB"), dtype=int)
     right = slice(128 + 4, None)
@@ -134,6 +140,8 @@ def test_bad_prediction_image_keys_are_one_line(tmp_path, capsys, key, value, fr
     from test_train_net_input import assert_one_line_error, cli_in_process
 
     demo = str(Path(__file__).resolve().parents[2] / "configs/Demo/shapes_retinanet.yaml")
-    proc = cli_in_process(capsys, "--config-file", demo, key, value, "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys, "--config-file", demo, key, value, "OUTPUT_DIR", str(tmp_path / "o")
+    )
     assert_one_line_error(proc, key, fragment)
     assert not (tmp_path / "o").exists()
