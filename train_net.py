@@ -51,12 +51,12 @@ from san_det.engine import (
     setup_cfg,
     validate_datasets,
 )
-from san_det.modeling.input_info import check_weights_input
 from san_det.engine.trainer import TrainerCheckpointer
 from san_det.engine.visualize import (
     check_prediction_images_config,
     write_configured_prediction_images,
 )
+from san_det.modeling.input_info import check_weights_input
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1

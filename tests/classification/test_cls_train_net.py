@@ -47,3 +47,22 @@ def test_train_net_trains_and_evaluates_a_classifier(digits32, tmp_path):
     assert top["num_images"] == 359
     assert top["top1"] == pytest.approx(final["classification/top1"])
     assert top["top5"] == pytest.approx(final["classification/top5"])
+
+
+def test_num_classes_against_the_folders_is_checked_before_anything_is_written(
+    digits, tmp_path, capsys
+):
+    train, val, _ = digits
+    out = tmp_path / "run"
+    args = [
+        "--config-file", DEMO_CONFIG, "DATASETS.TRAIN", f"('{train}',)",
+        "DATASETS.TEST", f"('{val}',)", "CLASSIFICATION.NUM_CLASSES", "5", "OUTPUT_DIR", str(out),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        _train_net().cli(args)
+    assert exit_info.value.code == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert errors == [
+        f"train_net.py: error: dataset '{val}' has 10 classes but CLASSIFICATION.NUM_CLASSES is 5"
+    ]
+    assert not out.exists()
