@@ -8,10 +8,12 @@
 - :func:`train_tiny_retinanet`: that RetinaNet trained a few iterations on :func:`simple_images`.
 - :func:`write_coco_dataset` / :func:`register_coco_dataset`: small COCO-format sets in a folder,
   with optional broken images (truncated JPEG, not an image, missing) and arbitrary boxes.
+- :func:`process_alive` / :func:`wait_until`: for tests that start, signal and kill processes.
 """
 
 import json
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -29,11 +31,13 @@ from .trainer import DetectionTrainer
 
 __all__ = [
     "TinyTestNet",
+    "process_alive",
     "register_coco_dataset",
     "simple_images",
     "tiny_retinanet_cfg",
     "tiny_test_net_cfg",
     "train_tiny_retinanet",
+    "wait_until",
     "write_coco_dataset",
 ]
 
@@ -237,3 +241,29 @@ def train_tiny_retinanet(root: str, dataset: str, max_iter: int = 2) -> CfgNode:
     trainer.resume_or_load(resume=False)
     trainer.train()
     return cfg
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie that nobody has reaped yet counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux)
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_until(predicate, timeout: float = 120.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds passed; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

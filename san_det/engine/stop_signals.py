@@ -1,0 +1,131 @@
+"""Stop requests by signal: SIGTERM (a preempted cluster job, ``kill``) and SIGINT (Ctrl-C).
+
+:class:`StopSignals` is a context manager that, while active, replaces the handlers of both
+signals by one that records the first signal (:attr:`StopSignals.received`) instead of ending
+the process, and optionally passes every such signal on to child processes (a launcher forwards
+them to its workers). What to do about a request is the caller's: the training loop finishes its
+step and writes a checkpoint (:mod:`.graceful_stop`); a launcher waits for its workers.
+
+Data-loader workers get these signals too when they reach a whole process group (Ctrl-C in a
+terminal, a cluster preempting a job) and would die of them, failing the step in progress: they
+ignore them (:func:`shielded_worker_init`, a ``worker_init_fn``). Their parent ends them as
+usual (the loader's shutdown message, or torch's parent watchdog when the parent is gone); at the
+parent's exit, where ``multiprocessing`` would send its daemonic children (the workers) SIGTERM
+and wait for them, they are sent SIGKILL first.
+
+A signal that is ignored when the block starts (SIGINT of a job started in the background by a
+shell) stays ignored. Handlers can only be set in the main thread; elsewhere the block does
+nothing. Receiving a signal again changes nothing (Ctrl-C reaches a launcher and its workers at
+once, and the launcher forwards it once more); SIGKILL ends a run at once.
+"""
+
+import functools
+import multiprocessing
+import multiprocessing.util
+import os
+import signal
+import threading
+from typing import Callable, Dict, Iterable, Optional
+
+__all__ = [
+    "STOP_SIGNALS",
+    "StopSignals",
+    "exit_status",
+    "ignore_stop_signals_in_worker",
+    "shield_loader_workers",
+    "shielded_worker_init",
+]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_status(signum: int) -> int:
+    """The shell's exit status of a process ended by ``signum``: 143 for SIGTERM, 130 for SIGINT."""
+    return 128 + int(signum)
+
+
+class StopSignals:
+    """Record (and optionally forward) SIGTERM/SIGINT while the ``with`` block runs.
+
+    Args:
+        forward_to: called in the handler; returns the pids to pass each signal on to (pids that
+            no longer exist are skipped).
+    """
+
+    def __init__(self, forward_to: Optional[Callable[[], Iterable[int]]] = None):
+        self.received: Optional[int] = None
+        self._forward_to = forward_to
+        self._previous: Dict[int, object] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether this block's handlers are installed."""
+        return bool(self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        self.forward(signum)
+
+    def forward(self, signum: int) -> None:
+        """Pass ``signum`` on to the processes of ``forward_to`` (if given)."""
+        for pid in self._forward_to() if self._forward_to else ():
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if current == signal.SIG_IGN:
+                continue
+            self._previous[signum] = current
+            signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def ignore_stop_signals_in_worker(worker_id: int = 0, worker_init_fn: Optional[Callable] = None):
+    """A data-loader ``worker_init_fn``: ignore SIGTERM and SIGINT, then call ``worker_init_fn``.
+    Use :func:`shielded_worker_init` to get one: the workers' parent must kill them at exit."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_kill_at_exit = threading.Lock()
+_kill_at_exit_registered = False
+
+
+def shielded_worker_init(worker_init_fn: Optional[Callable] = None) -> Callable:
+    """A ``worker_init_fn`` for loaders created in this process whose workers ignore SIGTERM and
+    SIGINT, then run ``worker_init_fn``. Also arranges for this process to SIGKILL its daemonic
+    children (the workers) when it exits, before ``multiprocessing`` would SIGTERM and join them."""
+    global _kill_at_exit_registered
+    with _kill_at_exit:
+        if not _kill_at_exit_registered:
+            # priority >= 0: multiprocessing runs it before terminating and joining children
+            multiprocessing.util.Finalize(None, _kill_daemonic_children, exitpriority=100)
+            _kill_at_exit_registered = True
+    return functools.partial(ignore_stop_signals_in_worker, worker_init_fn=worker_init_fn)
+
+
+def shield_loader_workers(loader):
+    """Make the workers of ``loader`` (a torch ``DataLoader``) ignore SIGTERM/SIGINT, keeping its
+    own ``worker_init_fn`` (:func:`shielded_worker_init`). Returns ``loader``."""
+    loader.worker_init_fn = shielded_worker_init(loader.worker_init_fn)
+    return loader

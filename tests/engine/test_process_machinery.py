@@ -1,0 +1,220 @@
+"""The process machinery on its own: workers die with their parent (prctl and the portable
+watchdog), stop signals are recorded and forwarded, the output-folder lock refuses a second
+holder, survives SIGKILL of its holder as a free lock, and is shared with spawned workers."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from san_det.engine.output_lock import LOCK_FILE_NAME, OutputDirInUseError, OutputDirLock
+from san_det.engine.stop_signals import StopSignals, exit_status
+from san_det.engine.testing import process_alive as alive
+from san_det.engine.testing import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+PARENT_WATCH = ROOT / "san_det" / "engine" / "parent_watch.py"
+STOP_SIGNALS = ROOT / "san_det" / "engine" / "stop_signals.py"
+LINUX = sys.platform.startswith("linux")
+
+
+# A parent that starts a child which watches it, prints the child's pid, then sleeps. The child
+# loads parent_watch.py by path (stdlib only): no torch import, so this is fast.
+_PARENT = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+    print(child.pid, flush=True)
+    time.sleep(600)
+    """
+)
+_CHILD = textwrap.dedent(
+    """
+    import importlib.util, os, sys, time
+    spec = importlib.util.spec_from_file_location("parent_watch", sys.argv[1])
+    parent_watch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parent_watch)
+    how = parent_watch.exit_with_parent(
+        os.getppid(), poll_interval=0.05, use_prctl=sys.argv[2] == "prctl")
+    assert how == sys.argv[2], how
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["prctl", "watchdog"])
+def test_child_exits_when_its_parent_is_killed(how):
+    if how == "prctl" and not LINUX:
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, _CHILD, str(PARENT_WATCH), how],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)  # the child is watching (or about to: then it sees the parent gone)
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        assert wait_until(lambda: not alive(child)), f"child {child} outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
+    if how == "watchdog":
+        assert "has exited; stopping" in parent.stderr.read()
+
+
+def test_stop_signals_record_restore_and_respect_ignored_signals():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.active
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_until(lambda: stop.received is not None, timeout=10)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal changes nothing
+        time.sleep(0.05)
+    assert stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert exit_status(signal.SIGTERM) == 143 and exit_status(signal.SIGINT) == 130
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a background job's
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_stop_signals_forward_to_child_processes():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with StopSignals(forward_to=lambda: [child.pid]) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert child.wait(timeout=60) == -signal.SIGTERM
+        assert stop.received == signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+
+
+# A data loader whose worker ignores stop signals; the iterator stays referenced until the
+# interpreter exits, where multiprocessing would SIGTERM (ignored) and join the worker forever.
+_SHIELDED_LOADER = textwrap.dedent(
+    """
+    import importlib.util, os, signal, sys, time
+    import torch
+    spec = importlib.util.spec_from_file_location("stop_signals", sys.argv[1])
+    stop_signals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stop_signals)
+
+    class Counting(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            i = 0
+            while True:
+                yield i
+                i += 1
+
+    loader = torch.utils.data.DataLoader(
+        Counting(), batch_size=None, num_workers=1,
+        worker_init_fn=stop_signals.shielded_worker_init())
+    it = iter(loader)
+    assert next(it) == 0
+    worker = it._workers[0].pid
+    os.kill(worker, signal.SIGTERM)
+    os.kill(worker, signal.SIGINT)
+    time.sleep(1)
+    assert [next(it) for _ in range(3)] == [1, 2, 3]  # the worker lives on
+    print(worker, flush=True)
+    """
+)
+
+
+def test_shielded_loader_workers_ignore_stop_signals_and_do_not_block_exit():
+    proc = subprocess.run([sys.executable, "-c", _SHIELDED_LOADER, str(STOP_SIGNALS)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker = int(proc.stdout.split()[-1])
+    assert wait_until(lambda: not alive(worker), timeout=60)
+
+
+def test_lock_refuses_a_second_holder_and_is_free_after_release(tmp_path):
+    out = tmp_path / "out"
+    with OutputDirLock(str(out)) as first:
+        assert first.locked and (out / LOCK_FILE_NAME).is_file()
+        assert f'"pid": {os.getpid()}' in (out / LOCK_FILE_NAME).read_text()
+        with pytest.raises(OutputDirInUseError) as info:
+            OutputDirLock(str(out)).acquire()
+        message = str(info.value)
+        assert str(out) in message and f"pid {os.getpid()}" in message
+    assert (out / LOCK_FILE_NAME).read_text() == ""  # a clean release erases the record
+    with OutputDirLock(str(out)) as second:
+        assert second.locked
+    assert not OutputDirLock("").acquire().locked  # no folder: nothing to lock
+    assert not OutputDirLock("s3://bucket/run").acquire().locked
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from san_det.engine.output_lock import OutputDirLock
+    OutputDirLock(sys.argv[2]).acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_lock_of_a_killed_holder_is_taken_over(tmp_path, caplog):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirInUseError, match=f"pid {holder.pid}"):
+            OutputDirLock(str(out)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="san_det.engine.output_lock"):
+        lock = OutputDirLock(str(out)).acquire()
+    try:
+        assert lock.locked
+        assert "Taking over" in caplog.text and f"pid {holder.pid}" in caplog.text
+    finally:
+        lock.release()
+
+
+def _hold_inherited_lock(rank, lock, ready_dir):
+    assert lock.locked  # the launcher's open lock file, passed on by spawn
+    Path(ready_dir, str(rank)).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_spawned_workers_hold_the_launchers_lock(tmp_path):
+    """The folder stays locked while a worker lives, even after the launcher let go of it."""
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    ready.mkdir()
+    lock = OutputDirLock(str(out)).acquire()
+    context = mp.start_processes(
+        _hold_inherited_lock, args=(lock, str(ready)), nprocs=1, join=False, start_method="spawn"
+    )
+    try:
+        assert wait_until(lambda: (ready / "0").exists())
+        lock.release()  # as a launcher killed with SIGKILL would
+        with pytest.raises(OutputDirInUseError):
+            OutputDirLock(str(out)).acquire()
+    finally:
+        for process in context.processes:
+            process.kill()
+            process.join()
+    with OutputDirLock(str(out)) as again:
+        assert again.locked
