@@ -17,7 +17,15 @@ Classification (ImageNet pretraining) goes through the same script: configs whos
 Processes: ``--num-gpus N`` starts N data-parallel processes, one per GPU (NCCL). With
 ``MODEL.DEVICE cpu``, or on a machine without GPUs, it starts N CPU processes that synchronise
 through gloo; ``--num-processes N`` says the same for CPU runs. ``SOLVER.IMS_PER_BATCH`` is the
-total batch over all processes. Pass ``--dist-url auto`` to pick a free local port.
+total batch over all processes. On one machine the processes meet on a port the OS picks (any
+number of runs can share a machine); several machines (``--num-machines``, ``--machine-rank``)
+need ``--dist-url tcp://<machine 0>:<port>``. Under ``torchrun`` nothing is spawned: each process
+is one rank of torchrun's job. Workers exit when the launching process dies.
+
+One run per OUTPUT_DIR: a second run (training or ``--eval-only``) into a folder in use is
+refused in one line (exit status 2) before it writes anything; the lock of a killed run is taken
+over. SIGTERM or SIGINT (Ctrl-C) stop training after the current step, with a checkpoint, and
+exit with status 143 / 130; ``--resume`` continues from there.
 
 Resuming: ``--resume`` continues from the checkpoint that ``OUTPUT_DIR/last_checkpoint`` names
 (checkpoints are written atomically, so that is always a complete one), at the next iteration and
@@ -45,10 +53,14 @@ from san_det.classification.loader import get_classification_dataset_dicts
 from san_det.engine import (
     DetectionTrainer,
     NonFiniteError,
+    OutputDirLock,
+    TrainingStopped,
     UserInputError,
     check_detection_classes,
+    is_primary_launcher,
     launch,
     setup_cfg,
+    torchrun_environment,
     validate_datasets,
 )
 from san_det.engine.trainer import TrainerCheckpointer
@@ -124,14 +136,22 @@ def _fail(error: Exception, status: int):
     sys.exit(status)
 
 
-def run(args):
-    """:func:`main` with user errors and NaN/inf stops reported in one line (every process)."""
+def run(args, output_lock=None):
+    """:func:`main` with user errors and NaN/inf stops reported in one line (every process), and
+    a stop by SIGTERM/SIGINT reported once.
+
+    ``output_lock``: the launcher's :class:`OutputDirLock`, held by every worker while it runs.
+    """
     try:
         return main(args)
     except UserInputError as e:
         _fail(e, EXIT_BAD_INPUT)
     except NonFiniteError as e:
         _fail(e, EXIT_TRAINING_FAILED)
+    except TrainingStopped as e:
+        if comm.is_main_process():
+            print(f"train_net.py: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
 
 
 def check_input(args):
@@ -153,6 +173,7 @@ def check_input(args):
         raise UserInputError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_gpus < 1:
         raise UserInputError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    _check_machines(args)
     on_gpu = cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()
     n = args.num_processes or args.num_gpus
     if on_gpu and n > torch.cuda.device_count():
@@ -164,8 +185,27 @@ def check_input(args):
     return cfg
 
 
+def _check_machines(args):
+    if torchrun_environment() is not None:
+        return  # torchrun's environment says how many processes, where and how they meet
+    if args.num_machines < 1:
+        raise UserInputError(f"--num-machines must be >= 1, got {args.num_machines}")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UserInputError(
+            f"--machine-rank must be in [0, {args.num_machines - 1}], got {args.machine_rank}"
+        )
+    if args.num_machines > 1 and args.dist_url in (None, "auto"):
+        raise UserInputError(
+            f"--num-machines {args.num_machines} needs --dist-url tcp://<address of machine "
+            "0>:<free port>, the same on every machine"
+        )
+
+
 def argument_parser():
     parser = default_argument_parser()
+    # detectron2's default is a fixed port per user: a second run on the machine failed with
+    # EADDRINUSE. "auto": a port the OS picks (one machine; several need tcp://<machine 0>:<port>).
+    parser.set_defaults(dist_url="auto")
     parser.add_argument(
         "--num-processes",
         type=int,
@@ -187,6 +227,9 @@ def cli(argv=None):
     san_det_logger.setLevel(logging.INFO)
     try:
         cfg = check_input(args)
+        # The job's first launcher locks OUTPUT_DIR (after the checks: bad input writes nothing).
+        lock = OutputDirLock(cfg.OUTPUT_DIR if is_primary_launcher(args.machine_rank) else "")
+        lock.acquire()
     except UserInputError as e:
         print(f"train_net.py: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -201,11 +244,14 @@ def cli(argv=None):
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
-            args=(args,),
+            args=(args, lock),
             device="cuda" if on_gpu else "cpu",
         )
     except ProcessExitedException as e:  # a worker already reported its error in one line
-        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else EXIT_TRAINING_FAILED)
+        code = e.exit_code or EXIT_TRAINING_FAILED
+        sys.exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from detectron2.data.samplers import InferenceSampler, TrainingSampler
 from detectron2.utils import comm
 
 from ..engine.loader import DeterministicBatchStream, ResumableTrainLoader
+from ..engine.stop_signals import shielded_worker_init
 from .dataset import ClassificationDatasetError, CorruptImageError, read_image_rgb
 from .transforms import build_classification_transform
 
@@ -143,4 +144,5 @@ def build_classification_test_loader(cfg, dataset_name: str):
         sampler=InferenceSampler(len(data)),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         collate_fn=trivial_batch_collator,
+        worker_init_fn=shielded_worker_init(),  # stop signals are the trainer's
     )

@@ -1,12 +1,15 @@
-"""Training engine: config setup with clear errors, trainers, CPU/GPU launch, safe checkpoints."""
+"""Training engine: config setup with clear errors, trainers, CPU/GPU launch, safe checkpoints,
+output-folder locking and clean stops on SIGTERM/SIGINT."""
 
 from .checkpoint import CheckpointError, NonFiniteError, SafeCheckpointer
 from .config import add_engine_config
 from .dataset_checks import check_detection_classes
 from .ddp import CPUSyncBatchNorm, wrap_ddp
 from .errors import UserInputError
-from .launch import launch
+from .graceful_stop import StopOnSignalHook, TrainingStopped
+from .launch import is_primary_launcher, launch, torchrun_environment
 from .loader import DeterministicBatchStream, ResumableTrainLoader
+from .output_lock import OutputDirInUseError, OutputDirLock
 from .setup import setup_cfg, validate_datasets
 from .trainer import DetectionTrainer, RobustTrainer, build_resumable_train_loader
 
@@ -16,15 +19,21 @@ __all__ = [
     "DetectionTrainer",
     "DeterministicBatchStream",
     "NonFiniteError",
+    "OutputDirInUseError",
+    "OutputDirLock",
     "ResumableTrainLoader",
     "RobustTrainer",
     "SafeCheckpointer",
+    "StopOnSignalHook",
+    "TrainingStopped",
     "UserInputError",
     "add_engine_config",
     "build_resumable_train_loader",
     "check_detection_classes",
+    "is_primary_launcher",
     "launch",
     "setup_cfg",
+    "torchrun_environment",
     "validate_datasets",
     "wrap_ddp",
 ]

@@ -34,6 +34,8 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .stop_signals import shielded_worker_init
+
 __all__ = ["DeterministicBatchStream", "ResumableTrainLoader", "mix_seed", "seeded_rng"]
 
 logger = logging.getLogger(__name__)
@@ -226,6 +228,8 @@ class ResumableTrainLoader:
             num_workers=self.num_workers,
             collate_fn=_identity,
             persistent_workers=False,
+            # a stop signal to the whole process group is the main process's to handle
+            worker_init_fn=shielded_worker_init(),
         )
         return iter(loader)
 

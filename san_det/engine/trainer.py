@@ -19,6 +19,9 @@
 - NaN/inf: a step whose loss or gradients are not finite (on any process) stops training before
   the optimizer changes the model, with :class:`~san_det.engine.checkpoint.NonFiniteError` naming
   the iteration, the losses and the last good checkpoint.
+- SIGTERM / SIGINT (on any process) stop training after the current step with a checkpoint
+  (:class:`~san_det.engine.graceful_stop.StopOnSignalHook`, raising
+  :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130).
 
 :class:`DetectionTrainer` adds the detection data (robust mapper, resumable loader) and COCO
 evaluation.
@@ -44,8 +47,10 @@ from .. import compat
 from ..modeling.input_info import INPUT_INFO_KEY, InputInfo, input_info_from_cfg
 from .checkpoint import NonFiniteError, SafeCheckpointer
 from .ddp import wrap_ddp
+from .graceful_stop import StopOnSignalHook
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
+from .stop_signals import shield_loader_workers
 
 __all__ = [
     "DetectionTrainer",
@@ -275,6 +280,10 @@ class RobustTrainer(DefaultTrainer):
                 writers[i] = FiniteJSONWriter.in_output_dir(self.cfg.OUTPUT_DIR)
         return writers
 
+    def build_hooks(self):
+        # Last: it stops after the scheduler step and any checkpoint or evaluation of the step.
+        return super().build_hooks() + [StopOnSignalHook()]
+
     def state_dict(self):
         # detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of checkpoints.
         ret = super().state_dict()
@@ -350,7 +359,7 @@ class DetectionTrainer(RobustTrainer):
         from ..data.mapper import RobustDatasetMapper
 
         mapper = RobustDatasetMapper(cfg, False)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        return shield_loader_workers(build_detection_test_loader(cfg, dataset_name, mapper=mapper))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
