@@ -201,20 +201,27 @@ class _ModelRunningState:
     """Checkpointable with the Python-number running state of a model that ``state_dict`` misses:
     the EMA loss normalizer of detectron2's dense detectors (RetinaNet, FCOS: ``loss_normalizer``).
     Without it a resumed RetinaNet restarts the EMA at its initial value and trains differently.
-    (In multi-process runs each process has its own EMA; rank 0's is saved and restored to all.)
+
+    In multi-process runs each process has its own EMA (of its own images' foreground anchors).
+    :meth:`gather` (every process, after every step) collects all of them, so that the checkpoint,
+    which only the main process writes, holds every rank's values and each rank resumes with its
+    own (with another number of processes, every rank takes rank 0's).
     """
 
     ATTRIBUTES = ("loss_normalizer",)
+    PER_RANK = "<per rank>"  # not a module name
 
     def __init__(self, model):
         self._model = model.module if hasattr(model, "module") else model
+        self._all_ranks = None
+        self._needs_gather = comm.get_world_size() > 1 and any(True for _ in self._modules())
 
     def _modules(self):
         for name, module in self._model.named_modules():
             if hasattr(module, "_ema_update"):
                 yield name, module
 
-    def state_dict(self):
+    def _local_state(self):
         state = {}
         for name, module in self._modules():
             values = {a: float(getattr(module, a)) for a in self.ATTRIBUTES if hasattr(module, a)}
@@ -222,7 +229,22 @@ class _ModelRunningState:
                 state[name] = values
         return state
 
+    def gather(self):
+        """Collect every process's values for the next checkpoint (all processes must call it)."""
+        if self._needs_gather:
+            self._all_ranks = comm.all_gather(self._local_state())
+
+    def state_dict(self):
+        state = self._local_state()
+        if self._all_ranks is not None:
+            state[self.PER_RANK] = self._all_ranks
+        return state
+
     def load_state_dict(self, state):
+        state = dict(state)
+        per_rank = state.pop(self.PER_RANK, None)
+        if per_rank is not None and len(per_rank) == comm.get_world_size():
+            state = per_rank[comm.get_rank()]
         modules = dict(self._modules())
         for name, values in state.items():
             if name in modules:
@@ -260,6 +282,7 @@ class RobustTrainer(DefaultTrainer):
 
     def build_checkpointer(self, cfg, model) -> SafeCheckpointer:
         """The checkpointer of the trainer's state (model, optimizer, scheduler, seed)."""
+        self._running_state = _ModelRunningState(model)
         return TrainerCheckpointer(
             model,
             cfg.OUTPUT_DIR,
@@ -267,7 +290,7 @@ class RobustTrainer(DefaultTrainer):
             allow_input_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False),
             trainer=weakref.proxy(self),
             data_stream=_SeedState(weakref.proxy(self)),
-            model_running_state=_ModelRunningState(model),
+            model_running_state=self._running_state,
             **{INPUT_INFO_KEY: InputInfo(input_info_from_cfg(cfg))},
         )
 
@@ -321,6 +344,9 @@ class RobustTrainer(DefaultTrainer):
             # continues. Unoptimised execution is the same on every call (and these are tiny ops).
             with torch.jit.optimized_execution(False):
                 self._trainer.run_step()
+            running_state = getattr(self, "_running_state", None)
+            if running_state is not None:  # a subclass's own checkpointer may lack it
+                running_state.gather()
         except NonFiniteError as e:
             has = self.checkpointer.has_checkpoint()
             last = self.checkpointer.get_checkpoint_file() if has else "none written yet"
