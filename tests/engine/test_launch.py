@@ -7,6 +7,7 @@ whole batch.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,12 +53,38 @@ def _worker(folder, out_root, total_batch, result_path):
     # What the other rank ended with: data-parallel replicas must agree.
     gathered = comm.all_gather(results["GN"]["fc.weight"])
     nan_error = _nan_on_rank_1(folder, out_root, total_batch)
+    retinanet = _retinanet_straight_and_resumed(folder, out_root, total_batch)
     if comm.is_main_process():
         torch.save(
             {"weights": results, "norm_types": kinds, "world": comm.get_world_size(),
-             "replicas": gathered, "nan_error": nan_error},
+             "replicas": gathered, "nan_error": nan_error, "retinanet": retinanet},
             result_path,
         )
+
+
+def _retinanet_straight_and_resumed(folder, out_root, total_batch):
+    """A tiny RetinaNet trained 4 iterations, and resumed from its checkpoint of iteration 1:
+    (straight weights, resumed weights, per-rank loss normalisers in that checkpoint)."""
+    register_coco_dataset("launch_train", folder)
+    checkpoint = os.path.join(out_root, "retinanet_straight", "model_0000001.pth")
+    weights = []
+    for name in ("straight", "resumed"):
+        cfg = tiny_retinanet_cfg(os.path.join(out_root, f"retinanet_{name}"), ("launch_train",), 4)
+        cfg.SOLVER.IMS_PER_BATCH = total_batch
+        cfg.SOLVER.CHECKPOINT_PERIOD = 2
+        resume = name == "resumed"
+        if resume and comm.is_main_process():
+            os.makedirs(cfg.OUTPUT_DIR)
+            shutil.copy(checkpoint, cfg.OUTPUT_DIR)
+            with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+                f.write("model_0000001.pth")
+        comm.synchronize()
+        trainer = DetectionTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        weights.append({k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()})
+    normalizers = torch.load(checkpoint)["model_running_state"]["<per rank>"]
+    return weights[0], weights[1], normalizers
 
 
 class _PoisonRank1(HookBase):
@@ -138,6 +165,15 @@ def test_nan_on_one_process_stops_every_process(runs):
     message = two["nan_error"]  # rank 0's: its own loss was finite
     assert message is not None
     assert "non-finite loss at iteration 1 on at least one process" in message
+
+
+def test_two_process_retinanet_resumes_exactly(runs):
+    """Each rank resumes with its own RetinaNet loss normaliser (an EMA of its own images'
+    foreground anchors), so the resumed run ends with the uninterrupted run's weights."""
+    straight, resumed, normalizers = runs[0]["retinanet"]
+    assert len(normalizers) == 2 and normalizers[0] != normalizers[1]
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
 
 
 def test_wrap_ddp_is_identity_in_one_process():
