@@ -218,3 +218,33 @@ def test_spawned_workers_hold_the_launchers_lock(tmp_path):
             process.join()
     with OutputDirLock(str(out)) as again:
         assert again.locked
+
+
+def _train_net():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-machines", "2"], "--num-machines 2 needs --dist-url tcp://"),
+        (["--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://127.0.0.1:1"],
+         "--machine-rank must be in [0, 1], got 2"),
+        (["--num-machines", "0"], "--num-machines must be >= 1, got 0"),
+    ],
+)
+def test_train_net_refuses_bad_machine_arguments(tmp_path, capsys, args, message):
+    config = ROOT / "configs" / "COCO-Detection" / "retinanet_R_50_FPN_1x.yaml"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        _train_net().cli(["--config-file", str(config), *args, "MODEL.DEVICE", "cpu",
+                          "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_net.py: error: ") and message in err[0], err
+    assert not out.exists()
