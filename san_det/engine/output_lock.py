@@ -1,4 +1,4 @@
-"""One run per output folder: an exclusive lock on ``OUTPUT_DIR/.san_det.lock`` for a run's lifetime.
+"""One run per output folder: an exclusive lock on ``OUTPUT_DIR/.san_det.lock`` while it runs.
 
 Two runs into one folder would overwrite each other's checkpoints and interleave their logs.
 :class:`OutputDirLock` takes an exclusive ``flock`` on the folder's lock file, without waiting:

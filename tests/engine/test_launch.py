@@ -82,7 +82,8 @@ def _retinanet_straight_and_resumed(folder, out_root, total_batch):
         trainer = DetectionTrainer(cfg)
         trainer.resume_or_load(resume=resume)
         trainer.train()
-        weights.append({k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()})
+        state = trainer.model.module.state_dict()
+        weights.append({k: v.detach().clone() for k, v in state.items()})
     normalizers = torch.load(checkpoint)["model_running_state"]["<per rank>"]
     return weights[0], weights[1], normalizers
 
