@@ -168,7 +168,7 @@ def launch(
     else:
         rendezvous = dist_url
         if num_machines > 1 and dist_url.startswith("file://"):
-            logger.warning("file:// is not a reliable init_method with several machines: use tcp://")
+            logger.warning("file:// is unreliable with several machines: use tcp://")
     pids: List[int] = []
     with StopSignals(forward_to=lambda: pids) as stop:
         context = mp.start_processes(
