@@ -269,9 +269,7 @@ def _distributed_worker(
         # N processes on one machine: share the cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_gpus_per_machine))
     _init_process_group(device, rendezvous, world_size, global_rank, timeout)
-    _set_local_process_group(
-        [r // num_gpus_per_machine for r in range(world_size)], machine_rank
-    )
+    _set_local_process_group([r // num_gpus_per_machine for r in range(world_size)], machine_rank)
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     _run_main(main_func, args)

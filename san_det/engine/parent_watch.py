@@ -59,9 +59,7 @@ def _watch(parent_pid: int, poll_interval: float) -> None:
     _parent_gone(parent_pid)
 
 
-def exit_with_parent(
-    parent_pid: int, *, poll_interval: float = 1.0, use_prctl: bool = True
-) -> str:
+def exit_with_parent(parent_pid: int, *, poll_interval: float = 1.0, use_prctl: bool = True) -> str:
     """End this process as soon as its parent ``parent_pid`` has exited.
 
     Args:

@@ -27,16 +27,13 @@ LINUX = sys.platform.startswith("linux")
 
 # A parent that starts a child which watches it, prints the child's pid, then sleeps. The child
 # loads parent_watch.py by path (stdlib only): no torch import, so this is fast.
-_PARENT = textwrap.dedent(
-    """
+_PARENT = textwrap.dedent("""
     import subprocess, sys, time
     child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
     print(child.pid, flush=True)
     time.sleep(600)
-    """
-)
-_CHILD = textwrap.dedent(
-    """
+    """)
+_CHILD = textwrap.dedent("""
     import importlib.util, os, sys, time
     spec = importlib.util.spec_from_file_location("parent_watch", sys.argv[1])
     parent_watch = importlib.util.module_from_spec(spec)
@@ -45,8 +42,7 @@ _CHILD = textwrap.dedent(
         os.getppid(), poll_interval=0.05, use_prctl=sys.argv[2] == "prctl")
     assert how == sys.argv[2], how
     time.sleep(600)
-    """
-)
+    """)
 
 
 @pytest.mark.parametrize("how", ["prctl", "watchdog"])
@@ -55,7 +51,9 @@ def test_child_exits_when_its_parent_is_killed(how):
         pytest.skip("PR_SET_PDEATHSIG is Linux only")
     parent = subprocess.Popen(
         [sys.executable, "-c", _PARENT, _CHILD, str(PARENT_WATCH), how],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         child = int(parent.stdout.readline())
@@ -106,8 +104,7 @@ def test_stop_signals_forward_to_child_processes():
 
 # A data loader whose worker ignores stop signals; the iterator stays referenced until the
 # interpreter exits, where multiprocessing would SIGTERM (ignored) and join the worker forever.
-_SHIELDED_LOADER = textwrap.dedent(
-    """
+_SHIELDED_LOADER = textwrap.dedent("""
     import importlib.util, os, signal, sys, time
     import torch
     spec = importlib.util.spec_from_file_location("stop_signals", sys.argv[1])
@@ -132,13 +129,16 @@ _SHIELDED_LOADER = textwrap.dedent(
     time.sleep(1)
     assert [next(it) for _ in range(3)] == [1, 2, 3]  # the worker lives on
     print(worker, flush=True)
-    """
-)
+    """)
 
 
 def test_shielded_loader_workers_ignore_stop_signals_and_do_not_block_exit():
-    proc = subprocess.run([sys.executable, "-c", _SHIELDED_LOADER, str(STOP_SIGNALS)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHIELDED_LOADER, str(STOP_SIGNALS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     worker = int(proc.stdout.split()[-1])
     assert wait_until(lambda: not alive(worker), timeout=60)
@@ -160,16 +160,14 @@ def test_lock_refuses_a_second_holder_and_is_free_after_release(tmp_path):
     assert not OutputDirLock("s3://bucket/run").acquire().locked
 
 
-_HOLDER = textwrap.dedent(
-    """
+_HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
     from san_det.engine.output_lock import OutputDirLock
     OutputDirLock(sys.argv[2]).acquire()
     print("locked", flush=True)
     time.sleep(600)
-    """
-)
+    """)
 
 
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path, caplog):
@@ -233,8 +231,10 @@ def _train_net():
     "args, message",
     [
         (["--num-machines", "2"], "--num-machines 2 needs --dist-url tcp://"),
-        (["--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://127.0.0.1:1"],
-         "--machine-rank must be in [0, 1], got 2"),
+        (
+            ["--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://127.0.0.1:1"],
+            "--machine-rank must be in [0, 1], got 2",
+        ),
         (["--num-machines", "0"], "--num-machines must be >= 1, got 0"),
     ],
 )
@@ -242,8 +242,21 @@ def test_train_net_refuses_bad_machine_arguments(tmp_path, capsys, args, message
     config = ROOT / "configs" / "COCO-Detection" / "retinanet_R_50_FPN_1x.yaml"
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        _train_net().cli(["--config-file", str(config), *args, "MODEL.DEVICE", "cpu",
-                          "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)])
+        _train_net().cli(
+            [
+                "--config-file",
+                str(config),
+                *args,
+                "MODEL.DEVICE",
+                "cpu",
+                "DATASETS.TRAIN",
+                "()",
+                "DATASETS.TEST",
+                "()",
+                "OUTPUT_DIR",
+                str(out),
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train_net.py: error: ") and message in err[0], err

@@ -108,18 +108,30 @@ class Run:
             self.hold.mkdir()
             env.update(HOLD_AT_ITER=str(hold_at), HOLD_DIR=str(self.hold))
         command = (launcher or [sys.executable]) + [
-            str(inputs / "driver.py"), "--config-file", str(inputs / "testnet.yaml"), *args,
-            "OUTPUT_DIR", str(out),
+            str(inputs / "driver.py"),
+            "--config-file",
+            str(inputs / "testnet.yaml"),
+            *args,
+            "OUTPUT_DIR",
+            str(out),
         ]
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     def wait_at_hold(self, ranks=2):
         """Wait until every rank is in the held step; returns their pids."""
         markers = [self.hold / f"rank{r}" for r in range(ranks)]
-        ok = wait_until(lambda: all(m.exists() for m in markers) or self.proc.poll() is not None,
-                        timeout=TIMEOUT)
+        ok = wait_until(
+            lambda: all(m.exists() for m in markers) or self.proc.poll() is not None,
+            timeout=TIMEOUT,
+        )
         assert ok and self.proc.poll() is None, self.output()[-3000:]
         return [int(m.read_text()) for m in markers]
 
@@ -183,7 +195,7 @@ def one_process(inputs):
     out = inputs / "one"
     _load_train_net().cli(["--config-file", str(inputs / "testnet.yaml"), "OUTPUT_DIR", str(out)])
     weights = _weights(out)
-    trained = (weights["conv.weight"] - _weights(out, "model_0000001.pth")["conv.weight"])
+    trained = weights["conv.weight"] - _weights(out, "model_0000001.pth")["conv.weight"]
     assert trained.abs().max() > 1e-4  # it trained on after iteration 1
     return weights
 
@@ -192,8 +204,21 @@ def one_process(inputs):
 def two_machines(inputs):
     """--num-machines 2 --machine-rank 0/1 on this host: two launchers, one process each."""
     out, url = inputs / "machines", f"tcp://127.0.0.1:{_free_port()}"
-    runs = [Run(inputs, out, "--num-machines", "2", "--machine-rank", str(rank),
-                "--num-processes", "1", "--dist-url", url) for rank in (0, 1)]
+    runs = [
+        Run(
+            inputs,
+            out,
+            "--num-machines",
+            "2",
+            "--machine-rank",
+            str(rank),
+            "--num-processes",
+            "1",
+            "--dist-url",
+            url,
+        )
+        for rank in (0, 1)
+    ]
     for run in runs:
         _finish(run)
     assert "Rank of current process: 0. World size: 2" in (out / "log.txt").read_text()
@@ -204,8 +229,14 @@ def two_machines(inputs):
 def test_two_machines_and_torchrun_train_as_one_process(inputs, one_process, two_machines):
     _assert_close(two_machines, one_process)
     out = inputs / "torchrun"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                "2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     _finish(Run(inputs, out, launcher=torchrun))  # env:// rendezvous: nothing spawned
     assert "Rank of current process: 0. World size: 2" in (out / "log.txt").read_text()
     _assert_close(_weights(out), one_process)
@@ -234,8 +265,16 @@ def test_stop_kill_lock_and_resume_two_processes(inputs, two_machines, capsys):
     pids = first.wait_at_hold()
     before = _snapshot(out)
     with pytest.raises(SystemExit) as refused:
-        train_net.cli(["--config-file", str(inputs / "testnet.yaml"), "--num-processes", "2",
-                       "OUTPUT_DIR", str(out)])
+        train_net.cli(
+            [
+                "--config-file",
+                str(inputs / "testnet.yaml"),
+                "--num-processes",
+                "2",
+                "OUTPUT_DIR",
+                str(out),
+            ]
+        )
     assert refused.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train_net.py: error: OUTPUT_DIR {out} is in use")
@@ -252,8 +291,9 @@ def test_stop_kill_lock_and_resume_two_processes(inputs, two_machines, capsys):
     assert torch.load(out / "model_0000002.pth", weights_only=False)["iteration"] == 2
 
     # 2. (no data-loader workers: they would hold the lock for seconds after their parent died)
-    second = Run(inputs, out, "--num-processes", "2", "--resume", "DATALOADER.NUM_WORKERS", "0",
-                 hold_at=5)
+    second = Run(
+        inputs, out, "--num-processes", "2", "--resume", "DATALOADER.NUM_WORKERS", "0", hold_at=5
+    )
     workers = second.wait_at_hold()
     other = Run(inputs, inputs / "other", "--num-processes", "2", hold_at=1)
     other.wait_at_hold()
@@ -279,5 +319,14 @@ def test_stop_kill_lock_and_resume_two_processes(inputs, two_machines, capsys):
     assert "Starting training from iteration 4" in (out / "log.txt").read_text()
     assert (out / LOCK_FILE_NAME).read_text() == ""
     _assert_bit_exact(_weights(out), two_machines)
-    train_net.cli(["--config-file", str(inputs / "testnet.yaml"), "--eval-only",
-                   "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(out)])
+    train_net.cli(
+        [
+            "--config-file",
+            str(inputs / "testnet.yaml"),
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(out),
+        ]
+    )
