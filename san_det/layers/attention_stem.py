@@ -28,12 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
+
 __all__ = ["SpatiallyAwareAttentionStem"]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class SpatiallyAwareAttentionStem(nn.Module):
@@ -75,7 +72,7 @@ class SpatiallyAwareAttentionStem(nn.Module):
             ("num_heads", num_heads),
             ("num_value_mixtures", num_value_mixtures),
         ):
-            _check_positive_int(name, value)
+            check_int(name, value)
         if out_channels % num_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must divide out_channels ({out_channels})")
         head_dim = out_channels // num_heads

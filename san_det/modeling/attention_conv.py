@@ -10,17 +10,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from san_det.layers.checks import check_int
 from san_det.layers.local_attention import LocalSelfAttention2d
 
-__all__ = ["AttentionConv2d", "check_attention_width", "check_kernel_size"]
-
-
-def check_kernel_size(kernel_size, key: str) -> None:
-    """``ValueError`` naming config key ``key`` unless ``kernel_size`` is an odd positive int."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"{key} must be an odd positive int, got {kernel_size!r}")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"{key} must be odd, got {kernel_size}")
+__all__ = ["AttentionConv2d", "check_attention_width"]
 
 
 def check_attention_width(channels: int, num_heads, key: str, where: str) -> None:
@@ -32,8 +25,7 @@ def check_attention_width(channels: int, num_heads, key: str, where: str) -> Non
         key: the config key holding ``num_heads`` (named in the error).
         where: which layer has that width (named in the error), e.g. "res3 bottleneck".
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"{key} must be a positive int, got {num_heads!r}")
+    check_int(key, num_heads)
     if channels % num_heads != 0:
         raise ValueError(
             f"{key}={num_heads} must divide the width of every attention layer: the {where} "

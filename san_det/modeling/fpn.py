@@ -22,7 +22,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from torch import nn
 
-from .attention_conv import AttentionConv2d, check_attention_width, check_kernel_size
+from san_det.layers.checks import check_odd_int
+
+from .attention_conv import AttentionConv2d, check_attention_width
 from .san_net import build_san_net
 from .sasa_resnet import build_sasa_resnet
 
@@ -171,7 +173,7 @@ def _check_attention_fpn_config(cfg) -> None:
     """Validate the attention keys before anything is built (errors name the key)."""
     f = cfg.MODEL.FPN
     if f.ATTENTION:
-        check_kernel_size(f.ATTENTION_KERNEL_SIZE, "MODEL.FPN.ATTENTION_KERNEL_SIZE")
+        check_odd_int("MODEL.FPN.ATTENTION_KERNEL_SIZE", f.ATTENTION_KERNEL_SIZE)
         check_attention_width(
             f.OUT_CHANNELS, f.ATTENTION_NUM_HEADS, "MODEL.FPN.ATTENTION_NUM_HEADS",
             "FPN (OUT_CHANNELS)",

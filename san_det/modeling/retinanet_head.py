@@ -18,7 +18,9 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
-from .attention_conv import AttentionConv2d, check_attention_width, check_kernel_size
+from san_det.layers.checks import check_odd_int
+
+from .attention_conv import AttentionConv2d, check_attention_width
 from .fpn import AttentionFPN
 
 __all__ = [
@@ -132,7 +134,7 @@ class AttentionRetinaNetHead(nn.Module):
                 f"channels, got {sorted(channels)}"
             )
         width = input_shape[0].channels
-        check_kernel_size(r.ATTENTION_KERNEL_SIZE, "MODEL.RETINANET.ATTENTION_KERNEL_SIZE")
+        check_odd_int("MODEL.RETINANET.ATTENTION_KERNEL_SIZE", r.ATTENTION_KERNEL_SIZE)
         check_attention_width(
             width, r.ATTENTION_NUM_HEADS, "MODEL.RETINANET.ATTENTION_NUM_HEADS", "RetinaNet head"
         )

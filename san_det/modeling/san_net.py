@@ -26,6 +26,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
+from san_det.layers.checks import check_int
 from san_det.layers.san_attention import PAIRWISE_RELATIONS, PATCHWISE_RELATIONS, SAM
 from san_det.layers.san_ops import PAD_MODES
 
@@ -250,8 +251,7 @@ def build_san_net(cfg, input_shape: ShapeSpec) -> SANBackbone:
     base, share = s.BASE_WIDTH, s.SHARE_PLANES
     if isinstance(base, bool) or not isinstance(base, int) or base < 16 or base % 16 != 0:
         raise ValueError(f"MODEL.SAN.BASE_WIDTH must be a positive multiple of 16, got {base!r}")
-    if isinstance(share, bool) or not isinstance(share, int) or share < 1:
-        raise ValueError(f"MODEL.SAN.SHARE_PLANES must be a positive int, got {share!r}")
+    check_int("MODEL.SAN.SHARE_PLANES", share)
     if (base // 4) % share != 0:
         raise ValueError(
             f"MODEL.SAN.SHARE_PLANES={share} must divide the SAM width MODEL.SAN.BASE_WIDTH / 4 = "

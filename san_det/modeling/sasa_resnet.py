@@ -19,8 +19,9 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResN
 from torch import nn
 
 from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
+from san_det.layers.checks import check_odd_int
 
-from .attention_conv import AttentionConv2d, check_attention_width, check_kernel_size
+from .attention_conv import AttentionConv2d, check_attention_width
 from .norms import check_norm
 
 __all__ = [
@@ -179,7 +180,7 @@ def build_sasa_resnet(cfg, input_shape: ShapeSpec) -> SASAResNet:
     _check_choice(s.STEM, SASA_STEMS, "MODEL.SASA.STEM")
     stage_types = _stage_types(cfg)
     norm = check_norm(s.NORM, "MODEL.SASA.NORM")
-    check_kernel_size(s.KERNEL_SIZE, "MODEL.SASA.KERNEL_SIZE")
+    check_odd_int("MODEL.SASA.KERNEL_SIZE", s.KERNEL_SIZE)
     out_features = list(s.OUT_FEATURES)
     if not out_features or any(f not in _FEATURES for f in out_features):
         raise ValueError(
