@@ -6,10 +6,11 @@ CPU path can emulate: every ``__global__`` function is a grid-stride loop over i
 ``scalar_t`` (storage) and ``acc_t`` (arithmetic), converted with ``TO_ACC(x)`` / ``FROM_ACC(x)``.
 
 - :meth:`KernelSource.cuda` compiles with ``cupy.RawModule`` and launches on torch's current stream.
-- :meth:`KernelSource.cpu` compiles the same text as C++ (``g++ -O3 -fopenmp``) into a shared
-  library cached by source hash under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it
-  through ctypes; each launch runs every (block, thread) pair of the grid, so a tiny grid exercises
-  the grid-stride loops.
+- :meth:`KernelSource.cpu` compiles the same text as C++ (``g++`` with :data:`CPU_BASE_FLAGS` and
+  the caller's flags, e.g. tile macros) into a shared library cached by the hash of source,
+  compiler and flags under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it through
+  ctypes; each launch runs every (block, thread) pair of the grid, so a tiny grid exercises the
+  grid-stride loops.
 - :meth:`KernelSource.nvrtc_compile` compiles for a given ``sm_XX`` with ``cuda.bindings.nvrtc``,
   which needs no GPU, so CI checks that every kernel builds for every dtype.
 
@@ -33,7 +34,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["KernelSource", "KernelCompileError", "cpu_compiler_available", "DEFAULT_THREADS"]
+__all__ = [
+    "CPU_BASE_FLAGS",
+    "DEFAULT_THREADS",
+    "KernelCompileError",
+    "KernelSource",
+    "cpu_compiler",
+    "cpu_compiler_available",
+]
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 DEFAULT_THREADS = 256  # threads per block on the GPU
@@ -64,10 +72,42 @@ class KernelCompileError(RuntimeError):
     """A kernel source failed to compile; the message holds the compiler's log."""
 
 
+# How every kernel is compiled for the CPU: these flags, then the caller's (tile macros, ISA), all
+# part of the cache key.
+CPU_BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+_OPENMP_PROBE = r"""
+#include <omp.h>
+int main() {
+    int threads = 0;
+    #pragma omp parallel reduction(+ : threads)
+    threads += 1;
+    return threads == omp_get_max_threads() ? 0 : 1;
+}
+"""
+
+
+def cpu_compiler() -> str:
+    """The C++ compiler command of the CPU path: ``$CXX``, else ``g++``."""
+    return os.environ.get("CXX", "g++")
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_compiler_available() -> bool:
-    """Whether a C++ compiler with OpenMP is available for the compiled CPU path."""
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
+    """Whether :func:`cpu_compiler` builds and runs an OpenMP program (checked once a process)."""
+    cxx = cpu_compiler()
+    if shutil.which(cxx) is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
+        src.write_text(_OPENMP_PROBE)
+        try:
+            build = subprocess.run(
+                [cxx, "-fopenmp", str(src), "-o", str(exe)], capture_output=True, timeout=120
+            )
+            return build.returncode == 0 and subprocess.run([str(exe)], timeout=60).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str]]]:
@@ -313,8 +353,10 @@ class KernelSource:
             raise KernelCompileError("no C++ compiler found for the compiled CPU path")
         source = self.cpu_source(dtype_name)
         prelude = (KERNEL_DIR / "cpu_prelude.h").read_text()
-        flags = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *extra_flags]
-        digest = hashlib.sha256("\0".join([source, prelude, *flags]).encode()).hexdigest()[:20]
+        flags = [*CPU_BASE_FLAGS, *extra_flags]
+        cxx = cpu_compiler()
+        digest = hashlib.sha256("\0".join([source, prelude, cxx, *flags]).encode()).hexdigest()
+        digest = digest[:20]
         target = _cache_dir() / f"{self.path.stem}_{dtype_name}_{digest}.so"
         if target.exists():
             return target
@@ -322,7 +364,7 @@ class KernelSource:
             src = Path(tmp) / f"{self.path.stem}.cpp"
             src.write_text(source)
             out = Path(tmp) / target.name
-            cmd = [os.environ.get("CXX", "g++"), *flags, f"-I{KERNEL_DIR}", str(src), "-o", str(out)]
+            cmd = [cxx, *flags, f"-I{KERNEL_DIR}", str(src), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelCompileError(
