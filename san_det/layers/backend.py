@@ -1,33 +1,56 @@
-"""Which implementation runs an attention op: ``reference``, ``cpu`` or ``cuda``.
+"""Which implementation computes an attention op: ``reference``, ``cpu`` or ``cuda``.
 
-By default the choice follows the tensors' device: CUDA tensors use the CuPy kernels, CPU tensors
-use the compiled CPU kernels (or the reference when no C++ compiler is available). A backend can be
-forced for tests and benchmarks, globally with the environment variable ``SAN_DET_BACKEND`` or
-locally with the context manager::
+The one place that knows what each backend can run (the capability predicates below) and picks
+one. By default the choice follows the tensors' device: CUDA tensors use the CuPy kernels, CPU
+tensors the compiled CPU kernels; where those cannot run (no C++ compiler with OpenMP, no CuPy)
+the readable PyTorch reference computes instead, with a warning. A backend can be forced for
+tests and benchmarks, globally with the environment variable ``SAN_DET_BACKEND`` or locally with
+the context manager::
 
     with use_backend("reference"):
         y = local_attention(q, k, v, rel, num_heads=8, kernel_size=7)
 
-Forcing a backend that cannot run on the tensors' device raises instead of silently falling back.
+Forcing a backend that cannot run on the tensors raises instead of silently falling back.
+
+Dtypes: the CUDA kernels take float64, float32, float16 and bfloat16 storage (half precision
+accumulates in float32); the CPU kernels compute in float32 or float64 and take float16/bfloat16
+inputs by computing in float32 and rounding the results back (:func:`compute_dtype`).
 """
 
 import contextlib
+import functools
+import importlib.util
 import os
 import threading
+import warnings
 from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "use_backend", "forced_backend", "select_backend"]
+from .checks import check_choice
+from .kernel_runtime import cpu_compiler_available
+
+__all__ = [
+    "BACKENDS",
+    "can_run",
+    "compute_dtype",
+    "cpu_capability",
+    "forced_backend",
+    "select_backend",
+    "use_backend",
+]
 
 BACKENDS = ("reference", "cpu", "cuda")
+# Storage dtypes each kernel backend computes in natively.
+_KERNEL_DTYPES = {
+    "cpu": (torch.float64, torch.float32),
+    "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
 _state = threading.local()
 
 
 def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
+    return check_choice("backend", name, BACKENDS)
 
 
 @contextlib.contextmanager
@@ -50,18 +73,64 @@ def forced_backend() -> Optional[str]:
     return name
 
 
-def select_backend(tensor: torch.Tensor) -> str:
-    """The backend to use for an op whose inputs live where ``tensor`` lives."""
-    from .kernel_runtime import cpu_compiler_available
+# ------------------------------------------------------------------------ capability predicates
+@functools.lru_cache(maxsize=None)
+def _cupy_installed() -> bool:
+    return importlib.util.find_spec("cupy") is not None
 
+
+def cpu_capability() -> str:
+    """The vector ISA of this CPU as torch sees it: ``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def can_run(backend: str, device: torch.device, raise_error: bool = False) -> bool:
+    """Whether ``backend`` can compute on tensors of ``device``.
+
+    Args:
+        raise_error: raise ``RuntimeError`` saying why instead of returning ``False``.
+    """
+    why = None
+    if backend == "cpu":
+        if device.type != "cpu":
+            why = f"the inputs are {device.type.upper()} tensors"
+        elif not cpu_compiler_available():
+            why = "no C++ compiler with OpenMP was found ($CXX or g++)"
+    elif backend == "cuda":
+        if device.type != "cuda":
+            why = "the inputs are not CUDA tensors"
+        elif not _cupy_installed():
+            why = "CuPy is not installed"
+    if why is not None and raise_error:
+        raise RuntimeError(f"backend {backend!r} cannot run: {why}")
+    return why is None
+
+
+def compute_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype ``backend`` computes an op with ``dtype`` inputs in."""
+    if backend == "reference" or dtype in _KERNEL_DTYPES[backend]:
+        return dtype
+    return torch.float32
+
+
+def select_backend(tensor: torch.Tensor) -> str:
+    """The backend for an op whose inputs live where ``tensor`` lives (forced or automatic)."""
     name = forced_backend()
-    on_cuda = tensor.is_cuda
-    if name is None:
-        if on_cuda:
-            return "cuda"
-        return "cpu" if cpu_compiler_available() else "reference"
-    if name == "cuda" and not on_cuda:
-        raise RuntimeError("backend 'cuda' was forced but the inputs are not CUDA tensors")
-    if name == "cpu" and on_cuda:
-        raise RuntimeError("backend 'cpu' was forced but the inputs are CUDA tensors")
+    if name is not None:
+        if name != "reference":
+            can_run(name, tensor.device, raise_error=True)
+        return name
+    name = "cuda" if tensor.is_cuda else "cpu"
+    if tensor.device.type not in ("cpu", "cuda") or not can_run(name, tensor.device):
+        if tensor.device.type in ("cpu", "cuda"):
+            _warn_fallback(name)
+        return "reference"
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str) -> None:
+    try:
+        can_run(name, torch.device(name), raise_error=True)
+    except RuntimeError as why:
+        warnings.warn(f"san_det: {why}; the attention ops use the slow PyTorch reference")
