@@ -60,7 +60,7 @@ def _maxrss_mb() -> float:
 def _build(op: str, shape, device: str, dtype=torch.float32):
     """Inputs and two closures: forward only, forward+backward."""
     from san_det.layers.san_attention import SAM
-    from san_det.layers.san_ops import aggregation
+    from san_det.layers.ops import aggregation
 
     n, c, h, w = shape
     gen = torch.Generator().manual_seed(0)

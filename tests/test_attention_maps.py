@@ -21,7 +21,7 @@ from san_det.attention_maps import (
     resolve_attention_layer,
 )
 from san_det.layers import SAM, LocalSelfAttention2d, local_attention_reference
-from san_det.layers.san_ops import neighbourhood
+from san_det.layers.ops import neighbourhood
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/Demo/shapes_retinanet.yaml"

@@ -55,7 +55,8 @@ from typing import Tuple, Union
 import torch
 import torch.nn as nn
 
-from .san_ops import PAD_MODES, aggregation, neighbourhood, subtraction, subtraction2
+from .checks import check_choice, check_int, check_odd_int
+from .ops import PAD_MODES, aggregation, neighbourhood, subtraction, subtraction2
 
 __all__ = ["SAM", "PAIRWISE_RELATIONS", "PATCHWISE_RELATIONS", "position_grid"]
 
@@ -129,18 +130,15 @@ class SAM(nn.Module):
             ("stride", stride),
             ("dilation", dilation),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+            check_int(name, value)
+        check_odd_int("kernel_size", kernel_size)
         weight_planes = out_planes // share_planes
         if weight_planes < 1 or out_planes % weight_planes != 0:
             raise ValueError(
                 f"out_planes ({out_planes}) must be a multiple of out_planes // share_planes "
                 f"({weight_planes}), which must be >= 1"
             )
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        check_choice("pad_mode", pad_mode, PAD_MODES)
         relations = PAIRWISE_RELATIONS if self.sa_type == 0 else PATCHWISE_RELATIONS
         relation = relations[0] if relation is None else relation
         if relation not in relations:

@@ -28,7 +28,7 @@ from torch import nn
 
 from san_det.layers.checks import check_int
 from san_det.layers.san_attention import PAIRWISE_RELATIONS, PATCHWISE_RELATIONS, SAM
-from san_det.layers.san_ops import PAD_MODES
+from san_det.layers.ops import PAD_MODES
 
 from .norms import check_norm, make_norm, replace_batch_norms
 

@@ -2,7 +2,6 @@
 every gradient), gradcheck, NVRTC compilation, the layer, bad input. CUDA tests run only where a
 GPU is present."""
 
-import importlib
 import itertools
 
 import pytest
@@ -12,15 +11,10 @@ import torch.nn.functional as F
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
-from san_det.layers.local_attention import (
-    LocalSelfAttention2d,
-    launch_config,
-    local_attention,
-    local_attention_reference,
-)
-
-# The package re-exports the function under the module's name: fetch the module itself.
-la_module = importlib.import_module("san_det.layers.local_attention")
+from san_det.layers.launcher import TILES as LAUNCHER_TILES
+from san_det.layers.launcher import Tile, launch_config
+from san_det.layers.local_attention import LocalSelfAttention2d
+from san_det.layers.ops import local_attention, local_attention_reference
 
 needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -143,7 +137,7 @@ def test_cuda_tile_is_the_kernel_default():
     defaults = tuple(
         int(source.split(f"#define {name} ")[1].split()[0]) for name in ("SAN_TJ", "SAN_CG")
     )
-    assert defaults == la_module._CUDA_TILE
+    assert all(tile == Tile(*defaults) for tile in LAUNCHER_TILES["cuda"].values())
 
 
 @needs_cxx
@@ -369,7 +363,8 @@ def _bad_call(**overrides):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(kernel_size=4), "kernel_size must be an odd positive int"),
+        (dict(kernel_size=4), "kernel_size must be odd, got 4"),
+        (dict(kernel_size=2.0), "kernel_size must be an odd positive int"),
         (dict(kernel_size=0), "kernel_size"),
         (dict(kernel_size=-1), "kernel_size"),
         (dict(num_heads=3), r"num_heads \(3\) must divide the channel count C=8"),

@@ -10,8 +10,9 @@ import torch
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
-from san_det.layers.san_ops import (
-    _cpu_launch_config,
+from san_det.layers.launcher import launch_config
+from san_det.layers.ops import kernels as ops_kernels
+from san_det.layers.ops import (
     aggregation,
     neighbourhood,
     output_size,
@@ -122,7 +123,7 @@ def test_reflect_mode_mirrors_without_repeating_the_edge():
 def test_cpu_kernels_match_reference_float64(geometry):
     x1, x2, wt = _inputs(geometry)
     expected = _run_all("reference", geometry, x1, x2, wt)
-    with _cpu_launch_config(3, 2):  # 6 threads of a tiny grid: every grid-stride loop wraps
+    with launch_config(3, 2):  # 6 threads of a tiny grid: every grid-stride loop wraps
         got = _run_all("cpu", geometry, x1, x2, wt)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
@@ -156,20 +157,46 @@ def test_cpu_kernels_non_contiguous_inputs():
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
+def _recording(calls, name, fn):
+    def record(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return record
+
+
 @needs_cxx
-def test_automatic_choice_uses_the_compiled_kernels_on_cpu():
+def test_automatic_choice_uses_the_compiled_kernels_on_cpu(monkeypatch):
+    calls = []
+    for name in (
+        "aggregation_forward",
+        "aggregation_input_backward",
+        "aggregation_weight_backward",
+        "subtraction2_forward",
+    ):
+        monkeypatch.setattr(ops_kernels, name, _recording(calls, name, getattr(ops_kernels, name)))
     x1, x2, wt = _inputs(GEOMETRIES[0])
     x1.requires_grad_()
-    y = aggregation(x1, wt, 3, 1, 1, 1, "reflect")
-    assert type(y.grad_fn).__name__ == "_AggregationFunctionBackward"
+    wt.requires_grad_()
+    aggregation(x1, wt, 3, 1, 1, 1, "reflect").sum().backward()
+    assert calls == [
+        "aggregation_forward",
+        "aggregation_input_backward",
+        "aggregation_weight_backward",
+    ]
+    calls.clear()
     with use_backend("reference"):
-        y = aggregation(x1, wt, 3, 1, 1, 1, "reflect")
-    assert "Aggregation" not in type(y.grad_fn).__name__
-    # float16 on the CPU: the kernels compute in float32/float64 only, the reference takes it.
-    y = subtraction(x1.detach().half(), 3, 1, 1)
-    assert y.dtype == torch.float16
-    with use_backend("cpu"), pytest.raises(ValueError, match="float32 or float64"):
-        subtraction(x1.detach().half(), 3, 1, 1)
+        aggregation(x1, wt, 3, 1, 1, 1, "reflect").sum().backward()
+    assert calls == []
+    # float16 on the CPU: the kernels compute in float32 (one dtype policy for every op, see
+    # san_det.layers.backend) and round the result back to float16.
+    half = x1.detach().half()
+    y = subtraction(half, 3, 1, 1)
+    assert calls == ["subtraction2_forward"] and y.dtype == torch.float16
+    with use_backend("cpu"):
+        assert torch.equal(subtraction(half, 3, 1, 1), y)
+    with use_backend("reference"):
+        assert torch.equal(subtraction(half.float(), 3, 1, 1).half(), y)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cxx)])

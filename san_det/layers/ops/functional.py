@@ -1,0 +1,170 @@
+"""The attention ops as Python functions: check the arguments, call ``torch.ops.san_det.*``.
+
+SASA local self-attention (Ramachandran et al., NeurIPS 2019, arXiv 1906.05909): for a pixel
+``(i, j)``, head ``h`` (channels ``[h*C/heads, (h+1)*C/heads)``) and neighbour ``(a, b)`` of a
+``k x k`` window with ``r = k // 2`` at ``(i', j') = (i + (a - r) * dilation, j + (b - r) *
+dilation)``::
+
+    logit[n, h, i, j, a, b] = sum_{c in h} q[n, c, i, j] * (k[n, c, i', j'] + rel[c, a, b])
+    out[n, c, i, j] = sum_{a, b} softmax_{a, b}(logit[n, h, i, j]) * v[n, c, i', j']
+
+Neighbours outside the image are excluded from the softmax (masked), not read as zero keys. There
+is no ``1/sqrt(d)`` scaling, as in the paper.
+
+SAN's local operators (Zhao et al., CVPR 2020; the official code github hszhao/SAN, ``lib/sa``,
+same shapes and semantics), in two padding modes:
+
+- ``pad_mode="zeros"``: a neighbour outside the image reads as 0.
+- ``pad_mode="reflect"``: a neighbour outside the image reads the mirrored pixel, without repeating
+  the edge (like ``nn.ReflectionPad2d``); valid only while ``padding < H`` and ``padding < W``.
+
+For an input of spatial size ``H x W``, a ``k x k`` window (``k`` odd), ``stride``, ``padding`` and
+``dilation``, the output has ``L = Ho * Wo`` positions with
+``Ho = (H + 2 * padding - (dilation * (k - 1) + 1)) // stride + 1`` (and ``Wo`` alike). Output
+position ``(i, j)`` has the window taps ``t = a * k + b`` at padded coordinates
+``(i * stride - padding + a * dilation, j * stride - padding + b * dilation)``; its centre is
+the tap ``a = b = k // 2``. With the usual ``padding = dilation * (k // 2)`` the centre is the
+input pixel ``(i * stride, j * stride)``; with a larger padding the centre itself may fall in the
+padding and is then read like any other neighbour (the official kernels read out of bounds there).
+
+- :func:`subtraction` ``(N, C, H, W) -> (N, C, k*k, L)``: ``x[centre] - x[tap]``.
+- :func:`subtraction2` ``(N, C, H, W) x 2 -> (N, C, k*k, L)``: ``x1[centre] - x2[tap]``.
+- :func:`aggregation` ``(N, C, H, W), (N, Cw, k*k, L) -> (N, C, Ho, Wo)``:
+  ``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``; ``C`` must be a multiple of
+  ``Cw``.
+
+Every op runs on the backend :mod:`san_det.layers.backend` picks; the kernel backends' backward
+passes are gather kernels without atomics (in reflect mode too: a pixel near the border is read
+by its own tap and by its mirror images).
+"""
+
+from typing import Optional
+
+import torch
+
+from . import library  # noqa: F401  (registers torch.ops.san_det.*)
+from .checks import (
+    check_aggregation_inputs,
+    check_local_attention_inputs,
+    check_subtraction2_inputs,
+    window_geometry,
+)
+from .reference import neighbourhood as _neighbourhood
+
+__all__ = ["aggregation", "local_attention", "neighbourhood", "subtraction", "subtraction2"]
+
+_ops = torch.ops.san_det
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel: Optional[torch.Tensor] = None,
+    *,
+    num_heads: int,
+    kernel_size: int,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """Multi-head local self-attention with relative position logits (SASA).
+
+    Args:
+        q, k, v: queries, keys and values, ``(N, C, H, W)``, same dtype and device; heads are
+            contiguous groups of ``C / num_heads`` channels. Non-contiguous tensors are accepted.
+        rel: relative position embeddings ``(C, kernel_size, kernel_size)`` added to the keys
+            inside the logits (``q . (k + rel)``), or ``None`` for none.
+        num_heads: number of heads; must divide ``C``.
+        kernel_size: odd window size ``k``.
+        dilation: spacing between window taps.
+
+    Returns:
+        ``(N, C, H, W)``: per head, the softmax over in-image neighbours of the logits, applied to
+        the values (the op ``torch.ops.san_det.local_attention``, whose second output are the
+        probabilities).
+    """
+    check_local_attention_inputs(q, k, v, rel, num_heads, kernel_size, dilation)
+    return _ops.local_attention(q, k, v, rel, num_heads, kernel_size, dilation)[0]
+
+
+def subtraction(
+    x: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    pad_mode: str = "zeros",
+) -> torch.Tensor:
+    """``out[n, c, t, p] = x[n, c, centre(p)] - x[n, c, tap_t(p)]``.
+
+    Args:
+        x: (N, C, H, W) floating tensor.
+        kernel_size, stride, padding, dilation: window geometry (``kernel_size`` odd).
+        pad_mode: "zeros" or "reflect" (see the module docstring).
+
+    Returns:
+        (N, C, kernel_size**2, Ho * Wo).
+    """
+    window_geometry(x, "x", kernel_size, stride, padding, dilation, pad_mode)
+    return _ops.subtraction(x, kernel_size, stride, padding, dilation, pad_mode)
+
+
+def subtraction2(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    pad_mode: str = "zeros",
+) -> torch.Tensor:
+    """``out[n, c, t, p] = x1[n, c, centre(p)] - x2[n, c, tap_t(p)]``.
+
+    Args:
+        x1: (N, C, H, W), read at the window centre.
+        x2: (N, C, H, W), same shape, dtype and device as ``x1``, read at every tap.
+
+    Returns:
+        (N, C, kernel_size**2, Ho * Wo).
+    """
+    check_subtraction2_inputs(x1, x2, kernel_size, stride, padding, dilation, pad_mode)
+    return _ops.subtraction2(x1, x2, kernel_size, stride, padding, dilation, pad_mode)
+
+
+def aggregation(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    pad_mode: str = "zeros",
+) -> torch.Tensor:
+    """``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``.
+
+    Args:
+        x: (N, C, H, W) values.
+        w: (N, Cw, kernel_size**2, Ho * Wo) weights; ``C`` must be a multiple of ``Cw``, so channel
+            ``c`` uses weight channel ``c % Cw`` (SAN's weight sharing).
+
+    Returns:
+        (N, C, Ho, Wo).
+    """
+    check_aggregation_inputs(x, w, kernel_size, stride, padding, dilation, pad_mode)
+    return _ops.aggregation(x, w, kernel_size, stride, padding, dilation, pad_mode)
+
+
+def neighbourhood(
+    x: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    pad_mode: str = "zeros",
+) -> torch.Tensor:
+    """Every window tap of every output position: ``(N, C, H, W) -> (N, C, k*k, Ho*Wo)``.
+
+    Plain PyTorch (``F.unfold`` of the padded input, ``k*k`` times the memory of ``x``), not an
+    op: SAM's non-official relations are built on it.
+    """
+    g = window_geometry(x, "x", kernel_size, stride, padding, dilation, pad_mode)
+    return _neighbourhood(x, g)
