@@ -50,7 +50,7 @@ Neighbours outside the image follow ``pad_mode``: "reflect" (official; needs ``p
 or "zeros".
 """
 
-from typing import Tuple, Union
+from typing import Callable, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -72,13 +72,16 @@ def position_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([cols.expand(height, width), rows[:, None].expand(height, width)])[None]
 
 
-def _gamma(in_ch: int, mid_ch: int, out_ch: int) -> nn.Sequential:
-    """BN - ReLU - 1x1 conv (no bias) - BN - ReLU - 1x1 conv, the official ``conv_w`` layout."""
+def _gamma(
+    in_ch: int, mid_ch: int, out_ch: int, norm_layer: Callable[[int], nn.Module]
+) -> nn.Sequential:
+    """Norm - ReLU - 1x1 conv (no bias) - norm - ReLU - 1x1 conv, the official ``conv_w`` layout
+    (with BatchNorm)."""
     return nn.Sequential(
-        nn.BatchNorm2d(in_ch),
+        norm_layer(in_ch),
         nn.ReLU(inplace=True),
         nn.Conv2d(in_ch, mid_ch, kernel_size=1, bias=False),
-        nn.BatchNorm2d(mid_ch),
+        norm_layer(mid_ch),
         nn.ReLU(inplace=True),
         nn.Conv2d(mid_ch, out_ch, kernel_size=1),
     )
@@ -99,6 +102,8 @@ class SAM(nn.Module):
         relation: pairwise: "subtraction" (default), "summation", "concatenation", "hadamard",
             "dot"; patchwise: "concatenation" (default), "star", "clique".
         pad_mode: "reflect" (official) or "zeros".
+        norm_layer: callable ``channels -> nn.Module`` for the two normalisations of ``conv_w``
+            (official: ``nn.BatchNorm2d``).
 
     Shape:
         (N, in_planes, H, W) -> (N, out_planes, ceil(H / stride), ceil(W / stride)).
@@ -117,6 +122,7 @@ class SAM(nn.Module):
         *,
         relation: str = None,
         pad_mode: str = "reflect",
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
         if sa_type not in _SA_TYPES:
@@ -158,7 +164,7 @@ class SAM(nn.Module):
         taps = kernel_size * kernel_size
         if self.sa_type == 0:
             delta_planes = {"concatenation": 2 * rel_planes, "dot": 1}.get(relation, rel_planes)
-            self.conv_w = _gamma(delta_planes + 2, rel_planes, weight_planes)
+            self.conv_w = _gamma(delta_planes + 2, rel_planes, weight_planes, norm_layer)
             self.conv_p = nn.Conv2d(2, 2, kernel_size=1)
         else:
             delta_planes = {
@@ -166,7 +172,7 @@ class SAM(nn.Module):
                 "star": taps,
                 "clique": taps * taps,
             }[relation]
-            self.conv_w = _gamma(delta_planes, weight_planes, taps * weight_planes)
+            self.conv_w = _gamma(delta_planes, weight_planes, taps * weight_planes, norm_layer)
 
     @property
     def _geometry(self) -> Tuple[int, int, int, int, str]:

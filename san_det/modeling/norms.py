@@ -2,10 +2,10 @@
 
 import math
 
-from detectron2.layers import FrozenBatchNorm2d, get_norm
+from detectron2.layers import get_norm
 from torch import nn
 
-__all__ = ["NORMS", "check_norm", "make_norm", "replace_batch_norms"]
+__all__ = ["NORMS", "check_norm", "make_norm"]
 
 # detectron2's get_norm names that make sense for a backbone trained here.
 NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "naiveSyncBN")
@@ -27,19 +27,3 @@ def make_norm(norm: str, channels: int) -> nn.Module:
         return nn.GroupNorm(math.gcd(32, channels), channels)
     return get_norm(norm, channels)
 
-
-def replace_batch_norms(module: nn.Module, norm: str) -> nn.Module:
-    """Swap every ``nn.BatchNorm2d`` inside ``module`` for ``make_norm(norm, channels)``.
-
-    Used for layers built with plain BatchNorm (SAN's SAM). "BN" leaves them as they are.
-    Returns ``module`` (changed in place) or its replacement if it is itself a BatchNorm.
-    """
-    if norm == "BN":
-        return module
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, FrozenBatchNorm2d):
-        return make_norm(norm, module.num_features)
-    for name, child in module.named_children():
-        new = replace_batch_norms(child, norm)
-        if new is not child:
-            setattr(module, name, new)
-    return module

@@ -19,6 +19,7 @@ Registered builder: ``build_san_backbone`` (keys under ``MODEL.SAN``, see
 :mod:`san_det.modeling.config`).
 """
 
+import functools
 from typing import Dict, List, Sequence
 
 import torch
@@ -30,7 +31,7 @@ from san_det.layers.checks import check_int
 from san_det.layers.san_attention import PAIRWISE_RELATIONS, PATCHWISE_RELATIONS, SAM
 from san_det.layers.ops import PAD_MODES
 
-from .norms import check_norm, make_norm, replace_batch_norms
+from .norms import check_norm, make_norm
 
 __all__ = [
     "SAN_BLOCKS_PER_STAGE",
@@ -84,8 +85,8 @@ class SANBottleneck(nn.Module):
             kernel_size,
             relation=relation,
             pad_mode=pad_mode,
+            norm_layer=functools.partial(make_norm, norm),
         )
-        replace_batch_norms(self.sam, norm)
         self.bn2 = make_norm(norm, mid_planes)
         self.conv = nn.Conv2d(mid_planes, planes, kernel_size=1)
         self.relu = nn.ReLU(inplace=True)

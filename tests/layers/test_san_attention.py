@@ -222,6 +222,19 @@ def test_eval_mode_and_empty_batch():
     assert m(torch.randn(0, 16, 9, 9)).shape == (0, 16, 5, 5)
 
 
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_norm_layer_replaces_both_batch_norms(sa_type):
+    m = SAM(sa_type, 16, 4, 16, 8, 3, norm_layer=lambda c: torch.nn.GroupNorm(2, c))
+    norms = [m.conv_w[0], m.conv_w[3]]
+    assert all(isinstance(n, torch.nn.GroupNorm) for n in norms)
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    assert [n.num_channels for n in norms] == [m.conv_w[2].in_channels, m.conv_w[2].out_channels]
+    y = m(torch.randn(2, 16, 5, 6))
+    assert y.shape == (2, 16, 5, 6) and torch.isfinite(y).all()
+    # The default is the official BatchNorm.
+    assert isinstance(SAM(sa_type, 16, 4, 16, 8, 3).conv_w[0], torch.nn.BatchNorm2d)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="sa_type"):
         SAM(2, 16, 4, 16, 8)

@@ -209,3 +209,16 @@ def test_freeze_at(family, stem, freeze_at):
         out = model(torch.randn(1, 3, size, size))
         sum(o.square().mean() for o in out.values()).backward()
         audit.check()
+
+
+@pytest.mark.parametrize("norm, kind", [("GN", nn.GroupNorm), ("FrozenBN", FrozenBatchNorm2d)])
+def test_san_norm_reaches_the_attention_mlp(norm, kind):
+    """MODEL.SAN.NORM is every norm of the network, SAM's conv_w included (its norm_layer)."""
+    cfg = tiny_san_cfg(NORM=norm)
+    cfg.MODEL.BACKBONE.NAME = "build_san_backbone"
+    model = build_backbone(cfg)
+    sams = [m for m in model.modules() if type(m).__name__ == "SAM"]
+    assert sams
+    for sam in sams:
+        assert isinstance(sam.conv_w[0], kind) and isinstance(sam.conv_w[3], kind)
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
