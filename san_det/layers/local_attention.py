@@ -66,9 +66,7 @@ class LocalSelfAttention2d(nn.Module):
             check_int(name, value)
         check_odd_int("kernel_size", kernel_size)
         if out_channels % num_heads != 0:
-            raise ValueError(
-                f"num_heads ({num_heads}) must divide out_channels ({out_channels})"
-            )
+            raise ValueError(f"num_heads ({num_heads}) must divide out_channels ({out_channels})")
         head_dim = out_channels // num_heads
         if head_dim % 2 != 0:
             raise ValueError(

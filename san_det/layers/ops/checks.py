@@ -9,8 +9,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import check_choice, check_int, check_odd_int, check_same_device_and_dtype
-from ..checks import check_tensor
+from ..checks import (
+    check_choice,
+    check_int,
+    check_odd_int,
+    check_same_device_and_dtype,
+    check_tensor,
+)
 
 __all__ = [
     "PAD_MODES",
@@ -43,9 +48,7 @@ def check_local_attention_inputs(q, k, v, rel, num_heads, kernel_size, dilation)
     check_int("num_heads", num_heads)
     channels = q.shape[1]
     if channels % num_heads != 0:
-        raise ValueError(
-            f"num_heads ({num_heads}) must divide the channel count C={channels} of q"
-        )
+        raise ValueError(f"num_heads ({num_heads}) must divide the channel count C={channels} of q")
     if rel is not None:
         expected = (channels, kernel_size, kernel_size)
         if not torch.is_tensor(rel) or tuple(rel.shape) != expected:

@@ -56,6 +56,13 @@ __all__ = ["aggregation", "local_attention", "neighbourhood", "subtraction", "su
 _ops = torch.ops.san_det
 
 
+def _check(check, *args) -> None:
+    """``check(*args)``, except while ``torch.jit`` traces: sizes are traced values then, and the
+    traced graph calls the op, which checks the real inputs each time it runs."""
+    if not torch.jit.is_tracing():
+        check(*args)
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,7 +89,7 @@ def local_attention(
         the values (the op ``torch.ops.san_det.local_attention``, whose second output are the
         probabilities).
     """
-    check_local_attention_inputs(q, k, v, rel, num_heads, kernel_size, dilation)
+    _check(check_local_attention_inputs, q, k, v, rel, num_heads, kernel_size, dilation)
     return _ops.local_attention(q, k, v, rel, num_heads, kernel_size, dilation)[0]
 
 
@@ -104,7 +111,7 @@ def subtraction(
     Returns:
         (N, C, kernel_size**2, Ho * Wo).
     """
-    window_geometry(x, "x", kernel_size, stride, padding, dilation, pad_mode)
+    _check(window_geometry, x, "x", kernel_size, stride, padding, dilation, pad_mode)
     return _ops.subtraction(x, kernel_size, stride, padding, dilation, pad_mode)
 
 
@@ -126,7 +133,7 @@ def subtraction2(
     Returns:
         (N, C, kernel_size**2, Ho * Wo).
     """
-    check_subtraction2_inputs(x1, x2, kernel_size, stride, padding, dilation, pad_mode)
+    _check(check_subtraction2_inputs, x1, x2, kernel_size, stride, padding, dilation, pad_mode)
     return _ops.subtraction2(x1, x2, kernel_size, stride, padding, dilation, pad_mode)
 
 
@@ -149,7 +156,7 @@ def aggregation(
     Returns:
         (N, C, Ho, Wo).
     """
-    check_aggregation_inputs(x, w, kernel_size, stride, padding, dilation, pad_mode)
+    _check(check_aggregation_inputs, x, w, kernel_size, stride, padding, dilation, pad_mode)
     return _ops.aggregation(x, w, kernel_size, stride, padding, dilation, pad_mode)
 
 

@@ -145,8 +145,11 @@ def _local_attention_backward(
 def _(grad_out, q, k, v, rel, attn, num_heads, kernel_size, dilation):
     check_local_attention_inputs(q, k, v, rel, num_heads, kernel_size, dilation)
     check_local_attention_gradient(grad_out, q, attn, num_heads, kernel_size)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), attn.new_empty(
-        attn.shape
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        attn.new_empty(attn.shape),
     )
 
 
@@ -233,9 +236,7 @@ def _(x1, x2, kernel_size, stride, padding, dilation, pad_mode):
     return _taps_like(x1, check_subtraction2_inputs(x1, x2, *window))
 
 
-@torch.library.custom_op(
-    "san_det::subtraction_backward", mutates_args=(), device_types=_DEVICES
-)
+@torch.library.custom_op("san_det::subtraction_backward", mutates_args=(), device_types=_DEVICES)
 def _subtraction_backward(
     grad_out: Tensor,
     height: int,
@@ -390,9 +391,7 @@ def _aggregation_weight_backward(
         return reference.aggregation_weight_backward(grad_out, x, weight_channels, g)
     storage = x.dtype
     grad_out, x = _prepared(backend, storage, grad_out, x)
-    return kernels.aggregation_weight_backward(backend, grad_out, x, weight_channels, g).to(
-        storage
-    )
+    return kernels.aggregation_weight_backward(backend, grad_out, x, weight_channels, g).to(storage)
 
 
 def _check_weight_gradient(grad_out, x, weight_channels, *window):
