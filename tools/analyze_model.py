@@ -34,11 +34,8 @@ from fvcore.nn import parameter_count_table  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 from san_det.config import get_san_det_cfg  # noqa: E402
-from san_det.modeling.flop_handles import (  # noqa: E402
-    ATTENTION_OP_HANDLES,
-    SanDetFlopCountAnalysis,
-    countable_attention_ops,
-)
+from san_det.modeling.flop_handles import ATTENTION_OP_HANDLES  # noqa: E402
+from san_det.modeling.flop_handles import SanDetFlopCountAnalysis  # noqa: E402
 
 logger = logging.getLogger("san_det.analyze_model")
 
@@ -132,13 +129,9 @@ class ImageToTensors(nn.Module):
 
 
 def _activation_handle(inputs, outputs):
-    return sum(int(torch.tensor(get_shape(o)).prod()) for o in outputs if get_shape(o))
-
-
-class _Activations(ActivationCountAnalysis):
-    def _analyze(self):
-        with countable_attention_ops(), torch.no_grad():
-            return super()._analyze()
+    # The op's result only: san_det::local_attention's second output are the probabilities its
+    # backward keeps, not an activation of the network.
+    return int(torch.tensor(get_shape(outputs[0])).prod())
 
 
 def analyze(cfg, tasks, input_size=None, max_depth=3) -> Dict[str, Any]:
@@ -164,7 +157,7 @@ def analyze(cfg, tasks, input_size=None, max_depth=3) -> Dict[str, Any]:
         report["flop_table"] = flop_count_table(flops, max_depth=max_depth)
         report["unsupported_ops"] = dict(flops.unsupported_ops())
     if "activation" in tasks:
-        acts = _Activations(wrapper, traced_inputs)
+        acts = ActivationCountAnalysis(wrapper, traced_inputs)
         acts.set_op_handle(**{name: _activation_handle for name in ATTENTION_OP_HANDLES})
         acts.set_op_handle(**{name: None for name in IGNORED_OPS})
         acts.unsupported_ops_warnings(False)

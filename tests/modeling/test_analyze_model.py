@@ -16,9 +16,9 @@ _spec.loader.exec_module(analyze_model)
 @pytest.mark.parametrize(
     "config, attention_op, size",
     [
-        (config_path("retinanet_sasa50_attention_fpn_head"), "PythonOp.LocalAttentionOp", 64),
-        (config_path("retinanet_san10_pairwise"), "PythonOp.SANAggregationOp", 128),
-        (os.path.join(ROOT, "configs", "ImageNet", "sasa26.yaml"), "PythonOp.LocalAttentionOp", 64),
+        (config_path("retinanet_sasa50_attention_fpn_head"), "local_attention", 64),
+        (config_path("retinanet_san10_pairwise"), "aggregation", 128),
+        (os.path.join(ROOT, "configs", "ImageNet", "sasa26.yaml"), "local_attention", 64),
     ],
     ids=["sasa_everywhere", "san10", "imagenet_sasa26"],
 )

@@ -120,7 +120,7 @@ def test_flops_at_224_match_tables(family, depth, kind):
     exact, paper = FLOPS[family, depth, kind]
     ops = flops.by_operator()
     # The attention itself is counted, not skipped.
-    attention = "PythonOp.LocalAttentionOp" if family == "sasa" else "PythonOp.SANAggregationOp"
+    attention = "local_attention" if family == "sasa" else "aggregation"
     assert ops[attention] > 0
     assert flops.total() == exact
     assert abs(flops.total() / 1e9 / paper - 1) < 0.05  # every model is within 5% of its table
