@@ -87,7 +87,14 @@ class LocalSelfAttention2d(nn.Module):
         # Row embedding of head h, channel e < head_dim/2 is rel_row[h * head_dim/2 + e, a].
         self.rel_row = nn.Parameter(torch.empty(out_channels // 2, kernel_size))
         self.rel_col = nn.Parameter(torch.empty(out_channels // 2, kernel_size))
-        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        # Without padding, count_include_pad=False divides the overhanging last window by its
+        # in-image size exactly like the default; it also keeps torch.compile's gradients right
+        # (inductor divides that window by s * s in the default's backward, pytorch#198119).
+        self.pool = (
+            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+            if stride > 1
+            else nn.Identity()
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -280,6 +280,20 @@ def test_layer_shapes_parameters_and_embedding_layout():
         assert not torch.equal(row, row[:, :1, :].expand_as(row))
 
 
+@pytest.mark.parametrize("stride", [2, 3])
+def test_layer_pool_is_the_ceil_mode_average_pool(stride):
+    """The pool (count_include_pad=False, which inductor differentiates correctly) averages the
+    overhanging last window over its in-image pixels, bit for bit like the default pool."""
+    layer = LocalSelfAttention2d(4, 8, kernel_size=3, num_heads=2, stride=stride)
+    x = torch.randn(2, 8, 7, 11, requires_grad=True)
+    default = F.avg_pool2d(x, stride, stride, ceil_mode=True)
+    got = layer.pool(x)
+    assert torch.equal(got, default)
+    grad = torch.randn(got.shape)
+    want_grad = torch.autograd.grad(default, x, grad)[0]
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], want_grad)
+
+
 def test_layer_matches_functional_definition():
     torch.manual_seed(0)
     layer = LocalSelfAttention2d(6, 8, kernel_size=3, num_heads=2, stride=1, dilation=2).double()
