@@ -46,6 +46,38 @@ def toy_source(tmp_path, monkeypatch):
     return KernelSource(str(path))  # an absolute path replaces the kernels directory
 
 
+def _fake_compiler(path, body):
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+@needs_cxx
+def test_cpu_compiler_check_builds_and_runs_an_openmp_program(tmp_path, monkeypatch):
+    """Not just 'is there a g++': a compiler that fails, or builds without OpenMP, is refused."""
+    cases = {
+        "missing": str(tmp_path / "no-such-compiler"),
+        "failing": _fake_compiler(tmp_path / "failing", "exit 1\n"),
+        # g++ with -fopenmp dropped: the probe's omp_get_max_threads does not link
+        "no_openmp": _fake_compiler(
+            tmp_path / "no_openmp",
+            'for a in "$@"; do shift; [ "$a" = -fopenmp ] || set -- "$@" "$a"; done\n'
+            'exec g++ "$@"\n',
+        ),
+    }
+    try:
+        for name, cxx in cases.items():
+            monkeypatch.setenv("CXX", cxx)
+            cpu_compiler_available.cache_clear()
+            assert not cpu_compiler_available(), name
+        monkeypatch.setenv("CXX", "g++")
+        cpu_compiler_available.cache_clear()
+        assert cpu_compiler_available()
+    finally:
+        monkeypatch.undo()
+        cpu_compiler_available.cache_clear()
+
+
 def test_parse_kernel_signatures():
     kernels = _parse_kernels(TOY)
     assert list(kernels) == ["axpby", "fill_block_ids"]
