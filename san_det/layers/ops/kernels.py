@@ -98,52 +98,48 @@ def _window_args(g: Geometry) -> Tuple[int, ...]:
     )
 
 
+def _run_san(backend: str, kernel: str, out, outputs_per_thread: int, inputs, scalars):
+    """Run a kernel of san_ops.cu that writes ``out``: its arguments are ``*inputs, out, total,
+    *scalars``, one thread per ``outputs_per_thread`` outputs (``total`` threads)."""
+    total = out.numel() // outputs_per_thread
+    _SAN_OPS.bind(backend, out.dtype, out.device)(kernel, total, *inputs, out, total, *scalars)
+    return out
+
+
 def subtraction2_forward(backend: str, x1, x2, g: Geometry) -> torch.Tensor:
     """``x1[centre] - x2[tap]`` (N, C, k*k, Ho*Wo); one thread per (n, c, position)."""
     out = x1.new_empty(x1.shape[0], x1.shape[1], g.taps, g.positions)
-    run = _SAN_OPS.bind(backend, x1.dtype, x1.device)
-    total = out.numel() // g.taps
-    run("san_subtraction2_forward", total, x1, x2, out, total, *_window_args(g))
-    return out
+    return _run_san(backend, "san_subtraction2_forward", out, g.taps, (x1, x2), _window_args(g))
 
 
 def subtraction_backward(backend: str, grad_out, g: Geometry, centre_sign: int, tap_sign: int):
     """As :func:`.reference.subtraction_backward`."""
     grad_in = grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], g.height, g.width)
-    run = _SAN_OPS.bind(backend, grad_out.dtype, grad_out.device)
-    total = grad_in.numel()
     scalars = (*_window_args(g), centre_sign, tap_sign)
-    run("san_subtraction_backward", total, grad_out, grad_in, total, *scalars)
-    return grad_in
+    return _run_san(backend, "san_subtraction_backward", grad_in, 1, (grad_out,), scalars)
 
 
 def aggregation_forward(backend: str, x, w, g: Geometry) -> torch.Tensor:
     """``sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]`` (N, C, Ho, Wo)."""
     n, c = x.shape[:2]
     out = x.new_empty(n, c, g.out_height, g.out_width)
-    run = _SAN_OPS.bind(backend, x.dtype, x.device)
-    total = out.numel()
-    run("san_aggregation_forward", total, x, w, out, total, c, w.shape[1], *_window_args(g))
-    return out
+    scalars = (c, w.shape[1], *_window_args(g))
+    return _run_san(backend, "san_aggregation_forward", out, 1, (x, w), scalars)
 
 
 def aggregation_input_backward(backend: str, grad_out, w, g: Geometry) -> torch.Tensor:
     """As :func:`.reference.aggregation_input_backward`."""
     n, c = grad_out.shape[:2]
     grad_x = grad_out.new_empty(n, c, g.height, g.width)
-    run = _SAN_OPS.bind(backend, grad_out.dtype, grad_out.device)
-    total = grad_x.numel()
     scalars = (c, w.shape[1], *_window_args(g))
-    run("san_aggregation_input_backward", total, grad_out, w, grad_x, total, *scalars)
-    return grad_x
+    return _run_san(backend, "san_aggregation_input_backward", grad_x, 1, (grad_out, w), scalars)
 
 
 def aggregation_weight_backward(backend: str, grad_out, x, cw: int, g: Geometry) -> torch.Tensor:
-    """As :func:`.reference.aggregation_weight_backward`."""
+    """As :func:`.reference.aggregation_weight_backward`; one thread per (n, cw, position)."""
     n, c = x.shape[:2]
     grad_w = x.new_empty(n, cw, g.taps, g.positions)
-    run = _SAN_OPS.bind(backend, x.dtype, x.device)
-    total = grad_w.numel() // g.taps
     scalars = (c, cw, *_window_args(g))
-    run("san_aggregation_weight_backward", total, grad_out, x, grad_w, total, *scalars)
-    return grad_w
+    return _run_san(
+        backend, "san_aggregation_weight_backward", grad_w, g.taps, (grad_out, x), scalars
+    )
