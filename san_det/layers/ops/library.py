@@ -5,16 +5,12 @@ Each op is a ``torch.library.custom_op`` with a schema, CPU and CUDA implementat
 backward is itself a registered op, and an autocast rule; so compilers, exporters, tracers and
 FLOP counters see one node per op call instead of Python code.
 
-==================================================================  ===========================
-op                                                                  backward op(s)
-==================================================================  ===========================
-``local_attention(q, k, v, rel?, num_heads, kernel_size, dilation)``  ``local_attention_backward``
-``-> (out, attn)``
-``subtraction(x, kernel_size, stride, padding, dilation, pad_mode)``  ``subtraction_backward``
-``subtraction2(x1, x2, kernel_size, ...)``                           ``subtraction_backward``
-``aggregation(x, w, kernel_size, ...)``                              ``aggregation_input_backward``,
-                                                                    ``aggregation_weight_backward``
-==================================================================  ===========================
+- ``local_attention(q, k, v, rel?, num_heads, kernel_size, dilation) -> (out, attn)``, backward
+  ``local_attention_backward``;
+- ``subtraction(x, kernel_size, stride, padding, dilation, pad_mode)`` and
+  ``subtraction2(x1, x2, kernel_size, ...)``, backward ``subtraction_backward``;
+- ``aggregation(x, w, kernel_size, ...)``, backward ``aggregation_input_backward`` and
+  ``aggregation_weight_backward``.
 
 ``local_attention`` also returns the attention probabilities ``attn`` (N, heads, k*k, H, W) in
 the accumulation dtype (float64 for float64, else float32), which its backward reads; they are
@@ -22,8 +18,9 @@ not differentiable.
 
 Which code computes a call is decided when it runs (not when it is traced or compiled), by
 :func:`~san_det.layers.backend.select_backend`: the readable PyTorch of :mod:`.reference` or the
-kernels of :mod:`.kernels`. A backend forced around a forward pass also computes its backward,
-even where autograd runs the backward in another thread (CUDA).
+kernels of :mod:`.kernels`. In eager mode a backend forced around a forward pass also computes
+its backward, even where autograd runs the backward in another thread (CUDA); a compiled backward
+sees the backend forced when it runs.
 
 Autocast (CUDA and CPU): like convolutions, the ops run in the autocast dtype; float32 inputs are
 cast to it (float64 inputs are left alone, as autocast does), and the kernels accumulate float16
