@@ -57,6 +57,7 @@ from san_det.engine import (
     TrainingStopped,
     UserInputError,
     check_detection_classes,
+    check_eval_weights,
     is_primary_launcher,
     launch,
     setup_cfg,
@@ -155,25 +156,18 @@ def run(args, output_lock=None):
 
 
 def check_input(args):
-    """Validate config and datasets in the launching process, before any worker starts.
+    """Validate flags, config and datasets in the launching process, before any worker starts
+    or anything is written.
 
     Returns:
         The config.
     """
-    cfg = setup_cfg(args.config_file, args.opts)
-    check_weights_input(cfg)  # MODEL.WEIGHTS recording another input normalisation
-    names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
-    if trainer_class(cfg) is DetectionTrainer:
-        check_prediction_images_config(cfg)
-        validate_datasets(names)
-        check_detection_classes(cfg, names)  # also loads the config's own COCO jsons
-    else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
-        get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)
     if args.num_processes is not None and args.num_processes < 1:
         raise UserInputError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_gpus < 1:
         raise UserInputError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     _check_machines(args)
+    cfg = setup_cfg(args.config_file, args.opts)
     on_gpu = cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available()
     n = args.num_processes or args.num_gpus
     if on_gpu and n > torch.cuda.device_count():
@@ -182,6 +176,18 @@ def check_input(args):
             f"{torch.cuda.device_count()} GPU(s) are visible; add `MODEL.DEVICE cpu` for CPU "
             "processes"
         )
+    if args.eval_only:
+        check_eval_weights(cfg, args.resume)
+    check_weights_input(cfg)  # MODEL.WEIGHTS recording another input normalisation
+    trainer_cls = trainer_class(cfg)
+    trainer_cls.check_config(cfg, world_size=n * args.num_machines, eval_only=args.eval_only)
+    names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
+    if trainer_cls is DetectionTrainer:
+        check_prediction_images_config(cfg)
+        validate_datasets(names)
+        check_detection_classes(cfg, names)  # also loads the config's own COCO jsons
+    else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
+        get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)
     return cfg
 
 

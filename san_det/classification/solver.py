@@ -22,6 +22,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_gr
 __all__ = [
     "NORM_TYPES",
     "build_classification_optimizer",
+    "check_schedule_keys",
     "classification_param_groups",
     "resolve_classification_schedule",
 ]
@@ -89,17 +90,34 @@ def _epochs_to_iters(epochs: float, iters_per_epoch: float) -> int:
     return max(1, int(math.ceil(epochs * iters_per_epoch)))
 
 
-def resolve_classification_schedule(cfg: CfgNode, num_train_images: int = 0) -> CfgNode:
-    """A copy of ``cfg`` with the LR scaled by batch size and epoch keys turned into iterations.
+# Iteration keys that epoch keys set, with the epoch key that sets each (when it is > 0).
+_SET_BY_EPOCHS = (
+    ("SOLVER.MAX_ITER", "EPOCHS"),
+    ("SOLVER.WARMUP_ITERS", "EPOCHS"),  # 0 without WARMUP_EPOCHS
+    ("SOLVER.CHECKPOINT_PERIOD", "CHECKPOINT_PERIOD_EPOCHS"),
+    ("TEST.EVAL_PERIOD", "EVAL_PERIOD_EPOCHS"),
+)
 
-    Idempotent: a resolved config is returned unchanged. ``num_train_images`` is needed only when
-    ``CLASSIFICATION.SOLVER.EPOCHS > 0``.
+
+def _get(cfg: CfgNode, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_schedule_keys(cfg: CfgNode) -> None:
+    """The schedule keys before they are resolved (no dataset needed).
+
+    With ``CLASSIFICATION.SOLVER.EPOCHS > 0`` the epoch keys set ``SOLVER.MAX_ITER``,
+    ``WARMUP_ITERS``, ``CHECKPOINT_PERIOD`` and ``TEST.EVAL_PERIOD``: one of those changed from
+    detectron2's default as well would be silently overridden, so it is refused.
 
     Raises:
-        ValueError: bad batch size or epoch settings, naming the config key.
+        ValueError: naming both keys.
     """
-    if cfg.CLASSIFICATION.SOLVER.get("_RESOLVED", False):
-        return cfg
+    from detectron2.config import get_cfg
+
     c = cfg.CLASSIFICATION.SOLVER
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch <= 0:
@@ -111,6 +129,38 @@ def resolve_classification_schedule(cfg: CfgNode, num_train_images: int = 0) -> 
     for key in ("EPOCHS", "WARMUP_EPOCHS", "CHECKPOINT_PERIOD_EPOCHS", "EVAL_PERIOD_EPOCHS"):
         if c[key] < 0:
             raise ValueError(f"CLASSIFICATION.SOLVER.{key} must be >= 0, got {c[key]}")
+    if c.EPOCHS <= 0:
+        if c.WARMUP_EPOCHS or c.CHECKPOINT_PERIOD_EPOCHS or c.EVAL_PERIOD_EPOCHS:
+            raise ValueError(
+                "CLASSIFICATION.SOLVER.WARMUP_EPOCHS / CHECKPOINT_PERIOD_EPOCHS / "
+                "EVAL_PERIOD_EPOCHS need CLASSIFICATION.SOLVER.EPOCHS > 0"
+            )
+        return
+    defaults = get_cfg()
+    for key, epoch_key in _SET_BY_EPOCHS:
+        value, default = _get(cfg, key), _get(defaults, key)
+        if c[epoch_key] > 0 and value != default:
+            raise ValueError(
+                f"CLASSIFICATION.SOLVER.{epoch_key} {c[epoch_key]} sets {key}, which is also "
+                f"set (to {value}): drop {key}, or set CLASSIFICATION.SOLVER.{epoch_key} 0 to "
+                f"use it"
+            )
+
+
+def resolve_classification_schedule(cfg: CfgNode, num_train_images: int = 0) -> CfgNode:
+    """A copy of ``cfg`` with the LR scaled by batch size and epoch keys turned into iterations.
+
+    Idempotent: a resolved config is returned unchanged. ``num_train_images`` is needed only when
+    ``CLASSIFICATION.SOLVER.EPOCHS > 0``.
+
+    Raises:
+        ValueError: bad batch size or epoch settings, naming the config key.
+    """
+    if cfg.CLASSIFICATION.SOLVER.get("_RESOLVED", False):
+        return cfg
+    check_schedule_keys(cfg)
+    c = cfg.CLASSIFICATION.SOLVER
+    batch = cfg.SOLVER.IMS_PER_BATCH
     cfg = cfg.clone()
     frozen = cfg.is_frozen()
     cfg.defrost()
@@ -128,20 +178,21 @@ def resolve_classification_schedule(cfg: CfgNode, num_train_images: int = 0) -> 
             cfg.SOLVER.CHECKPOINT_PERIOD = _epochs_to_iters(c.CHECKPOINT_PERIOD_EPOCHS, per_epoch)
         if c.EVAL_PERIOD_EPOCHS > 0:
             cfg.TEST.EVAL_PERIOD = _epochs_to_iters(c.EVAL_PERIOD_EPOCHS, per_epoch)
-    elif c.WARMUP_EPOCHS or c.CHECKPOINT_PERIOD_EPOCHS or c.EVAL_PERIOD_EPOCHS:
-        raise ValueError(
-            "CLASSIFICATION.SOLVER.WARMUP_EPOCHS / CHECKPOINT_PERIOD_EPOCHS / EVAL_PERIOD_EPOCHS "
-            "need CLASSIFICATION.SOLVER.EPOCHS > 0"
-        )
     if cfg.SOLVER.WARMUP_ITERS > cfg.SOLVER.MAX_ITER:
         raise ValueError(
             f"warm-up ({cfg.SOLVER.WARMUP_ITERS} iterations) is longer than training "
             f"(SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER})"
         )
     cfg.CLASSIFICATION.SOLVER._RESOLVED = True
+    epochs = (
+        f" (CLASSIFICATION.SOLVER.EPOCHS {c.EPOCHS} of {num_train_images} images)"
+        if c.EPOCHS > 0
+        else ""
+    )
     logger.info(
         f"Classification schedule: LR {cfg.SOLVER.BASE_LR:g} for batch {batch}, "
-        f"{cfg.SOLVER.MAX_ITER} iterations ({cfg.SOLVER.WARMUP_ITERS} warm-up), "
+        f"SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} iterations{epochs} "
+        f"({cfg.SOLVER.WARMUP_ITERS} warm-up), "
         f"{cfg.SOLVER.LR_SCHEDULER_NAME}"
     )
     if frozen:

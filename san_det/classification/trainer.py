@@ -28,6 +28,7 @@ from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 
 from ..engine.trainer import RobustTrainer
+from ..engine.validate import validate_config
 from .checkpoint import CLASSIFIER_INFO_KEY, ClassifierInfo, classifier_info_from_cfg
 from .classifier import ImageClassifier
 from .dataset import register_imagenet
@@ -39,6 +40,7 @@ from .loader import (
     get_classification_dataset_dicts,
 )
 from .solver import build_classification_optimizer, resolve_classification_schedule
+from .validate import check_classification_keys, probe_classifier
 
 __all__ = ["ClassificationTrainer"]
 
@@ -63,6 +65,16 @@ class ClassificationTrainer(RobustTrainer):
         self.ema = None
         super().__init__(cfg)
         del self._train_dicts  # the loader holds its own (serialised) copy
+
+    @classmethod
+    def check_config(cls, cfg, *, world_size: int = 1, eval_only: bool = False) -> None:
+        validate_config(
+            cfg,
+            world_size=world_size,
+            eval_only=eval_only,
+            probe=probe_classifier,
+            checks=(check_classification_keys,),
+        )
 
     @classmethod
     def build_model(cls, cfg):

@@ -85,6 +85,16 @@ def read_image_robust(file_name: str, format: Optional[str] = None) -> np.ndarra
         raise CorruptImageError(f"cannot read image {file_name}: {reason}") from e
 
 
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.as_tensor`` of a C-contiguous copy when needed. numpy calls an array with a side
+    of 1 contiguous even when that side was flipped (a negative stride, which torch refuses):
+    a 1-pixel-wide image after ``RandomFlip``."""
+    array = np.ascontiguousarray(array)
+    if any(stride < 0 for stride in array.strides):
+        array = array.copy()
+    return torch.as_tensor(array)
+
+
 def sanitize_annotations(annotations: List[Dict], height: int, width: int, counts: Counter):
     """Boxes clipped to the ``width`` x ``height`` image; degenerate ones dropped.
 
@@ -222,9 +232,9 @@ class RobustDatasetMapper(DatasetMapper):
         transforms = self.augmentations(aug_input)
         image, sem_seg_gt = aug_input.image, aug_input.sem_seg
         image_shape = image.shape[:2]
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        dataset_dict["image"] = _to_tensor(image.transpose(2, 0, 1))
         if sem_seg_gt is not None:
-            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
+            dataset_dict["sem_seg"] = _to_tensor(sem_seg_gt.astype("long"))
         if self.proposal_topk is not None:
             utils.transform_proposals(
                 dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk

@@ -10,8 +10,9 @@ from .graceful_stop import StopOnSignalHook, TrainingStopped
 from .launch import is_primary_launcher, launch, torchrun_environment
 from .loader import DeterministicBatchStream, ResumableTrainLoader
 from .output_lock import OutputDirInUseError, OutputDirLock
-from .setup import setup_cfg, validate_datasets
+from .setup import check_eval_weights, setup_cfg, validate_datasets
 from .trainer import DetectionTrainer, RobustTrainer, build_resumable_train_loader
+from .validate import validate_config
 
 __all__ = [
     "CPUSyncBatchNorm",
@@ -30,10 +31,12 @@ __all__ = [
     "add_engine_config",
     "build_resumable_train_loader",
     "check_detection_classes",
+    "check_eval_weights",
     "is_primary_launcher",
     "launch",
     "setup_cfg",
     "torchrun_environment",
+    "validate_config",
     "validate_datasets",
     "wrap_ddp",
 ]

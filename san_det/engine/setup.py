@@ -18,6 +18,7 @@ from ..data.coco_instances import register_coco_instances_from_cfg
 from .errors import UserInputError
 
 __all__ = [
+    "check_eval_weights",
     "setup_cfg",
     "validate_datasets",
     "check_output_dir",
@@ -60,10 +61,84 @@ def _merge(cfg: CfgNode, what: str, merge) -> None:
         # yacs: "Non-existent config key: MODEL.FOO"
         msg = e.args[0] if e.args else str(e)
         raise UserInputError(f"{what}: {msg}") from None
-    except (ValueError, AssertionError, TypeError, yaml.YAMLError) as e:
+    except TypeError as e:
+        if "NoneType" in str(e):  # yacs on an empty _BASE_ file
+            raise UserInputError(
+                f"{what}: a _BASE_ file it names is empty or holds no KEY: value entries ({e})"
+            ) from None
+        raise UserInputError(f"{what}: {e}") from None
+    except (ValueError, AssertionError, yaml.YAMLError) as e:
         raise UserInputError(f"{what}: {e}") from None
     except OSError as e:
         raise UserInputError(f"{what}: cannot read {e.filename or e}: {e.strerror or e}") from None
+
+
+def _check_config_file(config_file: str) -> None:
+    """An existing file holding a mapping of config keys (yacs fails obscurely on others)."""
+    if not config_file:
+        raise UserInputError("--config-file is required (e.g. configs/Demo/shapes_retinanet.yaml)")
+    if os.path.isdir(config_file):
+        raise UserInputError(f"--config-file {config_file} is a folder, not a yaml file")
+    if not os.path.isfile(config_file):
+        raise UserInputError(f"config file not found: {config_file}")
+    try:
+        with open(config_file) as f:
+            content = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return  # reported with the file's name when merged
+    if content is None:
+        raise UserInputError(f"config file {config_file} is empty (no KEY: value entries)")
+    if not isinstance(content, dict):
+        raise UserInputError(
+            f"config file {config_file} must hold KEY: value entries, not a "
+            f"{type(content).__name__}"
+        )
+
+
+def _check_overrides(opts: List[str]) -> None:
+    flags = [o for o in opts[::2] if isinstance(o, str) and o.startswith("-")]
+    if flags:
+        raise UserInputError(
+            f"{flags[0]} comes after the KEY VALUE overrides, where it is read as a config key: "
+            f"put flags before them (train_net.py --config-file FILE {flags[0]} ... KEY VALUE ...)"
+        )
+    if len(opts) % 2:
+        raise UserInputError(
+            f"overrides must be KEY VALUE pairs, got an odd number ({len(opts)}): {opts}"
+        )
+
+
+def _check_weights_file(weights: str) -> None:
+    if not weights or "://" in weights:
+        return
+    if os.path.isdir(weights):
+        found = sorted(n for n in os.listdir(weights) if n.endswith((".pth", ".pkl")))
+        hint = f"; it holds {', '.join(found[:5])}" if found else "; it holds no .pth/.pkl file"
+        raise UserInputError(
+            f"MODEL.WEIGHTS {weights} is a folder: name a checkpoint file in it "
+            f"(e.g. {os.path.join(weights, found[-1] if found else 'model_final.pth')}){hint}"
+        )
+    if not os.path.isfile(weights):
+        raise UserInputError(f"MODEL.WEIGHTS file not found: {weights}")
+
+
+def check_eval_weights(cfg: CfgNode, resume: bool) -> None:
+    """``--eval-only`` evaluates trained weights: ``MODEL.WEIGHTS`` or, with ``--resume``, the
+    checkpoint that ``OUTPUT_DIR/last_checkpoint`` names.
+
+    Raises:
+        UserInputError: neither is there (an evaluation of random weights is never wanted).
+    """
+    if cfg.MODEL.WEIGHTS:
+        return
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        return
+    where = f"; {last} does not exist" if resume else ""
+    raise UserInputError(
+        "--eval-only needs trained weights: pass MODEL.WEIGHTS path/to/model_final.pth, or "
+        f"--resume to evaluate the last checkpoint in OUTPUT_DIR{where}"
+    )
 
 
 def check_output_dir(path: str, option: str = "OUTPUT_DIR") -> None:
@@ -106,24 +181,18 @@ def setup_cfg(
     whose launcher already ran it (workers probing one folder at once would race).
 
     Raises:
-        UserInputError: missing config file, unknown key, bad value, a malformed
-            DATASETS.COCO_INSTANCES entry, unwritable OUTPUT_DIR, missing local MODEL.WEIGHTS
-            file, a CUDA device without a GPU.
+        UserInputError: missing or empty config file, unknown key, bad value, a flag after the
+            overrides, a malformed DATASETS.COCO_INSTANCES entry, unwritable OUTPUT_DIR, missing
+            local MODEL.WEIGHTS file (or a folder), a CUDA device without a GPU.
     """
-    if not config_file:
-        raise UserInputError("--config-file is required (e.g. configs/Demo/shapes_retinanet.yaml)")
-    if not os.path.isfile(config_file):
-        raise UserInputError(f"config file not found: {config_file}")
+    _check_config_file(config_file)
+    opts = list(opts)
+    _check_overrides(opts)
     cfg = get_san_det_cfg()
     _merge(cfg, config_file, lambda: cfg.merge_from_file(config_file))
-    opts = list(opts)
-    if len(opts) % 2:
-        raise UserInputError(f"overrides must be KEY VALUE pairs, got an odd number: {opts}")
     _merge(cfg, "command-line overrides", lambda: cfg.merge_from_list(opts))
     register_coco_instances_from_cfg(cfg)  # DATASETS.COCO_INSTANCES, in every process
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise UserInputError(f"MODEL.WEIGHTS file not found: {weights}")
+    _check_weights_file(cfg.MODEL.WEIGHTS)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError(
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA GPU is available; "

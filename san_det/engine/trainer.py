@@ -51,6 +51,7 @@ from .graceful_stop import StopOnSignalHook
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
 from .stop_signals import shield_loader_workers
+from .validate import check_detection_keys, probe_detector, validate_config
 
 __all__ = [
     "DetectionTrainer",
@@ -280,6 +281,16 @@ class RobustTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @classmethod
+    def check_config(cls, cfg, *, world_size: int = 1, eval_only: bool = False) -> None:
+        """Refuse a config this trainer cannot run, before anything is written
+        (:func:`~san_det.engine.validate.validate_config`; subclasses add their task's checks).
+
+        Raises:
+            UserInputError: naming the key.
+        """
+        validate_config(cfg, world_size=world_size, eval_only=eval_only, probe=None)
+
     def build_checkpointer(self, cfg, model) -> SafeCheckpointer:
         """The checkpointer of the trainer's state (model, optimizer, scheduler, seed)."""
         self._running_state = _ModelRunningState(model)
@@ -356,6 +367,16 @@ class RobustTrainer(DefaultTrainer):
 class DetectionTrainer(RobustTrainer):
     """:class:`RobustTrainer` for detection: :class:`~san_det.data.mapper.RobustDatasetMapper`,
     the resumable training stream, COCO evaluation (:func:`build_coco_evaluator`)."""
+
+    @classmethod
+    def check_config(cls, cfg, *, world_size: int = 1, eval_only: bool = False) -> None:
+        validate_config(
+            cfg,
+            world_size=world_size,
+            eval_only=eval_only,
+            probe=probe_detector,
+            checks=(check_detection_keys,),
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):
