@@ -35,7 +35,8 @@ weights as an uninterrupted one.
 Trailing ``KEY VALUE`` pairs override config entries. Bad input (missing config file or dataset,
 unknown key, unwritable output folder, unreadable image, corrupt or mismatched checkpoint) is
 reported in one line, with exit status 2; a NaN/inf loss stops training with a one-line message
-naming the iteration and the last good checkpoint, exit status 1.
+naming the iteration and the last good checkpoint, exit status 1, and so does a checkpoint that
+cannot be written (disk full), naming the file and the cause.
 """
 
 import logging
@@ -64,6 +65,7 @@ from san_det.engine import (
     torchrun_environment,
     validate_datasets,
 )
+from san_det.engine.checkpoint import CheckpointWriteError, checkpointer_options
 from san_det.engine.trainer import TrainerCheckpointer
 from san_det.engine.visualize import (
     check_prediction_images_config,
@@ -94,9 +96,7 @@ def setup(args):
 def evaluate(cfg, trainer_cls, resume: bool):
     """``--eval-only``: the model must load every tensor from its checkpoint (strict)."""
     model = trainer_cls.build_model(cfg)
-    checkpointer = TrainerCheckpointer(
-        model, save_dir=cfg.OUTPUT_DIR, allow_input_mismatch=cfg.MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH
-    )
+    checkpointer = TrainerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, **checkpointer_options(cfg))
     if resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
     else:
@@ -147,7 +147,7 @@ def run(args, output_lock=None):
         return main(args)
     except UserInputError as e:
         _fail(e, EXIT_BAD_INPUT)
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError) as e:
         _fail(e, EXIT_TRAINING_FAILED)
     except TrainingStopped as e:
         if comm.is_main_process():
@@ -180,8 +180,9 @@ def check_input(args):
         check_eval_weights(cfg, args.resume)
     check_weights_input(cfg)  # MODEL.WEIGHTS recording another input normalisation
     trainer_cls = trainer_class(cfg)
-    trainer_cls.check_config(cfg, world_size=n * args.num_machines, eval_only=args.eval_only)
-    names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
+    trainer_cls.check_config(
+        cfg, world_size=n * args.num_machines, eval_only=args.eval_only, resume=args.resume
+    )
     if trainer_cls is DetectionTrainer:
         check_prediction_images_config(cfg)
         validate_datasets(names)

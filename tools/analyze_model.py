@@ -33,7 +33,9 @@ from fvcore.nn import ActivationCountAnalysis, flop_count_table, parameter_count
 from fvcore.nn import parameter_count_table  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
-from san_det.config import get_san_det_cfg  # noqa: E402
+from san_det.engine import UserInputError  # noqa: E402
+from san_det.engine import setup_cfg as setup_san_det_cfg  # noqa: E402
+from san_det.engine.validate import build_model_on_meta  # noqa: E402
 from san_det.modeling.flop_handles import ATTENTION_OP_HANDLES  # noqa: E402
 from san_det.modeling.flop_handles import SanDetFlopCountAnalysis  # noqa: E402
 
@@ -77,12 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup_cfg(args):
-    cfg = get_san_det_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+    """The config (on the CPU without a GPU), checked as train_net.py checks it.
+
+    Raises:
+        UserInputError: a missing config file, unknown key, or a model config its constructors
+            refuse (one line, naming the key).
+    """
+    device = [] if torch.cuda.is_available() else ["MODEL.DEVICE", "cpu"]
+    cfg = setup_san_det_cfg(args.config_file, list(args.opts) + device, check_output=False)
+    build_model_on_meta(cfg)
     return cfg
 
 
@@ -196,8 +201,15 @@ def print_report(report: Dict[str, Any], config_file: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = setup_cfg(args)
-    report = analyze(cfg, args.tasks, args.input_size, args.max_depth)
+    try:
+        cfg = setup_cfg(args)
+        try:
+            report = analyze(cfg, args.tasks, args.input_size, args.max_depth)
+        except ValueError as e:  # e.g. SAN's reflection padding on a too small --input-size
+            raise UserInputError(f"the model cannot take the input: {e}") from None
+    except UserInputError as e:
+        print(f"analyze_model.py: error: {e}", file=sys.stderr)
+        return 2
     print_report(report, args.config_file)
     return 0
 

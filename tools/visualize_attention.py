@@ -93,11 +93,11 @@ def build_model(cfg):
     """The config's model in eval mode, with MODEL.WEIGHTS loaded (every tensor, strictly)."""
     from detectron2.modeling import build_model as d2_build_model
 
-    from san_det.engine.checkpoint import SafeCheckpointer
+    from san_det.engine.checkpoint import SafeCheckpointer, checkpointer_options
 
     model = d2_build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
+        SafeCheckpointer(model, **checkpointer_options(cfg)).load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
     else:
         logger.warning("MODEL.WEIGHTS is empty: drawing the attention of an untrained model")
     return model.eval()

@@ -28,7 +28,6 @@ from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 
 from ..engine.trainer import RobustTrainer
-from ..engine.validate import validate_config
 from .checkpoint import CLASSIFIER_INFO_KEY, ClassifierInfo, classifier_info_from_cfg
 from .classifier import ImageClassifier
 from .dataset import register_imagenet
@@ -66,15 +65,8 @@ class ClassificationTrainer(RobustTrainer):
         super().__init__(cfg)
         del self._train_dicts  # the loader holds its own (serialised) copy
 
-    @classmethod
-    def check_config(cls, cfg, *, world_size: int = 1, eval_only: bool = False) -> None:
-        validate_config(
-            cfg,
-            world_size=world_size,
-            eval_only=eval_only,
-            probe=probe_classifier,
-            checks=(check_classification_keys,),
-        )
+    config_probe = staticmethod(probe_classifier)
+    config_checks = (check_classification_keys,)
 
     @classmethod
     def build_model(cls, cfg):

@@ -8,6 +8,17 @@
   included) leaves ``last_checkpoint`` naming a complete checkpoint (or no ``last_checkpoint``).
 - No non-finite checkpoints: a model holding NaN/inf values is never written (the last good
   checkpoint stays what ``last_checkpoint`` names); :class:`NonFiniteError` names the tensor.
+- The architecture: every checkpoint records the config keys that define its model
+  (:func:`~san_det.modeling.architecture.architecture_config`); resuming or evaluating (strict)
+  a checkpoint whose recorded architecture differs from the model's config is an error naming
+  the key (``MODEL.SASA.NUM_HEADS`` 4 vs 8 loads without a shape mismatch and computes something
+  else); for fine-tuning, differing backbone keys are a warning.
+- Trusted files only on request: a checkpoint holding Python objects besides tensors, which
+  torch's default ``torch.load(weights_only=True)`` refuses, is an error saying so, unless
+  ``trusted`` (``MODEL.WEIGHTS_TRUSTED``) allows unpickling it.
+- Write errors (disk full, quota, file size limit): :class:`CheckpointWriteError`, one line with
+  the path and the cause; the temporary file is removed and ``last_checkpoint`` still names the
+  previous complete checkpoint.
 - Clear load errors (:class:`CheckpointError`, naming the file): an unreadable or truncated file;
   when resuming (or when ``strict``), any tensor of the model missing from the checkpoint, any
   checkpoint tensor the model lacks, any shape mismatch, naming the first such key. Loading
@@ -18,28 +29,89 @@
   (:mod:`san_det.modeling.input_info`) must match the model's, unless ``allow_input_mismatch``.
 """
 
+import errno
 import glob
 import logging
 import os
+import pickle
 import re
 from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _filter_reused_missing_keys
 
+from ..modeling.architecture import architecture_config, architecture_differences
 from ..modeling.input_info import InputMismatchError, check_checkpoint_input, recorded_input_info
 from .errors import UserInputError
 
-__all__ = ["CheckpointError", "NonFiniteError", "SafeCheckpointer", "first_non_finite"]
+__all__ = [
+    "ARCHITECTURE_KEY",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "NonFiniteError",
+    "SafeCheckpointer",
+    "checkpointer_options",
+    "first_non_finite",
+]
 
 logger = logging.getLogger(__name__)
 
+#: The checkpoint entry holding the model's architecture-defining config keys.
+ARCHITECTURE_KEY = "architecture"
+
 _TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_WEIGHTS_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 
 class CheckpointError(UserInputError):
     """A checkpoint cannot be read, or does not fit the model; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, ...); the message names the file.
+
+    ``errno`` and ``filename`` are those of the write that failed; ``str()`` is the message.
+    """
+
+    def __init__(self, message: str, error_number: Optional[int], filename: str):
+        super().__init__(error_number, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def checkpointer_options(cfg) -> Dict[str, Any]:
+    """:class:`SafeCheckpointer` keyword arguments from ``cfg``: ``allow_shape_mismatch``
+    (``MODEL.WEIGHTS_ALLOW_SHAPE_MISMATCH``), ``allow_input_mismatch``
+    (``MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH``), ``trusted`` (``MODEL.WEIGHTS_TRUSTED``) and the
+    ``architecture`` to record and compare."""
+    return {
+        "allow_shape_mismatch": cfg.MODEL.get("WEIGHTS_ALLOW_SHAPE_MISMATCH", False),
+        "allow_input_mismatch": cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False),
+        "trusted": cfg.MODEL.get("WEIGHTS_TRUSTED", False),
+        "architecture": architecture_config(cfg),
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    text = _ANSI_ESCAPE.sub("", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError that caused ``error`` (torch's zip writer turns it into a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class NonFiniteError(FloatingPointError):
@@ -88,6 +160,13 @@ class SafeCheckpointer(DetectionCheckpointer):
         allow_input_mismatch: load a checkpoint that records another input format or
             normalisation than the model's (:mod:`san_det.modeling.input_info`) with a warning
             instead of raising :class:`~san_det.modeling.input_info.InputMismatchError`.
+        architecture: the model's architecture-defining config keys
+            (:func:`~san_det.modeling.architecture.architecture_config`): written into every
+            checkpoint and compared with the one a loaded checkpoint records. None: neither.
+        trusted: load ``.pth`` files with ``torch.load(weights_only=False)``, which unpickles any
+            Python object (can run code: only for files from a trusted source).
+        memory_map: memory-map ``.pth`` files instead of reading them (for checks that load a
+            checkpoint into a model on the meta device: tensors are never read).
     """
 
     def __init__(
@@ -97,13 +176,20 @@ class SafeCheckpointer(DetectionCheckpointer):
         *,
         allow_shape_mismatch: bool = False,
         allow_input_mismatch: bool = False,
+        architecture: Optional[Dict[str, Any]] = None,
+        trusted: bool = False,
+        memory_map: bool = False,
         **kwargs,
     ):
         super().__init__(model, save_dir, **kwargs)
+        self.memory_map = memory_map
         self.allow_shape_mismatch = allow_shape_mismatch
         self.allow_input_mismatch = allow_input_mismatch
+        self.architecture = dict(architecture) if architecture is not None else None
+        self.trusted = bool(trusted)
         self._strict = False
         self._loading = ""
+        self._architecture_note = ""
         if self.save_to_disk and self._is_local(save_dir):
             self._remove_stale_temporaries()
 
@@ -131,10 +217,20 @@ class SafeCheckpointer(DetectionCheckpointer):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise
+            cause = _os_error_in(e) if isinstance(e, Exception) else None
+            if cause is None:
+                raise
+            last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+            code = errno.errorcode.get(cause.errno, cause.errno)
+            raise CheckpointWriteError(
+                f"cannot write {path}: {cause.strerror or _first_line(cause)} ({code}); it was "
+                f"not written, the last complete checkpoint is {last}",
+                cause.errno,
+                path,
+            ) from e
         _fsync_dir(os.path.dirname(path) or ".")
 
     def save(self, name: str, **kwargs: Any) -> None:
@@ -154,6 +250,8 @@ class SafeCheckpointer(DetectionCheckpointer):
                 f"model tensor {bad!r} holds NaN/inf at iteration {iteration}: checkpoint "
                 f"{name}.pth not written; the last good checkpoint is {last}"
             )
+        if self.architecture is not None:
+            kwargs = {ARCHITECTURE_KEY: dict(self.architecture), **kwargs}
         if not self._is_local(self.save_dir):
             return super().save(name, **kwargs)
         for key, obj in self.checkpointables.items():
@@ -212,19 +310,70 @@ class SafeCheckpointer(DetectionCheckpointer):
         finally:
             self._strict = False
             self._loading = ""
+            self._architecture_note = ""
+
+    def _read_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)
+        if self.memory_map and self._is_local(filename):
+            try:
+                loaded = torch.load(
+                    filename, map_location="cpu", mmap=True, weights_only=not self.trusted
+                )
+            except Exception:  # a legacy (non-zip) file cannot be mapped: read it as below
+                pass
+            else:
+                return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+        if self.trusted:
+            with PathManager.open(filename, "rb") as f:
+                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+            return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+        return super()._load_file(filename)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
-            checkpoint = super()._load_file(filename)
+            checkpoint = self._read_file(filename)
+        except pickle.UnpicklingError as e:
+            found = _UNSUPPORTED_GLOBAL.search(str(e))
+            if found is None:  # e.g. "Unsupported operand": not a pickle torch can read
+                found_error = _WEIGHTS_UNPICKLER_ERROR.search(_ANSI_ESCAPE.sub("", str(e)))
+                reason = found_error.group(1) if found_error else _first_line(e)
+                raise CheckpointError(
+                    f"cannot read checkpoint {filename} (truncated or corrupt file?): "
+                    f"{type(e).__name__}: {reason}"
+                ) from e
+            raise CheckpointError(
+                f"checkpoint {filename} is a valid pickle but holds Python objects besides "
+                f"tensors ({found.group(1)}), which torch.load refuses by default (weights_only) "
+                "because unpickling them can run code: if you trust the file, set "
+                "MODEL.WEIGHTS_TRUSTED True to load it"
+            ) from e
         except Exception as e:  # torch.load / pickle: many exception types for a corrupt file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"cannot read checkpoint {filename} (truncated or corrupt file?): "
-                f"{type(e).__name__}: {reason}"
+                f"{type(e).__name__}: {_first_line(e)}"
             ) from e
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
             raise CheckpointError(f"{filename} is not a model checkpoint (no 'model' state dict)")
+        self._check_architecture(filename, checkpoint.get(ARCHITECTURE_KEY))
         return checkpoint
+
+    def _check_architecture(self, filename: str, recorded: Any) -> None:
+        """Compare the architecture recorded in a checkpoint with the model's (class docstring):
+        a warning when fine-tuning; when strict, :meth:`_load_model` raises."""
+        self._architecture_note = ""
+        if self.architecture is None or not isinstance(recorded, dict):
+            return
+        differences = architecture_differences(
+            recorded, self.architecture, fine_tune=not self._strict
+        )
+        listed = "; ".join(f"{k} {theirs!r} there, {ours!r} here" for k, theirs, ours in differences)
+        if listed and not self._strict:
+            self.logger.warning(
+                f"{filename} was trained with other backbone settings ({listed}): its weights "
+                "initialise a differently configured network"
+            )
+        self._architecture_note = listed
 
     def _load_model(self, checkpoint: Any):
         path = self._loading or "<checkpoint>"
@@ -259,11 +408,19 @@ class SafeCheckpointer(DetectionCheckpointer):
             f"{len(unexpected)} not in the model"
         )
         loaded = len(set(model_keys) & set(passed))
+        note = self._architecture_note if self._strict else ""
         if self._strict and problems:
             key, what = problems[0]
+            made_by = f"; its recorded config differs: {note}" if note else ""
             raise CheckpointError(
                 f"checkpoint {path} does not match the model (another architecture or config?): "
-                f"first mismatched key {key!r}: {what}; {counts}"
+                f"first mismatched key {key!r}: {what}; {counts}{made_by}"
+            )
+        if note:
+            raise CheckpointError(
+                f"checkpoint {path} was made by another architecture: {note}; its tensors fit, "
+                "but compute something else in this model: load it with the config it was made "
+                "with (config.yaml in its output folder)"
             )
         if loaded <= 0 and model_keys:
             key, what = problems[0] if problems else (model_keys[0], "not in the checkpoint")

@@ -30,6 +30,10 @@ def add_engine_config(cfg: CN) -> CN:
     # MODEL.PIXEL_MEAN, MODEL.PIXEL_STD (converted SAN backbones, classifiers, san_det's own
     # checkpoints record theirs): False = error naming both; True = load with a warning.
     cfg.MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH = False
+    # A .pth checkpoint (MODEL.WEIGHTS, or resumed) holding Python objects besides tensors, which
+    # torch.load refuses by default: False = error saying so; True = unpickle it
+    # (torch.load(weights_only=False): can run code, only for files from a trusted source).
+    cfg.MODEL.WEIGHTS_TRUSTED = False
     # Detection: after training and after --eval-only, draw ground truth | predictions for this
     # many images of DATASETS.TEST[0] into OUTPUT_DIR/predictions/ (0 = none).
     cfg.TEST.PREDICTION_IMAGES = 8

@@ -45,8 +45,15 @@ from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from ..modeling.input_info import INPUT_INFO_KEY, InputInfo, input_info_from_cfg
-from .checkpoint import NonFiniteError, SafeCheckpointer
+from .checkpoint import (
+    CheckpointWriteError,
+    NonFiniteError,
+    SafeCheckpointer,
+    checkpointer_options,
+)
+from .coco_evaluation import COCOEvaluatorNoDetectionsIsZero
 from .ddp import wrap_ddp
+from .errors import UserInputError
 from .graceful_stop import StopOnSignalHook
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
@@ -80,16 +87,22 @@ except ModuleNotFoundError:  # pragma: no cover - the classification package is 
 
 def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:
     """COCO box evaluation on detectron2's C++ evaluator, else faster-coco-eval's (same numbers),
-    else pycocotools (:func:`san_det.compat.coco_eval_backend`)."""
+    else pycocotools (:func:`san_det.compat.coco_eval_backend`); a model without any detection
+    scores AP 0, with a warning (not NaN)."""
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     backend = compat.coco_eval_backend()
     logger.info(f"COCO evaluation of {dataset_name} with {backend}")
-    return COCOEvaluator(
+    threshold = cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+    return COCOEvaluatorNoDetectionsIsZero(
         dataset_name,
         tasks=("bbox",),
         output_dir=output_folder,
         use_fast_impl=backend != "pycocotools",
+        no_detections_hint=(
+            f"no score above the test threshold, MODEL.RETINANET.SCORE_THRESH_TEST {threshold}: "
+            "an untrained or diverged model?"
+        ),
     )
 
 
@@ -130,6 +143,25 @@ def build_resumable_train_loader(cfg, dataset, mapper) -> ResumableTrainLoader:
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
     )
     return ResumableTrainLoader(stream, cfg.DATALOADER.NUM_WORKERS)
+
+
+#: Errors that train_net.py reports in one line, so their tracebacks are noise.
+REPORTED_ERRORS = (UserInputError, NonFiniteError, CheckpointWriteError)
+
+
+class _ReportedErrorsWithoutTraceback(logging.Filter):
+    """detectron2's training loop logs every exception with its traceback ("Exception during
+    training:"); for :data:`REPORTED_ERRORS` the log gets their one-line message instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, REPORTED_ERRORS):
+            record.msg, record.args = f"{record.getMessage()} {error}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("detectron2.engine.train_loop").addFilter(_ReportedErrorsWithoutTraceback())
 
 
 class GuardedSimpleTrainer(SimpleTrainer):
@@ -281,15 +313,32 @@ class RobustTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    #: ``probe(model, cfg, world_size=, eval_only=)``: runs the smallest inputs of a config
+    #: through its model built on the meta device (:meth:`check_config`); None: no probe.
+    config_probe = None
+    #: More ``check(cfg, world_size=, eval_only=)`` of :meth:`check_config` (the task's keys).
+    config_checks = ()
+
     @classmethod
-    def check_config(cls, cfg, *, world_size: int = 1, eval_only: bool = False) -> None:
-        """Refuse a config this trainer cannot run, before anything is written
-        (:func:`~san_det.engine.validate.validate_config`; subclasses add their task's checks).
+    def check_config(
+        cls, cfg, *, world_size: int = 1, eval_only: bool = False, resume: bool = False
+    ) -> None:
+        """Refuse a config this trainer cannot run, before anything is written: solver keys,
+        the model's constructors, :attr:`config_probe`, :attr:`config_checks` and the checkpoint
+        the run will load (:func:`~san_det.engine.validate.validate_config`).
 
         Raises:
-            UserInputError: naming the key.
+            UserInputError: naming the key or file.
         """
-        validate_config(cfg, world_size=world_size, eval_only=eval_only, probe=None)
+        validate_config(
+            cfg,
+            world_size=world_size,
+            eval_only=eval_only,
+            probe=cls.config_probe,
+            checks=cls.config_checks,
+            checkpointer_cls=TrainerCheckpointer,
+            resume=resume,
+        )
 
     def build_checkpointer(self, cfg, model) -> SafeCheckpointer:
         """The checkpointer of the trainer's state (model, optimizer, scheduler, seed)."""
@@ -297,8 +346,7 @@ class RobustTrainer(DefaultTrainer):
         return TrainerCheckpointer(
             model,
             cfg.OUTPUT_DIR,
-            allow_shape_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_SHAPE_MISMATCH", False),
-            allow_input_mismatch=cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False),
+            **checkpointer_options(cfg),
             trainer=weakref.proxy(self),
             data_stream=_SeedState(weakref.proxy(self)),
             model_running_state=self._running_state,
@@ -368,15 +416,8 @@ class DetectionTrainer(RobustTrainer):
     """:class:`RobustTrainer` for detection: :class:`~san_det.data.mapper.RobustDatasetMapper`,
     the resumable training stream, COCO evaluation (:func:`build_coco_evaluator`)."""
 
-    @classmethod
-    def check_config(cls, cfg, *, world_size: int = 1, eval_only: bool = False) -> None:
-        validate_config(
-            cfg,
-            world_size=world_size,
-            eval_only=eval_only,
-            probe=probe_detector,
-            checks=(check_detection_keys,),
-        )
+    config_probe = staticmethod(probe_detector)
+    config_checks = (check_detection_keys,)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -10,7 +10,11 @@
   and detectron2's builders runs (SASA/SAN/FPN/head keys, registry names);
 - input sizes the network cannot take: the smallest image the config produces is run through the
   meta model by a *probe* (see :func:`probe_detector`), which catches e.g. SAN's reflection padding
-  on too small inputs or a batch norm that sees one value per channel.
+  on too small inputs or a batch norm that sees one value per channel;
+- the checkpoint the run will load (``--resume``'s last checkpoint, ``MODEL.WEIGHTS``): loaded
+  into the meta model as the run will load it (:func:`check_checkpoint`; tensors memory-mapped,
+  not read), so an unreadable, untrusted, mismatched or other-architecture checkpoint is refused
+  before the output folder exists.
 
 Checks a higher layer owns (classification) come in through ``check_config`` overrides of the
 trainers and their own probes.
@@ -18,6 +22,7 @@ trainers and their own probes.
 
 import logging
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -25,10 +30,12 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ..layers import use_backend
+from .checkpoint import CheckpointError, checkpointer_options
 from .errors import UserInputError
 
 __all__ = [
     "build_model_on_meta",
+    "check_checkpoint",
     "check_detection_input_sizes",
     "check_detection_keys",
     "check_solver",
@@ -198,6 +205,42 @@ def run_probe(model: nn.Module, training: bool, forward: Callable[[], None], wha
         raise UserInputError(f"the network cannot take {what}: {_message(e)}") from None
 
 
+_QUIET = logging.getLogger(f"{__name__}.quiet")  # the checkpointer's log lines during the check
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, eval_only: bool):
+    """Load the checkpoint a run will load into ``model`` (built on the meta device) the way the
+    run loads it: with ``--eval-only`` strictly ``OUTPUT_DIR``'s last checkpoint (``resume``) or
+    ``MODEL.WEIGHTS``; in training ``checkpointer.resume_or_load(MODEL.WEIGHTS, resume=resume)``.
+    Remote files are not checked here.
+
+    Raises:
+        UserInputError: what loading would raise (unreadable or untrusted file, another
+            architecture, missing or mismatched tensors), naming the file.
+    """
+    checker = checkpointer_cls(
+        model, cfg.OUTPUT_DIR, save_to_disk=False, memory_map=True, **checkpointer_options(cfg)
+    )
+    checker.logger = _QUIET
+    has_last = resume and checker.has_checkpoint()
+    path = checker.get_checkpoint_file() if has_last else cfg.MODEL.WEIGHTS
+    if not path or "://" in path:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
+            if eval_only:
+                checker.load(path, checkpointables=[], strict=True)
+            else:
+                checker.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    except CheckpointError:
+        raise
+    except Exception as e:  # e.g. a loader that reads tensor values: not checkable on meta
+        logger.debug(f"checkpoint check skipped for {path}: {type(e).__name__}: {e}")
+
+
 def validate_config(
     cfg,
     *,
@@ -205,6 +248,8 @@ def validate_config(
     eval_only: bool = False,
     probe: Optional[Probe] = probe_detector,
     checks: Sequence[Callable] = (),
+    checkpointer_cls=None,
+    resume: bool = False,
 ) -> None:
     """Refuse a config that cannot run (see the module docstring).
 
@@ -214,6 +259,9 @@ def validate_config(
         probe: ``probe(model, cfg, world_size=, eval_only=)`` runs the smallest inputs through
             the meta model (``None``: none).
         checks: more ``check(cfg, world_size=, eval_only=)`` (a higher layer's own keys).
+        checkpointer_cls: the run's checkpointer class (a :class:`SafeCheckpointer`): the
+            checkpoint it will load is checked (:func:`check_checkpoint`). None: not checked.
+        resume: the run resumes from ``OUTPUT_DIR``'s last checkpoint (``--resume``).
 
     Raises:
         UserInputError: naming the key.
@@ -227,3 +275,5 @@ def validate_config(
     model = build_model_on_meta(cfg)
     if probe is not None:
         probe(model, cfg, world_size=world_size, eval_only=eval_only)
+    if checkpointer_cls is not None:
+        check_checkpoint(model, cfg, checkpointer_cls, resume=resume, eval_only=eval_only)
