@@ -65,7 +65,9 @@ def convert(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=os.path.basename(__file__), description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config-file", required=True, help="the detection config")
     parser.add_argument("--input", required=True, help="classifier checkpoint (.pth)")
     parser.add_argument("--output", required=True, help="detection initialisation (.pth)")

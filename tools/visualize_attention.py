@@ -97,7 +97,9 @@ def build_model(cfg):
 
     model = d2_build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        SafeCheckpointer(model, **checkpointer_options(cfg)).load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
+        SafeCheckpointer(model, **checkpointer_options(cfg)).load(
+            cfg.MODEL.WEIGHTS, checkpointables=[], strict=True
+        )
     else:
         logger.warning("MODEL.WEIGHTS is empty: drawing the attention of an untrained model")
     return model.eval()

@@ -103,6 +103,11 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _with_model_key(loaded: Any) -> Dict[str, Any]:
+    """As ``DetectionCheckpointer._load_file``: a bare state dict becomes ``{"model": ...}``."""
+    return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+
+
 def _os_error_in(error: BaseException) -> Optional[OSError]:
     """The OSError that caused ``error`` (torch's zip writer turns it into a RuntimeError)."""
     seen = set()
@@ -323,11 +328,12 @@ class SafeCheckpointer(DetectionCheckpointer):
             except Exception:  # a legacy (non-zip) file cannot be mapped: read it as below
                 pass
             else:
-                return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+                return _with_model_key(loaded)
         if self.trusted:
             with PathManager.open(filename, "rb") as f:
-                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=False)
-            return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+                return _with_model_key(
+                    torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+                )
         return super()._load_file(filename)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
@@ -367,7 +373,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         differences = architecture_differences(
             recorded, self.architecture, fine_tune=not self._strict
         )
-        listed = "; ".join(f"{k} {theirs!r} there, {ours!r} here" for k, theirs, ours in differences)
+        listed = "; ".join(f"{k} {old!r} there, {new!r} here" for k, old, new in differences)
         if listed and not self._strict:
             self.logger.warning(
                 f"{filename} was trained with other backbone settings ({listed}): its weights "

@@ -110,9 +110,11 @@ def _resized_square(short_edge: int, max_size: int) -> int:
 def check_detection_input_sizes(cfg) -> None:
     """``INPUT.MIN_SIZE_*`` / ``MAX_SIZE_*`` values that ``ResizeShortestEdge`` cannot use."""
     i = cfg.INPUT
-    train = list(i.MIN_SIZE_TRAIN) if isinstance(i.MIN_SIZE_TRAIN, (list, tuple)) else [
-        i.MIN_SIZE_TRAIN
-    ]
+    train = (
+        list(i.MIN_SIZE_TRAIN)
+        if isinstance(i.MIN_SIZE_TRAIN, (list, tuple))
+        else [i.MIN_SIZE_TRAIN]
+    )
     if not train or any(not isinstance(s, int) or s < 0 for s in train):
         raise UserInputError(
             f"INPUT.MIN_SIZE_TRAIN must list sizes >= 0 (0 = no resize), got {i.MIN_SIZE_TRAIN}"
@@ -123,7 +125,9 @@ def check_detection_input_sizes(cfg) -> None:
             f"{i.MIN_SIZE_TRAIN}"
         )
     if i.MIN_SIZE_TEST < 0:
-        raise UserInputError(f"INPUT.MIN_SIZE_TEST must be >= 0 (0 = no resize), got {i.MIN_SIZE_TEST}")
+        raise UserInputError(
+            f"INPUT.MIN_SIZE_TEST must be >= 0 (0 = no resize), got {i.MIN_SIZE_TEST}"
+        )
     for key in ("MAX_SIZE_TRAIN", "MAX_SIZE_TEST"):
         if i[key] < 1:
             raise UserInputError(f"INPUT.{key} must be >= 1, got {i[key]}")
@@ -152,7 +156,11 @@ def probe_detector(model: nn.Module, cfg, *, world_size: int, eval_only: bool) -
     i = cfg.INPUT
     runs = []
     if not eval_only:
-        short = min(i.MIN_SIZE_TRAIN) if isinstance(i.MIN_SIZE_TRAIN, (list, tuple)) else i.MIN_SIZE_TRAIN
+        short = (
+            min(i.MIN_SIZE_TRAIN)
+            if isinstance(i.MIN_SIZE_TRAIN, (list, tuple))
+            else i.MIN_SIZE_TRAIN
+        )
         if short > 0:
             keys = "INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN"
             size = _resized_square(short, i.MAX_SIZE_TRAIN)

@@ -83,7 +83,11 @@ def architecture_config(cfg) -> Dict[str, Any]:
     if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
         retinanet = cfg.MODEL.RETINANET
         out.update(
-            {f"MODEL.RETINANET.{k}": _plain(retinanet[k]) for k in _RETINANET_KEYS if k in retinanet}
+            {
+                f"MODEL.RETINANET.{k}": _plain(retinanet[k])
+                for k in _RETINANET_KEYS
+                if k in retinanet
+            }
         )
         out.update(_subtree(cfg, "MODEL.ANCHOR_GENERATOR."))
     return out
