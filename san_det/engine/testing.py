@@ -9,8 +9,10 @@
 - :func:`write_coco_dataset` / :func:`register_coco_dataset`: small COCO-format sets in a folder,
   with optional broken images (truncated JPEG, not an image, missing) and arbitrary boxes.
 - :func:`process_alive` / :func:`wait_until`: for tests that start, signal and kill processes.
+- :func:`load_script`: ``train_net.py`` or a tool as a module, to call its ``cli`` / ``main``.
 """
 
+import importlib.util
 import json
 import os
 import time
@@ -31,6 +33,7 @@ from .trainer import DetectionTrainer
 
 __all__ = [
     "TinyTestNet",
+    "load_script",
     "process_alive",
     "register_coco_dataset",
     "simple_images",
@@ -43,6 +46,17 @@ __all__ = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE_RETINANET = os.path.join(ROOT, "configs", "COCO-Detection", "Base-RetinaNet.yaml")
+
+
+def load_script(relative_path: str):
+    """The script at ``relative_path`` of the repository (``"train_net.py"``,
+    ``"tools/analyze_model.py"``) loaded as a module, without running its ``__main__`` block."""
+    path = os.path.join(ROOT, relative_path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _common(cfg: CfgNode, output_dir: str, train: Sequence[str], max_iter: int) -> CfgNode:

@@ -2,7 +2,6 @@
 
 import argparse
 import errno
-import importlib.util
 import logging
 import os
 import resource
@@ -25,7 +24,12 @@ from san_det.engine.checkpoint import (
     checkpointer_options,
 )
 from san_det.engine.coco_evaluation import COCOEvaluatorNoDetectionsIsZero
-from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
+from san_det.engine.testing import (
+    load_script,
+    register_coco_dataset,
+    simple_images,
+    tiny_retinanet_cfg,
+)
 from san_det.modeling.architecture import architecture_config, architecture_differences
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,14 +37,7 @@ DEMO = str(ROOT / "configs/Demo/shapes_retinanet.yaml")
 SAN10 = str(ROOT / "configs/COCO-Detection/retinanet_san10_pairwise.yaml")
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net_ckpt", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_net = _load_train_net()
+train_net = load_script("train_net.py")
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +48,10 @@ def _no_launch(monkeypatch):
     monkeypatch.setattr(train_net, "launch", launch)
 
 
-def _cli(capsys, *args):
+def _cli(capsys, *args, output_dir):
+    """``train_net.py --config-file DEMO ARGS OUTPUT_DIR output_dir``: its one error line."""
     with pytest.raises(SystemExit) as info:
-        train_net.cli(list(args))
+        train_net.cli(["--config-file", DEMO, *args, "OUTPUT_DIR", str(output_dir)])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("train_net.py: error:")]
     assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
@@ -157,18 +155,8 @@ def test_eval_only_with_another_num_heads_is_one_line_before_any_output(
     demo_checkpoint, tmp_path, capsys
 ):
     _, path = demo_checkpoint
-    error = _cli(
-        capsys,
-        "--config-file",
-        DEMO,
-        "--eval-only",
-        "MODEL.WEIGHTS",
-        str(path),
-        "MODEL.SASA.NUM_HEADS",
-        "2",
-        "OUTPUT_DIR",
-        str(tmp_path / "o"),
-    )
+    opts = ["MODEL.WEIGHTS", str(path), "MODEL.SASA.NUM_HEADS", "2"]
+    error = _cli(capsys, "--eval-only", *opts, output_dir=tmp_path / "o")
     assert str(path) in error and "MODEL.SASA.NUM_HEADS 4 there, 2 here" in error
     assert not (tmp_path / "o").exists()
 
@@ -176,34 +164,15 @@ def test_eval_only_with_another_num_heads_is_one_line_before_any_output(
 def test_resume_with_another_architecture_writes_nothing(demo_checkpoint, capsys):
     folder, path = demo_checkpoint
     before = sorted(os.listdir(folder))
-    error = _cli(
-        capsys,
-        "--config-file",
-        DEMO,
-        "--resume",
-        "MODEL.SASA.KERNEL_SIZE",
-        "5",
-        "OUTPUT_DIR",
-        str(folder),
-    )
+    error = _cli(capsys, "--resume", "MODEL.SASA.KERNEL_SIZE", "5", output_dir=folder)
     assert str(path) in error and "MODEL.SASA.KERNEL_SIZE 7 there, 5 here" in error
     assert sorted(os.listdir(folder)) == before  # no config.yaml, no log.txt
 
 
 def test_mismatched_tensors_are_refused_before_any_output(demo_checkpoint, tmp_path, capsys):
     _, path = demo_checkpoint
-    error = _cli(
-        capsys,
-        "--config-file",
-        DEMO,
-        "--eval-only",
-        "MODEL.WEIGHTS",
-        str(path),
-        "MODEL.RETINANET.NUM_CLASSES",
-        "5",
-        "OUTPUT_DIR",
-        str(tmp_path / "o"),
-    )
+    opts = ["MODEL.WEIGHTS", str(path), "MODEL.RETINANET.NUM_CLASSES", "5"]
+    error = _cli(capsys, "--eval-only", *opts, output_dir=tmp_path / "o")
     assert "'head.cls_score.weight'" in error and "MODEL.RETINANET.NUM_CLASSES 3 there" in error
     assert not (tmp_path / "o").exists()
 
@@ -213,16 +182,7 @@ def test_pickle_with_objects_is_named_and_trusted_loads_it(demo_checkpoint, tmp_
     _, path = demo_checkpoint
     pickled = tmp_path / "with_args.pth"
     torch.save(dict(torch.load(path), args=argparse.Namespace(lr=0.1)), pickled)
-    error = _cli(
-        capsys,
-        "--config-file",
-        DEMO,
-        "--eval-only",
-        "MODEL.WEIGHTS",
-        str(pickled),
-        "OUTPUT_DIR",
-        str(tmp_path / "o"),
-    )
+    error = _cli(capsys, "--eval-only", "MODEL.WEIGHTS", str(pickled), output_dir=tmp_path / "o")
     assert "valid pickle" in error and "argparse.Namespace" in error, error
     assert "MODEL.WEIGHTS_TRUSTED True" in error and "corrupt" not in error
     assert "\x1b" not in error
@@ -291,18 +251,16 @@ def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch)
 
 
 _DRIVER = textwrap.dedent("""
-    import importlib.util, sys
+    import sys
     import san_det
     from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
+    from san_det.engine.testing import load_script
 
     data, out, config = sys.argv[1:4]
     register_coco_dataset("disk_full_train", data, simple_images(4))
     cfg = tiny_retinanet_cfg(out, ("disk_full_train",), max_iter=2)
     open(config, "w").write(cfg.dump())
-    spec = importlib.util.spec_from_file_location("train_net", sys.argv[4])
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-    train_net.cli(["--config-file", config])
+    load_script("train_net.py").cli(["--config-file", config])
     """)
 
 
@@ -325,7 +283,6 @@ def test_train_net_on_a_full_disk_reports_one_line(tmp_path):
             str(tmp_path / "data"),
             str(out),
             str(tmp_path / "c.yaml"),
-            str(ROOT / "train_net.py"),
         ],
         capture_output=True,
         text=True,

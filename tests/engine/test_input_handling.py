@@ -1,7 +1,6 @@
 """Bad inputs: unreadable images, every image mode, bad boxes, images without annotations, and
 NaN/inf during training (stop with the iteration; the last good checkpoint stays)."""
 
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -15,7 +14,12 @@ from detectron2.engine import HookBase
 
 from san_det.data.mapper import CorruptImageError, RobustDatasetMapper, sanitize_dataset_dicts
 from san_det.engine import DetectionTrainer, NonFiniteError
-from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
+from san_det.engine.testing import (
+    load_script,
+    register_coco_dataset,
+    simple_images,
+    tiny_retinanet_cfg,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,13 +28,6 @@ def _error_lines(capsys):
     err = capsys.readouterr().err
     return [line for line in err.splitlines() if line.startswith("train_net.py: error")]
 BOX = [[8.0, 8.0, 20.0, 20.0]]
-
-
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _trainer(tmp_path, name, images, iters=2, **cfg_changes):
@@ -81,7 +78,7 @@ def test_train_net_reports_an_unreadable_image_in_one_line(tmp_path, capsys):
     cfg.DATALOADER.NUM_WORKERS = 1  # the error comes back from a loader worker process
     (tmp_path / "tiny.yaml").write_text(cfg.dump())
     with pytest.raises(SystemExit) as info:
-        _load_train_net().cli(["--config-file", str(tmp_path / "tiny.yaml")])
+        load_script("train_net.py").cli(["--config-file", str(tmp_path / "tiny.yaml")])
     assert info.value.code == 2
     errors = _error_lines(capsys)
     assert len(errors) == 1 and str(tmp_path / "data" / "bad.jpg") in errors[0], errors
@@ -214,7 +211,7 @@ def test_diverging_training_stops_in_one_line(tmp_path, capsys):
     cfg.SOLVER.BASE_LR = 1e6
     (tmp_path / "tiny.yaml").write_text(cfg.dump())
     with pytest.raises(SystemExit) as info:
-        _load_train_net().cli(["--config-file", str(tmp_path / "tiny.yaml")])
+        load_script("train_net.py").cli(["--config-file", str(tmp_path / "tiny.yaml")])
     assert info.value.code == 1
     errors = _error_lines(capsys)
     assert len(errors) == 1 and "non-finite" in errors[0] and "at iteration" in errors[0], errors

@@ -1,6 +1,5 @@
 """train_net.py reports bad input in one line (exit status 2) and writes nothing."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,18 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from san_det.engine.testing import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 R50 = str(ROOT / "configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml")
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_net = _load_train_net()
+train_net = load_script("train_net.py")
 
 
 class Result:
@@ -318,10 +312,7 @@ def _run_tool(name, *args):
 
 
 def _tool_in_process(capsys, name, *args):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "tools" / name)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return Result(tool.main(list(args)), capsys.readouterr().err)
+    return Result(load_script(f"tools/{name}").main(list(args)), capsys.readouterr().err)
 
 
 def _assert_tool_error(proc, tool, *fragments):
