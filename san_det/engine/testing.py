@@ -9,11 +9,14 @@
 - :func:`write_coco_dataset` / :func:`register_coco_dataset`: small COCO-format sets in a folder,
   with optional broken images (truncated JPEG, not an image, missing) and arbitrary boxes.
 - :func:`process_alive` / :func:`wait_until`: for tests that start, signal and kill processes.
-- :func:`load_script`: ``train_net.py`` or a tool as a module, to call its ``cli`` / ``main``.
+- :func:`load_script`: ``train_net.py`` or a tool as a module, to call its ``cli`` / ``main``;
+  :func:`drop_closed_log_handlers`: after in-process runs whose loggers wrote to a captured
+  (now closed) stream.
 """
 
 import importlib.util
 import json
+import logging
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -33,6 +36,7 @@ from .trainer import DetectionTrainer
 
 __all__ = [
     "TinyTestNet",
+    "drop_closed_log_handlers",
     "load_script",
     "process_alive",
     "register_coco_dataset",
@@ -57,6 +61,20 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def drop_closed_log_handlers() -> None:
+    """Remove logging handlers whose stream is closed. A ``train_net.cli`` run in a test attaches
+    detectron2's console handlers to that test's captured ``sys.stdout``; every later log line
+    through them prints a "--- Logging error ---" traceback."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in list(lg.handlers):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                lg.removeHandler(handler)
 
 
 def _common(cfg: CfgNode, output_dir: str, train: Sequence[str], max_iter: int) -> CfgNode:

@@ -20,10 +20,11 @@ Checks a higher layer owns (classification) come in through ``check_config`` ove
 trainers and their own probes.
 """
 
+import contextlib
 import logging
 import math
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -51,6 +52,18 @@ logger = logging.getLogger(__name__)
 CONFIG_ERRORS = (ValueError, AssertionError, KeyError, TypeError, IndexError)
 
 Probe = Callable[..., None]
+
+
+@contextlib.contextmanager
+def _without_logging() -> Iterator[None]:
+    """The check builds and loads the model the run builds and loads again: the constructors' and
+    checkpointer's log lines would come twice (and before the run's loggers exist)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _message(error: BaseException) -> str:
@@ -91,7 +104,7 @@ def build_model_on_meta(cfg) -> nn.Module:
             f"MODEL.META_ARCHITECTURE {name!r} is not registered; registered: {known}"
         ) from None
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _without_logging():
             return arch(cfg)
     except CONFIG_ERRORS as e:
         raise UserInputError(f"invalid model config: {_message(e)}") from None
@@ -213,11 +226,6 @@ def run_probe(model: nn.Module, training: bool, forward: Callable[[], None], wha
         raise UserInputError(f"the network cannot take {what}: {_message(e)}") from None
 
 
-_QUIET = logging.getLogger(f"{__name__}.quiet")  # the checkpointer's log lines during the check
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
-
-
 def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, eval_only: bool):
     """Load the checkpoint a run will load into ``model`` (built on the meta device) the way the
     run loads it: with ``--eval-only`` strictly ``OUTPUT_DIR``'s last checkpoint (``resume``) or
@@ -231,13 +239,12 @@ def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, e
     checker = checkpointer_cls(
         model, cfg.OUTPUT_DIR, save_to_disk=False, memory_map=True, **checkpointer_options(cfg)
     )
-    checker.logger = _QUIET
     has_last = resume and checker.has_checkpoint()
     path = checker.get_checkpoint_file() if has_last else cfg.MODEL.WEIGHTS
     if not path or "://" in path:
         return
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_logging():
             warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
             if eval_only:
                 checker.load(path, checkpointables=[], strict=True)

@@ -25,6 +25,7 @@ from san_det.engine.checkpoint import (
 )
 from san_det.engine.coco_evaluation import COCOEvaluatorNoDetectionsIsZero
 from san_det.engine.testing import (
+    drop_closed_log_handlers,
     load_script,
     register_coco_dataset,
     simple_images,
@@ -42,6 +43,9 @@ train_net = load_script("train_net.py")
 
 @pytest.fixture(autouse=True)
 def _no_launch(monkeypatch):
+    """No training run starts; no handler left on a closed stream by earlier tests prints."""
+    drop_closed_log_handlers()
+
     def launch(*args, **kwargs):
         pytest.fail("check_input let the input through: training would start")
 

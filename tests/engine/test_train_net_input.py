@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from san_det.engine.testing import load_script
+from san_det.engine.testing import drop_closed_log_handlers, load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 R50 = str(ROOT / "configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml")
@@ -23,7 +23,9 @@ class Result:
 
 @pytest.fixture(autouse=True)
 def _no_launch(monkeypatch):
-    """Every case here is bad input: one that got through would start a training run."""
+    """Every case here is bad input: one that got through would start a training run.
+    (Also: no handler left on a closed stream by earlier tests prints into stderr.)"""
+    drop_closed_log_handlers()
 
     def launch(*args, **kwargs):
         pytest.fail("check_input let the input through: training would start")
