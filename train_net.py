@@ -183,6 +183,7 @@ def check_input(args):
     trainer_cls.check_config(
         cfg, world_size=n * args.num_machines, eval_only=args.eval_only, resume=args.resume
     )
+    names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if trainer_cls is DetectionTrainer:
         check_prediction_images_config(cfg)
         validate_datasets(names)

@@ -31,7 +31,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ..layers import use_backend
-from .checkpoint import CheckpointError, checkpointer_options
+from .checkpoint import checkpointer_options
 from .errors import UserInputError
 
 __all__ = [
@@ -234,11 +234,16 @@ def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, e
 
     Raises:
         UserInputError: what loading would raise (unreadable or untrusted file, another
-            architecture, missing or mismatched tensors), naming the file.
+            architecture or input normalisation, missing or mismatched tensors), naming the file.
     """
     checker = checkpointer_cls(
         model, cfg.OUTPUT_DIR, save_to_disk=False, memory_map=True, **checkpointer_options(cfg)
     )
+    for name, key in (("pixel_mean", "PIXEL_MEAN"), ("pixel_std", "PIXEL_STD")):
+        buffer = getattr(model, name, None)
+        if isinstance(buffer, torch.Tensor) and buffer.is_meta:  # the input check reads them
+            values = torch.tensor(cfg.MODEL[key], dtype=torch.float32).view(-1, 1, 1)
+            model.register_buffer(name, values, persistent=False)
     has_last = resume and checker.has_checkpoint()
     path = checker.get_checkpoint_file() if has_last else cfg.MODEL.WEIGHTS
     if not path or "://" in path:
@@ -250,7 +255,7 @@ def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, e
                 checker.load(path, checkpointables=[], strict=True)
             else:
                 checker.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    except CheckpointError:
+    except UserInputError:  # CheckpointError, InputMismatchError
         raise
     except Exception as e:  # e.g. a loader that reads tensor values: not checkable on meta
         logger.debug(f"checkpoint check skipped for {path}: {type(e).__name__}: {e}")

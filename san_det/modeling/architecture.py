@@ -7,12 +7,13 @@ A checkpoint loaded into such a network loads "cleanly" and computes something e
 checkpointers record :func:`architecture_config` in every checkpoint and compare it with the
 model's config on load (:func:`architecture_differences`).
 
-What is recorded: ``MODEL.META_ARCHITECTURE``, ``MODEL.BACKBONE.NAME``, ``INPUT.FORMAT``,
-``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` and the subtrees the model uses: ``MODEL.SASA``,
+What is recorded: ``MODEL.META_ARCHITECTURE``, ``MODEL.BACKBONE.NAME`` and the subtrees the
+model uses: ``MODEL.SASA``,
 ``MODEL.SAN``, ``MODEL.RESNETS`` (by backbone name), ``MODEL.FPN`` (FPN backbones), RetinaNet's
 architecture keys and ``MODEL.ANCHOR_GENERATOR`` (RetinaNets). Keys that only matter while
 training or only initialise weights (losses, matcher thresholds, ``FREEZE_AT``,
-``ZERO_INIT_RESIDUAL``, prior probability, inference thresholds) are not recorded.
+``ZERO_INIT_RESIDUAL``, prior probability, inference thresholds) are not recorded, nor is the
+input format and normalisation, which :mod:`san_det.modeling.input_info` records and checks.
 """
 
 from typing import Any, Dict, List, Tuple
@@ -67,9 +68,6 @@ def architecture_config(cfg) -> Dict[str, Any]:
     out = {
         "MODEL.META_ARCHITECTURE": cfg.MODEL.META_ARCHITECTURE,
         "MODEL.BACKBONE.NAME": cfg.MODEL.BACKBONE.NAME,
-        "INPUT.FORMAT": cfg.INPUT.FORMAT,
-        "MODEL.PIXEL_MEAN": _plain(cfg.MODEL.PIXEL_MEAN),
-        "MODEL.PIXEL_STD": _plain(cfg.MODEL.PIXEL_STD),
     }
     backbone = cfg.MODEL.BACKBONE.NAME.lower()
     if "sasa" in backbone:
