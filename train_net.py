@@ -181,7 +181,7 @@ def check_input(args):
     check_weights_input(cfg)  # MODEL.WEIGHTS recording another input normalisation
     trainer_cls = trainer_class(cfg)
     trainer_cls.check_config(
-        cfg, world_size=n * args.num_machines, eval_only=args.eval_only, resume=args.resume
+        cfg, world_size=_world_size(args), eval_only=args.eval_only, resume=args.resume
     )
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if trainer_cls is DetectionTrainer:
@@ -191,6 +191,14 @@ def check_input(args):
     else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
         get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)
     return cfg
+
+
+def _world_size(args) -> int:
+    """Processes of the whole job: torchrun's WORLD_SIZE, else processes x machines."""
+    env = torchrun_environment()
+    if env is not None:
+        return env.world_size
+    return (args.num_processes or args.num_gpus) * args.num_machines
 
 
 def _check_machines(args):

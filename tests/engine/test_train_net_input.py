@@ -360,3 +360,15 @@ def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
                             "--output", str(tmp_path / "out.pth"))
     _assert_tool_error(proc, tool, "cannot read checkpoint", str(weights))
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_batch_is_checked_against_torchruns_world_size(tmp_path, capsys, monkeypatch):
+    """Under torchrun the job's size comes from its environment, not from --num-processes."""
+    env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    proc = cli_in_process(capsys, "--config-file", DEMO, "SOLVER.IMS_PER_BATCH", "6",
+                          "OUTPUT_DIR", str(tmp_path / "o"))
+    assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (4)", "got 6")
+    assert not (tmp_path / "o").exists()
