@@ -1,10 +1,18 @@
-"""The one exception type that command-line tools report as a single line, without a traceback.
+"""The exception types that command-line tools report as a single line, without a traceback.
 
-It lives at the bottom of the package (no imports) so that every layer can raise it.
+They live at the bottom of the package (no imports) so that every layer can raise them.
 """
 
-__all__ = ["UserInputError"]
+__all__ = ["CorruptImageError", "DatasetError", "UserInputError"]
 
 
 class UserInputError(ValueError):
     """Bad input from the user (config, paths, datasets): the message says what and where."""
+
+
+class DatasetError(UserInputError):
+    """A dataset on disk is missing, empty, inconsistent or unreadable; the message names the path."""
+
+
+class CorruptImageError(DatasetError):
+    """An image file cannot be read (missing, truncated, not an image); the message names it."""

@@ -18,6 +18,8 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from ..utils.atomic import atomic_write
+
 __all__ = ["ModelEMA", "EMAHook", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
@@ -91,9 +93,8 @@ class EMAHook(HookBase):
         data = {"model": self.ema.module.state_dict(), "iteration": self.trainer.iter}
         if self.extra is not None:
             data.update(self.extra())
-        tmp = path + ".tmp"
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            torch.save(data, f)
         logger.info(f"Saved the EMA weights to {path}")
 
     def state_dict(self):

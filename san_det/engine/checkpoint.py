@@ -30,7 +30,6 @@
 """
 
 import errno
-import glob
 import logging
 import os
 import pickle
@@ -44,6 +43,7 @@ from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 from ..modeling.architecture import architecture_config, architecture_differences
 from ..modeling.input_info import InputMismatchError, check_checkpoint_input, recorded_input_info
+from ..utils.atomic import atomic_write, remove_orphaned_temporaries
 from .errors import UserInputError
 
 __all__ = [
@@ -61,7 +61,6 @@ logger = logging.getLogger(__name__)
 #: The checkpoint entry holding the model's architecture-defining config keys.
 ARCHITECTURE_KEY = "architecture"
 
-_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _WEIGHTS_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
@@ -132,29 +131,6 @@ def first_non_finite(state: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class SafeCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves and strict, clear loading (module docstring).
 
@@ -204,28 +180,19 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temporary files of saves whose process died (killed while writing)."""
-        for path in glob.glob(os.path.join(glob.escape(self.save_dir), ".*.tmp-*")):
-            match = _TMP_PATTERN.match(os.path.basename(path))
-            if match and not _pid_alive(int(match.group("pid"))):
-                logger.info(f"Removing {path}: an unfinished checkpoint of a process that died")
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
+
+        def log(path: str) -> None:
+            logger.info(f"Removing {path}: an unfinished checkpoint of a process that died")
+
+        remove_orphaned_temporaries(self.save_dir, on_remove=log)
 
     # ----------------------------------------------------------------------------------- saving
     def _write_atomic(self, path: str, write) -> None:
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_write(path) as f:
                 write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            cause = _os_error_in(e) if isinstance(e, Exception) else None
+        except Exception as e:
+            cause = _os_error_in(e)
             if cause is None:
                 raise
             last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
@@ -236,7 +203,6 @@ class SafeCheckpointer(DetectionCheckpointer):
                 cause.errno,
                 path,
             ) from e
-        _fsync_dir(os.path.dirname(path) or ".")
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Write ``<save_dir>/<name>.pth`` atomically, then point ``last_checkpoint`` at it.

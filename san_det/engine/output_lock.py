@@ -28,6 +28,7 @@ import time
 from multiprocessing import reduction
 from typing import Optional
 
+from ..utils.atomic import pid_alive
 from .errors import UserInputError
 
 try:
@@ -46,16 +47,6 @@ class OutputDirInUseError(UserInputError):
     """Another run holds the output folder's lock."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def _describe(record: dict, held: bool = False) -> str:
     if not record:
         return "a run that is ending"
@@ -64,7 +55,7 @@ def _describe(record: dict, held: bool = False) -> str:
     command = record.get("command", "")
     text = f"{where}, started {started}" + (f": {command}" if command else "")
     pid = int(record.get("pid", 0))
-    if held and record.get("host") == socket.gethostname() and not _pid_alive(pid):
+    if held and record.get("host") == socket.gethostname() and not pid_alive(pid):
         text += " (that process has exited; its workers are stopping)"
     return text
 

@@ -21,7 +21,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -33,6 +32,7 @@ from PIL import Image
 
 from ..data.coco_instances import is_config_coco_dataset
 from ..data.mapper import IMAGE_EXTENSIONS, read_image_robust
+from ..utils.atomic import atomic_directory
 from .dataset_checks import check_detection_classes
 from .errors import UserInputError
 from .setup import check_output_dir
@@ -225,13 +225,10 @@ def predict_images(
             an image cannot be decoded (nothing is written then).
     """
     names = check_prediction_output(files, output_dir, confidence_threshold, max_size)
-    created = not os.path.exists(output_dir)
-    staging = os.path.join(output_dir, f".predict.tmp-{os.getpid()}")
     predictor = FilePredictor(cfg, model)
     results, images = [], []
     start = last_report = time.perf_counter()
-    os.makedirs(staging)
-    try:
+    with atomic_directory(output_dir, merge=True) as staging:
         for image_id, (path, name) in enumerate(zip(files, names), start=1):
             instances = predictor(path)
             instances = instances[instances.scores >= confidence_threshold]
@@ -254,18 +251,6 @@ def predict_images(
         num_classes = len(metadata.get("thing_classes") or []) or cfg.MODEL.RETINANET.NUM_CLASSES
         with open(os.path.join(staging, IMAGES_FILE), "w") as f:
             json.dump({"images": images, "categories": _categories(metadata, num_classes)}, f)
-        for entry in sorted(os.listdir(staging)):
-            target = os.path.join(output_dir, entry)
-            if os.path.isdir(target) and os.path.isdir(os.path.join(staging, entry)):
-                shutil.copytree(os.path.join(staging, entry), target, dirs_exist_ok=True)
-            else:
-                os.replace(os.path.join(staging, entry), target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
     if report is not None:
         report(_progress(len(files), len(files), start))
     return {"images": len(files), "detections": len(results), "output_dir": output_dir}
