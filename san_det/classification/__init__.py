@@ -13,13 +13,13 @@ from .checkpoint import (
 )
 from .classifier import ImageClassifier
 from .config import add_classification_config, is_classification_config
-from .dataset import (
+from ..data.embedded_digits import ensure_embedded_digits, register_embedded_digits
+from ..data.image_folder import (
     ClassificationDatasetError,
     CorruptImageError,
     register_image_folder,
     register_imagenet,
 )
-from .embedded import ensure_embedded_digits, register_embedded_digits
 from .evaluator import ClassificationEvaluator
 from .trainer import ClassificationTrainer
 

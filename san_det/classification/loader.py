@@ -22,8 +22,8 @@ from detectron2.utils import comm
 
 from ..engine.loader import DeterministicBatchStream, ResumableTrainLoader
 from ..engine.stop_signals import shielded_worker_init
-from .dataset import ClassificationDatasetError, CorruptImageError, read_image_rgb
-from .transforms import build_classification_transform
+from ..data.classification_transforms import build_classification_transform
+from ..data.image_folder import ClassificationDatasetError, CorruptImageError, read_image_rgb
 
 __all__ = [
     "ClassificationMapper",

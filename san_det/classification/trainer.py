@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from ..engine.trainer import RobustTrainer
 from .checkpoint import CLASSIFIER_INFO_KEY, ClassifierInfo, classifier_info_from_cfg
 from .classifier import ImageClassifier
-from .dataset import register_imagenet
+from ..data.image_folder import register_imagenet
 from .ema import EMAHook, ModelEMA
 from .evaluator import ClassificationEvaluator, VariantLoader, apply_variant
 from .loader import (

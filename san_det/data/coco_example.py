@@ -20,6 +20,7 @@ import os
 import shutil
 from typing import Dict, Tuple
 
+from ..utils.atomic import atomic_directory
 from .shapes import DEFAULT_SPLITS, SHAPE_CLASSES, generate_shapes_dataset
 
 __all__ = ["EXAMPLE_CATEGORIES", "write_coco_example"]
@@ -75,19 +76,12 @@ def write_coco_example(
     root = os.path.abspath(root)
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise FileExistsError(f"{root} exists and is not an empty folder")
-    staging = f"{root}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    counts = {"train": num_train, "val": num_val}
+    with atomic_directory(root) as staging:
         os.makedirs(os.path.join(staging, "annotations"))
-        counts = {"train": num_train, "val": num_val}
         for split, count in counts.items():
             _write_split(staging, split, count, image_size, seed + DEFAULT_SPLITS[split]["seed"])
         shutil.rmtree(os.path.join(staging, ".shapes"))
-        if os.path.isdir(root):
-            os.rmdir(root)  # empty
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {
         split: (
             os.path.join(root, "annotations", f"instances_{split}.json"),

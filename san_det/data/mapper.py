@@ -29,7 +29,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_every_n_seconds
 from PIL import Image, ImageOps
 
-from ..errors import UserInputError
+from ..errors import CorruptImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -45,10 +45,6 @@ logger = logging.getLogger(__name__)
 # File name endings of the images that tools collect from folders (any PIL format is read).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
-
-class CorruptImageError(UserInputError):
-    """An image file cannot be read; the message names the file."""
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

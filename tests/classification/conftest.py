@@ -7,7 +7,7 @@ import pytest
 import san_det  # noqa: F401  (before detectron2)
 import san_det.classification  # noqa: F401  (registers ImageClassifier and the datasets)
 from san_det.classification.config import get_classification_cfg
-from san_det.classification.embedded import register_embedded_digits
+from san_det.data.embedded_digits import register_embedded_digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO, "configs", "ImageNet", "embedded_cpu_demo.yaml")

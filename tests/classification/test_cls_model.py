@@ -14,7 +14,7 @@ from PIL import Image
 from san_det.classification import ImageClassifier, is_classification_config
 from san_det.classification.config import get_classification_cfg
 from san_det.classification.solver import resolve_classification_schedule
-from san_det.classification.transforms import ClassificationTransform, pil_to_tensor
+from san_det.data.classification_transforms import ClassificationTransform, pil_to_tensor
 
 IMAGENET_CONFIGS = sorted(
     p

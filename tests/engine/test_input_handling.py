@@ -12,7 +12,8 @@ import san_det  # noqa: F401
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 
-from san_det.data.mapper import CorruptImageError, RobustDatasetMapper, sanitize_dataset_dicts
+from san_det.data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
+from san_det.errors import CorruptImageError
 from san_det.engine import DetectionTrainer, NonFiniteError
 from san_det.engine.testing import (
     load_script,

@@ -16,17 +16,17 @@ Registered as ``embedded_digits_train`` / ``embedded_digits_val`` (written on fi
 same loader, trainer and evaluator as ImageNet then run on the CPU in minutes.
 """
 
-import json
+import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-from .dataset import ClassificationDatasetError, register_image_folder
+from ..utils.atomic import atomic_directory
+from .image_folder import ClassificationDatasetError, register_image_folder
+from .manifest import manifest_matches, write_manifest
 
 __all__ = [
     "EMBEDDED_VERSION",
@@ -38,7 +38,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EMBEDDED_VERSION = 1
-_MANIFEST = "manifest.json"
 
 
 def embedded_datasets_root() -> str:
@@ -57,14 +56,6 @@ def _manifest(image_size: int, val_fraction: float, seed: int) -> dict:
         "val_fraction": val_fraction,
         "seed": seed,
     }
-
-
-def _read_manifest(folder: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(folder, _MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -97,8 +88,7 @@ def _write(folder: str, image_size: int, val_fraction: float, seed: int) -> Tupl
         num_train=int((~is_val).sum()),
         num_val=int(is_val.sum()),
     )
-    with open(os.path.join(folder, _MANIFEST), "w") as f:  # written last: marks completion
-        json.dump(manifest, f, indent=1, sort_keys=True)
+    write_manifest(folder, manifest)  # written last: marks completion
     return manifest["num_train"], manifest["num_val"]
 
 
@@ -119,37 +109,22 @@ def ensure_embedded_digits(
     folder = os.path.join(root, f"embedded_digits_{int(image_size)}px_v{EMBEDDED_VERSION}")
     wanted = _manifest(int(image_size), float(val_fraction), int(seed))
 
-    def is_complete() -> bool:
-        found = _read_manifest(folder)
-        return found is not None and {k: found.get(k) for k in wanted} == wanted
+    def is_complete(path: str) -> bool:
+        return manifest_matches(path, wanted)
 
-    if is_complete():
+    if is_complete(folder):
         return folder
-    try:
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".embedded_digits.tmp-", dir=root)
-    except OSError as e:
-        raise ClassificationDatasetError(
-            f"cannot write the embedded digits dataset under {root}: {e.strerror or e}; "
-            "set SAN_DET_DATASETS to a writable folder"
-        ) from None
-    try:
-        num_train, num_val = _write(tmp, int(image_size), float(val_fraction), int(seed))
-        if os.path.exists(folder) and not is_complete():  # stale or foreign: move it away
-            stale = tempfile.mkdtemp(prefix=".embedded_digits.stale-", dir=root)
-            try:
-                os.rename(folder, os.path.join(stale, "old"))
-            except OSError:
-                pass  # another process moved it first
-            shutil.rmtree(stale, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
         try:
-            os.rename(tmp, folder)
-            logger.info(f"Wrote embedded digits ({num_train} train, {num_val} val) to {folder}")
-        except OSError:
-            if not is_complete():  # someone else's complete copy is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(root, exist_ok=True)
+            staging = stack.enter_context(atomic_directory(folder, complete=is_complete))
+        except OSError as e:
+            raise ClassificationDatasetError(
+                f"cannot write the embedded digits dataset under {root}: {e.strerror or e}; "
+                "set SAN_DET_DATASETS to a writable folder"
+            ) from None
+        num_train, num_val = _write(staging, int(image_size), float(val_fraction), int(seed))
+    logger.info(f"Wrote embedded digits ({num_train} train, {num_val} val) to {folder}")
     return folder
 
 

@@ -5,7 +5,7 @@ n01440764_10026.JPEG``; the validation set sorted into class folders the same wa
 are the sorted class-folder names of the *training* folder, so the validation split of a dataset is
 read with the training split's classes and must have exactly the same class folders.
 
-Registered names (on ``import san_det.classification``): ``imagenet_train`` and ``imagenet_val``
+Registered names (on ``import san_det.classification``, which calls :func:`register_imagenet`): ``imagenet_train`` and ``imagenet_val``
 under ``$DETECTRON2_DATASETS/imagenet`` (``./datasets/imagenet`` when unset; re-register another
 root with :func:`register_imagenet` or ``CLASSIFICATION.IMAGENET_ROOT``). A dataset dict is
 ``{"file_name": path, "label": int, "image_id": int}``; the metadata has ``classes`` (folder
@@ -23,8 +23,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from ..data.mapper import IMAGE_EXTENSIONS
-from ..engine.errors import UserInputError
+from ..errors import CorruptImageError, DatasetError
+from .mapper import IMAGE_EXTENSIONS
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -44,12 +44,8 @@ logger = logging.getLogger(__name__)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-class ClassificationDatasetError(UserInputError):
-    """A classification dataset on disk is missing, empty or inconsistent; names the path."""
-
-
-class CorruptImageError(ClassificationDatasetError):
-    """An image file cannot be decoded; names the file."""
+# The name classification code raises DatasetError by; CorruptImageError is one of them.
+ClassificationDatasetError = DatasetError
 
 
 def default_imagenet_root() -> str:
