@@ -3,7 +3,12 @@
 See :mod:`san_det.data.shapes`: a synthetic COCO-format detection set generated lazily on first
 use, so demos and tests train and evaluate with detectron2's COCO loader and evaluator offline.
 Your own COCO-format datasets are named in the config (``DATASETS.COCO_INSTANCES``, see
-:mod:`san_det.data.coco_instances`).
+:mod:`san_det.data.coco_instances`). A dataset generated on demand registers its preparer here
+(:mod:`san_det.data.preparers`), which the engine runs before training.
+
+Classification data (ImageNet's folder layout, the embedded digits set, the transforms) lives in
+:mod:`.image_folder`, :mod:`.embedded_digits` and :mod:`.classification_transforms`; importing
+:mod:`san_det.classification` registers those datasets.
 """
 
 from .coco_instances import (

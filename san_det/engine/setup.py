@@ -15,6 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import get_san_det_cfg
 from ..data.coco_instances import register_coco_instances_from_cfg
+from ..data.preparers import prepare_dataset
 from .errors import UserInputError
 
 __all__ = [
@@ -22,36 +23,7 @@ __all__ = [
     "setup_cfg",
     "validate_datasets",
     "check_output_dir",
-    "prepare_dataset",
-    "register_dataset_preparer",
 ]
-
-_DATASET_PREPARERS = []
-
-
-def register_dataset_preparer(prepare) -> None:
-    """Add ``prepare(name) -> bool``: makes an on-demand dataset, True if ``name`` was its own."""
-    _DATASET_PREPARERS.append(prepare)
-
-
-def _prepare_shapes(name: str) -> bool:
-    from ..data import shapes
-
-    if not shapes.is_shapes_dataset(name):
-        return False
-    try:
-        shapes.ensure_shapes_dataset(name)
-    except OSError as e:
-        raise UserInputError(f"dataset {name!r} could not be generated: {e}") from None
-    return True
-
-
-register_dataset_preparer(_prepare_shapes)
-
-
-def prepare_dataset(name: str) -> bool:
-    """Make ``name`` if it is generated on demand; returns whether it was."""
-    return any(prepare(name) for prepare in _DATASET_PREPARERS)
 
 
 def _merge(cfg: CfgNode, what: str, merge) -> None:
