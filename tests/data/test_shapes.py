@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import san_det  # noqa: F401  (patches detectron2 before it is imported)
-from san_det.data import shapes
+from san_det.data.shapes import catalog, generate, writer
 from san_det.data.shapes import (
     SHAPE_CLASSES,
     default_shapes_root,
@@ -136,7 +136,7 @@ def test_detectron2_catalogs_loader_mapper_and_evaluator(tmp_path):
     )
     try:
         assert names == [f"{prefix}_train", f"{prefix}_val"]
-        assert [shapes._registered[name]["seed"] for name in names] == [7, 8]
+        assert [catalog._registered[name]["seed"] for name in names] == [7, 8]
         assert not os.path.exists(tmp_path / "train")  # registration is lazy
         metadata = MetadataCatalog.get(f"{prefix}_val")
         assert metadata.thing_classes == list(SHAPE_CLASSES)
@@ -196,7 +196,7 @@ def test_detectron2_catalogs_loader_mapper_and_evaluator(tmp_path):
         for name in names:
             DatasetCatalog.pop(name, None)
             MetadataCatalog.pop(name, None)
-            shapes._registered.pop(name, None)
+            catalog._registered.pop(name, None)
 
 
 def test_default_datasets_are_registered():
@@ -204,7 +204,7 @@ def test_default_datasets_are_registered():
 
     assert {"shapes_train", "shapes_val"} <= set(DatasetCatalog.list())
     assert MetadataCatalog.get("shapes_train").thing_classes == list(SHAPE_CLASSES)
-    train, val = shapes._registered["shapes_train"], shapes._registered["shapes_val"]
+    train, val = catalog._registered["shapes_train"], catalog._registered["shapes_val"]
     assert (train["num_images"], val["num_images"]) == (1000, 200)
     assert train["image_size"] == val["image_size"] == 128
     assert train["seed"] != val["seed"]
@@ -230,7 +230,7 @@ def test_leftover_temporary_and_incomplete_directories_are_not_taken_as_complete
 
 def test_interrupted_generation_leaves_no_split_behind(tmp_path, monkeypatch):
     calls = []
-    original = shapes.render_shapes_image
+    original = writer.render_shapes_image
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -238,11 +238,11 @@ def test_interrupted_generation_leaves_no_split_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(shapes, "render_shapes_image", failing)
+    monkeypatch.setattr(writer, "render_shapes_image", failing)
     with pytest.raises(KeyboardInterrupt):
         _generate(tmp_path)
     assert sorted(p for p in os.listdir(tmp_path) if not p.endswith(".lock")) == []
-    monkeypatch.setattr(shapes, "render_shapes_image", original)
+    monkeypatch.setattr(writer, "render_shapes_image", original)
     assert len(json.load(open(_generate(tmp_path)))["images"]) == SMALL["num_images"]
 
 
@@ -254,12 +254,12 @@ def test_manifest_mismatch_triggers_regeneration_and_match_reuses(tmp_path, monk
     assert _generate(tmp_path) == json_file
     assert os.path.exists(marker)  # same parameters: reused
 
-    monkeypatch.setattr(shapes, "GENERATOR_VERSION", shapes.GENERATOR_VERSION + 100)
+    monkeypatch.setattr(writer, "GENERATOR_VERSION", writer.GENERATOR_VERSION + 100)
     _generate(tmp_path)
     assert not os.path.exists(marker)  # other generator version: regenerated
     assert (
         json.load(open(os.path.join(split_dir, "manifest.json")))["version"]
-        == shapes.GENERATOR_VERSION
+        == writer.GENERATOR_VERSION
     )
 
     open(marker, "w").close()
@@ -271,13 +271,13 @@ def test_manifest_mismatch_triggers_regeneration_and_match_reuses(tmp_path, monk
 
 def test_concurrent_generation_runs_once_and_all_callers_get_it(tmp_path, monkeypatch):
     runs = []
-    original = shapes._write_split
+    original = generate.write_split
 
     def counted(*args, **kwargs):
         runs.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(shapes, "_write_split", counted)
+    monkeypatch.setattr(generate, "write_split", counted)
     results, errors = [], []
 
     def worker():
@@ -299,18 +299,18 @@ def test_concurrent_generation_runs_once_and_all_callers_get_it(tmp_path, monkey
 
 
 def _generate_logged(root, log):
-    original = shapes._write_split
+    original = generate.write_split
 
     def logged(*args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return original(*args, **kwargs)
 
-    shapes._write_split = logged
+    generate.write_split = logged
     _generate(root)
 
 
-@pytest.mark.skipif(shapes.fcntl is None, reason="cross-process lock needs fcntl (POSIX)")
+@pytest.mark.skipif(generate.fcntl is None, reason="cross-process lock needs fcntl (POSIX)")
 def test_concurrent_processes_generate_once(tmp_path):
     context = multiprocessing.get_context("fork")
     log = tmp_path / "runs.log"
