@@ -5,6 +5,13 @@ Importing this package registers the ``ImageClassifier`` meta-architecture and t
 ``embedded_digits_train`` / ``embedded_digits_val`` (scikit-learn's digits, written on first use).
 """
 
+from ..data.embedded_digits import ensure_embedded_digits, register_embedded_digits
+from ..data.image_folder import (
+    ClassificationDatasetError,
+    CorruptImageError,
+    register_image_folder,
+    register_imagenet,
+)
 from .checkpoint import (
     CheckpointMismatchError,
     ClassifierCheckpointer,
@@ -13,13 +20,6 @@ from .checkpoint import (
 )
 from .classifier import ImageClassifier
 from .config import add_classification_config, is_classification_config
-from ..data.embedded_digits import ensure_embedded_digits, register_embedded_digits
-from ..data.image_folder import (
-    ClassificationDatasetError,
-    CorruptImageError,
-    register_image_folder,
-    register_imagenet,
-)
 from .evaluator import ClassificationEvaluator
 from .trainer import ClassificationTrainer
 

@@ -20,10 +20,10 @@ from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler, TrainingSampler
 from detectron2.utils import comm
 
-from ..engine.loader import DeterministicBatchStream, ResumableTrainLoader
-from ..engine.stop_signals import shielded_worker_init
 from ..data.classification_transforms import build_classification_transform
 from ..data.image_folder import ClassificationDatasetError, CorruptImageError, read_image_rgb
+from ..engine.loader import DeterministicBatchStream, ResumableTrainLoader
+from ..engine.stop_signals import shielded_worker_init
 
 __all__ = [
     "ClassificationMapper",

@@ -27,10 +27,10 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 
+from ..data.image_folder import register_imagenet
 from ..engine.trainer import RobustTrainer
 from .checkpoint import CLASSIFIER_INFO_KEY, ClassifierInfo, classifier_info_from_cfg
 from .classifier import ImageClassifier
-from ..data.image_folder import register_imagenet
 from .ema import EMAHook, ModelEMA
 from .evaluator import ClassificationEvaluator, VariantLoader, apply_variant
 from .loader import (
@@ -176,4 +176,3 @@ def _log_robustness(results, names, variants) -> None:
             f"{v}: {results[f'{name}@{v}']['classification']['top1']:.2f}" for v in variants
         )
         logger.info(f"Robustness of {name}: top-1 clean {clean:.2f}; {drops}")
-

@@ -181,9 +181,7 @@ def register_image_folder(
 
 
 def _metadata(split_dir: str, class_dir: str, extra: dict) -> dict:
-    return dict(
-        image_root=split_dir, class_dir=class_dir, evaluator_type="classification", **extra
-    )
+    return dict(image_root=split_dir, class_dir=class_dir, evaluator_type="classification", **extra)
 
 
 def register_imagenet(root: Optional[str] = None, prefix: str = "imagenet") -> Tuple[str, str]:

@@ -165,9 +165,7 @@ def sanitize_dataset_dicts(dataset_dicts: List[Dict], filter_empty: bool, name: 
         out.append(d)
     if sum(counts.values()):
         what = "removed" if filter_empty else "kept as negatives"
-        logger.warning(
-            f"{name}: {_describe(counts)}; {emptied} images left without boxes ({what})"
-        )
+        logger.warning(f"{name}: {_describe(counts)}; {emptied} images left without boxes ({what})")
     return out
 
 

@@ -414,4 +414,3 @@ class SafeCheckpointer(DetectionCheckpointer):
                 + (f"; first unexpected {unexpected[0]!r}" if unexpected else "")
             )
         return incompatible
-

@@ -100,7 +100,9 @@ def remove_temporaries(path: str) -> None:
     call it only where no other writer can be running (e.g. under an exclusive lock)."""
     folder, name = os.path.split(path)
     for kind in ("tmp", "stale"):
-        for leftover in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.{kind}-*")):
+        for leftover in glob.glob(
+            os.path.join(glob.escape(folder), f".{glob.escape(name)}.{kind}-*")
+        ):
             _remove(leftover)
 
 

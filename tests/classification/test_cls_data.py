@@ -10,6 +10,13 @@ from conftest import tiny_resnet_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from san_det.classification.loader import (
+    ClassificationMapper,
+    build_classification_test_loader,
+    build_classification_train_loader,
+)
+from san_det.data.classification_transforms import ClassificationTransform
+from san_det.data.embedded_digits import ensure_embedded_digits
 from san_det.data.image_folder import (
     ClassificationDatasetError,
     CorruptImageError,
@@ -17,13 +24,6 @@ from san_det.data.image_folder import (
     register_image_folder,
     register_imagenet,
 )
-from san_det.data.embedded_digits import ensure_embedded_digits
-from san_det.classification.loader import (
-    ClassificationMapper,
-    build_classification_test_loader,
-    build_classification_train_loader,
-)
-from san_det.data.classification_transforms import ClassificationTransform
 
 
 def _image_folder(root, classes, per_class=2, size=(20, 12)):

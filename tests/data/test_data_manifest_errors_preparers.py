@@ -92,8 +92,11 @@ def test_the_engine_does_not_reach_into_the_shapes_package():
 
     tree = ast.parse(open(setup.__file__).read())
     imported = [
-        node.module or ""
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    ] + [
+        alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom)
-    ] + [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    ]
     assert not [m for m in imported if "shapes" in m], imported

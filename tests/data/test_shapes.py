@@ -13,14 +13,16 @@ import torch
 from PIL import Image
 
 import san_det  # noqa: F401  (patches detectron2 before it is imported)
-from san_det.data.shapes import catalog, generate, writer
 from san_det.data.shapes import (
     SHAPE_CLASSES,
+    catalog,
     default_shapes_root,
     ensure_shapes_dataset,
+    generate,
     generate_shapes_dataset,
     register_shapes_datasets,
     render_shapes_image,
+    writer,
 )
 
 SMALL = dict(split="train", num_images=6, image_size=64, seed=3)

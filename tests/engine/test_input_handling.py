@@ -13,7 +13,6 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 
 from san_det.data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
-from san_det.errors import CorruptImageError
 from san_det.engine import DetectionTrainer, NonFiniteError
 from san_det.engine.testing import (
     load_script,
@@ -21,6 +20,7 @@ from san_det.engine.testing import (
     simple_images,
     tiny_retinanet_cfg,
 )
+from san_det.errors import CorruptImageError
 
 ROOT = Path(__file__).resolve().parents[2]
 

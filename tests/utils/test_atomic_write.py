@@ -76,8 +76,7 @@ def test_atomic_write_refuses_a_reading_mode(tmp_path):
 def test_sigkill_mid_write_keeps_the_old_file_and_the_next_run_removes_the_orphan(tmp_path):
     path = tmp_path / "last_checkpoint"
     path.write_text("model_0000001.pth")
-    script = textwrap.dedent(
-        f"""
+    script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {ROOT!r})
         from san_det.utils.atomic import atomic_write
@@ -85,8 +84,7 @@ def test_sigkill_mid_write_keeps_the_old_file_and_the_next_run_removes_the_orpha
             f.write(b"model_00")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        """
-    )
+        """)
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
