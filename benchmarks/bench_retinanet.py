@@ -211,10 +211,10 @@ def main(argv=None) -> int:
             "torch": __import__("torch").__version__,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
+        from san_det.utils.atomic import atomic_write
+
+        with atomic_write(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
-        os.replace(tmp, args.out)
         print(f"\nwrote {args.out}")
     return 0
 
