@@ -98,28 +98,19 @@ def check_params(split: str, num_images, image_size, seed, **options) -> dict:
     num_images = positive_int("num_images", num_images)
     height, width = _check_image_size(image_size)
     seed = positive_int("seed", seed, minimum=0)
-    min_size, max_size = _check_shape_sizes(
+    options["min_size"], options["max_size"] = _check_shape_sizes(
         options["min_size"], options["max_size"], min(height, width)
     )
-    min_objects = positive_int("min_objects", options["min_objects"])
-    max_objects = positive_int("max_objects", options["max_objects"])
-    if max_objects < min_objects:
-        raise ValueError(f"max_objects must be >= min_objects ({min_objects}), got {max_objects}")
-    negative_fraction = _check_fraction("negative_fraction", options["negative_fraction"])
-    max_overlap = _check_fraction("max_overlap", options["max_overlap"])
-    jpeg_quality = positive_int("jpeg_quality", options["jpeg_quality"])
-    if jpeg_quality > 100:
-        raise ValueError(f"jpeg_quality must lie in [1, 100], got {jpeg_quality}")
-    return dict(
-        split=split,
-        num_images=num_images,
-        image_size=[height, width],
-        seed=seed,
-        min_size=min_size,
-        max_size=max_size,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        negative_fraction=negative_fraction,
-        max_overlap=max_overlap,
-        jpeg_quality=jpeg_quality,
-    )
+    for name in ("min_objects", "max_objects"):
+        options[name] = positive_int(name, options[name])
+    if options["max_objects"] < options["min_objects"]:
+        raise ValueError(
+            f"max_objects must be >= min_objects ({options['min_objects']}), "
+            f"got {options['max_objects']}"
+        )
+    for name in ("negative_fraction", "max_overlap"):
+        options[name] = _check_fraction(name, options[name])
+    options["jpeg_quality"] = positive_int("jpeg_quality", options["jpeg_quality"])
+    if options["jpeg_quality"] > 100:
+        raise ValueError(f"jpeg_quality must lie in [1, 100], got {options['jpeg_quality']}")
+    return dict(split=split, num_images=num_images, image_size=[height, width], seed=seed, **options)
