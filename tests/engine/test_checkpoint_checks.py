@@ -234,14 +234,14 @@ class _FullDisk:
 
 
 def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch):
-    import san_det.engine.checkpoint as checkpoint_module
+    import san_det.utils.atomic as atomic_module  # where checkpoints are opened for writing
 
     cfg = _demo_cfg(tmp_path)
     checkpointer = SafeCheckpointer(build_model(cfg), str(tmp_path / "out"))
     checkpointer.save("model_0000009")
     good = (tmp_path / "out" / "model_0000009.pth").read_bytes()
     monkeypatch.setattr(
-        checkpoint_module, "open", lambda p, mode: _FullDisk(p, 100_000), raising=False
+        atomic_module, "open", lambda p, mode, **kw: _FullDisk(p, 100_000), raising=False
     )
     with pytest.raises(CheckpointWriteError) as info:
         checkpointer.save("model_0000019")
