@@ -3,15 +3,12 @@
 Importing this package registers the ``ImageClassifier`` meta-architecture and the datasets
 ``imagenet_train`` / ``imagenet_val`` (``$DETECTRON2_DATASETS/imagenet``) and
 ``embedded_digits_train`` / ``embedded_digits_val`` (scikit-learn's digits, written on first use).
+The datasets themselves live in :mod:`san_det.data` (:mod:`~san_det.data.image_folder`,
+:mod:`~san_det.data.embedded_digits`, :mod:`~san_det.data.classification_transforms`).
 """
 
-from ..data.embedded_digits import ensure_embedded_digits, register_embedded_digits
-from ..data.image_folder import (
-    ClassificationDatasetError,
-    CorruptImageError,
-    register_image_folder,
-    register_imagenet,
-)
+from ..data.embedded_digits import register_embedded_digits
+from ..data.image_folder import register_imagenet
 from .checkpoint import (
     CheckpointMismatchError,
     ClassifierCheckpointer,
@@ -25,20 +22,14 @@ from .trainer import ClassificationTrainer
 
 __all__ = [
     "CheckpointMismatchError",
-    "ClassificationDatasetError",
     "ClassificationEvaluator",
     "ClassificationTrainer",
     "ClassifierCheckpointer",
-    "CorruptImageError",
     "ImageClassifier",
     "add_classification_config",
     "classifier_to_detection_state_dict",
-    "ensure_embedded_digits",
     "is_classification_config",
     "load_classifier_into_detector",
-    "register_embedded_digits",
-    "register_image_folder",
-    "register_imagenet",
 ]
 
 register_imagenet()

@@ -5,9 +5,10 @@ n01440764_10026.JPEG``; the validation set sorted into class folders the same wa
 are the sorted class-folder names of the *training* folder, so the validation split of a dataset is
 read with the training split's classes and must have exactly the same class folders.
 
-Registered names (on ``import san_det.classification``, which calls :func:`register_imagenet`): ``imagenet_train`` and ``imagenet_val``
-under ``$DETECTRON2_DATASETS/imagenet`` (``./datasets/imagenet`` when unset; re-register another
-root with :func:`register_imagenet` or ``CLASSIFICATION.IMAGENET_ROOT``). A dataset dict is
+Registered names (:func:`register_imagenet`, called on ``import san_det.classification``):
+``imagenet_train`` and ``imagenet_val`` under ``$DETECTRON2_DATASETS/imagenet``
+(``./datasets/imagenet`` when unset; re-register another root with :func:`register_imagenet` or
+``CLASSIFICATION.IMAGENET_ROOT``). A dataset dict is
 ``{"file_name": path, "label": int, "image_id": int}``; the metadata has ``classes`` (folder
 names), ``image_root`` and ``evaluator_type = "classification"``.
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-# The name classification code raises DatasetError by; CorruptImageError is one of them.
+# Classification code's name for DatasetError (CorruptImageError is one), kept for its users.
 ClassificationDatasetError = DatasetError
 
 
