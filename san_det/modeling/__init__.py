@@ -10,6 +10,7 @@ Importing this package registers in detectron2's ``BACKBONE_REGISTRY``: ``build_
 from .attention_conv import AttentionConv2d
 from .config import add_backbone_config
 from .fpn import (
+    FPN_BACKBONES,
     AttentionFPN,
     LastLevelP6P7Attention,
     build_fpn_on,
@@ -23,6 +24,8 @@ from .retinanet_head import (
     AttentionRetinaNetHead,
     SanDetRetinaNet,
     build_retinanet_head,
+    per_level_norm,
+    retinanet_arguments,
 )
 from .san_net import SANBackbone, SANBottleneck, build_san_backbone, build_san_net
 from .sasa_resnet import (
@@ -45,6 +48,7 @@ __all__ = [
     "SANBackbone",
     "build_san_net",
     "build_san_backbone",
+    "FPN_BACKBONES",
     "AttentionFPN",
     "LastLevelP6P7Attention",
     "build_fpn_on",
@@ -55,5 +59,7 @@ __all__ = [
     "RETINANET_HEAD_REGISTRY",
     "AttentionRetinaNetHead",
     "build_retinanet_head",
+    "per_level_norm",
+    "retinanet_arguments",
     "SanDetRetinaNet",
 ]

@@ -5,7 +5,8 @@ local self-attention (``MODEL.FPN.ATTENTION_KERNEL_SIZE``, ``MODEL.FPN.ATTENTION
 the RetinaNet variant's P6/P7 convs become attention layers at stride 1 followed by a 2x2 average
 pool (SASA appendix A.3). The 1x1 lateral convs stay as they are.
 
-Registered builders (``MODEL.BACKBONE.NAME``):
+Registered builders (``MODEL.BACKBONE.NAME``), one per entry of :data:`FPN_BACKBONES`, all the
+same function over a different bottom-up backbone and top block:
 
 - ``build_sasa_fpn_backbone`` / ``build_san_fpn_backbone``: FPN with a max-pooled P6 (R-CNN).
 - ``build_retinanet_sasa_fpn_backbone`` / ``build_retinanet_san_fpn_backbone``: FPN with P6/P7
@@ -13,13 +14,19 @@ Registered builders (``MODEL.BACKBONE.NAME``):
 """
 
 import math
-from typing import List
+from typing import Any, Callable, Dict, List, Tuple
 
+import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import (
+    FPN,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+    _assert_strides_are_log2_contiguous,
+)
 from torch import nn
 
 from san_det.layers.checks import check_odd_int
@@ -29,6 +36,7 @@ from .san_net import build_san_net
 from .sasa_resnet import build_sasa_resnet
 
 __all__ = [
+    "FPN_BACKBONES",
     "AttentionFPN",
     "LastLevelP6P7Attention",
     "build_fpn_on",
@@ -70,9 +78,14 @@ class AttentionFPN(FPN):
     """detectron2's :class:`FPN` whose 3x3 output convs are local self-attention layers.
 
     Same arguments as ``FPN`` plus ``kernel_size`` and ``num_heads`` of the attention layers;
-    same outputs, names (``fpn_output{stage}`` now holds an
-    :class:`~san_det.modeling.attention_conv.AttentionConv2d` with its ``norm``) and
-    ``output_shape()``.
+    same outputs, names (``fpn_output{stage}`` holds an
+    :class:`~san_det.modeling.attention_conv.AttentionConv2d` with its ``norm``),
+    ``output_shape()`` and ``forward`` (``FPN.forward``).
+
+    ``FPN.__init__`` offers no way to choose the output layer, so this constructor builds the
+    lateral convs as it does (detectron2's ``Conv2d`` + ``c2_xavier_fill``), the attention
+    layers in place of its output convs, and sets the attributes ``FPN.forward`` and
+    ``output_shape`` read, rather than building detectron2's output convs to throw them away.
     """
 
     def __init__(
@@ -87,20 +100,46 @@ class AttentionFPN(FPN):
         kernel_size: int = 7,
         num_heads: int = 8,
     ):
-        super().__init__(bottom_up, in_features, out_channels, norm, top_block, fuse_type)
-        strides = [bottom_up.output_shape()[f].stride for f in in_features]
-        output_convs = []
-        for stride in strides:
-            layer = AttentionConv2d(
+        Backbone.__init__(self)
+        if not in_features:
+            raise ValueError("AttentionFPN needs at least one input feature")
+        if fuse_type not in ("avg", "sum"):
+            raise ValueError(f"fuse_type must be 'avg' or 'sum', got {fuse_type!r}")
+        shapes = bottom_up.output_shape()
+        strides = [shapes[f].stride for f in in_features]
+        _assert_strides_are_log2_contiguous(strides)
+        lateral_convs, output_convs = [], []
+        for name, stride in zip(in_features, strides):
+            lateral = Conv2d(
+                shapes[name].channels,
                 out_channels,
-                out_channels,
-                kernel_size,
-                num_heads,
+                kernel_size=1,
+                bias=norm == "",
                 norm=get_norm(norm, out_channels),
             )
-            self.add_module(f"fpn_output{int(math.log2(stride))}", layer)
-            output_convs.append(layer)
-        self.output_convs = output_convs[::-1]  # top-down order, as FPN.forward expects
+            weight_init.c2_xavier_fill(lateral)
+            output = AttentionConv2d(
+                out_channels, out_channels, kernel_size, num_heads, norm=get_norm(norm, out_channels)
+            )
+            stage = int(math.log2(stride))
+            self.add_module(f"fpn_lateral{stage}", lateral)
+            self.add_module(f"fpn_output{stage}", output)
+            lateral_convs.append(lateral)
+            output_convs.append(output)
+        # What FPN.__init__ sets for FPN.forward / output_shape / size_divisibility.
+        self.lateral_convs = lateral_convs[::-1]  # top-down order
+        self.output_convs = output_convs[::-1]
+        self.top_block = top_block
+        self.in_features = tuple(in_features)
+        self.bottom_up = bottom_up
+        self._out_feature_strides = {f"p{int(math.log2(s))}": s for s in strides}
+        if top_block is not None:
+            for s in range(stage, stage + top_block.num_levels):
+                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
+        self._out_features = list(self._out_feature_strides)
+        self._out_feature_channels = {k: out_channels for k in self._out_features}
+        self._size_divisibility = strides[-1]
+        self._fuse_type = fuse_type
 
 
 def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
@@ -112,6 +151,11 @@ def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
         top_block: "maxpool" (P6 by max pooling P5) or "p6p7" (RetinaNet's P6/P7 from ``res5``).
     """
     _check_attention_fpn_config(cfg)
+    return _fpn_on(bottom_up, cfg, top_block)
+
+
+def _fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
+    """:func:`build_fpn_on` after :func:`_check_attention_fpn_config`."""
     f = cfg.MODEL.FPN
     in_features = list(f.IN_FEATURES)
     available = bottom_up.output_shape()
@@ -123,43 +167,12 @@ def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
             f"MODEL.FPN.IN_FEATURES {in_features} asks for {missing}, which the bottom-up backbone "
             f"does not output (it outputs {list(available)}: add them to its OUT_FEATURES)"
         )
-    out_channels = f.OUT_CHANNELS
-    if top_block == "maxpool":
-        block = LastLevelMaxPool()
-    elif top_block == "p6p7":
-        in_feature = f.TOP_BLOCK_IN_FEATURE
-        if in_feature == "res5":
-            if "res5" not in available:
-                raise ValueError(
-                    "MODEL.FPN.TOP_BLOCK_IN_FEATURE 'res5' needs res5 among the backbone's "
-                    "OUT_FEATURES"
-                )
-            in_p6p7 = available["res5"].channels
-        elif in_feature == "p5":
-            if available[in_features[-1]].stride != 32:
-                raise ValueError(
-                    "MODEL.FPN.TOP_BLOCK_IN_FEATURE 'p5' needs the last MODEL.FPN.IN_FEATURES "
-                    "entry at stride 32"
-                )
-            in_p6p7 = out_channels
-        else:
-            raise ValueError(
-                f"MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of ['res5', 'p5'], got {in_feature!r}"
-            )
-        if f.ATTENTION:
-            block = LastLevelP6P7Attention(
-                in_p6p7, out_channels, f.ATTENTION_KERNEL_SIZE, f.ATTENTION_NUM_HEADS, in_feature
-            )
-        else:
-            block = LastLevelP6P7(in_p6p7, out_channels, in_feature)
-    else:
-        raise ValueError(f"top_block must be 'maxpool' or 'p6p7', got {top_block!r}")
     common = dict(
         bottom_up=bottom_up,
         in_features=in_features,
-        out_channels=out_channels,
+        out_channels=f.OUT_CHANNELS,
         norm=f.NORM,
-        top_block=block,
+        top_block=_top_block(cfg, available, top_block),
         fuse_type=f.FUSE_TYPE,
     )
     if not f.ATTENTION:
@@ -167,6 +180,39 @@ def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
     return AttentionFPN(
         **common, kernel_size=f.ATTENTION_KERNEL_SIZE, num_heads=f.ATTENTION_NUM_HEADS
     )
+
+
+def _top_block(cfg, available: Dict[str, ShapeSpec], top_block: str) -> nn.Module:
+    """The FPN's extra levels: detectron2's P6 max pool, or RetinaNet's P6/P7 (conv or attention)."""
+    f = cfg.MODEL.FPN
+    if top_block == "maxpool":
+        return LastLevelMaxPool()
+    if top_block != "p6p7":
+        raise ValueError(f"top_block must be 'maxpool' or 'p6p7', got {top_block!r}")
+    in_feature = f.TOP_BLOCK_IN_FEATURE
+    if in_feature == "res5":
+        if "res5" not in available:
+            raise ValueError(
+                "MODEL.FPN.TOP_BLOCK_IN_FEATURE 'res5' needs res5 among the backbone's "
+                "OUT_FEATURES"
+            )
+        in_channels = available["res5"].channels
+    elif in_feature == "p5":
+        if available[f.IN_FEATURES[-1]].stride != 32:
+            raise ValueError(
+                "MODEL.FPN.TOP_BLOCK_IN_FEATURE 'p5' needs the last MODEL.FPN.IN_FEATURES "
+                "entry at stride 32"
+            )
+        in_channels = f.OUT_CHANNELS
+    else:
+        raise ValueError(
+            f"MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of ['res5', 'p5'], got {in_feature!r}"
+        )
+    if f.ATTENTION:
+        return LastLevelP6P7Attention(
+            in_channels, f.OUT_CHANNELS, f.ATTENTION_KERNEL_SIZE, f.ATTENTION_NUM_HEADS, in_feature
+        )
+    return LastLevelP6P7(in_channels, f.OUT_CHANNELS, in_feature)
 
 
 def _check_attention_fpn_config(cfg) -> None:
@@ -180,29 +226,45 @@ def _check_attention_fpn_config(cfg) -> None:
         )  # fmt: skip
 
 
-@BACKBONE_REGISTRY.register()
-def build_sasa_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """SASA ResNet + FPN with a max-pooled P6 (outputs p2..p6 for in_features res2..res5)."""
-    _check_attention_fpn_config(cfg)
-    return build_fpn_on(build_sasa_resnet(cfg, input_shape), cfg, "maxpool")
+# MODEL.BACKBONE.NAME -> (bottom-up builder, top block, description): one registered FPN
+# builder per entry, all made by _register_fpn_backbone.
+FPN_BACKBONES: Dict[str, Tuple[Callable[..., Backbone], str, str]] = {
+    "build_sasa_fpn_backbone": (
+        build_sasa_resnet,
+        "maxpool",
+        "SASA ResNet + FPN with a max-pooled P6 (outputs p2..p6 for in_features res2..res5).",
+    ),
+    "build_retinanet_sasa_fpn_backbone": (
+        build_sasa_resnet,
+        "p6p7",
+        "SASA ResNet + FPN with RetinaNet's P6/P7 from ``res5`` (outputs p3..p7).",
+    ),
+    "build_san_fpn_backbone": (build_san_net, "maxpool", "SAN + FPN with a max-pooled P6."),
+    "build_retinanet_san_fpn_backbone": (
+        build_san_net,
+        "p6p7",
+        "SAN + FPN with RetinaNet's P6/P7 from ``res5``.",
+    ),
+}
 
 
-@BACKBONE_REGISTRY.register()
-def build_retinanet_sasa_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """SASA ResNet + FPN with RetinaNet's P6/P7 from ``res5`` (outputs p3..p7)."""
-    _check_attention_fpn_config(cfg)
-    return build_fpn_on(build_sasa_resnet(cfg, input_shape), cfg, "p6p7")
+def _register_fpn_backbone(name: str) -> Callable[[Any, ShapeSpec], FPN]:
+    """Register in ``BACKBONE_REGISTRY`` the FPN builder :data:`FPN_BACKBONES` describes as
+    ``name``: it checks the ``MODEL.FPN`` attention keys, builds the bottom-up backbone and wraps
+    it with :func:`build_fpn_on`'s FPN."""
+    build_bottom_up, top_block, description = FPN_BACKBONES[name]
+
+    def build(cfg, input_shape: ShapeSpec) -> FPN:
+        _check_attention_fpn_config(cfg)  # before the (slow) bottom-up build
+        return _fpn_on(build_bottom_up(cfg, input_shape), cfg, top_block)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = description
+    BACKBONE_REGISTRY.register(build)
+    return build
 
 
-@BACKBONE_REGISTRY.register()
-def build_san_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """SAN + FPN with a max-pooled P6."""
-    _check_attention_fpn_config(cfg)
-    return build_fpn_on(build_san_net(cfg, input_shape), cfg, "maxpool")
-
-
-@BACKBONE_REGISTRY.register()
-def build_retinanet_san_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """SAN + FPN with RetinaNet's P6/P7 from ``res5``."""
-    _check_attention_fpn_config(cfg)
-    return build_fpn_on(build_san_net(cfg, input_shape), cfg, "p6p7")
+build_sasa_fpn_backbone = _register_fpn_backbone("build_sasa_fpn_backbone")
+build_retinanet_sasa_fpn_backbone = _register_fpn_backbone("build_retinanet_sasa_fpn_backbone")
+build_san_fpn_backbone = _register_fpn_backbone("build_san_fpn_backbone")
+build_retinanet_san_fpn_backbone = _register_fpn_backbone("build_retinanet_san_fpn_backbone")

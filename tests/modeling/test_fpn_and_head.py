@@ -5,20 +5,23 @@ import math
 import pytest
 import torch
 from detectron2.layers import CycleBatchNormList, ShapeSpec
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from modeling_helpers import base_cfg, config_path, tiny_sasa_cfg
 from torch import nn
 
+import san_det.modeling
 from san_det.layers.local_attention import LocalSelfAttention2d
 from san_det.modeling import (
+    FPN_BACKBONES,
     AttentionConv2d,
     AttentionFPN,
     AttentionRetinaNetHead,
     LastLevelP6P7Attention,
     SanDetRetinaNet,
     build_retinanet_head,
+    retinanet_arguments,
 )
 
 
@@ -152,3 +155,93 @@ def test_head_name_and_fpn_attention_are_checked():
     cfg.MODEL.FPN.ATTENTION = True  # detectron2's resnet FPN builder ignores the key
     with pytest.raises(ValueError, match="MODEL.FPN.ATTENTION is set but MODEL.BACKBONE.NAME"):
         build_model(cfg)
+
+
+def test_attention_fpn_sets_what_fpn_sets():
+    """AttentionFPN builds its own layers but leaves every attribute FPN.forward and
+    output_shape read as FPN.__init__ does, with the children in FPN's order."""
+    conv_fpn = build_backbone(_fpn_cfg(False))
+    att_fpn = build_backbone(_fpn_cfg(True))
+    attributes = (
+        "in_features",
+        "_out_feature_strides",
+        "_out_features",
+        "_out_feature_channels",
+        "_size_divisibility",
+        "_fuse_type",
+    )
+    for name in attributes:
+        assert getattr(att_fpn, name) == getattr(conv_fpn, name), name
+    assert [n for n, _ in att_fpn.named_children()] == [n for n, _ in conv_fpn.named_children()]
+    assert att_fpn.lateral_convs == [att_fpn.fpn_lateral5, att_fpn.fpn_lateral4, att_fpn.fpn_lateral3]
+
+
+def _count_3x3_convs(monkeypatch):
+    built = []
+    init = nn.Conv2d.__init__
+
+    def counting_init(self, in_channels, out_channels, kernel_size, *args, **kwargs):
+        if kernel_size in (3, (3, 3)):
+            built.append(self)
+        init(self, in_channels, out_channels, kernel_size, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Conv2d, "__init__", counting_init)
+    return built
+
+
+def test_attention_fpn_builds_no_conv_to_discard(monkeypatch):
+    """No 3x3 conv is built for the attentional FPN (detectron2's output convs are not built and
+    replaced); the conv FPN builds its three."""
+    built = _count_3x3_convs(monkeypatch)
+    build_backbone(_fpn_cfg(True))
+    assert built == []
+    build_backbone(_fpn_cfg(False))
+    assert len(built) == 3 + 2  # output convs p3..p5, then P6/P7
+
+
+def test_attention_head_model_builds_no_retinanet_head(monkeypatch):
+    """SanDetRetinaNet with another HEAD_NAME never builds detectron2's RetinaNetHead."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("RetinaNetHead was built")
+
+    cfg = _fpn_cfg(False)
+    cfg.merge_from_file(config_path("Base-RetinaNet"))
+    cfg.MODEL.META_ARCHITECTURE = "SanDetRetinaNet"
+    cfg.MODEL.RETINANET.HEAD_NAME = "AttentionRetinaNetHead"
+    cfg.MODEL.RETINANET.ATTENTION_NUM_HEADS = 4
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    monkeypatch.setattr(RetinaNetHead, "__init__", refuse)
+    model = build_model(cfg)
+    assert type(model.head) is AttentionRetinaNetHead
+
+
+def test_retinanet_arguments_are_detectron2s():
+    """retinanet_arguments gives what RetinaNet.from_config gives, key for key."""
+    cfg = _fpn_cfg(False)
+    cfg.merge_from_file(config_path("Base-RetinaNet"))
+    theirs = RetinaNet.from_config(cfg)
+    ours = retinanet_arguments(cfg, theirs["backbone"], theirs["head"])
+    assert set(ours) == set(theirs)
+    modules = ("backbone", "head", "anchor_generator", "box2box_transform", "anchor_matcher")
+    for key in set(theirs) - set(modules):
+        assert ours[key] == theirs[key], key
+    assert ours["backbone"] is theirs["backbone"] and ours["head"] is theirs["head"]
+    assert ours["box2box_transform"].weights == theirs["box2box_transform"].weights
+    a, b = ours["anchor_matcher"], theirs["anchor_matcher"]
+    assert (a.thresholds, a.labels, a.allow_low_quality_matches) == (
+        b.thresholds,
+        b.labels,
+        b.allow_low_quality_matches,
+    )
+    a, b = ours["anchor_generator"], theirs["anchor_generator"]
+    assert type(a) is type(b) and a.strides == b.strides and a.offset == b.offset
+    for x, y in zip(a.cell_anchors, b.cell_anchors):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_fpn_backbone_table_is_registered():
+    for name in FPN_BACKBONES:
+        registered = BACKBONE_REGISTRY.get(name)
+        assert registered is getattr(san_det.modeling, name)
+        assert registered.__name__ == name and registered.__doc__
