@@ -11,7 +11,7 @@ Registered builder: ``build_sasa_backbone`` (keys under ``MODEL.SASA``, see
 :mod:`san_det.modeling.config`).
 """
 
-from typing import List
+from typing import List, Tuple
 
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -176,6 +176,21 @@ def build_sasa_resnet(cfg, input_shape: ShapeSpec) -> SASAResNet:
     ``san_det.classification``); this builder returns the feature extractor only.
     """
     s = cfg.MODEL.SASA
+    stage_types, norm = _check_sasa_config(cfg)
+    stem = _build_stem(s, input_shape.channels, norm)
+    stages = _build_stages(s, stage_types, norm)
+    return SASAResNet(
+        stem,
+        stages,
+        out_features=list(s.OUT_FEATURES),
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
+
+
+def _check_sasa_config(cfg) -> Tuple[List[str], str]:
+    """``(stage types, norm)`` of ``MODEL.SASA``, or ``ValueError`` naming the bad key (the
+    head widths are checked where each layer is built)."""
+    s = cfg.MODEL.SASA
     _check_choice(s.DEPTH, SASA_BLOCKS_PER_STAGE, "MODEL.SASA.DEPTH")
     _check_choice(s.STEM, SASA_STEMS, "MODEL.SASA.STEM")
     stage_types = _stage_types(cfg)
@@ -187,22 +202,28 @@ def build_sasa_resnet(cfg, input_shape: ShapeSpec) -> SASAResNet:
             f"MODEL.SASA.OUT_FEATURES must be a non-empty list of {list(_FEATURES)}, got "
             f"{out_features}"
         )
+    return stage_types, norm
 
+
+def _build_stem(s, in_channels: int, norm: str) -> CNNBlockBase:
+    """ResNet's conv stem or SASA's attention stem (``MODEL.SASA.STEM``)."""
     if s.STEM == "conv":
-        stem = BasicStem(input_shape.channels, s.STEM_OUT_CHANNELS, norm=norm)
-    else:
-        check_attention_width(
-            s.STEM_OUT_CHANNELS, s.STEM_NUM_HEADS, "MODEL.SASA.STEM_NUM_HEADS", "attention stem"
-        )
-        stem = AttentionStem(
-            input_shape.channels,
-            s.STEM_OUT_CHANNELS,
-            block_size=s.STEM_BLOCK_SIZE,
-            num_heads=s.STEM_NUM_HEADS,
-            num_value_mixtures=s.STEM_NUM_VALUE_MIXTURES,
-            norm=norm,
-        )
+        return BasicStem(in_channels, s.STEM_OUT_CHANNELS, norm=norm)
+    check_attention_width(
+        s.STEM_OUT_CHANNELS, s.STEM_NUM_HEADS, "MODEL.SASA.STEM_NUM_HEADS", "attention stem"
+    )
+    return AttentionStem(
+        in_channels,
+        s.STEM_OUT_CHANNELS,
+        block_size=s.STEM_BLOCK_SIZE,
+        num_heads=s.STEM_NUM_HEADS,
+        num_value_mixtures=s.STEM_NUM_VALUE_MIXTURES,
+        norm=norm,
+    )
 
+
+def _build_stages(s, stage_types: List[str], norm: str) -> List[List[CNNBlockBase]]:
+    """The blocks of res2..res5: widths double per stage, the first block of res3..res5 strides."""
     in_channels = s.STEM_OUT_CHANNELS
     out_channels = s.RES2_OUT_CHANNELS
     bottleneck_channels = s.WIDTH_PER_GROUP
@@ -238,12 +259,7 @@ def build_sasa_resnet(cfg, input_shape: ShapeSpec) -> SASAResNet:
             out_channels * 2,
             bottleneck_channels * 2,
         )
-    return SASAResNet(
-        stem,
-        stages,
-        out_features=out_features,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-    )
+    return stages
 
 
 @BACKBONE_REGISTRY.register()
