@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import san_det  # noqa: F401
 from san_det.attention_maps import (
@@ -21,6 +22,7 @@ from san_det.attention_maps import (
     resolve_attention_layer,
 )
 from san_det.layers import SAM, LocalSelfAttention2d, local_attention_reference
+from san_det.layers.backend import use_backend
 from san_det.layers.ops import neighbourhood
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +190,7 @@ def test_render_size_and_content(tmp_path):
         pixels = np.asarray(png.convert("RGB"))
     # every head panel is coloured by the overlay (not just the grey image)
     for head in range(4):
-        panel = pixels[LABEL_HEIGHT:64 + LABEL_HEIGHT, (1 + head) * 64 : (2 + head) * 64]
+        panel = pixels[LABEL_HEIGHT : 64 + LABEL_HEIGHT, (1 + head) * 64 : (2 + head) * 64]
         assert (np.abs(panel.astype(int) - 200).sum(-1) > 30).mean() > 0.1
     size = render_attention_png(image, maps[:1], str(path), pixel_size=4.0, panel_size=64,
                                 max_groups=2)  # fmt: skip
@@ -284,3 +286,37 @@ def test_tool_on_a_san_model(tmp_path, capsys, sa_type):
     assert "per channel group" in printed and "image px per grid pixel" in printed
     with Image.open(out) as png:
         assert png.size == ((1 + 3) * 64, 2 * (64 + LABEL_HEIGHT))
+
+
+class _RecordAttentionOp(TorchDispatchMode):
+    """Records the probabilities every ``san_det::local_attention`` call returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.probabilities = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.san_det.local_attention.default:
+            self.probabilities.append(out[1])
+        return out
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sasa_maps_are_the_probabilities_of_the_layers_forward(backend, dtype):
+    """The captured weights are exactly (bit for bit) the probabilities the layer's own op
+    computed during its forward, at every pixel, on the backend the layer ran on."""
+    torch.manual_seed(6)
+    layer = LocalSelfAttention2d(6, 8, kernel_size=5, num_heads=2, dilation=2).to(dtype)
+    x = torch.randn(2, 6, 7, 6, dtype=dtype)
+    with use_backend(backend):
+        with AttentionCapture(layer, "") as capture, _RecordAttentionOp() as recorded:
+            layer(x)
+        assert len(recorded.probabilities) == 1
+        attn = recorded.probabilities[0]  # (N, heads, k*k, H, W)
+        for b in range(2):
+            for amap in capture.maps(_all_pixels(7, 6), batch_index=b):
+                i, j = amap.pixel
+                expected = attn[b, :, :, i, j].reshape(2, 5, 5).to(dtype)
+                assert torch.equal(amap.weights, expected), (b, i, j)
