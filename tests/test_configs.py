@@ -33,9 +33,7 @@ def test_config_builds_model_on_cpu(path, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-FAMILY_LEAVES = [
-    p for p in CONFIGS if "/retinanet_sa" in p or p.startswith("configs/ImageNet/sa")
-]
+FAMILY_LEAVES = [p for p in CONFIGS if "/retinanet_sa" in p or p.startswith("configs/ImageNet/sa")]
 
 
 @pytest.mark.parametrize("path", FAMILY_LEAVES)

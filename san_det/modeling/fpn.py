@@ -119,7 +119,11 @@ class AttentionFPN(FPN):
             )
             weight_init.c2_xavier_fill(lateral)
             output = AttentionConv2d(
-                out_channels, out_channels, kernel_size, num_heads, norm=get_norm(norm, out_channels)
+                out_channels,
+                out_channels,
+                kernel_size,
+                num_heads,
+                norm=get_norm(norm, out_channels),
             )
             stage = int(math.log2(stride))
             self.add_module(f"fpn_lateral{stage}", lateral)

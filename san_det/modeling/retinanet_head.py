@@ -145,9 +145,7 @@ class AttentionRetinaNetHead(nn.Module):
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         if len(features) != self._num_features:
-            raise ValueError(
-                f"expected {self._num_features} feature levels, got {len(features)}"
-            )
+            raise ValueError(f"expected {self._num_features} feature levels, got {len(features)}")
         logits, bbox_reg = [], []
         for feature in features:
             logits.append(self.cls_score(self.cls_subnet(feature)))

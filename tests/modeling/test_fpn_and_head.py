@@ -173,7 +173,11 @@ def test_attention_fpn_sets_what_fpn_sets():
     for name in attributes:
         assert getattr(att_fpn, name) == getattr(conv_fpn, name), name
     assert [n for n, _ in att_fpn.named_children()] == [n for n, _ in conv_fpn.named_children()]
-    assert att_fpn.lateral_convs == [att_fpn.fpn_lateral5, att_fpn.fpn_lateral4, att_fpn.fpn_lateral3]
+    assert att_fpn.lateral_convs == [
+        att_fpn.fpn_lateral5,
+        att_fpn.fpn_lateral4,
+        att_fpn.fpn_lateral3,
+    ]
 
 
 def _count_3x3_convs(monkeypatch):
