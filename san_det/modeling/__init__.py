@@ -24,8 +24,6 @@ from .retinanet_head import (
     AttentionRetinaNetHead,
     SanDetRetinaNet,
     build_retinanet_head,
-    per_level_norm,
-    retinanet_arguments,
 )
 from .san_net import SANBackbone, SANBottleneck, build_san_backbone, build_san_net
 from .sasa_resnet import (
@@ -59,7 +57,5 @@ __all__ = [
     "RETINANET_HEAD_REGISTRY",
     "AttentionRetinaNetHead",
     "build_retinanet_head",
-    "per_level_norm",
-    "retinanet_arguments",
     "SanDetRetinaNet",
 ]

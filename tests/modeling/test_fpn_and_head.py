@@ -21,8 +21,8 @@ from san_det.modeling import (
     LastLevelP6P7Attention,
     SanDetRetinaNet,
     build_retinanet_head,
-    retinanet_arguments,
 )
+from san_det.modeling.retinanet_head import retinanet_arguments
 
 
 def _fpn_cfg(attention, top="res5"):
