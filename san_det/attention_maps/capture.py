@@ -84,23 +84,32 @@ class AttentionCapture:
         """Attention maps at ``pixels`` (``(i, j)`` on the attention grid) of recorded call
         ``call`` and image ``batch_index`` of its batch; one :class:`AttentionMap` per pixel."""
         record = self._call(call)
+        if isinstance(self.module, LocalSelfAttention2d):
+            return self._sasa_maps(record, pixels, batch_index)
+        return self._san_maps(record, pixels, batch_index)
+
+    def _sasa_maps(self, record: dict, pixels, batch_index: int) -> List[AttentionMap]:
+        """Weights of the layer's op on its recorded input (see :func:`local_attention_weights`)."""
         m = self.module
-        if isinstance(m, LocalSelfAttention2d):
-            x = record["input"]
-            if not 0 <= batch_index < x.shape[0]:
-                raise ValueError(f"batch_index {batch_index} outside the batch of {x.shape[0]}")
-            x = x[batch_index : batch_index + 1]
-            q, k = m.query(x), m.key(x)
-            rel = m.relative_embedding().to(q.dtype)
-            weights, inside = local_attention_weights(
-                q, k, rel, pixels,
-                num_heads=m.num_heads, kernel_size=m.kernel_size, dilation=m.dilation,
-            )  # fmt: skip
-            checked = check_pixels(pixels, *record["grid"], "attention grid")
-            return [
-                AttentionMap(self.name, "sasa", p, p, weights[0, t], inside[t], m.dilation, "head")
-                for t, p in enumerate(checked)
-            ]
+        x = record["input"]
+        if not 0 <= batch_index < x.shape[0]:
+            raise ValueError(f"batch_index {batch_index} outside the batch of {x.shape[0]}")
+        x = x[batch_index : batch_index + 1]
+        q, k = m.query(x), m.key(x)
+        rel = m.relative_embedding().to(q.dtype)
+        weights, inside = local_attention_weights(
+            q, k, rel, pixels,
+            num_heads=m.num_heads, kernel_size=m.kernel_size, dilation=m.dilation,
+        )  # fmt: skip
+        checked = check_pixels(pixels, *record["grid"], "attention grid")
+        return [
+            AttentionMap(self.name, "sasa", p, p, weights[0, t], inside[t], m.dilation, "head")
+            for t, p in enumerate(checked)
+        ]
+
+    def _san_maps(self, record: dict, pixels, batch_index: int) -> List[AttentionMap]:
+        """The recorded output of SAM's ``conv_w``, with SAM's softmax over the taps (pairwise)."""
+        m = self.module
         w = record["conv_w"]
         if not 0 <= batch_index < w.shape[0]:
             raise ValueError(f"batch_index {batch_index} outside the batch of {w.shape[0]}")
