@@ -170,11 +170,15 @@ def per_level_norm(norm, num_levels: int) -> Callable[[int], Optional[nn.Module]
 
 def build_retinanet_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
     """Build the head named by ``MODEL.RETINANET.HEAD_NAME`` (error lists the valid names)."""
+    return _head_class(cfg)(cfg, input_shape)
+
+
+def _head_class(cfg):
     name = cfg.MODEL.RETINANET.HEAD_NAME
     valid = sorted(name for name, _ in RETINANET_HEAD_REGISTRY)
     if name not in valid:
         raise ValueError(f"MODEL.RETINANET.HEAD_NAME must be one of {valid}, got {name!r}")
-    return RETINANET_HEAD_REGISTRY.get(name)(cfg, input_shape)
+    return RETINANET_HEAD_REGISTRY.get(name)
 
 
 @META_ARCH_REGISTRY.register()
@@ -194,6 +198,7 @@ class SanDetRetinaNet(RetinaNet):
             ret = super().from_config(cfg)
             _check_fpn_attention(cfg, ret["backbone"])
             return ret
+        _head_class(cfg)  # a bad name fails before the backbone is built
         backbone = build_backbone(cfg)
         _check_fpn_attention(cfg, backbone)
         shapes = backbone.output_shape()

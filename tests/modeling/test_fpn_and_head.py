@@ -249,3 +249,17 @@ def test_fpn_backbone_table_is_registered():
         registered = BACKBONE_REGISTRY.get(name)
         assert registered is getattr(san_det.modeling, name)
         assert registered.__name__ == name and registered.__doc__
+
+
+def test_bad_head_name_fails_before_the_backbone_is_built(monkeypatch):
+    import san_det.modeling.retinanet_head as retinanet_head
+
+    def refuse(cfg):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(retinanet_head, "build_backbone", refuse)
+    cfg = _fpn_cfg(False)
+    cfg.MODEL.META_ARCHITECTURE = "SanDetRetinaNet"
+    cfg.MODEL.RETINANET.HEAD_NAME = "DeformableHead"
+    with pytest.raises(ValueError, match="HEAD_NAME must be one of"):
+        build_model(cfg)
