@@ -20,7 +20,7 @@ Registered builder: ``build_san_backbone`` (keys under ``MODEL.SAN``, see
 """
 
 import functools
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
@@ -148,9 +148,7 @@ class SANBackbone(Backbone):
             setattr(self, f"conv{i}", nn.Conv2d(in_width, width, kernel_size=1, bias=False))
             setattr(self, f"bn{i}", make_norm(norm, width))
             blocks = [
-                SANBottleneck(
-                    sa_type, width, kernels[i], share_planes, relation, pad_mode, norm
-                )
+                SANBottleneck(sa_type, width, kernels[i], share_planes, relation, pad_mode, norm)
                 for _ in range(layers[i])
             ]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
@@ -222,6 +220,25 @@ class SANBackbone(Backbone):
 def build_san_net(cfg, input_shape: ShapeSpec) -> SANBackbone:
     """Build the SAN described by ``cfg.MODEL.SAN`` (validated, errors name the config key)."""
     s = cfg.MODEL.SAN
+    relation, kernels, norm = _check_san_config(s)
+    return SANBackbone(
+        s.SA_TYPE,
+        SAN_BLOCKS_PER_STAGE[s.DEPTH],
+        kernels,
+        relation=relation,
+        pad_mode=s.PAD_MODE,
+        share_planes=s.SHARE_PLANES,
+        base_width=s.BASE_WIDTH,
+        norm=norm,
+        in_channels=input_shape.channels,
+        out_features=list(s.OUT_FEATURES),
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
+
+
+def _check_san_config(s) -> Tuple[Optional[str], List[int], str]:
+    """``(relation or None, kernels, norm)`` of ``MODEL.SAN`` (``s``), or ``ValueError`` naming
+    the bad key."""
     if s.DEPTH not in SAN_BLOCKS_PER_STAGE:
         raise ValueError(
             f"MODEL.SAN.DEPTH must be one of {list(SAN_BLOCKS_PER_STAGE)}, got {s.DEPTH!r}"
@@ -264,19 +281,7 @@ def build_san_net(cfg, input_shape: ShapeSpec) -> SANBackbone:
             f"MODEL.SAN.OUT_FEATURES must be a non-empty list of {list(_FEATURES)}, got "
             f"{out_features}"
         )
-    return SANBackbone(
-        s.SA_TYPE,
-        SAN_BLOCKS_PER_STAGE[s.DEPTH],
-        kernels,
-        relation=relation,
-        pad_mode=s.PAD_MODE,
-        share_planes=share,
-        base_width=base,
-        norm=norm,
-        in_channels=input_shape.channels,
-        out_features=out_features,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-    )
+    return relation, kernels, norm
 
 
 @BACKBONE_REGISTRY.register()
