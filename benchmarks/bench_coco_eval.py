@@ -1,6 +1,6 @@
 """COCO box evaluation time: pycocotools vs faster-coco-eval through detectron2's COCOEvaluator.
 
-The set is generated (:func:`san_det.engine.synthetic_coco.synthetic_coco_detections`, default
+The set is generated (:func:`tests.helpers.synthetic_coco.synthetic_coco_detections`, default
 5,000 images x 100 detections, about 30,000 ground-truth boxes in 5 classes). Both backends
 evaluate the same predictions, already passed through ``COCOEvaluator.process``, side by side in
 one process, alternating for ``--repeats`` rounds:
@@ -58,7 +58,7 @@ def _processed(name: str, results, use_fast_impl: bool):
     """A COCOEvaluator holding ``results`` as the model's outputs, per image."""
     from detectron2.evaluation import COCOEvaluator
 
-    from san_det.engine.synthetic_coco import process_coco_results
+    from tests.helpers.synthetic_coco import process_coco_results
 
     evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, use_fast_impl=use_fast_impl)
     evaluator.reset()
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
     import san_det  # noqa: F401  (patches detectron2 0.6)
     from san_det import compat
-    from san_det.engine.synthetic_coco import synthetic_coco_detections
+    from tests.helpers.synthetic_coco import synthetic_coco_detections
 
     if compat.coco_eval_backend() != "faster-coco-eval":
         print(

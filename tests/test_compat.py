@@ -123,7 +123,8 @@ def test_map_dataset_retries_a_skipped_image_with_repeat_factor_sampler(tmp_path
     from detectron2.data import build_detection_train_loader, common
 
     from san_det.data.mapper import RobustDatasetMapper
-    from san_det.engine.testing import register_coco_dataset, tiny_retinanet_cfg
+    from tests.helpers.coco_files import register_coco_dataset
+    from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
     box = [[8.0, 8.0, 20.0, 20.0]]
     images = [{"name": "good.png", "boxes": box},

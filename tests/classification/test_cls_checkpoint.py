@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.paths import REPO_ROOT, config_path
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -23,7 +24,7 @@ from san_det.classification.checkpoint import (
 )
 from san_det.classification.config import get_classification_cfg
 
-COCO = os.path.join(REPO, "configs", "COCO-Detection")
+COCO = config_path("COCO-Detection")
 
 
 def _detection_cfg(name, cls_cfg, family):
@@ -176,7 +177,7 @@ def test_remap_rules_on_key_lists():
 def test_convert_classifier_to_detection_tool(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
         "convert_classifier_to_detection",
-        os.path.join(REPO, "tools", "convert_classifier_to_detection.py"),
+        os.path.join(REPO_ROOT, "tools", "convert_classifier_to_detection.py"),
     )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

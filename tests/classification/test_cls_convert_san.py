@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import REPO
+from tests.helpers.paths import REPO_ROOT, config_path
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import CheckpointMismatchError
@@ -86,7 +86,7 @@ def _official_checkpoint(sa_type, depth, seed=0):
 
 def _classifier_cfg(sa_type, depth):
     cfg = get_classification_cfg(
-        os.path.join(REPO, "configs", "ImageNet", f"san{depth}_{sa_type}.yaml")
+        config_path("ImageNet", f"san{depth}_{sa_type}.yaml")
     )
     cfg.MODEL.DEVICE = "cpu"
     return cfg
@@ -112,7 +112,7 @@ def test_official_san_checkpoint_into_detection_backbone():
     official = _official_checkpoint("pairwise", 10)
     classifier = build_model(_classifier_cfg("pairwise", 10))
     det_cfg = get_classification_cfg(
-        os.path.join(REPO, "configs", "COCO-Detection", "retinanet_san10_pairwise.yaml")
+        config_path("COCO-Detection", "retinanet_san10_pairwise.yaml")
     )
     det_cfg.MODEL.DEVICE = "cpu"
     detector = build_model(det_cfg)
@@ -155,7 +155,7 @@ def test_official_san_errors_name_the_key():
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -165,7 +165,7 @@ def test_convert_tool_end_to_end(tmp_path, capsys):
     tool = _load_tool("convert_san_official")
     src, out = tmp_path / "san10_pairwise.pth", tmp_path / "converted.pth"
     torch.save(_official_checkpoint("pairwise", 10), src)
-    config = os.path.join(REPO, "configs", "ImageNet", "san10_pairwise.yaml")
+    config = config_path("ImageNet", "san10_pairwise.yaml")
     args = ["--config-file", config, "--input", str(src), "--output", str(out)]
     assert tool.main(args) == 0
     converted = torch.load(out, map_location="cpu", weights_only=False)
@@ -186,14 +186,14 @@ def converted_detection_backbone(tmp_path_factory):
     src, out = folder / "official.pth", folder / "retinanet_san10_pairwise_init.pth"
     torch.save(_official_checkpoint("pairwise", 10), src)
     args = [
-        "--config-file", os.path.join(REPO, "configs", "ImageNet", "san10_pairwise.yaml"),
+        "--config-file", config_path("ImageNet", "san10_pairwise.yaml"),
         "--detection-config", DETECTION_SAN10, "--input", str(src), "--output", str(out),
     ]  # fmt: skip
     assert _load_tool("convert_san_official").main(args) == 0
     return out
 
 
-DETECTION_SAN10 = os.path.join(REPO, "configs", "COCO-Detection", "retinanet_san10_pairwise.yaml")
+DETECTION_SAN10 = config_path("COCO-Detection", "retinanet_san10_pairwise.yaml")
 D2_DEFAULT_INPUT = [
     "INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", "[103.53, 116.28, 123.675]",
     "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]",
@@ -252,7 +252,7 @@ def test_train_net_refuses_it_in_one_line_before_writing(converted_detection_bac
     import sys
 
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", DETECTION_SAN10,
+        [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", DETECTION_SAN10,
          "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(converted_detection_backbone),
          *D2_DEFAULT_INPUT, "OUTPUT_DIR", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
@@ -267,7 +267,7 @@ def test_convert_tool_warns_about_a_detection_config_of_other_input(tmp_path, ca
     src, out = tmp_path / "official.pth", tmp_path / "init.pth"
     torch.save(_official_checkpoint("pairwise", 10), src)
     args = [
-        "--config-file", os.path.join(REPO, "configs", "ImageNet", "san10_pairwise.yaml"),
+        "--config-file", config_path("ImageNet", "san10_pairwise.yaml"),
         "--detection-config", DETECTION_SAN10, "--input", str(src), "--output", str(out),
         "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]",
     ]  # fmt: skip

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_resnet_cfg
+from tests.helpers.classification import tiny_resnet_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.paths import config_path
 from detectron2.modeling import build_model
 from PIL import Image
 
@@ -18,7 +19,7 @@ from san_det.data.classification_transforms import ClassificationTransform, pil_
 
 IMAGENET_CONFIGS = sorted(
     p
-    for p in glob.glob(os.path.join(REPO, "configs", "ImageNet", "*.yaml"))
+    for p in glob.glob(config_path("ImageNet", "*.yaml"))
     if not os.path.basename(p).startswith("Base-")
 )
 
@@ -170,7 +171,7 @@ def test_imagenet_configs_build(path):
 def test_sasa_recipe_starts_with_bounded_gradients(name):
     """The SASA configs' first gradient is moderate (ZERO_INIT_RESIDUAL): without it SASA's
     gradient norm at initialisation was in the thousands here and training diverged on a GPU."""
-    cfg = get_classification_cfg(os.path.join(REPO, "configs", "ImageNet", name))
+    cfg = get_classification_cfg(config_path("ImageNet", name))
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -5,7 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, REPO
+from tests.helpers.classification import DEMO_CONFIG
+from tests.helpers.paths import config_path
 from detectron2.solver import build_lr_scheduler
 from torch import nn
 
@@ -43,7 +44,7 @@ def test_lr_scaling_and_epochs():
     again = resolve_classification_schedule(out, num_train_images=1000)
     assert again.SOLVER.BASE_LR == out.SOLVER.BASE_LR  # idempotent
     # The SASA recipe on ImageNet: 130 epochs at 4096, 10 of warm-up, LR 1.6.
-    sasa = get_classification_cfg(os.path.join(REPO, "configs", "ImageNet", "sasa50.yaml"))
+    sasa = get_classification_cfg(config_path("ImageNet", "sasa50.yaml"))
     sasa = resolve_classification_schedule(sasa, num_train_images=1281167)
     assert sasa.SOLVER.BASE_LR == pytest.approx(1.6)
     assert sasa.SOLVER.MAX_ITER == math.ceil(130 * 1281167 / 4096)

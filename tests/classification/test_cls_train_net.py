@@ -5,11 +5,12 @@ import json
 import os
 
 import pytest
-from conftest import DEMO_CONFIG, REPO
+from tests.helpers.classification import DEMO_CONFIG
+from tests.helpers.paths import REPO_ROOT
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO_ROOT, "train_net.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

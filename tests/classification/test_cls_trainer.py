@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import torch
-from conftest import tiny_resnet_cfg
+from tests.helpers.classification import tiny_resnet_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 
 from san_det.classification import ClassificationTrainer

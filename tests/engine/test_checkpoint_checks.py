@@ -25,13 +25,9 @@ from san_det.engine.checkpoint import (
 )
 from san_det.engine.coco_evaluation import COCOEvaluatorNoDetectionsIsZero
 from san_det.engine.output_lock import LOCK_FILE_NAME
-from san_det.engine.testing import (
-    drop_closed_log_handlers,
-    load_script,
-    register_coco_dataset,
-    simple_images,
-    tiny_retinanet_cfg,
-)
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.scripts import drop_closed_log_handlers, load_script
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 from san_det.modeling.architecture import architecture_config, architecture_differences
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,8 +255,9 @@ def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch)
 _DRIVER = textwrap.dedent("""
     import sys
     import san_det
-    from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
-    from san_det.engine.testing import load_script
+    from tests.helpers.coco_files import register_coco_dataset, simple_images
+    from tests.helpers.tiny_detection import tiny_retinanet_cfg
+    from tests.helpers.scripts import load_script
 
     data, out, config = sys.argv[1:4]
     register_coco_dataset("disk_full_train", data, simple_images(4))

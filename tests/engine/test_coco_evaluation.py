@@ -17,7 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 import san_det  # noqa: F401  (patches detectron2)
 from san_det import compat
-from san_det.engine.synthetic_coco import process_coco_results, synthetic_coco_detections
+from tests.helpers.synthetic_coco import process_coco_results, synthetic_coco_detections
 from san_det.engine.trainer import build_coco_evaluator
 
 needs_shim = pytest.mark.skipif(
@@ -153,7 +153,7 @@ from detectron2.evaluation import coco_evaluation, fast_eval_api
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from san_det import compat
-from san_det.engine.synthetic_coco import synthetic_coco_detections
+from tests.helpers.synthetic_coco import synthetic_coco_detections
 
 assert compat.coco_eval_backend() == "pycocotools", compat.coco_eval_backend()
 assert coco_evaluation.COCOeval_opt is COCOeval and fast_eval_api.COCOeval_opt is COCOeval

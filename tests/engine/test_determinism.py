@@ -7,7 +7,8 @@ import pytest
 import san_det  # noqa: F401
 from san_det.engine import DetectionTrainer
 from san_det.engine.loader import DeterministicBatchStream
-from san_det.engine.testing import register_coco_dataset, simple_images, tiny_retinanet_cfg
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
 
 @pytest.fixture(scope="module")

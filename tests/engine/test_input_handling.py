@@ -14,13 +14,10 @@ from detectron2.engine import HookBase
 
 from san_det.data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
 from san_det.engine import DetectionTrainer, NonFiniteError
-from san_det.engine.testing import (
-    load_script,
-    register_coco_dataset,
-    simple_images,
-    tiny_retinanet_cfg,
-)
 from san_det.errors import CorruptImageError
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.scripts import load_script
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 

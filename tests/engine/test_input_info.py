@@ -8,7 +8,7 @@ import san_det  # noqa: F401
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import ClassifierCheckpointer
-from san_det.engine.testing import train_tiny_retinanet
+from tests.helpers.tiny_detection import train_tiny_retinanet
 from san_det.engine.trainer import TrainerCheckpointer
 from san_det.modeling.input_info import (
     INPUT_INFO_KEY,

@@ -21,12 +21,8 @@ from detectron2.utils import comm
 
 from san_det.engine import DetectionTrainer, NonFiniteError, launch, wrap_ddp
 from san_det.engine.ddp import CPUSyncBatchNorm
-from san_det.engine.testing import (
-    register_coco_dataset,
-    simple_images,
-    tiny_retinanet_cfg,
-    tiny_test_net_cfg,
-)
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.tiny_detection import tiny_retinanet_cfg, tiny_test_net_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 NORMS = ("GN", "SyncBN", "BN")
@@ -213,7 +209,7 @@ _DRIVER = """
 import sys
 sys.path.insert(0, {root!r})
 import san_det
-from san_det.engine.testing import register_coco_dataset
+from tests.helpers.coco_files import register_coco_dataset
 register_coco_dataset("launch_cli_train", {folder!r})
 import train_net
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from detectron2.modeling import build_model
 
 from san_det.data.coco_example import write_coco_example
 from san_det.data.mapper import read_image_robust
-from san_det.engine.testing import tiny_retinanet_cfg, write_coco_dataset
+from tests.helpers.coco_files import write_coco_dataset
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 from san_det.engine.visualize import FilePredictor
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,8 @@ from detectron2.utils.events import EventStorage
 
 from san_det.data.mapper import RobustDatasetMapper, read_image_robust
 from san_det.engine.metrics_json import FiniteJSONWriter
-from san_det.engine.testing import register_coco_dataset, tiny_retinanet_cfg
+from tests.helpers.coco_files import register_coco_dataset
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 from san_det.engine.visualize import drawing_scale, write_prediction_images
 
 

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 
 from san_det.engine.output_lock import LOCK_FILE_NAME, OutputDirInUseError, OutputDirLock
 from san_det.engine.stop_signals import StopSignals, exit_status
-from san_det.engine.testing import process_alive as alive
-from san_det.engine.testing import wait_until
+from tests.helpers.processes import process_alive as alive
+from tests.helpers.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PARENT_WATCH = ROOT / "san_det" / "engine" / "parent_watch.py"

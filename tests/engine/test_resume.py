@@ -13,13 +13,8 @@ import san_det  # noqa: F401
 from detectron2.modeling import build_model
 
 from san_det.engine import CheckpointError, DetectionTrainer, SafeCheckpointer
-from san_det.engine.testing import (
-    register_coco_dataset,
-    simple_images,
-    tiny_retinanet_cfg,
-    tiny_test_net_cfg,
-    train_tiny_retinanet,
-)
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.tiny_detection import tiny_retinanet_cfg, tiny_test_net_cfg, train_tiny_retinanet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +27,7 @@ _DRIVER = """
 import io, os, signal, sys
 sys.path.insert(0, {root!r})
 import san_det
-from san_det.engine.testing import register_coco_dataset
+from tests.helpers.coco_files import register_coco_dataset
 register_coco_dataset("resume_train", {folder!r})
 import torch
 

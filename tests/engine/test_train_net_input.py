@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from san_det.engine.testing import drop_closed_log_handlers, load_script
+from tests.helpers.scripts import drop_closed_log_handlers, load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 R50 = str(ROOT / "configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml")

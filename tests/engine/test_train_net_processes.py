@@ -3,7 +3,7 @@ checkpoint (exit 143 / 130) and ``--resume`` continues bit-exactly; workers die 
 launcher; one run per OUTPUT_DIR; runs share a machine without port clashes; two machines on one
 host and torchrun train as one process does.
 
-The model is :class:`~san_det.engine.testing.TinyTestNet` (GroupNorm, batch-mean loss): two
+The model is :class:`~tests.helpers.tiny_detection.TinyTestNet` (GroupNorm, batch-mean loss): two
 processes with 2 images each train as one process with 4. Runs pause at a chosen iteration (the
 driver's ``HOLD_AT_ITER``: each process writes its pid to ``HOLD_DIR/rank<r>`` when that step
 starts and waits for ``HOLD_DIR/go``), so signals arrive mid-step at a known iteration, whatever
@@ -23,13 +23,9 @@ import pytest
 import torch
 
 from san_det.engine.output_lock import LOCK_FILE_NAME
-from san_det.engine.testing import (
-    process_alive,
-    register_coco_dataset,
-    simple_images,
-    tiny_test_net_cfg,
-    wait_until,
-)
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.processes import process_alive, wait_until
+from tests.helpers.tiny_detection import tiny_test_net_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +37,8 @@ _DRIVER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import san_det
-from san_det.engine.testing import register_coco_dataset  # also registers TinyTestNet
+import tests.helpers.tiny_detection  # registers TinyTestNet
+from tests.helpers.coco_files import register_coco_dataset
 register_coco_dataset("proc_train", {folder!r})
 
 hold_at = os.environ.get("HOLD_AT_ITER")

@@ -1,0 +1,39 @@
+"""Running the repository's scripts from tests: in-process as modules, or as child processes."""
+
+import importlib.util
+import logging
+import os
+
+from .paths import REPO_ROOT
+
+
+def load_script(relative_path: str):
+    """The script at ``relative_path`` of the repository (``"train_net.py"``,
+    ``"tools/analyze_model.py"``) loaded as a module, without running its ``__main__`` block."""
+    path = str(REPO_ROOT / relative_path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child Python process: this one's, one OpenMP thread, the repository
+    root first on ``PYTHONPATH`` (so the child imports ``tests.helpers``), then ``extra``."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
+
+
+def drop_closed_log_handlers() -> None:
+    """Remove logging handlers whose stream is closed. A ``train_net.cli`` run in a test attaches
+    detectron2's console handlers to that test's captured ``sys.stdout``; every later log line
+    through them prints a "--- Logging error ---" traceback."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in list(lg.handlers):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                lg.removeHandler(handler)
