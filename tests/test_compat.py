@@ -18,11 +18,10 @@ from PIL import Image
 import san_det  # noqa: F401  (applies the compatibility patches)
 from san_det import compat
 
-ROOT = Path(__file__).resolve().parents[1]
-
 needs_shim = pytest.mark.skipif(
     compat.HAS_DETECTRON2_EXTENSION, reason="full detectron2 with its C++ extension installed"
 )
+from tests.helpers.paths import REPO_ROOT
 
 
 @pytest.mark.parametrize(
@@ -302,7 +301,7 @@ def _build(kind: str, out_dir) -> Path:
     (a build writes into the source tree)."""
     src = out_dir / "src"
     shutil.copytree(
-        ROOT,
+        REPO_ROOT,
         src,
         ignore=shutil.ignore_patterns(".*", "__pycache__", "*.egg-info", "build", "output*",
                                       "datasets", "tests", "benchmarks", "docs"),

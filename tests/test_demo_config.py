@@ -3,24 +3,22 @@ shapes set; a short training run writes TensorBoard events, the COCO table and p
 
 import glob
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import build_model
 from PIL import Image
 
 import san_det  # noqa: F401
-from detectron2.modeling import build_model
-
 from san_det.attention_maps import attention_layers
 from san_det.data import register_shapes_datasets
 from san_det.engine import DetectionTrainer, setup_cfg
 from san_det.engine.visualize import write_prediction_images
 from san_det.layers import LocalSelfAttention2d
+from tests.helpers.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs/Demo/shapes_retinanet.yaml")
+DEMO = str(REPO_ROOT / "configs/Demo/shapes_retinanet.yaml")
 
 
 def test_demo_config_is_a_small_sasa_retinanet(tmp_path):

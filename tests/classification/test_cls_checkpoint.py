@@ -1,13 +1,10 @@
 """Pretrained classifier -> detection backbone: every backbone weight, identical outputs, errors."""
 
-import importlib.util
 import logging
 import os
 
 import pytest
 import torch
-from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
-from tests.helpers.paths import REPO_ROOT, config_path
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -23,6 +20,9 @@ from san_det.classification.checkpoint import (
     load_classifier_into_detector,
 )
 from san_det.classification.config import get_classification_cfg
+from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.paths import config_path
+from tests.helpers.scripts import load_script
 
 COCO = config_path("COCO-Detection")
 
@@ -175,12 +175,7 @@ def test_remap_rules_on_key_lists():
 
 
 def test_convert_classifier_to_detection_tool(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "convert_classifier_to_detection",
-        os.path.join(REPO_ROOT, "tools", "convert_classifier_to_detection.py"),
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/convert_classifier_to_detection.py")
     cls_cfg = tiny_sasa_cfg()
     classifier, path = _save_classifier(cls_cfg, tmp_path)
     det_cfg = _detection_cfg("retinanet_sasa26.yaml", cls_cfg, "SASA")
@@ -215,8 +210,8 @@ def test_convert_classifier_to_detection_tool(tmp_path, capsys):
 def test_trainers_checkpointer_refuses_a_classifier_of_other_normalisation(tmp_path, caplog):
     """Through the trainers' checkpointer (train_net), the warning above is an error unless
     MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH; with the classifier's normalisation it loads silently."""
-    from san_det.modeling.input_info import InputMismatchError
     from san_det.engine.trainer import TrainerCheckpointer
+    from san_det.modeling.input_info import InputMismatchError
 
     cls_cfg = tiny_sasa_cfg()
     classifier, path = _save_classifier(cls_cfg, tmp_path)

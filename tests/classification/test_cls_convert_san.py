@@ -5,14 +5,12 @@ hszhao/SAN: ``SAN``, ``Bottleneck``, ``SAM``), independently of san_det's SAN co
 checks that the released files map onto our modules 1:1 with the right shapes.
 """
 
-import importlib.util
 import logging
 import os
 from collections import OrderedDict
 
 import pytest
 import torch
-from tests.helpers.paths import REPO_ROOT, config_path
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import CheckpointMismatchError
@@ -21,6 +19,8 @@ from san_det.classification.convert_san import (
     convert_official_san_to_classifier,
     convert_official_san_to_detection,
 )
+from tests.helpers.paths import REPO_ROOT, config_path
+from tests.helpers.scripts import child_env, error_lines, load_script
 
 LAYERS = {10: [2, 1, 2, 4, 1], 15: [3, 2, 3, 5, 2], 19: [3, 3, 4, 6, 3]}
 
@@ -85,9 +85,7 @@ def _official_checkpoint(sa_type, depth, seed=0):
 
 
 def _classifier_cfg(sa_type, depth):
-    cfg = get_classification_cfg(
-        config_path("ImageNet", f"san{depth}_{sa_type}.yaml")
-    )
+    cfg = get_classification_cfg(config_path("ImageNet", f"san{depth}_{sa_type}.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
@@ -111,9 +109,7 @@ def test_official_san10_checkpoint_loads_into_our_classifier(sa_type):
 def test_official_san_checkpoint_into_detection_backbone():
     official = _official_checkpoint("pairwise", 10)
     classifier = build_model(_classifier_cfg("pairwise", 10))
-    det_cfg = get_classification_cfg(
-        config_path("COCO-Detection", "retinanet_san10_pairwise.yaml")
-    )
+    det_cfg = get_classification_cfg(config_path("COCO-Detection", "retinanet_san10_pairwise.yaml"))
     det_cfg.MODEL.DEVICE = "cpu"
     detector = build_model(det_cfg)
     state = convert_official_san_to_detection(
@@ -155,10 +151,7 @@ def test_official_san_errors_name_the_key():
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 def test_convert_tool_end_to_end(tmp_path, capsys):
@@ -228,8 +221,8 @@ def test_converted_backbone_records_the_official_input(converted_detection_backb
 def test_a_converted_backbone_in_a_model_normalising_otherwise_is_refused(
     converted_detection_backbone, caplog
 ):
-    from san_det.modeling.input_info import InputMismatchError
     from san_det.engine.trainer import TrainerCheckpointer
+    from san_det.modeling.input_info import InputMismatchError
 
     _, detector = _san10_detector(*D2_DEFAULT_INPUT)
     before = detector.backbone.bottom_up.conv_in.weight.detach().clone()
@@ -255,10 +248,10 @@ def test_train_net_refuses_it_in_one_line_before_writing(converted_detection_bac
         [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", DETECTION_SAN10,
          "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(converted_detection_backbone),
          *D2_DEFAULT_INPUT, "OUTPUT_DIR", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300, env=child_env(),
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("train_net.py: error:")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1 and "expect other inputs" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from tests.helpers.classification import tiny_resnet_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -24,6 +23,7 @@ from san_det.data.image_folder import (
     register_image_folder,
     register_imagenet,
 )
+from tests.helpers.classification import tiny_resnet_cfg
 
 
 def _image_folder(root, classes, per_class=2, size=(20, 12)):

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
-from tests.helpers.paths import config_path
 from detectron2.modeling import build_model
 from PIL import Image
 
@@ -16,6 +14,8 @@ from san_det.classification import ImageClassifier, is_classification_config
 from san_det.classification.config import get_classification_cfg
 from san_det.classification.solver import resolve_classification_schedule
 from san_det.data.classification_transforms import ClassificationTransform, pil_to_tensor
+from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.paths import config_path
 
 IMAGENET_CONFIGS = sorted(
     p

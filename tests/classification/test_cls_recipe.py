@@ -1,12 +1,9 @@
 """The recipe: LR scaling, epochs, weight decay groups, warm-up + cosine, Nesterov, EMA."""
 
 import math
-import os
 
 import pytest
 import torch
-from tests.helpers.classification import DEMO_CONFIG
-from tests.helpers.paths import config_path
 from detectron2.solver import build_lr_scheduler
 from torch import nn
 
@@ -17,6 +14,8 @@ from san_det.classification.solver import (
     resolve_classification_schedule,
 )
 from san_det.layers import LocalSelfAttention2d
+from tests.helpers.classification import DEMO_CONFIG
+from tests.helpers.paths import config_path
 
 
 def _cfg(**kv):
@@ -81,6 +80,7 @@ def test_warmup_then_cosine_and_no_warmup():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+
     # detectron2's WarmupCosineLR: cosine over the whole run, the warm-up ramps linearly to it.
     def cosine(i):
         return 0.5 * (1 + math.cos(math.pi * i / 100))

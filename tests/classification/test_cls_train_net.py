@@ -1,19 +1,12 @@
 """train_net.py picks the classification trainer from the config: train, then --eval-only."""
 
-import importlib.util
 import json
 import os
 
 import pytest
+
 from tests.helpers.classification import DEMO_CONFIG
-from tests.helpers.paths import REPO_ROOT
-
-
-def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO_ROOT, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.scripts import load_script
 
 
 def test_train_net_trains_and_evaluates_a_classifier(digits32, tmp_path):
@@ -33,7 +26,7 @@ def test_train_net_trains_and_evaluates_a_classifier(digits32, tmp_path):
         "SEED", "0",
         "OUTPUT_DIR", out,
     ]  # fmt: skip
-    train_net = _train_net()
+    train_net = load_script("train_net.py")
     train_net.cli(["--config-file", DEMO_CONFIG] + opts)
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     with open(os.path.join(out, "metrics.json")) as f:
@@ -60,7 +53,7 @@ def test_num_classes_against_the_folders_is_checked_before_anything_is_written(
         "DATASETS.TEST", f"('{val}',)", "CLASSIFICATION.NUM_CLASSES", "5", "OUTPUT_DIR", str(out),
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        _train_net().cli(args)
+        load_script("train_net.py").cli(args)
     assert exit_info.value.code == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert errors == [

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import torch
-from tests.helpers.classification import tiny_resnet_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 
 from san_det.classification import ClassificationTrainer
 from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY
+from tests.helpers.classification import tiny_resnet_cfg
 
 
 def _train(cfg):

@@ -8,14 +8,13 @@ import resource
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-
-import san_det  # noqa: F401  (patches detectron2 before it is imported)
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
+
+import san_det  # noqa: F401  (patches detectron2 before it is imported)
 from san_det.engine import DetectionTrainer, SafeCheckpointer, setup_cfg
 from san_det.engine.checkpoint import (
     ARCHITECTURE_KEY,
@@ -25,14 +24,14 @@ from san_det.engine.checkpoint import (
 )
 from san_det.engine.coco_evaluation import COCOEvaluatorNoDetectionsIsZero
 from san_det.engine.output_lock import LOCK_FILE_NAME
-from tests.helpers.coco_files import register_coco_dataset, simple_images
-from tests.helpers.scripts import drop_closed_log_handlers, load_script
-from tests.helpers.tiny_detection import tiny_retinanet_cfg
 from san_det.modeling.architecture import architecture_config, architecture_differences
+from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.scripts import child_env, drop_closed_log_handlers, error_lines, load_script
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = str(ROOT / "configs/Demo/shapes_retinanet.yaml")
-SAN10 = str(ROOT / "configs/COCO-Detection/retinanet_san10_pairwise.yaml")
+DEMO = str(REPO_ROOT / "configs/Demo/shapes_retinanet.yaml")
+SAN10 = str(REPO_ROOT / "configs/COCO-Detection/retinanet_san10_pairwise.yaml")
 
 
 train_net = load_script("train_net.py")
@@ -54,7 +53,7 @@ def _cli(capsys, *args, output_dir):
     with pytest.raises(SystemExit) as info:
         train_net.cli(["--config-file", DEMO, *args, "OUTPUT_DIR", str(output_dir)])
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("train_net.py: error:")]
+    errors = error_lines(err)
     assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
     return errors[0]
 
@@ -291,10 +290,10 @@ def test_train_net_on_a_full_disk_reports_one_line(tmp_path):
         text=True,
         timeout=600,
         preexec_fn=limit_file_size,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=child_env(helpers=True),
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("train_net.py: error")]
+    errors = error_lines(proc.stderr)
     assert errors == [
         f"train_net.py: error: cannot write {out / 'model_final.pth'}: File too large (EFBIG); "
         "it was not written, the last complete checkpoint is none"

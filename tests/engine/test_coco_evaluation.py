@@ -17,8 +17,9 @@ from pycocotools.cocoeval import COCOeval
 
 import san_det  # noqa: F401  (patches detectron2)
 from san_det import compat
-from tests.helpers.synthetic_coco import process_coco_results, synthetic_coco_detections
 from san_det.engine.trainer import build_coco_evaluator
+from tests.helpers.scripts import child_env
+from tests.helpers.synthetic_coco import process_coco_results, synthetic_coco_detections
 
 needs_shim = pytest.mark.skipif(
     compat.HAS_DETECTRON2_EXTENSION, reason="full detectron2: COCOeval_opt is its C++ evaluator"
@@ -169,6 +170,11 @@ print("AP", e.stats[0])
 
 @needs_shim
 def test_pycocotools_is_the_fallback_without_faster_coco_eval():
-    run = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", _FALLBACK],
+        capture_output=True,
+        text=True,
+        env=child_env(helpers=True),
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("AP 0.")

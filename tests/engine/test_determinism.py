@@ -92,8 +92,15 @@ def test_augmentation_randomness_depends_on_position_only():
 
 def test_skipped_images_are_replaced_deterministically():
     dicts = [{"i": i} for i in range(4)]
-    stream = DeterministicBatchStream(dicts, lambda d: None if d["i"] == 2 else d["i"], 1,
-                                      seed=0, shuffle=False, rank=0, world_size=1)
+    stream = DeterministicBatchStream(
+        dicts,
+        lambda d: None if d["i"] == 2 else d["i"],
+        1,
+        seed=0,
+        shuffle=False,
+        rank=0,
+        world_size=1,
+    )
     assert [stream.load(p, stream.index_at(p)) for p in range(4)] == [0, 1, 3, 3]
     dead = DeterministicBatchStream(dicts, lambda d: None, 1, seed=0, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="none of the 4 training images"):

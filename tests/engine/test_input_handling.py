@@ -7,24 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import san_det  # noqa: F401
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 
+import san_det  # noqa: F401
 from san_det.data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
 from san_det.engine import DetectionTrainer, NonFiniteError
 from san_det.errors import CorruptImageError
 from tests.helpers.coco_files import register_coco_dataset, simple_images
-from tests.helpers.scripts import load_script
+from tests.helpers.scripts import error_lines, load_script
 from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _error_lines(capsys):
-    err = capsys.readouterr().err
-    return [line for line in err.splitlines() if line.startswith("train_net.py: error")]
 BOX = [[8.0, 8.0, 20.0, 20.0]]
 
 
@@ -45,16 +38,20 @@ def _trainer(tmp_path, name, images, iters=2, **cfg_changes):
 # ------------------------------------------------------------------------- unreadable images
 @pytest.mark.parametrize("broken", ["truncated", "garbage", "missing"])
 def test_unreadable_image_stops_training_naming_the_file(tmp_path, broken):
-    images = [{"name": "good.png", "boxes": BOX},
-              {"name": "bad.jpg", "boxes": BOX, "broken": broken}]
+    images = [
+        {"name": "good.png", "boxes": BOX},
+        {"name": "bad.jpg", "boxes": BOX, "broken": broken},
+    ]
     trainer = _trainer(tmp_path, f"unreadable_{broken}", images)
     with pytest.raises(CorruptImageError, match=r"cannot read image .*bad\.jpg"):
         trainer.train()
 
 
 def test_unreadable_image_is_skipped_with_a_warning_when_allowed(tmp_path, caplog):
-    images = [{"name": "good.png", "boxes": BOX},
-              {"name": "bad.jpg", "boxes": BOX, "broken": "truncated"}]
+    images = [
+        {"name": "good.png", "boxes": BOX},
+        {"name": "bad.jpg", "boxes": BOX, "broken": "truncated"},
+    ]
     skip = {"DATALOADER.SKIP_CORRUPT_IMAGES": True}
     trainer = _trainer(tmp_path, "skip", images, iters=3, **skip)
     seen = []
@@ -78,14 +75,21 @@ def test_train_net_reports_an_unreadable_image_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         load_script("train_net.py").cli(["--config-file", str(tmp_path / "tiny.yaml")])
     assert info.value.code == 2
-    errors = _error_lines(capsys)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and str(tmp_path / "data" / "bad.jpg") in errors[0], errors
     assert "Traceback" not in errors[0] and "truncated" in errors[0], errors
 
 
 # ------------------------------------------------------------------------------ image modes
-MODES = [("gray.png", "L"), ("gray_alpha.png", "LA"), ("rgba.png", "RGBA"), ("palette.png", "P"),
-         ("gray16.png", "I;16"), ("cmyk.jpg", "CMYK"), ("binary.png", "1")]
+MODES = [
+    ("gray.png", "L"),
+    ("gray_alpha.png", "LA"),
+    ("rgba.png", "RGBA"),
+    ("palette.png", "P"),
+    ("gray16.png", "I;16"),
+    ("cmyk.jpg", "CMYK"),
+    ("binary.png", "1"),
+]
 
 
 def test_every_image_mode_is_read_as_bgr_and_trains(tmp_path):
@@ -115,8 +119,10 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted(tmp_path, caplog):
         [70, 70, 10, 10],  # fully outside -> dropped
         [float("nan"), 4, 10, 10],  # NaN -> dropped
     ]
-    images = [{"name": "boxes.png", "boxes": boxes, "classes": [0, 1, 2, 0, 1, 2, 0]},
-              {"name": "all_bad.png", "boxes": [[3, 3, 0, 0]]}]
+    images = [
+        {"name": "boxes.png", "boxes": boxes, "classes": [0, 1, 2, 0, 1, 2, 0]},
+        {"name": "all_bad.png", "boxes": [[3, 3, 0, 0]]},
+    ]
     register_coco_dataset("bad_boxes", str(tmp_path / "data"), images)
     dicts = DatasetCatalog.get("bad_boxes")
     with caplog.at_level(logging.WARNING):
@@ -182,8 +188,9 @@ def _last_checkpoint(trainer):
 
 
 def test_nan_loss_stops_with_the_iteration_keeping_the_last_good_checkpoint(tmp_path):
-    trainer = _trainer(tmp_path, "nan_loss", simple_images(4), iters=8,
-                       **{"SOLVER.CHECKPOINT_PERIOD": 2})
+    trainer = _trainer(
+        tmp_path, "nan_loss", simple_images(4), iters=8, **{"SOLVER.CHECKPOINT_PERIOD": 2}
+    )
     trainer.register_hooks([_Poison(at=2)])  # after the checkpointer: iteration 3 sees NaN
     expected = r"non-finite loss at iteration 3 .*model_0000001\.pth"
     with pytest.raises(NonFiniteError, match=expected):
@@ -193,8 +200,9 @@ def test_nan_loss_stops_with_the_iteration_keeping_the_last_good_checkpoint(tmp_
 
 
 def test_a_nan_model_is_never_checkpointed(tmp_path):
-    trainer = _trainer(tmp_path, "nan_save", simple_images(4), iters=8,
-                       **{"SOLVER.CHECKPOINT_PERIOD": 2})
+    trainer = _trainer(
+        tmp_path, "nan_save", simple_images(4), iters=8, **{"SOLVER.CHECKPOINT_PERIOD": 2}
+    )
     trainer.register_hooks([_Poison(at=3)])
     trainer._hooks.insert(0, trainer._hooks.pop())  # poison before the checkpoint of iteration 3
     with pytest.raises(NonFiniteError, match=r"head.cls_score.weight.*iteration 3.*not written"):
@@ -211,7 +219,7 @@ def test_diverging_training_stops_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         load_script("train_net.py").cli(["--config-file", str(tmp_path / "tiny.yaml")])
     assert info.value.code == 1
-    errors = _error_lines(capsys)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "non-finite" in errors[0] and "at iteration" in errors[0], errors
     last = (tmp_path / "out" / "last_checkpoint").read_text()
     assert last in errors[0]

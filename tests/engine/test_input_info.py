@@ -3,12 +3,10 @@ a model configured otherwise is an error (one line) unless MODEL.WEIGHTS_ALLOW_I
 
 import pytest
 import torch
-
-import san_det  # noqa: F401
 from detectron2.modeling import build_model
 
+import san_det  # noqa: F401
 from san_det.classification.checkpoint import ClassifierCheckpointer
-from tests.helpers.tiny_detection import train_tiny_retinanet
 from san_det.engine.trainer import TrainerCheckpointer
 from san_det.modeling.input_info import (
     INPUT_INFO_KEY,
@@ -16,6 +14,7 @@ from san_det.modeling.input_info import (
     describe_input_mismatch,
     input_info_from_cfg,
 )
+from tests.helpers.tiny_detection import train_tiny_retinanet
 
 
 def test_the_trainers_checkpointer_loads_classifiers():

@@ -10,21 +10,20 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-import san_det  # noqa: F401
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+import san_det  # noqa: F401
 from san_det.engine import DetectionTrainer, NonFiniteError, launch, wrap_ddp
 from san_det.engine.ddp import CPUSyncBatchNorm
 from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.scripts import child_env
 from tests.helpers.tiny_detection import tiny_retinanet_cfg, tiny_test_net_cfg
 
-ROOT = Path(__file__).resolve().parents[2]
 NORMS = ("GN", "SyncBN", "BN")
 ITERS = 3
 
@@ -52,8 +51,14 @@ def _worker(folder, out_root, total_batch, result_path):
     retinanet = _retinanet_straight_and_resumed(folder, out_root, total_batch)
     if comm.is_main_process():
         torch.save(
-            {"weights": results, "norm_types": kinds, "world": comm.get_world_size(),
-             "replicas": gathered, "nan_error": nan_error, "retinanet": retinanet},
+            {
+                "weights": results,
+                "norm_types": kinds,
+                "world": comm.get_world_size(),
+                "replicas": gathered,
+                "nan_error": nan_error,
+                "retinanet": retinanet,
+            },
             result_path,
         )
 
@@ -111,8 +116,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     folder = str(root / "data")
     register_coco_dataset("launch_train", folder, simple_images(12, seed=3))
-    launch(_worker, 2, dist_url="auto", args=(folder, str(root / "two"), 4, str(root / "two.pt")),
-           device="cpu")
+    launch(
+        _worker,
+        2,
+        dist_url="auto",
+        args=(folder, str(root / "two"), 4, str(root / "two.pt")),
+        device="cpu",
+    )
     two = torch.load(root / "two.pt")
     one = {norm: _train(folder, str(root / "one"), norm, 4)[0] for norm in ("GN", "BN")}
     one_small = _train(folder, str(root / "small"), "GN", 2)[0]
@@ -224,12 +234,23 @@ def test_train_net_runs_two_cpu_processes(tmp_path):
     cfg = tiny_retinanet_cfg(str(tmp_path / "out"), ("launch_cli_train",), max_iter=3)
     cfg.SOLVER.IMS_PER_BATCH = 4
     (tmp_path / "tiny.yaml").write_text(cfg.dump())
-    (tmp_path / "driver.py").write_text(_DRIVER.format(root=str(ROOT), folder=str(folder)))
+    (tmp_path / "driver.py").write_text(_DRIVER.format(root=str(REPO_ROOT), folder=str(folder)))
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "driver.py"), "--config-file", str(tmp_path / "tiny.yaml"),
-         "--num-processes", "2", "--dist-url", "auto"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [
+            sys.executable,
+            str(tmp_path / "driver.py"),
+            "--config-file",
+            str(tmp_path / "tiny.yaml"),
+            "--num-processes",
+            "2",
+            "--dist-url",
+            "auto",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "out" / "log.txt").read_text()

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "configs/Demo/own_coco_example.yaml")
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.scripts import child_env, error_lines
+
+CONFIG = str(REPO_ROOT / "configs/Demo/own_coco_example.yaml")
 FAST = [
     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2",
     "DATALOADER.NUM_WORKERS", "0", "TEST.PREDICTION_IMAGES", "2",
@@ -23,12 +24,12 @@ FAST = [
 def _run(cwd, *args, timeout=600):
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=child_env(),
     )  # fmt: skip
 
 
 def _train_net(cwd, *args):
-    return _run(cwd, str(ROOT / "train_net.py"), "--config-file", CONFIG, *args)
+    return _run(cwd, str(REPO_ROOT / "train_net.py"), "--config-file", CONFIG, *args)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,14 @@ def workdir(tmp_path_factory):
     """A folder holding datasets/shapes_coco, where the config's relative paths lead."""
     cwd = tmp_path_factory.mktemp("own_coco")
     proc = _run(
-        cwd, str(ROOT / "tools/make_coco_example.py"), "--output", "datasets/shapes_coco",
+        cwd, str(REPO_ROOT / "tools/make_coco_example.py"), "--output", "datasets/shapes_coco",
         "--num-train", "8", "--num-val", "4",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "instances_train.json" in proc.stdout
-    again = _run(cwd, str(ROOT / "tools/make_coco_example.py"), "--output", "datasets/shapes_coco")
+    again = _run(
+        cwd, str(REPO_ROOT / "tools/make_coco_example.py"), "--output", "datasets/shapes_coco"
+    )
     assert again.returncode == 2 and "not an empty folder" in again.stderr
     return cwd
 
@@ -50,7 +53,7 @@ def workdir(tmp_path_factory):
 def test_num_classes_mismatch_is_one_line_before_anything_is_written(workdir, num_classes):
     proc = _train_net(workdir, "MODEL.RETINANET.NUM_CLASSES", num_classes, "OUTPUT_DIR", "bad")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train_net.py: error:")]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"NUM_CLASSES is {num_classes} but dataset 'shapes_coco_" in lines[0]
     assert "has 4 categories" in lines[0]
@@ -85,7 +88,7 @@ def test_train_two_processes_then_eval_only_then_resume(workdir):
     for p in (out / "predictions/shapes_coco_val").iterdir():
         p.unlink()
     proc = _run(
-        workdir, str(ROOT / "train_net.py"), "--config-file", "out/config.yaml", "--eval-only",
+        workdir, str(REPO_ROOT / "train_net.py"), "--config-file", "out/config.yaml", "--eval-only",
         "MODEL.WEIGHTS", "out/model_final.pth", "TEST.PREDICTION_IMAGES", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,40 +1,31 @@
 """tools/predict.py: drawings and COCO results for a folder of images, read as evaluation reads
 them; bad input is one line, exit status 2, nothing written."""
 
-import importlib.util
 import json
 import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import build_model
 from PIL import Image
 
 import san_det  # noqa: F401
-from detectron2.modeling import build_model
-
 from san_det.data.coco_example import write_coco_example
 from san_det.data.mapper import read_image_robust
-from tests.helpers.coco_files import write_coco_dataset
-from tests.helpers.tiny_detection import tiny_retinanet_cfg
 from san_det.engine.visualize import FilePredictor
+from tests.helpers.coco_files import write_coco_dataset
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.scripts import child_env, load_script
+from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
-ROOT = Path(__file__).resolve().parents[2]
 MODES = ["RGB", "I;16", "RGBA", "CMYK", "P", "L"]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("predict_tool", ROOT / "tools" / "predict.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-predict_tool = _load_tool()
+predict_tool = load_script("tools/predict.py")
 
 
 @pytest.fixture(autouse=True)
@@ -82,9 +73,9 @@ def _main(capsys, setup, *args):
 def test_predict_on_a_folder_as_a_user(setup, tmp_path):
     out = tmp_path / "pred"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/predict.py"), "--config-file", str(setup / "model.yaml"),
+        [sys.executable, str(REPO_ROOT / "tools/predict.py"), "--config-file", str(setup / "model.yaml"),
          "--input", str(setup / "images"), "--output", str(out), "--confidence-threshold", "0"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300, env=child_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(MODES)}/{len(MODES)} images" in proc.stdout  # the progress line

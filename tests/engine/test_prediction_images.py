@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import san_det  # noqa: F401
 from detectron2.data import DatasetCatalog
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from PIL import Image
 
+import san_det  # noqa: F401
 from san_det.data.mapper import RobustDatasetMapper, read_image_robust
 from san_det.engine.metrics_json import FiniteJSONWriter
+from san_det.engine.visualize import drawing_scale, write_prediction_images
 from tests.helpers.coco_files import register_coco_dataset
 from tests.helpers.tiny_detection import tiny_retinanet_cfg
-from san_det.engine.visualize import drawing_scale, write_prediction_images
 
 
 class RecordingDetector(torch.nn.Module):

@@ -16,12 +16,13 @@ import torch.multiprocessing as mp
 
 from san_det.engine.output_lock import LOCK_FILE_NAME, OutputDirInUseError, OutputDirLock
 from san_det.engine.stop_signals import StopSignals, exit_status
+from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import process_alive as alive
 from tests.helpers.processes import wait_until
+from tests.helpers.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-PARENT_WATCH = ROOT / "san_det" / "engine" / "parent_watch.py"
-STOP_SIGNALS = ROOT / "san_det" / "engine" / "stop_signals.py"
+PARENT_WATCH = REPO_ROOT / "san_det" / "engine" / "parent_watch.py"
+STOP_SIGNALS = REPO_ROOT / "san_det" / "engine" / "stop_signals.py"
 LINUX = sys.platform.startswith("linux")
 
 
@@ -173,7 +174,7 @@ _HOLDER = textwrap.dedent("""
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path, caplog):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLDER, str(REPO_ROOT), str(out)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -218,15 +219,6 @@ def test_spawned_workers_hold_the_launchers_lock(tmp_path):
         assert again.locked
 
 
-def _train_net():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -239,10 +231,10 @@ def _train_net():
     ],
 )
 def test_train_net_refuses_bad_machine_arguments(tmp_path, capsys, args, message):
-    config = ROOT / "configs" / "COCO-Detection" / "retinanet_R_50_FPN_1x.yaml"
+    config = REPO_ROOT / "configs" / "COCO-Detection" / "retinanet_R_50_FPN_1x.yaml"
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        _train_net().cli(
+        load_script("train_net.py").cli(
             [
                 "--config-file",
                 str(config),

@@ -1,27 +1,19 @@
 """Crash-safe resume: SIGKILL after a checkpoint and while writing one, then --resume; corrupt and
 mismatched checkpoints give errors naming the file and the first mismatched key."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-import san_det  # noqa: F401
 from detectron2.modeling import build_model
 
+import san_det  # noqa: F401
 from san_det.engine import CheckpointError, DetectionTrainer, SafeCheckpointer
 from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.scripts import child_env, error_lines, load_script
 from tests.helpers.tiny_detection import tiny_retinanet_cfg, tiny_test_net_cfg, train_tiny_retinanet
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _error_lines(capsys):
-    err = capsys.readouterr().err
-    return [line for line in err.splitlines() if line.startswith("train_net.py: error")]
 
 _DRIVER = """
 import io, os, signal, sys
@@ -70,15 +62,25 @@ def _write_inputs(tmp_path):
     cfg.DATALOADER.NUM_WORKERS = 2
     cfg.SEED = 5
     (tmp_path / "tiny.yaml").write_text(cfg.dump())
-    (tmp_path / "driver.py").write_text(_DRIVER.format(root=str(ROOT), folder=str(folder)))
+    (tmp_path / "driver.py").write_text(_DRIVER.format(root=str(REPO_ROOT), folder=str(folder)))
 
 
 def _run(tmp_path, out, *extra, env=None):
     return subprocess.run(
-        [sys.executable, str(tmp_path / "driver.py"), "--config-file", str(tmp_path / "tiny.yaml"),
-         *extra, "OUTPUT_DIR", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+        [
+            sys.executable,
+            str(tmp_path / "driver.py"),
+            "--config-file",
+            str(tmp_path / "tiny.yaml"),
+            *extra,
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(**(env or {})),
     )
 
 
@@ -154,8 +156,6 @@ def test_truncated_checkpoint_names_the_file(trained, tmp_path):
 
 
 def test_train_net_reports_a_truncated_checkpoint_in_one_line(trained, tmp_path, capsys):
-    import importlib.util
-
     root, cfg = trained
     out = tmp_path / "out"
     out.mkdir()
@@ -163,14 +163,13 @@ def test_train_net_reports_a_truncated_checkpoint_in_one_line(trained, tmp_path,
     (out / "model_final.pth").write_bytes(data[:1000])
     (out / "last_checkpoint").write_text("model_final.pth")
     (tmp_path / "tiny.yaml").write_text(cfg.dump())
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_script("train_net.py")
     with pytest.raises(SystemExit) as info:
-        train_net.cli(["--config-file", str(tmp_path / "tiny.yaml"), "--resume",
-                       "OUTPUT_DIR", str(out)])
+        train_net.cli(
+            ["--config-file", str(tmp_path / "tiny.yaml"), "--resume", "OUTPUT_DIR", str(out)]
+        )
     assert info.value.code == 2
-    errors = _error_lines(capsys)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and str(out / "model_final.pth") in errors[0], errors
 
 
@@ -250,20 +249,25 @@ def test_random_seed_is_stored_and_restored_on_resume(trained, tmp_path):
 
 
 def test_eval_only_with_a_mismatched_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
-    import importlib.util
-
     root, cfg = trained
     cfg = cfg.clone()
     cfg.MODEL.RETINANET.NUM_CONVS = 2
     (tmp_path / "tiny.yaml").write_text(cfg.dump())
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_script("train_net.py")
     weights = str(root / "out" / "model_final.pth")
     with pytest.raises(SystemExit) as info:
-        train_net.cli(["--config-file", str(tmp_path / "tiny.yaml"), "--eval-only",
-                       "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "out")])
+        train_net.cli(
+            [
+                "--config-file",
+                str(tmp_path / "tiny.yaml"),
+                "--eval-only",
+                "MODEL.WEIGHTS",
+                weights,
+                "OUTPUT_DIR",
+                str(tmp_path / "out"),
+            ]
+        )
     assert info.value.code == 2
-    errors = _error_lines(capsys)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and weights in errors[0], errors
     assert "'head.cls_subnet.2.weight'" in errors[0], errors

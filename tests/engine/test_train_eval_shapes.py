@@ -1,35 +1,38 @@
 """A few training iterations on the shapes set, then COCO evaluation through pycocotools."""
 
 import math
-from pathlib import Path
 
 import pytest
 
 import san_det  # noqa: F401
 from san_det.data import register_shapes_datasets
 from san_det.engine import DetectionTrainer, setup_cfg, validate_datasets
+from tests.helpers.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = str(ROOT / "configs/Demo/shapes_retinanet.yaml")
+DEMO = str(REPO_ROOT / "configs/Demo/shapes_retinanet.yaml")
+
+
+def _demo_cfg(tmp_path, prefix: str, num_train: int, num_val: int, *overrides: str):
+    """The demo config on fresh shapes sets ``<prefix>_train`` / ``<prefix>_val`` in
+    ``tmp_path/data``, without data-loader workers, writing into ``tmp_path/out``."""
+    root = str(tmp_path / "data")
+    register_shapes_datasets(root=root, num_train=num_train, num_val=num_val, prefix=prefix)
+    common = ["DATASETS.TRAIN", f"('{prefix}_train',)", "DATALOADER.NUM_WORKERS", "0"]
+    return setup_cfg(DEMO, [*common, *overrides, "OUTPUT_DIR", str(tmp_path / "out")])
 
 
 @pytest.mark.slow
 def test_train_then_coco_eval(tmp_path):
-    register_shapes_datasets(root=str(tmp_path / "data"), num_train=24, num_val=8, prefix="tshapes")
-    cfg = setup_cfg(
-        DEMO,
-        [
-            "DATASETS.TRAIN", "('tshapes_train',)",
-            "DATASETS.TEST", "('tshapes_val',)",
-            "SOLVER.MAX_ITER", "3",
-            "SOLVER.IMS_PER_BATCH", "4",
-            "SOLVER.WARMUP_ITERS", "1",
-            "DATALOADER.NUM_WORKERS", "0",
-            # an untrained model scores below the default 0.05: keep every detection so that
-            # pycocotools really evaluates predictions
-            "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-            "OUTPUT_DIR", str(tmp_path / "out"),
-        ],
+    cfg = _demo_cfg(
+        tmp_path,
+        "tshapes",
+        24,
+        8,
+        *("DATASETS.TEST", "('tshapes_val',)", "SOLVER.MAX_ITER", "3"),
+        *("SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1"),
+        # an untrained model scores below the default 0.05: keep every detection so that
+        # pycocotools really evaluates predictions
+        *("MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"),
     )
     validate_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     trainer = DetectionTrainer(cfg)
@@ -51,19 +54,13 @@ def test_train_then_coco_eval(tmp_path):
 @pytest.mark.slow
 def test_demo_config_loss_decreases(tmp_path):
     """A short run of the demo model (the config `make demo` trains) learns: the loss falls."""
-    register_shapes_datasets(root=str(tmp_path / "data"), num_train=64, num_val=4, prefix="lshapes")
-    cfg = setup_cfg(
-        DEMO,
-        [
-            "DATASETS.TRAIN", "('lshapes_train',)",
-            "DATASETS.TEST", "()",
-            "SOLVER.MAX_ITER", "25",
-            "SOLVER.IMS_PER_BATCH", "8",
-            "SOLVER.WARMUP_ITERS", "5",
-            "DATALOADER.NUM_WORKERS", "0",
-            "SEED", "3",
-            "OUTPUT_DIR", str(tmp_path / "out"),
-        ],
+    cfg = _demo_cfg(
+        tmp_path,
+        "lshapes",
+        64,
+        4,
+        *("DATASETS.TEST", "()", "SOLVER.MAX_ITER", "25", "SOLVER.IMS_PER_BATCH", "8"),
+        *("SOLVER.WARMUP_ITERS", "5", "SEED", "3"),
     )
     trainer = DetectionTrainer(cfg)
     trainer.resume_or_load(resume=False)

@@ -3,14 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers.scripts import drop_closed_log_handlers, load_script
+from tests.helpers.paths import REPO_ROOT
+from tests.helpers.scripts import drop_closed_log_handlers, error_lines, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-R50 = str(ROOT / "configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+R50 = str(REPO_ROOT / "configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml")
 
 
 train_net = load_script("train_net.py")
@@ -44,7 +43,7 @@ def run_train_net(*args, env=None):
     full_env = dict(os.environ, **(env or {}))
     proc = subprocess.run(
         [sys.executable, "train_net.py", *args],
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         env=full_env,
@@ -55,7 +54,7 @@ def run_train_net(*args, env=None):
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("train_net.py: error:")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
@@ -69,7 +68,10 @@ def assert_one_line_error(proc, *fragments):
         (["--config-file", R50, "MODEL.NO_SUCH_KEY", "1"], ["Non-existent", "MODEL.NO_SUCH_KEY"]),
         (["--config-file", R50, "SOLVER.MAX_ITER", "abc"], ["SOLVER.MAX_ITER"]),
         (["--config-file", R50, "SOLVER.MAX_ITER"], ["KEY VALUE"]),
-        (["--config-file", R50, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "/nope.pth"], ["/nope.pth"]),
+        (
+            ["--config-file", R50, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "/nope.pth"],
+            ["/nope.pth"],
+        ),
     ],
 )
 def test_bad_arguments(args, fragments, tmp_path, capsys):
@@ -87,7 +89,12 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
 
 def test_missing_coco_names_expected_path(tmp_path):
     proc = run_train_net(
-        "--config-file", R50, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "out"),
+        "--config-file",
+        R50,
+        "MODEL.DEVICE",
+        "cpu",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
         env={"DETECTRON2_DATASETS": str(tmp_path / "datasets")},
     )
     assert_one_line_error(proc, "coco_2017", str(tmp_path / "datasets"), "DETECTRON2_DATASETS")
@@ -97,7 +104,9 @@ def test_missing_coco_names_expected_path(tmp_path):
 def test_unwritable_output_dir(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = cli_in_process(capsys, "--config-file", R50, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(blocker / "x"))
+    proc = cli_in_process(
+        capsys, "--config-file", R50, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(blocker / "x")
+    )
     assert_one_line_error(proc, "OUTPUT_DIR", str(blocker / "x"))
 
 
@@ -119,10 +128,10 @@ def test_missing_config_file_from_the_shell(tmp_path):
 # Config values the model, the solver or the input pipeline cannot use: refused by check_input
 # (model built on the meta device, smallest inputs probed) before the output folder exists.
 # ------------------------------------------------------------------------------------------------
-DEMO = str(ROOT / "configs/Demo/shapes_retinanet.yaml")
-SAN10 = str(ROOT / "configs/COCO-Detection/retinanet_san10_pairwise.yaml")
-ATTENTION_HEAD = str(ROOT / "configs/COCO-Detection/retinanet_sasa50_attention_fpn_head.yaml")
-CLASSIFIER = str(ROOT / "configs/ImageNet/embedded_cpu_demo.yaml")
+DEMO = str(REPO_ROOT / "configs/Demo/shapes_retinanet.yaml")
+SAN10 = str(REPO_ROOT / "configs/COCO-Detection/retinanet_san10_pairwise.yaml")
+ATTENTION_HEAD = str(REPO_ROOT / "configs/COCO-Detection/retinanet_sasa50_attention_fpn_head.yaml")
+CLASSIFIER = str(REPO_ROOT / "configs/ImageNet/embedded_cpu_demo.yaml")
 CPU = ["MODEL.DEVICE", "cpu"]
 
 CONFIG_CASES = [
@@ -134,8 +143,11 @@ CONFIG_CASES = [
     (DEMO, ["MODEL.SASA.NUM_HEADS", "0"], ["MODEL.SASA.NUM_HEADS must be a positive int"]),
     (DEMO, ["MODEL.SASA.DEPTH", "34"], ["MODEL.SASA.DEPTH must be one of"]),
     (DEMO, ["MODEL.SASA.NORM", "LN"], ["MODEL.SASA.NORM must be one of"]),
-    (DEMO, ["MODEL.SASA.STEM", "attention", "MODEL.SASA.STEM_NUM_HEADS", "3"],
-     ["MODEL.SASA.STEM_NUM_HEADS=3"]),
+    (
+        DEMO,
+        ["MODEL.SASA.STEM", "attention", "MODEL.SASA.STEM_NUM_HEADS", "3"],
+        ["MODEL.SASA.STEM_NUM_HEADS=3"],
+    ),
     # solver
     (DEMO, ["SOLVER.IMS_PER_BATCH", "0"], ["SOLVER.IMS_PER_BATCH", "got 0"]),
     (DEMO, ["SOLVER.IMS_PER_BATCH", "-1"], ["SOLVER.IMS_PER_BATCH", "got -1"]),
@@ -145,17 +157,32 @@ CONFIG_CASES = [
     (DEMO, ["MODEL.RETINANET.NUM_CLASSES", "0"], ["MODEL.RETINANET.NUM_CLASSES must be >= 1"]),
     (R50, CPU + ["MODEL.RETINANET.NUM_CLASSES", "0"], ["MODEL.RETINANET.NUM_CLASSES"]),
     (DEMO, ["MODEL.RETINANET.HEAD_NAME", "NoSuchHead"], ["MODEL.RETINANET.HEAD_NAME must be"]),
-    (ATTENTION_HEAD, CPU + ["MODEL.RETINANET.ATTENTION_NUM_HEADS", "5"],
-     ["MODEL.RETINANET.ATTENTION_NUM_HEADS=5 must divide"]),
-    (ATTENTION_HEAD, CPU + ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE", "6"],
-     ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE must be odd"]),
+    (
+        ATTENTION_HEAD,
+        CPU + ["MODEL.RETINANET.ATTENTION_NUM_HEADS", "5"],
+        ["MODEL.RETINANET.ATTENTION_NUM_HEADS=5 must divide"],
+    ),
+    (
+        ATTENTION_HEAD,
+        CPU + ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE", "6"],
+        ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE must be odd"],
+    ),
     # FPN
-    (ATTENTION_HEAD, CPU + ["MODEL.FPN.ATTENTION_NUM_HEADS", "3"],
-     ["MODEL.FPN.ATTENTION_NUM_HEADS=3 must divide"]),
-    (ATTENTION_HEAD, CPU + ["MODEL.FPN.ATTENTION_KERNEL_SIZE", "0"],
-     ["MODEL.FPN.ATTENTION_KERNEL_SIZE must be an odd positive"]),
-    (ATTENTION_HEAD, CPU + ["MODEL.FPN.TOP_BLOCK_IN_FEATURE", "c5"],
-     ["MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of"]),
+    (
+        ATTENTION_HEAD,
+        CPU + ["MODEL.FPN.ATTENTION_NUM_HEADS", "3"],
+        ["MODEL.FPN.ATTENTION_NUM_HEADS=3 must divide"],
+    ),
+    (
+        ATTENTION_HEAD,
+        CPU + ["MODEL.FPN.ATTENTION_KERNEL_SIZE", "0"],
+        ["MODEL.FPN.ATTENTION_KERNEL_SIZE must be an odd positive"],
+    ),
+    (
+        ATTENTION_HEAD,
+        CPU + ["MODEL.FPN.TOP_BLOCK_IN_FEATURE", "c5"],
+        ["MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of"],
+    ),
     (DEMO, ["MODEL.FPN.IN_FEATURES", "['res3', 'res6']"], ["MODEL.FPN.IN_FEATURES", "res6"]),
     # SAN keys
     (SAN10, CPU + ["MODEL.SAN.DEPTH", "26"], ["MODEL.SAN.DEPTH must be one of [10, 15, 19]"]),
@@ -172,19 +199,34 @@ CONFIG_CASES = [
     # input sizes
     (DEMO, ["INPUT.MIN_SIZE_TRAIN", "(-5,)"], ["INPUT.MIN_SIZE_TRAIN must list sizes >= 0"]),
     (DEMO, ["INPUT.MAX_SIZE_TEST", "0"], ["INPUT.MAX_SIZE_TEST must be >= 1"]),
-    (DEMO, ["INPUT.MIN_SIZE_TRAIN", "(1,)", "SOLVER.IMS_PER_BATCH", "1"],
-     ["cannot take training on 1x1 images", "1 per process", "Expected more than 1 value"]),
-    (SAN10, CPU + ["INPUT.MIN_SIZE_TRAIN", "(64,)"],
-     ["cannot take training on 64x64 images", "INPUT.MIN_SIZE_TRAIN", "MODEL.SAN.PAD_MODE"]),
-    (SAN10, CPU + ["INPUT.MIN_SIZE_TEST", "96"],
-     ["cannot take inference on 96x96 images", "INPUT.MIN_SIZE_TEST", "reflection padding"]),
+    (
+        DEMO,
+        ["INPUT.MIN_SIZE_TRAIN", "(1,)", "SOLVER.IMS_PER_BATCH", "1"],
+        ["cannot take training on 1x1 images", "1 per process", "Expected more than 1 value"],
+    ),
+    (
+        SAN10,
+        CPU + ["INPUT.MIN_SIZE_TRAIN", "(64,)"],
+        ["cannot take training on 64x64 images", "INPUT.MIN_SIZE_TRAIN", "MODEL.SAN.PAD_MODE"],
+    ),
+    (
+        SAN10,
+        CPU + ["INPUT.MIN_SIZE_TEST", "96"],
+        ["cannot take inference on 96x96 images", "INPUT.MIN_SIZE_TEST", "reflection padding"],
+    ),
     # classification
-    (CLASSIFIER, ["SOLVER.MAX_ITER", "3"],
-     ["CLASSIFICATION.SOLVER.EPOCHS 8 sets SOLVER.MAX_ITER", "(to 3)"]),
+    (
+        CLASSIFIER,
+        ["SOLVER.MAX_ITER", "3"],
+        ["CLASSIFICATION.SOLVER.EPOCHS 8 sets SOLVER.MAX_ITER", "(to 3)"],
+    ),
     (CLASSIFIER, ["SOLVER.WARMUP_ITERS", "5"], ["sets SOLVER.WARMUP_ITERS"]),
     (CLASSIFIER, ["CLASSIFICATION.NUM_CLASSES", "0"], ["CLASSIFICATION.NUM_CLASSES must be > 0"]),
-    (CLASSIFIER, ["CLASSIFICATION.INPUT.TRAIN_CROP_SIZE", "30"],
-     ["30x30 crops", "not divisible by 32"]),
+    (
+        CLASSIFIER,
+        ["CLASSIFICATION.INPUT.TRAIN_CROP_SIZE", "30"],
+        ["30x30 crops", "not divisible by 32"],
+    ),
     (CLASSIFIER, ["MODEL.SASA.KERNEL_SIZE", "4"], ["MODEL.SASA.KERNEL_SIZE must be odd"]),
     (CLASSIFIER, ["SOLVER.IMS_PER_BATCH", "0"], ["SOLVER.IMS_PER_BATCH"]),
 ]
@@ -219,7 +261,7 @@ def test_classification_epochs_without_explicit_iterations_is_accepted(tmp_path)
 def test_every_shipped_config_passes_the_checks(tmp_path):
     """No false alarm: every config of configs/ passes (8 processes: the smallest batch per
     process, which batch norm sees)."""
-    configs = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if "Base" not in p.name)
+    configs = sorted(p for p in (REPO_ROOT / "configs").glob("*/*.yaml") if "Base" not in p.name)
     assert len(configs) >= 20
     for path in configs:
         cfg = train_net.setup_cfg(str(path), CPU + ["OUTPUT_DIR", str(tmp_path / "o")])
@@ -227,11 +269,27 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
 
 
 def test_batch_not_a_multiple_of_the_processes(tmp_path, capsys):
-    proc = cli_in_process(capsys, "--config-file", DEMO, "--num-processes", "2",
-                          "SOLVER.IMS_PER_BATCH", "3", "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys,
+        "--config-file",
+        DEMO,
+        "--num-processes",
+        "2",
+        "SOLVER.IMS_PER_BATCH",
+        "3",
+        "OUTPUT_DIR",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (2)", "got 3", "e.g. 4")
-    proc = cli_in_process(capsys, "--config-file", CLASSIFIER, "--num-processes", "3",
-                          "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys,
+        "--config-file",
+        CLASSIFIER,
+        "--num-processes",
+        "3",
+        "OUTPUT_DIR",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (3)", "got 64")
     assert not (tmp_path / "o").exists()
 
@@ -250,8 +308,11 @@ def test_one_pixel_wide_flipped_images_map_to_tensors():
     tensor = _to_tensor(flipped.transpose(2, 0, 1))
     assert tensor.shape == (3, 1, 1) and tensor.flatten().tolist() == [7, 8, 9]
     wide = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)[:, ::-1]
-    assert _to_tensor(wide.transpose(2, 0, 1)).tolist() == [[[3, 0], [9, 6]], [[4, 1], [10, 7]],
-                                                              [[5, 2], [11, 8]]]
+    assert _to_tensor(wide.transpose(2, 0, 1)).tolist() == [
+        [[3, 0], [9, 6]],
+        [[4, 1], [10, 7]],
+        [[5, 2], [11, 8]],
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,21 +326,38 @@ def test_empty_or_non_mapping_config_files(tmp_path, capsys):
     empty_base = tmp_path / "child.yaml"
     empty_base.write_text(f'_BASE_: "{empty}"\nSEED: 1\n')
     out = ["OUTPUT_DIR", str(tmp_path / "o")]
-    assert_one_line_error(cli_in_process(capsys, "--config-file", str(empty), *out),
-                          str(empty), "is empty")
-    assert_one_line_error(cli_in_process(capsys, "--config-file", str(listing), *out),
-                          str(listing), "KEY: value entries, not a list")
-    assert_one_line_error(cli_in_process(capsys, "--config-file", str(empty_base), *out),
-                          str(empty_base), "_BASE_ file", "empty")
-    assert_one_line_error(cli_in_process(capsys, "--config-file", str(tmp_path), *out),
-                          "is a folder")
+    assert_one_line_error(
+        cli_in_process(capsys, "--config-file", str(empty), *out), str(empty), "is empty"
+    )
+    assert_one_line_error(
+        cli_in_process(capsys, "--config-file", str(listing), *out),
+        str(listing),
+        "KEY: value entries, not a list",
+    )
+    assert_one_line_error(
+        cli_in_process(capsys, "--config-file", str(empty_base), *out),
+        str(empty_base),
+        "_BASE_ file",
+        "empty",
+    )
+    assert_one_line_error(
+        cli_in_process(capsys, "--config-file", str(tmp_path), *out), "is a folder"
+    )
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval-only", "--num-gpus"])
 def test_flag_after_the_overrides_says_where_flags_go(flag, tmp_path, capsys):
-    proc = cli_in_process(capsys, "--config-file", DEMO, "SOLVER.MAX_ITER", "2", flag,
-                          "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys,
+        "--config-file",
+        DEMO,
+        "SOLVER.MAX_ITER",
+        "2",
+        flag,
+        "OUTPUT_DIR",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, flag, "put flags before them")
     assert not (tmp_path / "o").exists()
 
@@ -288,19 +366,29 @@ def test_model_weights_naming_a_folder(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "model_final.pth").write_bytes(b"")
-    proc = cli_in_process(capsys, "--config-file", DEMO, "--eval-only", "MODEL.WEIGHTS",
-                          str(folder), "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys,
+        "--config-file",
+        DEMO,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        str(folder),
+        "OUTPUT_DIR",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, f"MODEL.WEIGHTS {folder} is a folder", "model_final.pth")
     assert "not found" not in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_eval_only_needs_weights(tmp_path, capsys):
-    proc = cli_in_process(capsys, "--config-file", DEMO, "--eval-only",
-                          "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys, "--config-file", DEMO, "--eval-only", "OUTPUT_DIR", str(tmp_path / "o")
+    )
     assert_one_line_error(proc, "--eval-only needs trained weights", "MODEL.WEIGHTS")
-    proc = cli_in_process(capsys, "--config-file", DEMO, "--eval-only", "--resume",
-                          "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys, "--config-file", DEMO, "--eval-only", "--resume", "OUTPUT_DIR", str(tmp_path / "o")
+    )
     assert_one_line_error(proc, "--eval-only needs trained weights", "last_checkpoint")
     assert not (tmp_path / "o").exists()
 
@@ -309,8 +397,13 @@ def test_eval_only_needs_weights(tmp_path, capsys):
 # Tools
 # ------------------------------------------------------------------------------------------------
 def _run_tool(name, *args):
-    return subprocess.run([sys.executable, f"tools/{name}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, f"tools/{name}", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _tool_in_process(capsys, name, *args):
@@ -327,48 +420,114 @@ def _assert_tool_error(proc, tool, *fragments):
 
 def test_analyze_model_bad_input_is_one_line(capsys):
     tool = "analyze_model.py"
-    _assert_tool_error(_run_tool(tool, "--config-file", "configs/no_such.yaml"), tool,
-                       "config file not found", "no_such.yaml")
-    _assert_tool_error(_tool_in_process(capsys, tool, "--config-file", DEMO,
-                                        "MODEL.SASA.KERNEL_SIZE", "4"),
-                       tool, "MODEL.SASA.KERNEL_SIZE must be odd")
-    _assert_tool_error(_tool_in_process(capsys, tool, "--config-file", DEMO, "MODEL.NO_SUCH", "1"),
-                       tool, "MODEL.NO_SUCH")
-    _assert_tool_error(_tool_in_process(capsys, tool, "--config-file", SAN10, "--input-size",
-                                        "64", "64"),
-                       tool, "cannot take the input", "MODEL.SAN.PAD_MODE")
+    _assert_tool_error(
+        _run_tool(tool, "--config-file", "configs/no_such.yaml"),
+        tool,
+        "config file not found",
+        "no_such.yaml",
+    )
+    _assert_tool_error(
+        _tool_in_process(capsys, tool, "--config-file", DEMO, "MODEL.SASA.KERNEL_SIZE", "4"),
+        tool,
+        "MODEL.SASA.KERNEL_SIZE must be odd",
+    )
+    _assert_tool_error(
+        _tool_in_process(capsys, tool, "--config-file", DEMO, "MODEL.NO_SUCH", "1"),
+        tool,
+        "MODEL.NO_SUCH",
+    )
+    _assert_tool_error(
+        _tool_in_process(capsys, tool, "--config-file", SAN10, "--input-size", "64", "64"),
+        tool,
+        "cannot take the input",
+        "MODEL.SAN.PAD_MODE",
+    )
 
 
 def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
     tool = "convert_classifier_to_detection.py"
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
-    det = str(ROOT / "configs/COCO-Detection/retinanet_sasa26.yaml")
-    proc = _run_tool(tool, "--config-file", "configs/no_such.yaml", "--input", str(weights),
-                     "--output", str(tmp_path / "out.pth"))
+    det = str(REPO_ROOT / "configs/COCO-Detection/retinanet_sasa26.yaml")
+    proc = _run_tool(
+        tool,
+        "--config-file",
+        "configs/no_such.yaml",
+        "--input",
+        str(weights),
+        "--output",
+        str(tmp_path / "out.pth"),
+    )
     _assert_tool_error(proc, tool, "config file not found", "no_such.yaml")
-    proc = _tool_in_process(capsys, tool, "--config-file", det, "--input", str(weights),
-                            "--output", str(tmp_path / "missing" / "out.pth"))
+    proc = _tool_in_process(
+        capsys,
+        tool,
+        "--config-file",
+        det,
+        "--input",
+        str(weights),
+        "--output",
+        str(tmp_path / "missing" / "out.pth"),
+    )
     _assert_tool_error(proc, tool, str(tmp_path / "missing"), "does not exist")
-    proc = _tool_in_process(capsys, tool, "--config-file", det, "--input",
-                            str(tmp_path / "nope.pth"), "--output", str(tmp_path / "out.pth"))
+    proc = _tool_in_process(
+        capsys,
+        tool,
+        "--config-file",
+        det,
+        "--input",
+        str(tmp_path / "nope.pth"),
+        "--output",
+        str(tmp_path / "out.pth"),
+    )
     _assert_tool_error(proc, tool, "input not found")
-    proc = _tool_in_process(capsys, tool, "--config-file", det, "--input", str(weights),
-                            "--output", str(tmp_path / "out.pth"), "MODEL.SASA.NUM_HEADS", "3")
+    proc = _tool_in_process(
+        capsys,
+        tool,
+        "--config-file",
+        det,
+        "--input",
+        str(weights),
+        "--output",
+        str(tmp_path / "out.pth"),
+        "MODEL.SASA.NUM_HEADS",
+        "3",
+    )
     _assert_tool_error(proc, tool, "MODEL.SASA.NUM_HEADS=3")
-    proc = _tool_in_process(capsys, tool, "--config-file", det, "--input", str(weights),
-                            "--output", str(tmp_path / "out.pth"))
+    proc = _tool_in_process(
+        capsys,
+        tool,
+        "--config-file",
+        det,
+        "--input",
+        str(weights),
+        "--output",
+        str(tmp_path / "out.pth"),
+    )
     _assert_tool_error(proc, tool, "cannot read checkpoint", str(weights))
     assert not (tmp_path / "out.pth").exists()
 
 
 def test_batch_is_checked_against_torchruns_world_size(tmp_path, capsys, monkeypatch):
     """Under torchrun the job's size comes from its environment, not from --num-processes."""
-    env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    proc = cli_in_process(capsys, "--config-file", DEMO, "SOLVER.IMS_PER_BATCH", "6",
-                          "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(
+        capsys,
+        "--config-file",
+        DEMO,
+        "SOLVER.IMS_PER_BATCH",
+        "6",
+        "OUTPUT_DIR",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (4)", "got 6")
     assert not (tmp_path / "o").exists()

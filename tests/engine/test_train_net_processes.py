@@ -11,7 +11,6 @@ the machine's load. Multi-process runs are costly (each process imports the stac
 scenario covers several behaviours; single-process runs go through ``train_net.cli`` in-process.
 """
 
-import importlib.util
 import os
 import signal
 import socket
@@ -24,12 +23,13 @@ import torch
 
 from san_det.engine.output_lock import LOCK_FILE_NAME
 from tests.helpers.coco_files import register_coco_dataset, simple_images
+from tests.helpers.paths import REPO_ROOT
 from tests.helpers.processes import process_alive, wait_until
+from tests.helpers.scripts import child_env, load_script
 from tests.helpers.tiny_detection import tiny_test_net_cfg
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 900  # generous: CI machines are slow and shared
 MAX_ITER = 8
 
@@ -68,20 +68,13 @@ if __name__ == "__main__":
 """
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """The driver script and the config: TinyTestNet, 4 images per step in total."""
     root = tmp_path_factory.mktemp("procs")
     folder = root / "data"
     register_coco_dataset("proc_train", str(folder), simple_images(12, seed=2))
-    (root / "driver.py").write_text(_DRIVER.format(root=str(ROOT), folder=str(folder)))
+    (root / "driver.py").write_text(_DRIVER.format(root=str(REPO_ROOT), folder=str(folder)))
     cfg = tiny_test_net_cfg("unused", ("proc_train",), MAX_ITER, norm="GN")
     cfg.SOLVER.IMS_PER_BATCH = 4
     cfg.SOLVER.CHECKPOINT_PERIOD = 2
@@ -100,7 +93,7 @@ class Run:
         Run.count += 1
         self.out, self.hold = Path(out), Path(f"{out}.hold{Run.count}")
         self.log = Path(f"{out}.{Run.count}.log")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = child_env()
         if hold_at is not None:
             self.hold.mkdir()
             env.update(HOLD_AT_ITER=str(hold_at), HOLD_DIR=str(self.hold))
@@ -115,7 +108,7 @@ class Run:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 command,
-                cwd=ROOT,
+                cwd=REPO_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -190,7 +183,9 @@ def _free_port():
 def one_process(inputs):
     """One process with the whole batch (in this process, through train_net.cli)."""
     out = inputs / "one"
-    _load_train_net().cli(["--config-file", str(inputs / "testnet.yaml"), "OUTPUT_DIR", str(out)])
+    load_script("train_net.py").cli(
+        ["--config-file", str(inputs / "testnet.yaml"), "OUTPUT_DIR", str(out)]
+    )
     weights = _weights(out)
     trained = weights["conv.weight"] - _weights(out, "model_0000001.pth")["conv.weight"]
     assert trained.abs().max() > 1e-4  # it trained on after iteration 1
@@ -254,7 +249,7 @@ def test_stop_kill_lock_and_resume_two_processes(inputs, two_machines, capsys):
        are those of the uninterrupted run, bit for bit. --eval-only into the finished folder
        is not refused.
     """
-    train_net = _load_train_net()
+    train_net = load_script("train_net.py")
     out = inputs / "run"
 
     # 1.

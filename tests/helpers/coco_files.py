@@ -96,8 +96,10 @@ def simple_images(n: int, seed: int = 0) -> List[Dict]:
     out = []
     for i in range(n):
         k = 1 + i % 2
-        boxes = [[float(v) for v in (*rng.integers(0, 32, 2), *rng.integers(12, 30, 2))]
-                 for _ in range(k)]
+        boxes = [
+            [float(v) for v in (*rng.integers(0, 32, 2), *rng.integers(12, 30, 2))]
+            for _ in range(k)
+        ]
         classes = [(i + j) % 3 for j in range(k)]
         out.append({"name": f"img{i}.png", "boxes": boxes, "classes": classes})
     return out

@@ -3,6 +3,7 @@
 import importlib.util
 import logging
 import os
+from typing import List
 
 from .paths import REPO_ROOT
 
@@ -18,11 +19,16 @@ def load_script(relative_path: str):
     return module
 
 
-def child_env(**extra: str) -> dict:
-    """The environment for a child Python process: this one's, one OpenMP thread, the repository
-    root first on ``PYTHONPATH`` (so the child imports ``tests.helpers``), then ``extra``."""
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
+def child_env(helpers: bool = False, **extra: str) -> dict:
+    """The environment for a child Python process: this one's with one OpenMP thread and
+    ``extra``; ``helpers``: also the repository root first on ``PYTHONPATH``, so that the child
+    imports ``tests.helpers`` (a user's run has no such path: leave it off otherwise)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    if helpers:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+        )
+    return env
 
 
 def drop_closed_log_handlers() -> None:
@@ -37,3 +43,8 @@ def drop_closed_log_handlers() -> None:
             stream = getattr(handler, "stream", None)
             if stream is not None and getattr(stream, "closed", False):
                 lg.removeHandler(handler)
+
+
+def error_lines(stderr: str, script: str = "train_net.py") -> List[str]:
+    """The one-line errors (``"<script>: error: ..."``) of a script's ``stderr``."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{script}: error:")]

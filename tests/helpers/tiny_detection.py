@@ -68,8 +68,9 @@ def tiny_retinanet_cfg(output_dir: str, train: Sequence[str] = (), max_iter: int
     return _common(cfg, output_dir, train, max_iter)
 
 
-def tiny_test_net_cfg(output_dir: str, train: Sequence[str] = (), max_iter: int = 4,
-                      norm: str = "GN") -> CfgNode:
+def tiny_test_net_cfg(
+    output_dir: str, train: Sequence[str] = (), max_iter: int = 4, norm: str = "GN"
+) -> CfgNode:
     """Config of :class:`TinyTestNet` (``norm`` in ``"", "GN", "BN", "SyncBN"``)."""
     cfg = get_san_det_cfg()
     cfg.MODEL.META_ARCHITECTURE = "TinyTestNet"
@@ -110,13 +111,18 @@ class TinyTestNet(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs: List[Dict]):
-        x = torch.stack([(d["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
-                         for d in batched_inputs])
+        x = torch.stack(
+            [
+                (d["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+                for d in batched_inputs
+            ]
+        )
         logits = self.fc(F.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
         if not self.training:
             return [{"logits": row} for row in logits]
-        first = [int(d["instances"].gt_classes[0]) if len(d["instances"]) else 0
-                 for d in batched_inputs]
+        first = [
+            int(d["instances"].gt_classes[0]) if len(d["instances"]) else 0 for d in batched_inputs
+        ]
         target = torch.tensor(first, device=self.device)
         return {"loss_cls": F.cross_entropy(logits, target)}
 
