@@ -10,6 +10,8 @@ import torch
 
 import san_det  # noqa: F401
 
+pytest_plugins = ["pytester"]  # tests/test_helpers.py checks this conftest's cuda skip
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -233,21 +233,10 @@ def test_spawned_workers_hold_the_launchers_lock(tmp_path):
 def test_train_net_refuses_bad_machine_arguments(tmp_path, capsys, args, message):
     config = REPO_ROOT / "configs" / "COCO-Detection" / "retinanet_R_50_FPN_1x.yaml"
     out = tmp_path / "out"
+    overrides = ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
     with pytest.raises(SystemExit) as info:
         load_script("train_net.py").cli(
-            [
-                "--config-file",
-                str(config),
-                *args,
-                "MODEL.DEVICE",
-                "cpu",
-                "DATASETS.TRAIN",
-                "()",
-                "DATASETS.TEST",
-                "()",
-                "OUTPUT_DIR",
-                str(out),
-            ]
+            ["--config-file", str(config), *args, *overrides, "OUTPUT_DIR", str(out)]
         )
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()

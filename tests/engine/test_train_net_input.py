@@ -134,6 +134,7 @@ ATTENTION_HEAD = str(REPO_ROOT / "configs/COCO-Detection/retinanet_sasa50_attent
 CLASSIFIER = str(REPO_ROOT / "configs/ImageNet/embedded_cpu_demo.yaml")
 CPU = ["MODEL.DEVICE", "cpu"]
 
+# fmt: off
 CONFIG_CASES = [
     # SASA keys
     (DEMO, ["MODEL.SASA.KERNEL_SIZE", "4"], ["MODEL.SASA.KERNEL_SIZE must be odd, got 4"]),
@@ -143,11 +144,8 @@ CONFIG_CASES = [
     (DEMO, ["MODEL.SASA.NUM_HEADS", "0"], ["MODEL.SASA.NUM_HEADS must be a positive int"]),
     (DEMO, ["MODEL.SASA.DEPTH", "34"], ["MODEL.SASA.DEPTH must be one of"]),
     (DEMO, ["MODEL.SASA.NORM", "LN"], ["MODEL.SASA.NORM must be one of"]),
-    (
-        DEMO,
-        ["MODEL.SASA.STEM", "attention", "MODEL.SASA.STEM_NUM_HEADS", "3"],
-        ["MODEL.SASA.STEM_NUM_HEADS=3"],
-    ),
+    (DEMO, ["MODEL.SASA.STEM", "attention", "MODEL.SASA.STEM_NUM_HEADS", "3"],
+     ["MODEL.SASA.STEM_NUM_HEADS=3"]),
     # solver
     (DEMO, ["SOLVER.IMS_PER_BATCH", "0"], ["SOLVER.IMS_PER_BATCH", "got 0"]),
     (DEMO, ["SOLVER.IMS_PER_BATCH", "-1"], ["SOLVER.IMS_PER_BATCH", "got -1"]),
@@ -157,32 +155,17 @@ CONFIG_CASES = [
     (DEMO, ["MODEL.RETINANET.NUM_CLASSES", "0"], ["MODEL.RETINANET.NUM_CLASSES must be >= 1"]),
     (R50, CPU + ["MODEL.RETINANET.NUM_CLASSES", "0"], ["MODEL.RETINANET.NUM_CLASSES"]),
     (DEMO, ["MODEL.RETINANET.HEAD_NAME", "NoSuchHead"], ["MODEL.RETINANET.HEAD_NAME must be"]),
-    (
-        ATTENTION_HEAD,
-        CPU + ["MODEL.RETINANET.ATTENTION_NUM_HEADS", "5"],
-        ["MODEL.RETINANET.ATTENTION_NUM_HEADS=5 must divide"],
-    ),
-    (
-        ATTENTION_HEAD,
-        CPU + ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE", "6"],
-        ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE must be odd"],
-    ),
+    (ATTENTION_HEAD, CPU + ["MODEL.RETINANET.ATTENTION_NUM_HEADS", "5"],
+     ["MODEL.RETINANET.ATTENTION_NUM_HEADS=5 must divide"]),
+    (ATTENTION_HEAD, CPU + ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE", "6"],
+     ["MODEL.RETINANET.ATTENTION_KERNEL_SIZE must be odd"]),
     # FPN
-    (
-        ATTENTION_HEAD,
-        CPU + ["MODEL.FPN.ATTENTION_NUM_HEADS", "3"],
-        ["MODEL.FPN.ATTENTION_NUM_HEADS=3 must divide"],
-    ),
-    (
-        ATTENTION_HEAD,
-        CPU + ["MODEL.FPN.ATTENTION_KERNEL_SIZE", "0"],
-        ["MODEL.FPN.ATTENTION_KERNEL_SIZE must be an odd positive"],
-    ),
-    (
-        ATTENTION_HEAD,
-        CPU + ["MODEL.FPN.TOP_BLOCK_IN_FEATURE", "c5"],
-        ["MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of"],
-    ),
+    (ATTENTION_HEAD, CPU + ["MODEL.FPN.ATTENTION_NUM_HEADS", "3"],
+     ["MODEL.FPN.ATTENTION_NUM_HEADS=3 must divide"]),
+    (ATTENTION_HEAD, CPU + ["MODEL.FPN.ATTENTION_KERNEL_SIZE", "0"],
+     ["MODEL.FPN.ATTENTION_KERNEL_SIZE must be an odd positive"]),
+    (ATTENTION_HEAD, CPU + ["MODEL.FPN.TOP_BLOCK_IN_FEATURE", "c5"],
+     ["MODEL.FPN.TOP_BLOCK_IN_FEATURE must be one of"]),
     (DEMO, ["MODEL.FPN.IN_FEATURES", "['res3', 'res6']"], ["MODEL.FPN.IN_FEATURES", "res6"]),
     # SAN keys
     (SAN10, CPU + ["MODEL.SAN.DEPTH", "26"], ["MODEL.SAN.DEPTH must be one of [10, 15, 19]"]),
@@ -199,37 +182,23 @@ CONFIG_CASES = [
     # input sizes
     (DEMO, ["INPUT.MIN_SIZE_TRAIN", "(-5,)"], ["INPUT.MIN_SIZE_TRAIN must list sizes >= 0"]),
     (DEMO, ["INPUT.MAX_SIZE_TEST", "0"], ["INPUT.MAX_SIZE_TEST must be >= 1"]),
-    (
-        DEMO,
-        ["INPUT.MIN_SIZE_TRAIN", "(1,)", "SOLVER.IMS_PER_BATCH", "1"],
-        ["cannot take training on 1x1 images", "1 per process", "Expected more than 1 value"],
-    ),
-    (
-        SAN10,
-        CPU + ["INPUT.MIN_SIZE_TRAIN", "(64,)"],
-        ["cannot take training on 64x64 images", "INPUT.MIN_SIZE_TRAIN", "MODEL.SAN.PAD_MODE"],
-    ),
-    (
-        SAN10,
-        CPU + ["INPUT.MIN_SIZE_TEST", "96"],
-        ["cannot take inference on 96x96 images", "INPUT.MIN_SIZE_TEST", "reflection padding"],
-    ),
+    (DEMO, ["INPUT.MIN_SIZE_TRAIN", "(1,)", "SOLVER.IMS_PER_BATCH", "1"],
+     ["cannot take training on 1x1 images", "1 per process", "Expected more than 1 value"]),
+    (SAN10, CPU + ["INPUT.MIN_SIZE_TRAIN", "(64,)"],
+     ["cannot take training on 64x64 images", "INPUT.MIN_SIZE_TRAIN", "MODEL.SAN.PAD_MODE"]),
+    (SAN10, CPU + ["INPUT.MIN_SIZE_TEST", "96"],
+     ["cannot take inference on 96x96 images", "INPUT.MIN_SIZE_TEST", "reflection padding"]),
     # classification
-    (
-        CLASSIFIER,
-        ["SOLVER.MAX_ITER", "3"],
-        ["CLASSIFICATION.SOLVER.EPOCHS 8 sets SOLVER.MAX_ITER", "(to 3)"],
-    ),
+    (CLASSIFIER, ["SOLVER.MAX_ITER", "3"],
+     ["CLASSIFICATION.SOLVER.EPOCHS 8 sets SOLVER.MAX_ITER", "(to 3)"]),
     (CLASSIFIER, ["SOLVER.WARMUP_ITERS", "5"], ["sets SOLVER.WARMUP_ITERS"]),
     (CLASSIFIER, ["CLASSIFICATION.NUM_CLASSES", "0"], ["CLASSIFICATION.NUM_CLASSES must be > 0"]),
-    (
-        CLASSIFIER,
-        ["CLASSIFICATION.INPUT.TRAIN_CROP_SIZE", "30"],
-        ["30x30 crops", "not divisible by 32"],
-    ),
+    (CLASSIFIER, ["CLASSIFICATION.INPUT.TRAIN_CROP_SIZE", "30"],
+     ["30x30 crops", "not divisible by 32"]),
     (CLASSIFIER, ["MODEL.SASA.KERNEL_SIZE", "4"], ["MODEL.SASA.KERNEL_SIZE must be odd"]),
     (CLASSIFIER, ["SOLVER.IMS_PER_BATCH", "0"], ["SOLVER.IMS_PER_BATCH"]),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
@@ -269,27 +238,12 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
 
 
 def test_batch_not_a_multiple_of_the_processes(tmp_path, capsys):
+    out = ("OUTPUT_DIR", str(tmp_path / "o"))
     proc = cli_in_process(
-        capsys,
-        "--config-file",
-        DEMO,
-        "--num-processes",
-        "2",
-        "SOLVER.IMS_PER_BATCH",
-        "3",
-        "OUTPUT_DIR",
-        str(tmp_path / "o"),
+        capsys, "--config-file", DEMO, "--num-processes", "2", "SOLVER.IMS_PER_BATCH", "3", *out
     )
     assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (2)", "got 3", "e.g. 4")
-    proc = cli_in_process(
-        capsys,
-        "--config-file",
-        CLASSIFIER,
-        "--num-processes",
-        "3",
-        "OUTPUT_DIR",
-        str(tmp_path / "o"),
-    )
+    proc = cli_in_process(capsys, "--config-file", CLASSIFIER, "--num-processes", "3", *out)
     assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (3)", "got 64")
     assert not (tmp_path / "o").exists()
 
@@ -412,7 +366,7 @@ def _tool_in_process(capsys, name, *args):
 
 def _assert_tool_error(proc, tool, *fragments):
     assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"{tool}: error:")]
+    errors = error_lines(proc.stderr, tool)
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
@@ -449,61 +403,22 @@ def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
     det = str(REPO_ROOT / "configs/COCO-Detection/retinanet_sasa26.yaml")
-    proc = _run_tool(
-        tool,
-        "--config-file",
-        "configs/no_such.yaml",
-        "--input",
-        str(weights),
-        "--output",
-        str(tmp_path / "out.pth"),
-    )
+    out = str(tmp_path / "out.pth")
+
+    def args(config, source, output, *overrides):
+        return ("--config-file", config, "--input", str(source), "--output", output, *overrides)
+
+    proc = _run_tool(tool, *args("configs/no_such.yaml", weights, out))
     _assert_tool_error(proc, tool, "config file not found", "no_such.yaml")
     proc = _tool_in_process(
-        capsys,
-        tool,
-        "--config-file",
-        det,
-        "--input",
-        str(weights),
-        "--output",
-        str(tmp_path / "missing" / "out.pth"),
+        capsys, tool, *args(det, weights, str(tmp_path / "missing" / "out.pth"))
     )
     _assert_tool_error(proc, tool, str(tmp_path / "missing"), "does not exist")
-    proc = _tool_in_process(
-        capsys,
-        tool,
-        "--config-file",
-        det,
-        "--input",
-        str(tmp_path / "nope.pth"),
-        "--output",
-        str(tmp_path / "out.pth"),
-    )
+    proc = _tool_in_process(capsys, tool, *args(det, tmp_path / "nope.pth", out))
     _assert_tool_error(proc, tool, "input not found")
-    proc = _tool_in_process(
-        capsys,
-        tool,
-        "--config-file",
-        det,
-        "--input",
-        str(weights),
-        "--output",
-        str(tmp_path / "out.pth"),
-        "MODEL.SASA.NUM_HEADS",
-        "3",
-    )
+    proc = _tool_in_process(capsys, tool, *args(det, weights, out, "MODEL.SASA.NUM_HEADS", "3"))
     _assert_tool_error(proc, tool, "MODEL.SASA.NUM_HEADS=3")
-    proc = _tool_in_process(
-        capsys,
-        tool,
-        "--config-file",
-        det,
-        "--input",
-        str(weights),
-        "--output",
-        str(tmp_path / "out.pth"),
-    )
+    proc = _tool_in_process(capsys, tool, *args(det, weights, out))
     _assert_tool_error(proc, tool, "cannot read checkpoint", str(weights))
     assert not (tmp_path / "out.pth").exists()
 
@@ -520,14 +435,9 @@ def test_batch_is_checked_against_torchruns_world_size(tmp_path, capsys, monkeyp
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    out = str(tmp_path / "o")
     proc = cli_in_process(
-        capsys,
-        "--config-file",
-        DEMO,
-        "SOLVER.IMS_PER_BATCH",
-        "6",
-        "OUTPUT_DIR",
-        str(tmp_path / "o"),
+        capsys, "--config-file", DEMO, "SOLVER.IMS_PER_BATCH", "6", "OUTPUT_DIR", out
     )
     assert_one_line_error(proc, "SOLVER.IMS_PER_BATCH", "processes (4)", "got 6")
     assert not (tmp_path / "o").exists()
