@@ -14,6 +14,7 @@ from san_det.modeling.input_info import (
     describe_input_mismatch,
     input_info_from_cfg,
 )
+from tests.helpers.scripts import assert_one_line_error, cli_in_process, load_script
 from tests.helpers.tiny_detection import train_tiny_retinanet
 
 
@@ -66,11 +67,10 @@ def test_loading_into_another_normalisation_is_refused(trained, caplog):
 
 
 def test_eval_only_with_another_normalisation_is_one_line(trained, tmp_path, capsys):
-    from test_train_net_input import assert_one_line_error, cli_in_process
-
     root, _ = trained
     proc = cli_in_process(
-        capsys, "--config-file", str(root / "tiny.yaml"), "--eval-only",
+        load_script("train_net.py"), capsys,
+        "--config-file", str(root / "tiny.yaml"), "--eval-only",
         "MODEL.WEIGHTS", str(root / "out" / "model_final.pth"), "INPUT.FORMAT", "RGB",
         "OUTPUT_DIR", str(tmp_path / "eval"),
     )  # fmt: skip

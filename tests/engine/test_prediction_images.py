@@ -4,7 +4,6 @@ metrics.json stays valid JSON."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,8 @@ from san_det.data.mapper import RobustDatasetMapper, read_image_robust
 from san_det.engine.metrics_json import FiniteJSONWriter
 from san_det.engine.visualize import drawing_scale, write_prediction_images
 from tests.helpers.coco_files import register_coco_dataset
+from tests.helpers.paths import config_path
+from tests.helpers.scripts import assert_one_line_error, cli_in_process, load_script
 from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
 
@@ -137,11 +138,8 @@ def test_metrics_json_writes_nan_and_inf_as_null(tmp_path):
     ],
 )
 def test_bad_prediction_image_keys_are_one_line(tmp_path, capsys, key, value, fragment):
-    from test_train_net_input import assert_one_line_error, cli_in_process
-
-    demo = str(Path(__file__).resolve().parents[2] / "configs/Demo/shapes_retinanet.yaml")
-    proc = cli_in_process(
-        capsys, "--config-file", demo, key, value, "OUTPUT_DIR", str(tmp_path / "o")
-    )
+    demo = config_path("Demo", "shapes_retinanet.yaml")
+    args = ("--config-file", demo, key, value, "OUTPUT_DIR", str(tmp_path / "o"))
+    proc = cli_in_process(load_script("train_net.py"), capsys, *args)
     assert_one_line_error(proc, key, fragment)
     assert not (tmp_path / "o").exists()

@@ -7,17 +7,14 @@ import sys
 import pytest
 
 from tests.helpers.paths import REPO_ROOT
-from tests.helpers.scripts import drop_closed_log_handlers, error_lines, load_script
+from tests.helpers.scripts import CliResult, assert_one_line_error
+from tests.helpers.scripts import cli_in_process as run_cli
+from tests.helpers.scripts import drop_closed_log_handlers, load_script
 
 R50 = str(REPO_ROOT / "configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml")
 
 
 train_net = load_script("train_net.py")
-
-
-class Result:
-    def __init__(self, returncode, stderr):
-        self.returncode, self.stderr = returncode, stderr
 
 
 @pytest.fixture(autouse=True)
@@ -34,9 +31,7 @@ def _no_launch(monkeypatch):
 
 def cli_in_process(capsys, *args):
     """Run train_net's command line in this process (fast); returns exit status and stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        train_net.cli(list(args))
-    return Result(exit_info.value.code, capsys.readouterr().err)
+    return run_cli(train_net, capsys, *args)
 
 
 def run_train_net(*args, env=None):
@@ -50,15 +45,6 @@ def run_train_net(*args, env=None):
         timeout=120,
     )
     return proc
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    errors = error_lines(proc.stderr)
-    assert len(errors) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(
@@ -361,41 +347,23 @@ def _run_tool(name, *args):
 
 
 def _tool_in_process(capsys, name, *args):
-    return Result(load_script(f"tools/{name}").main(list(args)), capsys.readouterr().err)
-
-
-def _assert_tool_error(proc, tool, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    errors = error_lines(proc.stderr, tool)
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+    return CliResult(load_script(f"tools/{name}").main(list(args)), capsys.readouterr().err)
 
 
 def test_analyze_model_bad_input_is_one_line(capsys):
     tool = "analyze_model.py"
-    _assert_tool_error(
-        _run_tool(tool, "--config-file", "configs/no_such.yaml"),
-        tool,
-        "config file not found",
-        "no_such.yaml",
-    )
-    _assert_tool_error(
-        _tool_in_process(capsys, tool, "--config-file", DEMO, "MODEL.SASA.KERNEL_SIZE", "4"),
-        tool,
-        "MODEL.SASA.KERNEL_SIZE must be odd",
-    )
-    _assert_tool_error(
-        _tool_in_process(capsys, tool, "--config-file", DEMO, "MODEL.NO_SUCH", "1"),
-        tool,
-        "MODEL.NO_SUCH",
-    )
-    _assert_tool_error(
-        _tool_in_process(capsys, tool, "--config-file", SAN10, "--input-size", "64", "64"),
-        tool,
-        "cannot take the input",
-        "MODEL.SAN.PAD_MODE",
-    )
+
+    def analyze(config, *args):
+        return _tool_in_process(capsys, tool, "--config-file", config, *args)
+
+    proc = _run_tool(tool, "--config-file", "configs/no_such.yaml")
+    assert_one_line_error(proc, "config file not found", "no_such.yaml", script=tool)
+    proc = analyze(DEMO, "MODEL.SASA.KERNEL_SIZE", "4")
+    assert_one_line_error(proc, "MODEL.SASA.KERNEL_SIZE must be odd", script=tool)
+    proc = analyze(DEMO, "MODEL.NO_SUCH", "1")
+    assert_one_line_error(proc, "MODEL.NO_SUCH", script=tool)
+    proc = analyze(SAN10, "--input-size", "64", "64")
+    assert_one_line_error(proc, "cannot take the input", "MODEL.SAN.PAD_MODE", script=tool)
 
 
 def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
@@ -409,17 +377,17 @@ def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
         return ("--config-file", config, "--input", str(source), "--output", output, *overrides)
 
     proc = _run_tool(tool, *args("configs/no_such.yaml", weights, out))
-    _assert_tool_error(proc, tool, "config file not found", "no_such.yaml")
+    assert_one_line_error(proc, "config file not found", "no_such.yaml", script=tool)
     proc = _tool_in_process(
         capsys, tool, *args(det, weights, str(tmp_path / "missing" / "out.pth"))
     )
-    _assert_tool_error(proc, tool, str(tmp_path / "missing"), "does not exist")
+    assert_one_line_error(proc, str(tmp_path / "missing"), "does not exist", script=tool)
     proc = _tool_in_process(capsys, tool, *args(det, tmp_path / "nope.pth", out))
-    _assert_tool_error(proc, tool, "input not found")
+    assert_one_line_error(proc, "input not found", script=tool)
     proc = _tool_in_process(capsys, tool, *args(det, weights, out, "MODEL.SASA.NUM_HEADS", "3"))
-    _assert_tool_error(proc, tool, "MODEL.SASA.NUM_HEADS=3")
+    assert_one_line_error(proc, "MODEL.SASA.NUM_HEADS=3", script=tool)
     proc = _tool_in_process(capsys, tool, *args(det, weights, out))
-    _assert_tool_error(proc, tool, "cannot read checkpoint", str(weights))
+    assert_one_line_error(proc, "cannot read checkpoint", str(weights), script=tool)
     assert not (tmp_path / "out.pth").exists()
 
 

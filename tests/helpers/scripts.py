@@ -3,7 +3,9 @@
 import importlib.util
 import logging
 import os
-from typing import List
+from typing import List, NamedTuple
+
+import pytest
 
 from .paths import REPO_ROOT
 
@@ -48,3 +50,29 @@ def drop_closed_log_handlers() -> None:
 def error_lines(stderr: str, script: str = "train_net.py") -> List[str]:
     """The one-line errors (``"<script>: error: ..."``) of a script's ``stderr``."""
     return [line for line in stderr.splitlines() if line.startswith(f"{script}: error:")]
+
+
+class CliResult(NamedTuple):
+    """Exit status and stderr of a command line run in this process."""
+
+    returncode: int
+    stderr: str
+
+
+def cli_in_process(module, capsys, *args: str) -> CliResult:
+    """Run ``module.cli(args)`` (a script loaded by :func:`load_script`) in this process, which
+    must end in ``SystemExit``; its exit status and what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.cli(list(args))
+    return CliResult(exit_info.value.code, capsys.readouterr().err)
+
+
+def assert_one_line_error(proc, *fragments: str, script: str = "train_net.py") -> None:
+    """``proc`` (a ``CompletedProcess`` or :class:`CliResult`) exited with status 2 after exactly
+    one ``"<script>: error: ..."`` line holding every fragment, and no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    errors = error_lines(proc.stderr, script)
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
