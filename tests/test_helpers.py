@@ -12,14 +12,11 @@ from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import child_env, error_lines
 
 
-
 def test_needs_cuda_is_skipped_without_a_device(pytester):
     """A test marked with ``needs_cuda`` runs where CUDA is available, else is reported skipped."""
     pytester.makeini("[pytest]\nmarkers =\n    cuda: needs a CUDA GPU\n")
     pytester.makeconftest("from tests.conftest import pytest_collection_modifyitems  # noqa\n")
-    pytester.makepyfile(
-        test_gpu=textwrap.dedent(
-            """
+    pytester.makepyfile(test_gpu=textwrap.dedent("""
             from tests.helpers.skips import needs_cuda
 
             @needs_cuda
@@ -28,9 +25,7 @@ def test_needs_cuda_is_skipped_without_a_device(pytester):
 
             def test_anywhere():
                 pass
-            """
-        )
-    )
+            """))
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rs")
     if torch.cuda.is_available():
         result.assert_outcomes(passed=2)
