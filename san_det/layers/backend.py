@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 
 from .checks import check_choice
-from .kernel_runtime import cpu_compiler_available
+from .kernel_runtime import cpu_compiler_available, cpu_isa
 
 __all__ = [
     "BACKENDS",
@@ -80,8 +80,10 @@ def _cupy_installed() -> bool:
 
 
 def cpu_capability() -> str:
-    """The vector ISA of this CPU as torch sees it: ``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``..."""
-    return torch.backends.cpu.get_cpu_capability()
+    """The vector instruction-set level the CPU kernels are built for: ``"avx512"``, ``"avx2"`` or
+    ``"portable"`` (the best of this CPU unless ``SAN_DET_CPU_ISA`` names another; see
+    :func:`~.kernel_runtime.cpu_isa`, which also holds each level's compiler flags)."""
+    return cpu_isa()
 
 
 def can_run(backend: str, device: torch.device, raise_error: bool = False) -> bool:

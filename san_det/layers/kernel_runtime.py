@@ -10,9 +10,15 @@ CPU path can emulate: every ``__global__`` function is a grid-stride loop over i
   the caller's flags, e.g. tile macros) into a shared library cached by the hash of source,
   compiler and flags under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it through
   ctypes; each launch runs every (block, thread) pair of the grid, so a tiny grid exercises the
-  grid-stride loops.
+  grid-stride loops. The library is built for one instruction-set level of :data:`CPU_ISAS`
+  (:func:`cpu_isa`: ``avx512``, ``avx2`` or the ``portable`` baseline), the best the host runs
+  unless ``SAN_DET_CPU_ISA`` names another; :meth:`KernelSource.build_cpu` also builds levels
+  the host cannot run (compile-only checks).
 - :meth:`KernelSource.nvrtc_compile` compiles for a given ``sm_XX`` with ``cuda.bindings.nvrtc``,
   which needs no GPU, so CI checks that every kernel builds for every dtype.
+
+A kernel file may ``#include "name.h"`` a header of the kernels directory: its text is inlined
+once, so the CUDA source, the CPU source and the cache keys all cover it.
 
 Kernel arguments may be pointers (``T*``), integers (``int``, ``int64_t``) or ``float``/``double``
 (not ``acc_t``: its width depends on the dtype);
@@ -23,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -36,11 +43,14 @@ import torch
 
 __all__ = [
     "CPU_BASE_FLAGS",
+    "CPU_ISAS",
     "DEFAULT_THREADS",
     "KernelCompileError",
     "KernelSource",
     "cpu_compiler",
     "cpu_compiler_available",
+    "cpu_isa",
+    "supported_cpu_isas",
 ]
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -66,15 +76,29 @@ _CUDA_TYPE_PRELUDE = {
 _CUDA_COMMON_PRELUDE = "typedef long long int64_t;\n"
 
 _KERNEL_SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([\w.]+)"[ \t]*$', re.M)
 
 
 class KernelCompileError(RuntimeError):
     """A kernel source failed to compile; the message holds the compiler's log."""
 
 
-# How every kernel is compiled for the CPU: these flags, then the caller's (tile macros, ISA), all
-# part of the cache key.
-CPU_BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# How every kernel is compiled for the CPU: these flags, then the ISA level's, then the caller's
+# (tile macros), all part of the cache key. -ffp-contract=fast lets g++ fuse a * b + c into one
+# FMA (-std=c++17 alone forbids it).
+CPU_BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+# Instruction-set levels of the CPU build, lowest first, with the g++ flags that select them and
+# the /proc/cpuinfo flags the host needs for each. The levels are explicit feature sets (not
+# -march=native), so a cached library is valid on every host of its level (Intel or AMD).
+CPU_ISAS = ("portable", "avx2", "avx512")
+_AVX512 = ("avx512f", "avx512vl", "avx512bw", "avx512dq")
+ISA_FLAGS = {
+    "portable": (),
+    "avx2": ("-mavx2", "-mfma"),
+    "avx512": ("-mavx2", "-mfma", *(f"-m{f}" for f in _AVX512), "-mprefer-vector-width=512"),
+}
+_ISA_CPU_FLAGS = {"portable": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", *_AVX512)}
 
 _OPENMP_PROBE = r"""
 #include <omp.h>
@@ -110,6 +134,64 @@ def cpu_compiler_available() -> bool:
             return False
 
 
+@functools.lru_cache(maxsize=None)
+def _host_cpu_flags() -> frozenset:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def supported_cpu_isas() -> Tuple[str, ...]:
+    """The instruction-set levels of :data:`CPU_ISAS` this host can run, lowest first."""
+    flags = _host_cpu_flags()
+    return tuple(isa for isa in CPU_ISAS if set(_ISA_CPU_FLAGS[isa]) <= flags)
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels are built for: ``SAN_DET_CPU_ISA`` if set, else
+    the best level of :func:`supported_cpu_isas`.
+
+    Raises:
+        ValueError: ``SAN_DET_CPU_ISA`` names an unknown level or one this host cannot run.
+    """
+    supported = supported_cpu_isas()
+    name = os.environ.get("SAN_DET_CPU_ISA", "").strip()
+    if not name:
+        return supported[-1]
+    if name not in CPU_ISAS:
+        raise ValueError(f"SAN_DET_CPU_ISA must be one of {CPU_ISAS}, got {name!r}")
+    if name not in supported:
+        raise ValueError(
+            f"SAN_DET_CPU_ISA={name}: this CPU lacks "
+            f"{sorted(set(_ISA_CPU_FLAGS[name]) - _host_cpu_flags())} (supported: {supported})"
+        )
+    return name
+
+
+def _inline_includes(text: str, seen: Optional[set] = None) -> str:
+    """Replace ``#include "x.h"`` lines naming files of the kernels directory by their text."""
+    seen = set() if seen is None else seen
+
+    def expand(match):
+        name = match.group(1)
+        path = KERNEL_DIR / name
+        if not path.is_file():
+            return match.group(0)
+        if name in seen:
+            return f"// {name} already included"
+        seen.add(name)
+        return f"// ---- {name}\n{_inline_includes(path.read_text(), seen)}\n// ---- end {name}"
+
+    return _LOCAL_INCLUDE.sub(expand, text)
+
+
 def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str]]]:
     """Map each ``__global__`` function to its parameter list of (ctype kind, name)."""
     kernels = {}
@@ -124,7 +206,9 @@ def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str]]]:
             if "*" in decl:
                 kind = "ptr"
             elif "acc_t" in decl or "scalar_t" in decl:
-                raise KernelCompileError(f"pass scalar kernel arguments as float or double: {raw!r}")
+                raise KernelCompileError(
+                    f"pass scalar kernel arguments as float or double: {raw!r}"
+                )
             elif "double" in decl:
                 kind = "double"
             elif "float" in decl:
@@ -237,7 +321,7 @@ class KernelSource:
 
     def __init__(self, filename: str):
         self.path = KERNEL_DIR / filename
-        self.source = self.path.read_text()
+        self.source = _inline_includes(self.path.read_text())
         self.kernels = _parse_kernels(self.source)
         if not self.kernels:
             raise KernelCompileError(f"{self.path} defines no __global__ function")
@@ -315,6 +399,7 @@ class KernelSource:
             '#include "cpu_prelude.h"',
             f"typedef {dtype_name} scalar_t;",
             f"typedef {dtype_name} acc_t;",
+            f"#define SAN_ACC_BYTES {8 if dtype_name == 'double' else 4}",
             "#define TO_ACC(x) ((acc_t)(x))",
             "#define FROM_ACC(x) ((scalar_t)(x))",
             self.source,
@@ -337,16 +422,36 @@ class KernelSource:
             )
         return "\n".join(parts)
 
-    def cpu(self, dtype: torch.dtype, extra_flags: Sequence[str] = ()) -> _CpuModule:
-        """Kernels compiled for the CPU (cached on disk by source hash and flags)."""
-        dtype_name = _DTYPE_NAMES[dtype]
-        key = dtype_name + "|" + " ".join(extra_flags)
+    def cpu(
+        self, dtype: torch.dtype, extra_flags: Sequence[str] = (), isa: Optional[str] = None
+    ) -> _CpuModule:
+        """Kernels compiled for the CPU (cached on disk by source hash and flags).
+
+        Args:
+            dtype: float32 or float64.
+            extra_flags: more g++ flags (``-D`` tile sizes).
+            isa: instruction-set level of :data:`CPU_ISAS`; default :func:`cpu_isa`.
+
+        Raises:
+            ValueError: this host cannot run ``isa`` code.
+        """
+        isa = isa or cpu_isa()
+        if isa not in supported_cpu_isas():
+            raise ValueError(
+                f"this CPU cannot run {isa!r} code (supported: {supported_cpu_isas()})"
+            )
+        key = _DTYPE_NAMES[dtype] + "|" + isa + "|" + " ".join(extra_flags)
         with self._lock:
             if key not in self._cpu:
-                self._cpu[key] = _CpuModule(
-                    self._build_cpu(dtype_name, tuple(extra_flags)), self.kernels
-                )
+                self._cpu[key] = _CpuModule(self.build_cpu(dtype, extra_flags, isa), self.kernels)
             return self._cpu[key]
+
+    def build_cpu(self, dtype: torch.dtype, extra_flags: Sequence[str], isa: str) -> Path:
+        """Build (or find in the cache) the shared library for ``isa`` without loading it, so
+        levels the host cannot run can still be compile-checked."""
+        if isa not in CPU_ISAS:
+            raise ValueError(f"isa must be one of {CPU_ISAS}, got {isa!r}")
+        return self._build_cpu(_DTYPE_NAMES[dtype], (*ISA_FLAGS[isa], *extra_flags))
 
     def _build_cpu(self, dtype_name: str, extra_flags: Tuple[str, ...]) -> Path:
         if not cpu_compiler_available():

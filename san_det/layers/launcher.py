@@ -6,14 +6,16 @@ dtype, device and tile and sizes the grid:
 
 - ``cuda``: blocks of :data:`~.kernel_runtime.DEFAULT_THREADS`, at most :data:`MAX_CUDA_BLOCKS`
   blocks (the threads then go round their loops);
-- ``cpu``: the tiled kernels in blocks of :data:`CPU_BLOCK` emulated threads (OpenMP hands whole
-  blocks to its threads); the untiled ones (one small output per work item, SAN's) with one
-  emulated thread per OpenMP thread, each going round its grid-stride loop, since every emulated
-  thread costs a call and its thread-local indices (7-15% of SAN's kernel time at 16 a block).
+- ``cpu``: blocks of :data:`CPU_BLOCK` emulated threads (OpenMP hands whole blocks to its
+  threads); every kernel works on a tile (a SIMD register of pixels), so one emulated thread does
+  enough work to pay for its call.
 
-Tiles: kernels that work on image rows take the compile-time macros ``SAN_TJ`` (pixels of a row
-per thread) and ``SAN_CG`` (channels of a head per thread). :data:`TILES` says which tile each
-kernel is compiled and launched with on each backend; on the CPU every distinct tile is its own
+Tiles: the kernels take the compile-time macros ``SAN_TJ`` (pixels of a row per thread, held in
+the lanes of one ``san_vec``, see ``kernels/san_lanes.h``), ``SAN_CG`` (channels per thread) and
+``SAN_UT`` (taps summed at once). :data:`TILES` says which tile each kernel is compiled and
+launched with on the GPU and on each CPU instruction-set level (:func:`~.kernel_runtime.cpu_isa`);
+a CPU tile's ``pixels`` is :data:`REGISTER`, one SIMD register of the level and dtype, so loads at
+the borders are single masked instructions. On the CPU every distinct (level, tile) is its own
 build of the file (cached like any other flags), so kernels of one file may use different tiles.
 The CUDA build uses the ``.cu`` defaults, which is what CI compiles with NVRTC.
 """
@@ -24,35 +26,73 @@ from typing import Dict, Iterator, NamedTuple, Optional
 
 import torch
 
-from .kernel_runtime import DEFAULT_THREADS, KernelSource
+from .kernel_runtime import CPU_ISAS, DEFAULT_THREADS, KernelSource, cpu_isa
 
-__all__ = ["CPU_BLOCK", "MAX_CUDA_BLOCKS", "TILES", "KernelLauncher", "Tile", "launch_config"]
+__all__ = [
+    "CPU_BLOCK",
+    "CPU_REGISTER_BYTES",
+    "MAX_CUDA_BLOCKS",
+    "REGISTER",
+    "TILES",
+    "KernelLauncher",
+    "Tile",
+    "default_tile",
+    "launch_config",
+]
 
 CPU_BLOCK = 16  # emulated threads per block: one OpenMP task runs a block's threads in order
 MAX_CUDA_BLOCKS = 1 << 16
 
 
+REGISTER = 0  # Tile.pixels of a CPU tile: one SIMD register of pixels
+CPU_REGISTER_BYTES = {"portable": 16, "avx2": 32, "avx512": 64}
+
+
 class Tile(NamedTuple):
-    """Work per thread of the row kernels: ``pixels`` of an image row, ``channels`` of a head."""
+    """Work per thread: ``pixels`` of an image row, ``channels`` of a head (SASA) or sharing a
+    weight channel (SAN aggregation), ``taps`` of a window column summed at once (SASA)."""
 
     pixels: int = 1
     channels: int = 1
+    taps: int = 1
 
     def flags(self):
-        return (f"-DSAN_TJ={self.pixels}", f"-DSAN_CG={self.channels}")
+        return (f"-DSAN_TJ={self.pixels}", f"-DSAN_CG={self.channels}", f"-DSAN_UT={self.taps}")
 
 
-_SASA_KERNELS = (
-    "sasa_attention_forward",
-    "sasa_output_forward",
-    "sasa_logit_backward",
-    "sasa_qkv_backward",
+_SASA_KERNELS = ("sasa_forward", "sasa_logit_q_backward", "sasa_kv_backward", "sasa_rel_backward")
+_SAN_KERNELS = (
+    "san_subtraction2_forward",
+    "san_subtraction_backward",
+    "san_aggregation_forward",
+    "san_aggregation_input_backward",
+    "san_aggregation_weight_backward",
 )
-# backend -> kernel -> tile; kernels not listed take no tile macros.
+
+
+def _tiles(channels: int, pixels: int = REGISTER):
+    return {name: Tile(pixels, channels, 4) for name in _SASA_KERNELS + _SAN_KERNELS}
+
+
+# CUDA or CPU level -> kernel -> tile. AVX-512's 32 vector registers hold 8 channels' sums, AVX2's
+# and SSE2's 16 hold 4.
 TILES: Dict[str, Dict[str, Tile]] = {
-    "cuda": {name: Tile(1, 4) for name in _SASA_KERNELS},
-    "cpu": {name: Tile(8, 1) for name in _SASA_KERNELS},
+    "cuda": _tiles(4, pixels=1),
+    "avx512": _tiles(8),
+    "avx2": _tiles(4),
+    "portable": _tiles(4),
 }
+assert set(CPU_ISAS) <= set(TILES)
+
+
+def default_tile(target: str, kernel: str, dtype: torch.dtype) -> Tile:
+    """The tile ``kernel`` is built with for ``target`` ("cuda" or a CPU level of
+    :data:`~.kernel_runtime.CPU_ISAS`) and ``dtype`` (``Tile(1, 1, 1)`` for an untiled kernel)."""
+    tile = TILES[target].get(kernel, Tile())
+    if tile.pixels == REGISTER:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        tile = tile._replace(pixels=CPU_REGISTER_BYTES[target] // itemsize)
+    return tile
 
 
 class _Override(NamedTuple):
@@ -70,19 +110,21 @@ def launch_config(
     block: Optional[int] = None,
     cpu_pixels_per_thread: Optional[int] = None,
     cpu_channels_per_thread: Optional[int] = None,
+    cpu_taps_at_once: Optional[int] = None,
 ) -> Iterator[None]:
     """Override how the kernels are launched inside this block (for tests).
 
     Args:
         grid, block: launch every kernel with this grid and block size; a grid much smaller than
             the work makes each thread go round its grid-stride loop.
-        cpu_pixels_per_thread, cpu_channels_per_thread: the ``SAN_TJ`` / ``SAN_CG`` tile every
-            tiled CPU kernel is compiled with (``1, 4`` runs the CUDA build's code path on the
-            CPU); a value left ``None`` keeps that kernel's own.
+        cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once: the ``SAN_TJ`` (1 or a
+            power of two up to 32), ``SAN_CG`` and ``SAN_UT`` tile every CPU kernel is compiled
+            with (``1, 4, 4`` runs the CUDA build's code path on the CPU); a value left ``None``
+            keeps that kernel's own.
     """
-    tile = None
-    if cpu_pixels_per_thread is not None or cpu_channels_per_thread is not None:
-        tile = (cpu_pixels_per_thread, cpu_channels_per_thread)
+    tile = (cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once)
+    if all(t is None for t in tile):
+        tile = None
     previous = current_override()
     _override.value = _Override(grid, block, tile)
     try:
@@ -125,7 +167,7 @@ class KernelLauncher:
 
     def bind(self, backend: str, dtype: torch.dtype, device: torch.device) -> "BoundLauncher":
         """Launch this file's kernels for storage ``dtype`` on ``device``."""
-        if backend not in TILES:
+        if backend not in ("cpu", "cuda"):
             raise ValueError(f"kernels run on 'cpu' or 'cuda', not {backend!r}")
         return BoundLauncher(self, backend, dtype, device, current_override())
 
@@ -137,23 +179,20 @@ class BoundLauncher:
         self._launcher = launcher
         self.backend, self.dtype, self.device = backend, dtype, device
         self._override = override
+        self.isa = cpu_isa() if backend == "cpu" else None
 
     def tile(self, kernel: str) -> Tile:
-        """The tile ``kernel`` is compiled with (``Tile(1, 1)`` for an untiled kernel)."""
-        tile = TILES[self.backend].get(kernel)
-        if tile is None:
-            return Tile()
+        """The tile ``kernel`` is compiled with (``Tile(1, 1, 1)`` for an untiled kernel)."""
+        tile = default_tile(self.isa or "cuda", kernel, self.dtype)
         if self.backend == "cpu" and self._override.tile is not None:
-            pixels, channels = self._override.tile
-            tile = Tile(pixels or tile.pixels, channels or tile.channels)
+            tile = Tile(*(o or t for o, t in zip(self._override.tile, tile)))
         return tile
 
     def _module(self, kernel: str):
         source = self._launcher.source
         if self.backend == "cuda":
             return source.cuda(self.dtype, self.device)
-        flags = self.tile(kernel).flags() if kernel in TILES["cpu"] else ()
-        return source.cpu(self.dtype, flags)
+        return source.cpu(self.dtype, self.tile(kernel).flags(), self.isa)
 
     def __call__(self, kernel: str, threads: int, *args) -> None:
         """Run ``kernel`` with at least ``threads`` work items in its grid-stride loop."""
@@ -166,9 +205,7 @@ class BoundLauncher:
         elif self.backend == "cuda":
             block = DEFAULT_THREADS
             grid = min(-(-threads // block), MAX_CUDA_BLOCKS)
-        elif kernel in TILES["cpu"]:
+        else:
             block = CPU_BLOCK
             grid = -(-threads // block)
-        else:
-            block, grid = 1, min(max(1, torch.get_num_threads()), threads)
         getattr(self._module(kernel), kernel)(grid, block, *args)

@@ -8,12 +8,16 @@ import torch
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers import backend as backend_mod
+from san_det.layers import kernel_runtime
 from san_det.layers.backend import forced_backend, select_backend, use_backend
 from san_det.layers.kernel_runtime import (
+    CPU_ISAS,
     KernelCompileError,
     KernelSource,
     _parse_kernels,
     cpu_compiler_available,
+    cpu_isa,
+    supported_cpu_isas,
 )
 
 needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
@@ -159,6 +163,101 @@ def test_cpu_compile_error_carries_the_log(tmp_path, monkeypatch):
 def test_cpu_source_rejects_half(toy_source):
     with pytest.raises(ValueError, match="float32 or float64"):
         toy_source.cpu_source("half")
+
+
+# ------------------------------------------------------------------------ ISA levels and lanes
+def test_isa_levels(monkeypatch):
+    monkeypatch.delenv("SAN_DET_CPU_ISA", raising=False)
+    supported = supported_cpu_isas()
+    assert supported[0] == "portable" and set(supported) <= set(CPU_ISAS)
+    assert cpu_isa() == supported[-1]
+    monkeypatch.setenv("SAN_DET_CPU_ISA", "portable")
+    assert cpu_isa() == "portable"
+    monkeypatch.setenv("SAN_DET_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="must be one of"):
+        cpu_isa()
+    # A host with AVX2 but without AVX-512 (whatever this one has).
+    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert supported_cpu_isas() == ("portable", "avx2")
+    monkeypatch.setenv("SAN_DET_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="lacks .*avx512f"):
+        cpu_isa()
+    monkeypatch.delenv("SAN_DET_CPU_ISA")
+    assert cpu_isa() == "avx2"
+
+
+@needs_cxx
+def test_cpu_builds_per_isa_level_are_cached_apart(toy_source, monkeypatch):
+    for isa in supported_cpu_isas():
+        toy_source.cpu(torch.float32, isa=isa)
+    cache = toy_source.path.parent / "cache"
+    assert len(list(cache.glob("toy_float_*.so"))) == len(supported_cpu_isas())
+    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset())
+    with pytest.raises(ValueError, match="cannot run 'avx2'"):
+        toy_source.cpu(torch.float32, isa="avx2")
+    # A level the host cannot run still builds (compile-only checks), each level its own library.
+    for isa in CPU_ISAS:
+        assert toy_source.build_cpu(torch.float32, (), isa).exists()
+    assert len(list(cache.glob("toy_float_*.so"))) == len(CPU_ISAS)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        toy_source.build_cpu(torch.float32, (), "sse9")
+
+
+def test_backend_cpu_capability_is_the_kernels_level(monkeypatch):
+    """One answer to "which vector ISA": backend.cpu_capability is the level the kernels build for."""
+    monkeypatch.setenv("SAN_DET_CPU_ISA", "portable")
+    assert backend_mod.cpu_capability() == "portable"
+    monkeypatch.delenv("SAN_DET_CPU_ISA")
+    assert backend_mod.cpu_capability() == supported_cpu_isas()[-1]
+
+
+# A grid-stride kernel over lane vectors of san_lanes.h: y = exp(x), the last tile partial.
+LANE_EXP = r"""
+#ifndef SAN_TJ
+#define SAN_TJ 1
+#endif
+#include "san_lanes.h"
+__global__ void lane_exp(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int n) {
+    for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * SAN_TJ; i < n;
+         i += (int64_t)blockDim.x * gridDim.x * SAN_TJ) {
+        const san_mask m = san_lanes(0, n - (int)i);
+        san_vstore(y + i, san_vexp(san_vload(x + i, m)), m);
+    }
+}
+"""
+
+
+@needs_cxx
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lanes", [1, 2, 4, 8, 16])
+def test_lane_exp_is_accurate(tmp_path, monkeypatch, isa, dtype, lanes):
+    """The vector exp of the CPU lanes (a polynomial, not libm) is within a few ulp of exp over
+    the range the softmax uses; below the smallest normal number it returns a tiny positive."""
+    monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "lane_exp.cu"
+    path.write_text(LANE_EXP)
+    source, flags = KernelSource(str(path)), (f"-DSAN_TJ={lanes}",)
+    if isa not in supported_cpu_isas():
+        assert source.build_cpu(dtype, flags, isa).exists()
+        pytest.skip(f"compiled for {isa}, but this CPU cannot run {isa} code")
+    kernels = source.cpu(dtype, flags, isa=isa)
+    lowest = -87.0 if dtype == torch.float32 else -708.0
+    x = torch.cat([
+        torch.linspace(lowest, 0.0, 9973, dtype=torch.float64),
+        torch.tensor([0.0, -0.0, 1e-8, -1e-8, 0.5, 1.0, 10.0, 80.0]).double(),
+    ]).to(dtype)  # fmt: skip
+    x = x[: x.numel() - 3]  # not a multiple of any tile width
+    y = torch.full_like(x, float("nan"))
+    kernels.lane_exp(3, 5, x, y, x.numel())
+    want = torch.exp(x.double())
+    ulp = torch.finfo(dtype).eps
+    rel = ((y.double() - want) / want).abs().max().item()
+    assert rel < (4 if lanes > 1 else 1) * ulp, rel
+    tiny = torch.tensor([lowest - 50, lowest - 1e4], dtype=dtype)
+    out = torch.full_like(tiny, float("nan"))
+    kernels.lane_exp(1, 1, tiny, out, 2)
+    assert ((out >= 0) & (out <= 2 * torch.finfo(dtype).tiny)).all(), out
 
 
 def _nvrtc_available():

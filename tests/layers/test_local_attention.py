@@ -7,13 +7,17 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
+from san_det.layers import kernel_runtime
 from san_det.layers.backend import use_backend
-from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
+from san_det.layers.kernel_runtime import CPU_ISAS, KernelSource, cpu_compiler_available
+from san_det.layers.launcher import CPU_REGISTER_BYTES
 from san_det.layers.launcher import TILES as LAUNCHER_TILES
-from san_det.layers.launcher import Tile, launch_config
+from san_det.layers.launcher import Tile, default_tile, launch_config
 from san_det.layers.local_attention import LocalSelfAttention2d
+from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
 
 needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
@@ -105,29 +109,36 @@ def test_borders_are_masked_not_zero_keys():
     # Zero keys (and zero values) at out-of-image neighbours, included in the softmax.
     kc = F.unfold(k, 3, padding=1).view(1, 2, 2, 9, 36) + rel.view(1, 2, 2, 9, 1)
     logits = (q.view(1, 2, 2, 1, 36) * kc).sum(2)
-    zero_keys = (torch.softmax(logits, 2).unsqueeze(2) * F.unfold(v, 3, padding=1).view(
-        1, 2, 2, 9, 36
-    )).sum(3).view(1, 4, 6, 6)
+    zero_keys = (
+        (torch.softmax(logits, 2).unsqueeze(2) * F.unfold(v, 3, padding=1).view(1, 2, 2, 9, 36))
+        .sum(3)
+        .view(1, 4, 6, 6)
+    )
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
     torch.testing.assert_close(got[inner], zero_keys[inner], rtol=0, atol=1e-12)
     assert (got - zero_keys)[:, :, 0].abs().min() > 1e-6
 
 
 # ---------------------------------------------------------------------------- compiled kernels
-# (SAN_TJ, SAN_CG) tiles of the CPU build: the CUDA build's (1, 4), the CPU default (8, 1) and an
-# odd mix where neither the row width nor the head width is a multiple of the tile.
-TILES = [(1, 4), (8, 1), (3, 3)]
+# Every CPU build (kernel_variants.CPU_VARIANTS: each instruction-set level with its default tile,
+# a SIMD register of pixels with masked border loads, and odd tiles on the portable level) against
+# the reference, forward and every gradient, float64 and float32.
+@pytest.fixture
+def cpu_variant(request, monkeypatch):
+    """Run the test on the variant's ISA level and tile (compile and skip where the host cannot
+    execute that level)."""
+    with compile_or_skip(monkeypatch, request.param, "local_attention.cu"):
+        yield request.param
 
 
 @needs_cxx
-@pytest.mark.parametrize("tile", TILES, ids=lambda t: "TJ{}CG{}".format(*t))
+@pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, ids=variant_id, indirect=True)
 @pytest.mark.parametrize("with_rel", [True, False])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=_ids)
-def test_cpu_kernels_match_reference_float64(geometry, with_rel, tile):
+def test_cpu_kernels_match_reference_float64(geometry, with_rel, cpu_variant):
     q, k, v, rel = _inputs(geometry, with_rel=with_rel)
     want = _run("reference", geometry, q, k, v, rel)
-    with launch_config(cpu_pixels_per_thread=tile[0], cpu_channels_per_thread=tile[1]):
-        got = _run("cpu", geometry, q, k, v, rel)
+    got = _run("cpu", geometry, q, k, v, rel)
     _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -137,12 +148,14 @@ def test_cuda_tile_is_the_kernel_default():
     defaults = tuple(
         int(source.split(f"#define {name} ")[1].split()[0]) for name in ("SAN_TJ", "SAN_CG")
     )
-    assert all(tile == Tile(*defaults) for tile in LAUNCHER_TILES["cuda"].values())
+    sasa = [tile for name, tile in LAUNCHER_TILES["cuda"].items() if name.startswith("sasa_")]
+    assert sasa and all(tile[:2] == Tile(*defaults)[:2] for tile in sasa)
 
 
 @needs_cxx
+@pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, ids=variant_id, indirect=True)
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[6]], ids=_ids)
-def test_cpu_kernels_match_reference_float32(geometry):
+def test_cpu_kernels_match_reference_float32(geometry, cpu_variant):
     q, k, v, rel = _inputs(geometry, dtype=torch.float32)
     want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
     got = _run("cpu", geometry, q, k, v, rel)
@@ -151,14 +164,71 @@ def test_cpu_kernels_match_reference_float32(geometry):
 
 @needs_cxx
 @pytest.mark.parametrize(
-    "grid, block, tile", [(1, 1, (1, 4)), (2, 3, (1, 4)), (3, 2, (3, 3)), (1, 5, (8, 1))]
+    "cpu_variant", CPU_VARIANTS[: len(CPU_ISAS)], ids=variant_id, indirect=True
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernels_larger_image(dtype, cpu_variant):
+    """An image several tiles wide and tall with 4 channels per head: inner tiles (all lanes of
+    every tap inside), both borders and a partial last tile in one run."""
+    geometry = (1, 16, 13, 37, 4, 7, 1)
+    q, k, v, rel = _inputs(geometry, dtype=dtype)
+    want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
+    got = _run("cpu", geometry, q, k, v, rel)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    _assert_all_close([g.double() for g in got], want, **tol)
+
+
+@needs_cxx
+def test_rel_gradient_kernel_matches_the_cuda_formula():
+    """The CPU kernel for grad_rel and the batched product the CUDA path uses agree."""
+    n, c, h, w, heads, ks = 2, 12, 5, 9, 3, 5
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    dlogit = torch.randn(n, heads, h, ks * ks, w, generator=gen, dtype=torch.float64)
+    run = op_kernels._LOCAL_ATTENTION.bind("cpu", torch.float64, q.device)
+    got = torch.empty(n, c, ks * ks, dtype=torch.float64)
+    groups = -(-(c // heads) // run.tile("sasa_rel_backward").channels)
+    run("sasa_rel_backward", n * heads * groups * (ks * ks + 1) // 2, q, dlogit, got,
+        n, c, h, w, heads, ks, 1)  # fmt: skip
+    want = torch.einsum("nhdij,nhiaj->nhda", q.view(n, heads, c // heads, h, w), dlogit)
+    torch.testing.assert_close(got, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
+    bmm = op_kernels._rel_grad_per_image(q, dlogit, heads)
+    torch.testing.assert_close(bmm, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
+
+
+@needs_cxx
+def test_variants_the_host_cannot_run_are_compiled_then_skipped(monkeypatch, tmp_path):
+    """On a host without AVX-512 (faked here, whatever this one has) the AVX-512 variant is built
+    for every dtype and default tile, then reported as skipped, not silently passed."""
+    monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(pytest.skip.Exception, match="cannot run avx512"):
+        compile_or_skip(monkeypatch, ("avx512", None), "local_attention.cu")
+    assert len(list((tmp_path / "cache").glob("local_attention_*.so"))) == 2  # float, double
+
+
+def test_default_cpu_tiles_are_one_register():
+    """The default CPU tile of every kernel and level is one SIMD register of pixels (so loads are
+    masked single instructions on AVX2 / AVX-512); channels and taps are positive."""
+    for isa in CPU_ISAS:
+        for name in LAUNCHER_TILES[isa]:
+            for dtype in (torch.float32, torch.float64):
+                tile = default_tile(isa, name, dtype)
+                assert tile.pixels * dtype.itemsize == CPU_REGISTER_BYTES[isa]
+                assert tile.channels >= 1 and tile.taps >= 1
+
+
+@needs_cxx
+@pytest.mark.parametrize(
+    "grid, block, tile",
+    [(1, 1, (1, 4, 4)), (2, 3, (1, 4, 4)), (3, 2, (2, 3, 2)), (1, 5, (8, 1, 4)), (2, 2, None)],
 )
 def test_cpu_kernels_on_tiny_grids(grid, block, tile):
     """Far fewer threads than work: every thread goes round its grid-stride loop many times."""
     geometry = (2, 12, 5, 7, 2, 5, 1)
     q, k, v, rel = _inputs(geometry)
     want = _run("reference", geometry, q, k, v, rel)
-    with launch_config(grid, block, *tile):
+    with launch_config(grid, block, *(tile or ())):
         got = _run("cpu", geometry, q, k, v, rel)
     _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -253,10 +323,10 @@ def test_kernels_compile_with_nvrtc(dtype, arch):
     """The CUDA build (SAN_TJ = 1; shapes are run-time arguments) compiles for every dtype."""
     source = KernelSource("local_attention.cu")
     assert set(source.kernels) == {
-        "sasa_attention_forward",
-        "sasa_output_forward",
-        "sasa_logit_backward",
-        "sasa_qkv_backward",
+        "sasa_forward",
+        "sasa_logit_q_backward",
+        "sasa_kv_backward",
+        "sasa_rel_backward",
     }
     cubin = source.nvrtc_compile(dtype, arch)
     assert len(cubin) > 1000

@@ -6,19 +6,17 @@ import itertools
 
 import pytest
 import torch
+from kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
 from san_det.layers.launcher import launch_config
-from san_det.layers.ops import kernels as ops_kernels
 from san_det.layers.ops import (
     aggregation,
-    neighbourhood,
-    output_size,
-    subtraction,
-    subtraction2,
 )
+from san_det.layers.ops import kernels as ops_kernels
+from san_det.layers.ops import neighbourhood, output_size, subtraction, subtraction2
 
 needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -118,9 +116,40 @@ def test_reflect_mode_mirrors_without_repeating_the_edge():
 
 
 # ------------------------------------------------------------------------------------ cpu kernels
+# Images several row tiles wide: inner tiles, both borders and a partial last tile; stride 2 reads
+# lane by lane.
+WIDE_GEOMETRIES = [
+    (13, 37, 7, 1, 3, 1, "reflect"),
+    (11, 40, 3, 1, 1, 1, "zeros"),
+    (9, 33, 5, 1, 4, 2, "reflect"),
+    (8, 35, 5, 1, 2, 1, "zeros"),
+    (10, 38, 3, 2, 1, 1, "reflect"),
+]
+
+
+@pytest.fixture
+def cpu_variant(request, monkeypatch):
+    """Run the test on the variant's ISA level and tile (kernel_variants.CPU_VARIANTS; compile
+    and skip where the host cannot execute that level)."""
+    with compile_or_skip(monkeypatch, request.param, "san_ops.cu"):
+        yield request.param
+
+
+@needs_cxx
+@pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, ids=variant_id, indirect=True)
+@pytest.mark.parametrize("geometry", GEOMETRIES + WIDE_GEOMETRIES, ids=_ids)
+def test_cpu_kernels_match_reference_float64(geometry, cpu_variant):
+    # 12 channels sharing 4 weight channels: 3 per weight channel, a partial channel group.
+    x1, x2, wt = _inputs(geometry, c=12, cw=4)
+    expected = _run_all("reference", geometry, x1, x2, wt)
+    got = _run_all("cpu", geometry, x1, x2, wt)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
 @needs_cxx
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=_ids)
-def test_cpu_kernels_match_reference_float64(geometry):
+def test_cpu_kernels_on_a_tiny_grid(geometry):
     x1, x2, wt = _inputs(geometry)
     expected = _run_all("reference", geometry, x1, x2, wt)
     with launch_config(3, 2):  # 6 threads of a tiny grid: every grid-stride loop wraps
@@ -130,9 +159,10 @@ def test_cpu_kernels_match_reference_float64(geometry):
 
 
 @needs_cxx
-@pytest.mark.parametrize("geometry", GEOMETRIES[:6], ids=_ids)
-def test_cpu_kernels_match_reference_float32(geometry):
-    x1, x2, wt = _inputs(geometry, dtype=torch.float32, c=8, cw=4)
+@pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, ids=variant_id, indirect=True)
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6] + WIDE_GEOMETRIES[:3], ids=_ids)
+def test_cpu_kernels_match_reference_float32(geometry, cpu_variant):
+    x1, x2, wt = _inputs(geometry, dtype=torch.float32, c=16, cw=2)
     expected = _run_all("reference", geometry, x1, x2, wt)
     got = _run_all("cpu", geometry, x1, x2, wt)
     for e, g in zip(expected, got):

@@ -24,6 +24,14 @@ from san_det.modeling.sasa_resnet import AttentionBottleneckBlock
 BACKENDS = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
 
 
+@pytest.fixture(autouse=True)
+def _own_inductor_cache(tmp_path_factory, monkeypatch):
+    """Inductor's on-disk graph cache does not see a change of an op's fake implementation (e.g.
+    of an output layout): a cache shared with another san_det checkout would replay graphs
+    compiled for its ops. Each test run compiles into a cache of its own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "inductor"))
+
+
 def _random_norms(model: nn.Module) -> nn.Module:
     """Norm parameters away from their initial 1 / 0. At initialisation SAM's position channels
     (differences of pixel coordinates, often exactly 0) leave its first BatchNorm exactly 0, on

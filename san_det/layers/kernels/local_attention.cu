@@ -5,20 +5,24 @@
 // The runtime prepends the typedefs scalar_t (storage) and acc_t (arithmetic) and the TO_ACC /
 // FROM_ACC conversions.
 //
-// Layouts (all contiguous): q, k, v, out, grad_* are (N, C, H, W); rel is (C, K, K) (zeros when
-// there is none); attn and dlogit are acc_t buffers (N, heads, K*K, H, W). Heads are contiguous
+// Layouts (all contiguous): q, k, v, out, grad_* are (N, C, H, W); relT is rel transposed to
+// (heads, K*K, d) (zeros when there is none); attn and dlogit are acc_t buffers
+// (N, heads, H, K*K, W): the K*K taps of an image row are one block, so a tile reads its own
+// probabilities, and the sources' ones in the backward gather, from a few contiguous blocks
+// rather than from K*K planes far apart. Heads are contiguous
 // channel groups of d = C / heads channels. Neighbour (a, b) of pixel (i, j) is
 // (i + (a - r) * dil, j + (b - r) * dil) with r = K / 2; neighbours outside the image are masked:
 // their probability and logit gradient are exactly 0.
 //
-// Work per thread is a compile-time tile: SAN_TJ consecutive pixels of one image row and, in the
-// kernels that produce one value per channel, SAN_CG consecutive channels of one head (they share
-// the attention weights read for them). The defaults are the GPU's (SAN_TJ 1: neighbouring threads
-// read neighbouring addresses; SAN_CG 4); the CPU build uses SAN_TJ 8, SAN_CG 1, where the tile's
-// independent sums hide floating-point latency and vectorise. Pixels past the end of a row and
-// channels past the end of a head are skipped. With SAN_TJ > 1 the window columns b whose
-// neighbours are inside the image for the whole tile form one interval [f0, f1); SAN_FOR_TAPS runs
-// those taps without per-pixel checks (`full` is a literal true there) and the others with them.
+// A thread works on a tile of SAN_TJ consecutive pixels of one image row, held in the lanes of a
+// `san_vec` (san_lanes.h: one pixel per thread on the GPU, a SIMD register on the CPU). Every
+// load of a neighbour names the lanes whose neighbour is inside the image, so border tiles run
+// the same branch-free code as inner ones. Sums over channels run SAN_UT taps at once (SAN_UT
+// independent accumulators, up to SAN_UT rows of a window column); sums over taps run SAN_CG
+// channels at once, so a probability or
+// logit gradient read from memory serves SAN_CG channels. The kernels that produce per-channel
+// gradients of the neighbours (sasa_kv_backward) take a group of SAN_CG channels per thread; the
+// others take the whole head and loop over its channel groups.
 
 #ifndef SAN_TJ
 #define SAN_TJ 1
@@ -26,279 +30,367 @@
 #ifndef SAN_CG
 #define SAN_CG 4
 #endif
-
-#define SAN_GRID_LOOP(idx, total)                                                   \
-    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < (total); \
-         idx += (int64_t)blockDim.x * gridDim.x)
-
-#define SAN_FOR_T for (int t = 0; t < SAN_TJ; ++t)
-#define SAN_FOR_G for (int g = 0; g < SAN_CG; ++g)
-// The first cg channels of the group (all of them with SAN_CG 1, without a check the CPU compiler
-// would have to keep).
-#if SAN_CG > 1
-#define SAN_FOR_GROUP(cg) SAN_FOR_G if (g < (cg))
-#else
-#define SAN_FOR_GROUP(cg) for (int g = 0; g < 1; ++g)
+#ifndef SAN_UT
+#define SAN_UT 4
 #endif
 
-// a / b for a non-negative index a and b > 0, in 32 bits when a fits (64-bit division is a long
-// instruction sequence on the GPU).
-__device__ __forceinline__ int64_t san_div(int64_t a, int b) {
-    return a <= 0x7fffffff ? (int64_t)((unsigned)a / (unsigned)b) : a / b;
+#include "san_lanes.h"
+
+// The lanes of the tile at column j0 whose neighbour at column offset `off` is inside a row of W
+// pixels (hi0 = min(SAN_TJ, W - j0) lanes are pixels of the row at all), as a range [lo, hi).
+__device__ __forceinline__ void sasa_tap_range(int j0, int off, int W, int hi0, int& lo,
+                                               int& hi) {
+    lo = j0 + off < 0 ? -(j0 + off) : 0;
+    hi = W - j0 - off < hi0 ? W - j0 - off : hi0;
 }
 
-// Pixel t of the tile at column j0 exists and its neighbour at column offset off is inside.
-__device__ __forceinline__ bool san_col_ok(int j0, int t, int off, int W) {
-    const int j = j0 + t;
-    return j < W && j + off >= 0 && j + off < W;
+// [lo, hi): the window indices t in [0, K) with 0 <= base + sign * (t - r) * dil < size (an
+// interval, since the coordinate is monotonic in t). Rows of the neighbours of row i: base i,
+// sign 1; rows of the pixels that see row i as a neighbour: base i, sign -1.
+__device__ __forceinline__ void sasa_window_range(int base, int sign, int size, int K, int r,
+                                                  int dil, int& lo, int& hi) {
+    lo = 0;
+    while (lo < K && (unsigned)(base + sign * (lo - r) * dil) >= (unsigned)size) ++lo;
+    hi = lo;
+    while (hi < K && (unsigned)(base + sign * (hi - r) * dil) < (unsigned)size) ++hi;
 }
 
-__device__ __forceinline__ bool san_tile_inside(int j0, int off, int W) {
-    return j0 + SAN_TJ <= W && j0 + off >= 0 && j0 + SAN_TJ + off <= W;
-}
+// The part of a tile's window that touches the image: rows [a_lo, a_hi) and columns [b_lo, b_hi)
+// (sign 1: the tile's neighbours; sign -1: the pixels that see the tile). All other taps are
+// outside the image for every lane.
+struct sasa_window {
+    int a_lo, a_hi, b_lo, b_hi;
+};
 
-// [f0, f1): the window columns b whose column offset sign * (b - r) * dil keeps the whole tile
-// inside the image (an interval, since the offset grows with b).
-__device__ __forceinline__ void san_inside_taps(int j0, int W, int K, int r, int dil, int sign,
-                                                int& f0, int& f1) {
-    f0 = 0;
-    while (f0 < K && !san_tile_inside(j0, sign * (f0 - r) * dil, W)) ++f0;
-    f1 = f0;
-    while (f1 < K && san_tile_inside(j0, sign * (f1 - r) * dil, W)) ++f1;
-}
-
-// Runs BODY for every window column b: first the border taps (full == false), then the inside
-// taps [f0, f1) (full == true, a constant the compiler folds away); one plain loop for SAN_TJ 1.
-#if SAN_TJ > 1
-#define SAN_FOR_TAPS(f0, f1, ...)                  \
-    for (int b = 0; b < K; ++b) {                  \
-        if (b >= (f0) && b < (f1)) continue;       \
-        const bool full = false;                   \
-        __VA_ARGS__                                \
-    }                                              \
-    for (int b = (f0); b < (f1); ++b) {            \
-        const bool full = true;                    \
-        __VA_ARGS__                                \
+__device__ __forceinline__ sasa_window sasa_window_of(int i, int j0, int hi0, int sign, int H,
+                                                      int W, int K, int r, int dil) {
+    sasa_window w;
+    sasa_window_range(i, sign, H, K, r, dil, w.a_lo, w.a_hi);
+    int lo, hi;
+    for (w.b_lo = 0; w.b_lo < K; ++w.b_lo) {
+        sasa_tap_range(j0, sign * (w.b_lo - r) * dil, W, hi0, lo, hi);
+        if (lo < hi) break;
     }
-#else
-#define SAN_FOR_TAPS(f0, f1, ...)                  \
-    for (int b = 0; b < K; ++b) {                  \
-        const bool full = false;                   \
-        __VA_ARGS__                                \
+    for (w.b_hi = w.b_lo; w.b_hi < K; ++w.b_hi) {
+        sasa_tap_range(j0, sign * (w.b_hi - r) * dil, W, hi0, lo, hi);
+        if (lo >= hi) break;
     }
-#endif
+    return w;
+}
 
-// Attention probabilities. One thread per (n, head, i, row tile): the K*K logits
-// sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) are written to attn, then turned
-// into a softmax over the in-image neighbours in place (max, exp and sum, normalise).
-__global__ void sasa_attention_forward(const scalar_t* __restrict__ q,
-                                       const scalar_t* __restrict__ k,
-                                       const scalar_t* __restrict__ rel,
-                                       acc_t* __restrict__ attn, int N, int C, int H, int W,
-                                       int heads, int K, int dil) {
-    const int64_t HW = (int64_t)H * W;
-    const int d = C / heads;
-    const int r = K / 2;
-    const int KK = K * K;
-    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        const int64_t nhi = san_div(idx, WT);  // (n * heads + h) * H + i
-        const int j0 = (int)(idx - nhi * WT) * SAN_TJ;
-        const int64_t nh = san_div(nhi, H);
-        const int i = (int)(nhi - nh * H);
-        const int64_t n = san_div(nh, heads);
-        const int h = (int)(nh - n * heads);
-        const int64_t pix0 = (int64_t)i * W + j0;
-        const scalar_t* q_ptr = q + (n * C + (int64_t)h * d) * HW + pix0;
-        const scalar_t* k_ptr = k + (n * C + (int64_t)h * d) * HW;
-        const scalar_t* rel_ptr = rel + (int64_t)h * d * KK;
-        acc_t* a_ptr = attn + nh * KK * HW + pix0;
-        int f0, f1;
-        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
+// The in-image lanes of window column b (sign as in sasa_window_of).
+__device__ __forceinline__ san_mask sasa_column_mask(int j0, int b, int sign, int W, int hi0,
+                                                     int r, int dil) {
+    int lo, hi;
+    sasa_tap_range(j0, sign * (b - r) * dil, W, hi0, lo, hi);
+    return san_lanes(lo, hi);
+}
 
-        acc_t vmax[SAN_TJ];
-        bool seen[SAN_TJ];
-        SAN_FOR_T {
-            vmax[t] = 0;
-            seen[t] = false;
+// For the U taps (a0 + u, b) of one window column: dst[u] = sum_{c < d} x_c * (y_c + rel_c),
+// x_c the tile in channel c, y_c its neighbour (a0 + u, b), rel_c = rel[c, a0 + u, b] (REL) or 0.
+// x points at the tile in channel 0, y at the neighbour row of a0 in channel 0 (in-image lanes
+// `m`), relT at relT[h, a0 * K + b, 0]; channels are HW apart in x and y, rows rowstep apart in y;
+// dst at tap a0 * K + b of the tile (taps W apart). Lanes outside `m` are stored as `fill`.
+template <int U, bool REL>
+__device__ __forceinline__ void sasa_col_dots(const scalar_t* __restrict__ x,
+                                              const scalar_t* __restrict__ y,
+                                              const scalar_t* __restrict__ relT,
+                                              acc_t* __restrict__ dst, int64_t HW, int W,
+                                              int64_t rowstep, int K, int d, san_mask m,
+                                              san_mask m0, acc_t fill) {
+    san_vec s[U];
+    SAN_UNROLL for (int u = 0; u < U; ++u) s[u] = san_vbcast((acc_t)0);
+    const int64_t relstep = (int64_t)K * d;  // relT rows of taps (a, b) and (a + 1, b)
+    for (int c = 0; c < d; ++c) {
+        const san_vec xc = san_vload(x + c * HW, m0);
+        const scalar_t* yc = y + c * HW;
+        SAN_UNROLL for (int u = 0; u < U; ++u) {
+            san_vec yv = san_vload(yc + u * rowstep, m);
+            if (REL) yv = yv + san_vbcast(TO_ACC(relT[u * relstep + c]));
+            s[u] = s[u] + xc * yv;
         }
-        for (int a = 0; a < K; ++a) {
-            const int ii = i + (a - r) * dil;
-            if (ii < 0 || ii >= H) continue;
-            SAN_FOR_TAPS(f0, f1, {
-                const int ab = a * K + b;
-                const int off = (b - r) * dil;
-                const scalar_t* k_row = k_ptr + (int64_t)ii * W + j0 + off;
-                acc_t logit[SAN_TJ];
-                SAN_FOR_T logit[t] = 0;
-                for (int c = 0; c < d; ++c) {
-                    const acc_t rc = TO_ACC(rel_ptr[c * KK + ab]);
-                    const scalar_t* qc = q_ptr + c * HW;
-                    const scalar_t* kc = k_row + c * HW;
-                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) logit[t] +=
-                        TO_ACC(qc[t]) * (TO_ACC(kc[t]) + rc);
-                }
-                SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) {
-                    a_ptr[ab * HW + t] = logit[t];
-                    vmax[t] = (!seen[t] || logit[t] > vmax[t]) ? logit[t] : vmax[t];
-                    seen[t] = true;
-                }
-            })
+    }
+    const int64_t rowtaps = (int64_t)K * W;  // taps (a, b) and (a + 1, b) in the buffer
+    SAN_UNROLL for (int u = 0; u < U; ++u) {
+        san_vstore(dst + u * rowtaps, san_vselect(s[u], m, fill), m0);
+    }
+}
+
+// sasa_col_dots for `rows` (1 <= rows <= U) taps: the instance with exactly that many sums.
+template <int U, bool REL>
+__device__ __forceinline__ void sasa_col_dots_upto(int rows, const scalar_t* x, const scalar_t* y,
+                                                   const scalar_t* relT, acc_t* dst, int64_t HW,
+                                                   int W, int64_t rowstep, int K, int d,
+                                                   san_mask m, san_mask m0, acc_t fill) {
+    if constexpr (U > 1) {
+        if (rows < U) {
+            sasa_col_dots_upto<U - 1, REL>(rows, x, y, relT, dst, HW, W, rowstep, K, d, m, m0,
+                                           fill);
+            return;
         }
-        acc_t total[SAN_TJ];
-        SAN_FOR_T total[t] = 0;
-        for (int a = 0; a < K; ++a) {
-            const int ii = i + (a - r) * dil;
-            const bool row_ok = ii >= 0 && ii < H;
-            for (int b = 0; b < K; ++b) {
-                const int off = (b - r) * dil;
-                acc_t* p = a_ptr + (a * K + b) * HW;
-                SAN_FOR_T if (j0 + t < W) {
-                    if (row_ok && san_col_ok(j0, t, off, W)) {
-                        const acc_t e = exp(p[t] - vmax[t]);
-                        p[t] = e;
-                        total[t] += e;
-                    } else {
-                        p[t] = 0;
-                    }
-                }
+    }
+    sasa_col_dots<U, REL>(x, y, relT, dst, HW, W, rowstep, K, d, m, m0, fill);
+}
+
+// dst[ab] = sum_{c < d} x_c * (y_c(neighbour ab) + rel[c, ab]) for the taps of `win` (fill where
+// the neighbour is outside; taps outside `win` are not written). x at the tile in channel 0, y at
+// channel 0, row 0, column j0; dst at tap 0 of the tile (taps W apart); m0: the tile's lanes.
+template <bool REL>
+__device__ __forceinline__ void sasa_window_dots(const scalar_t* x, const scalar_t* y,
+                                                 const scalar_t* relT, acc_t* dst, int64_t HW,
+                                                 const sasa_window& win, int i, int j0, int K,
+                                                 int d, int r, int dil, int W, int hi0,
+                                                 san_mask m0, acc_t fill) {
+    const int64_t rowstep = (int64_t)dil * W;
+    for (int b = win.b_lo; b < win.b_hi; ++b) {
+        const int off = (b - r) * dil;
+        const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
+        for (int a = win.a_lo; a < win.a_hi; a += SAN_UT) {
+            const int ab = a * K + b;
+            const int rows = win.a_hi - a < SAN_UT ? win.a_hi - a : SAN_UT;
+            sasa_col_dots_upto<SAN_UT, REL>(rows, x, y + (int64_t)(i + (a - r) * dil) * W + off,
+                                            relT + (int64_t)ab * d, dst + ab * W, HW, W, rowstep,
+                                            K, d, m, m0, fill);
+        }
+    }
+}
+
+// Stores 0 at every tap of the tile outside `win` (dst at tap 0, taps W apart).
+__device__ __forceinline__ void sasa_zero_outside(acc_t* dst, const sasa_window& win, int K,
+                                                  int W, san_mask m0) {
+    const san_vec zero = san_vbcast((acc_t)0);
+    for (int a = 0; a < K; ++a) {
+        const bool row_in = a >= win.a_lo && a < win.a_hi;
+        for (int b = 0; b < K; ++b) {
+            if (row_in && b == win.b_lo) b = win.b_hi;  // skip the window's columns
+            if (b < K) san_vstore(dst + (a * K + b) * W, zero, m0);
+        }
+    }
+}
+
+// For G channels g: dst_g = sum_{a, b} w[ab] * (y_g(neighbour ab) + rel[c0 + g, ab]) over the
+// in-image neighbours of the tile at (i, j0); w at tap 0 of the tile in an acc_t buffer (taps W
+// apart), y at channel c0, row 0, column j0, relT at relT[h, 0, c0 - h * d] (REL).
+template <int G, bool REL>
+__device__ __forceinline__ void sasa_gather_taps(const acc_t* __restrict__ w,
+                                                 const scalar_t* __restrict__ y,
+                                                 const scalar_t* __restrict__ relT,
+                                                 scalar_t* __restrict__ dst, int64_t HW,
+                                                 const sasa_window& win, int i, int j0, int K,
+                                                 int d, int r, int dil, int W, int hi0,
+                                                 san_mask m0) {
+    san_vec s[G];
+    SAN_UNROLL for (int g = 0; g < G; ++g) s[g] = san_vbcast((acc_t)0);
+    for (int b = win.b_lo; b < win.b_hi; ++b) {
+        const int off = (b - r) * dil;
+        const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
+        const scalar_t* yp = y + (int64_t)(i + (win.a_lo - r) * dil) * W + off;
+        for (int a = win.a_lo; a < win.a_hi; ++a, yp += (int64_t)dil * W) {
+            const int ab = a * K + b;
+            const san_vec wv = san_vload(w + ab * W, m);
+            SAN_UNROLL for (int g = 0; g < G; ++g) {
+                san_vec yv = san_vload(yp + g * HW, m);
+                if (REL) yv = yv + san_vbcast(TO_ACC(relT[(int64_t)ab * d + g]));
+                s[g] = s[g] + wv * yv;
             }
         }
-        SAN_FOR_T total[t] = (acc_t)1 / total[t];
-        for (int ab = 0; ab < KK; ++ab) {
-            SAN_FOR_T if (j0 + t < W) a_ptr[ab * HW + t] *= total[t];
-        }
+    }
+    SAN_UNROLL for (int g = 0; g < G; ++g) san_vstore(dst + g * HW, s[g], m0);
+}
+
+// sasa_gather_taps over all d channels of a head: groups of SAN_CG channels, then one at a time.
+template <bool REL>
+__device__ __forceinline__ void sasa_gather_head(const acc_t* w, const scalar_t* y,
+                                                 const scalar_t* relT, scalar_t* dst,
+                                                 int64_t HW, const sasa_window& win, int i,
+                                                 int j0, int K, int d, int r, int dil, int W,
+                                                 int hi0, san_mask m0) {
+    int c = 0;
+    for (; c + SAN_CG <= d; c += SAN_CG) {
+        sasa_gather_taps<SAN_CG, REL>(w, y + c * HW, relT + c, dst + c * HW, HW, win, i, j0, K,
+                                      d, r, dil, W, hi0, m0);
+    }
+    for (; c < d; ++c) {
+        sasa_gather_taps<1, REL>(w, y + c * HW, relT + c, dst + c * HW, HW, win, i, j0, K, d, r,
+                                 dil, W, hi0, m0);
     }
 }
 
-// out[n, c, i, j] = sum_{a, b} attn[n, h(c), a, b, i, j] * v[n, c, i', j'];
-// one thread per (n, head, channel group, i, row tile).
-__global__ void sasa_output_forward(const acc_t* __restrict__ attn,
-                                    const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
-                                    int N, int C, int H, int W, int heads, int K, int dil) {
+// The tile of thread `idx` over (n, head, i, row tile): its batch-head index nh = n * heads + h,
+// head h, row i and first column j0.
+struct sasa_tile {
+    int64_t n, nh;
+    int h, i, j0;
+};
+
+__device__ __forceinline__ sasa_tile sasa_tile_of(int64_t idx, int WT, int H, int heads) {
+    sasa_tile t;
+    const int64_t nhi = san_div(idx, WT);  // (n * heads + h) * H + i
+    t.j0 = (int)(idx - nhi * WT) * SAN_TJ;
+    t.nh = san_div(nhi, H);
+    t.i = (int)(nhi - t.nh * H);
+    t.n = san_div(t.nh, heads);
+    t.h = (int)(t.nh - t.n * heads);
+    return t;
+}
+
+// Forward. One thread per (n, head, i, row tile): the K*K logits
+// sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) go to attn and become the softmax
+// over the in-image neighbours there (max, exp and sum, normalise); then
+// out[c, i, j] = sum_{a, b} attn[i, a, b, j] * v[c, i', j'] for every channel of the head.
+__global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                             const scalar_t* __restrict__ v, const scalar_t* __restrict__ relT,
+                             acc_t* __restrict__ attn, scalar_t* __restrict__ out, int N, int C,
+                             int H, int W, int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
-    const int G = (d + SAN_CG - 1) / SAN_CG;  // channel groups per head
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * H * WT) {
-        const int64_t rowid = san_div(idx, WT);  // ((n * heads + h) * G + grp) * H + i
-        const int j0 = (int)(idx - rowid * WT) * SAN_TJ;
-        const int64_t nhg = san_div(rowid, H);
-        const int i = (int)(rowid - nhg * H);
-        const int64_t nh = san_div(nhg, G);
-        const int grp = (int)(nhg - nh * G);
-        const int64_t n = san_div(nh, heads);
-        const int h = (int)(nh - n * heads);
-        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;  // channels here
+    const acc_t lowest = san_lowest();
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
+        const sasa_tile t = sasa_tile_of(idx, WT, H, heads);
+        const int i = t.i, j0 = t.j0;
+        const int hi0 = W - j0 < SAN_TJ ? W - j0 : SAN_TJ;
+        const san_mask m0 = san_lanes(0, hi0);
         const int64_t pix0 = (int64_t)i * W + j0;
-        const acc_t* a_ptr = attn + nh * KK * HW + pix0;
-        const scalar_t* v_ptr = v + (n * C + (int64_t)h * d + grp * SAN_CG) * HW;
-        int f0, f1;
-        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
-        acc_t acc[SAN_CG][SAN_TJ];
-        SAN_FOR_G SAN_FOR_T acc[g][t] = 0;
-        for (int a = 0; a < K; ++a) {
-            const int ii = i + (a - r) * dil;
-            if (ii < 0 || ii >= H) continue;
-            SAN_FOR_TAPS(f0, f1, {
-                const int off = (b - r) * dil;
-                const acc_t* p = a_ptr + (a * K + b) * HW;
-                const scalar_t* vv = v_ptr + (int64_t)ii * W + j0 + off;
-                acc_t pt[SAN_TJ];
-                SAN_FOR_T pt[t] = (full || san_col_ok(j0, t, off, W)) ? p[t] : (acc_t)0;
-                SAN_FOR_GROUP(cg) {
-                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W))
-                        acc[g][t] += pt[t] * TO_ACC(vv[g * HW + t]);
-                }
-            })
+        const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW;
+        const scalar_t* relT_h = relT + (int64_t)t.h * KK * d;
+        acc_t* a_ptr = attn + (t.nh * H + i) * KK * W + j0;
+        const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
+
+        // Logits (masked lanes hold `lowest`) and their maximum; 0 outside the window.
+        sasa_window_dots<true>(q + chan0 + pix0, k + chan0 + j0, relT_h, a_ptr, HW, win, i, j0, K,
+                               d, r, dil, W, hi0, m0, lowest);
+        sasa_zero_outside(a_ptr, win, K, W, m0);
+        san_vec vmax = san_vbcast(lowest);
+        for (int a = win.a_lo; a < win.a_hi; ++a) {
+            for (int b = win.b_lo; b < win.b_hi; ++b) {
+                vmax = san_vmax(vmax, san_vload(a_ptr + (a * K + b) * W, m0));
+            }
         }
-        SAN_FOR_GROUP(cg) {
-            SAN_FOR_T if (j0 + t < W) out[(n * C + (int64_t)h * d + grp * SAN_CG + g) * HW +
-                                          pix0 + t] = FROM_ACC(acc[g][t]);
+        // exp and sum (out-of-image neighbours get probability 0), then normalise.
+        san_vec total = san_vbcast((acc_t)0);
+        for (int b = win.b_lo; b < win.b_hi; ++b) {
+            const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
+            for (int a = win.a_lo; a < win.a_hi; ++a) {
+                acc_t* p = a_ptr + (a * K + b) * W;
+                const san_vec e = san_vselect(san_vexp(san_vload(p, m0) - vmax), m, (acc_t)0);
+                total = total + e;
+                san_vstore(p, e, m0);
+            }
         }
+        const san_vec inv = (acc_t)1 / san_vselect(total, m0, (acc_t)1);
+        for (int a = win.a_lo; a < win.a_hi; ++a) {
+            for (int b = win.b_lo; b < win.b_hi; ++b) {
+                acc_t* p = a_ptr + (a * K + b) * W;
+                san_vstore(p, san_vload(p, m0) * inv, m0);
+            }
+        }
+        sasa_gather_head<false>(a_ptr, v + chan0 + j0, relT_h, out + chan0 + pix0, HW, win, i, j0,
+                                K, d, r, dil, W, hi0, m0);
     }
 }
 
-// Gradient of the logits. One thread per (n, head, i, row tile):
+// Gradient of the logits and of q. One thread per (n, head, i, row tile):
 // gv[ab] = sum_{c in head} grad_out[c, i, j] * v[c, i', j'],
-// dlogit[ab] = p[ab] * (gv[ab] - sum_ab' p[ab'] gv[ab']); 0 for out-of-image neighbours.
-__global__ void sasa_logit_backward(const scalar_t* __restrict__ grad_out,
-                                    const scalar_t* __restrict__ v,
-                                    const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
-                                    int N, int C, int H, int W, int heads, int K, int dil) {
+// dlogit[ab] = p[ab] * (gv[ab] - sum_ab' p[ab'] gv[ab']) (0 for out-of-image neighbours), then
+// grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]).
+__global__ void sasa_logit_q_backward(const scalar_t* __restrict__ grad_out,
+                                      const scalar_t* __restrict__ k,
+                                      const scalar_t* __restrict__ v,
+                                      const scalar_t* __restrict__ relT,
+                                      const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
+                                      scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
+                                      int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
     const int KK = K * K;
     const int WT = (W + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        const int64_t nhi = san_div(idx, WT);  // (n * heads + h) * H + i
-        const int j0 = (int)(idx - nhi * WT) * SAN_TJ;
-        const int64_t nh = san_div(nhi, H);
-        const int i = (int)(nhi - nh * H);
-        const int64_t n = san_div(nh, heads);
-        const int h = (int)(nh - n * heads);
+        const sasa_tile t = sasa_tile_of(idx, WT, H, heads);
+        const int i = t.i, j0 = t.j0;
+        const int hi0 = W - j0 < SAN_TJ ? W - j0 : SAN_TJ;
+        const san_mask m0 = san_lanes(0, hi0);
         const int64_t pix0 = (int64_t)i * W + j0;
-        const scalar_t* g_ptr = grad_out + (n * C + (int64_t)h * d) * HW + pix0;
-        const scalar_t* v_ptr = v + (n * C + (int64_t)h * d) * HW;
-        const acc_t* p_ptr = attn + nh * KK * HW + pix0;
-        acc_t* dl_ptr = dlogit + nh * KK * HW + pix0;
-        int f0, f1;
-        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);
+        const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW;
+        const acc_t* p_ptr = attn + (t.nh * H + i) * KK * W + j0;
+        acc_t* dl_ptr = dlogit + (t.nh * H + i) * KK * W + j0;
+        const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
 
-        // First the dot products gv (0 where the neighbour is outside: p is 0 there too).
-        for (int a = 0; a < K; ++a) {
-            const int ii = i + (a - r) * dil;
-            if (ii < 0 || ii >= H) {
-                for (int b = 0; b < K; ++b) {
-                    SAN_FOR_T if (j0 + t < W) dl_ptr[(a * K + b) * HW + t] = 0;
-                }
-                continue;
-            }
-            SAN_FOR_TAPS(f0, f1, {
-                const int off = (b - r) * dil;
-                const scalar_t* v_row = v_ptr + (int64_t)ii * W + j0 + off;
-                acc_t gv[SAN_TJ];
-                SAN_FOR_T gv[t] = 0;
-                for (int c = 0; c < d; ++c) {
-                    const scalar_t* gc = g_ptr + c * HW;
-                    const scalar_t* vc = v_row + c * HW;
-                    SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) gv[t] +=
-                        TO_ACC(gc[t]) * TO_ACC(vc[t]);
-                }
-                SAN_FOR_T if (j0 + t < W) dl_ptr[(a * K + b) * HW + t] = gv[t];
-            })
-        }
-        acc_t weighted[SAN_TJ];
-        SAN_FOR_T weighted[t] = 0;
-        for (int ab = 0; ab < KK; ++ab) {
-            SAN_FOR_T if (j0 + t < W) weighted[t] += p_ptr[ab * HW + t] * dl_ptr[ab * HW + t];
-        }
-        for (int ab = 0; ab < KK; ++ab) {
-            SAN_FOR_T if (j0 + t < W) {
-                const acc_t p = p_ptr[ab * HW + t];
-                dl_ptr[ab * HW + t] = p == 0 ? (acc_t)0 : p * (dl_ptr[ab * HW + t] - weighted[t]);
+        // gv into dlogit (0 where the neighbour is outside: p is 0 there too).
+        sasa_window_dots<false>(grad_out + chan0 + pix0, v + chan0 + j0, relT, dl_ptr, HW, win, i,
+                                j0, K, d, r, dil, W, hi0, m0, (acc_t)0);
+        sasa_zero_outside(dl_ptr, win, K, W, m0);
+        san_vec weighted = san_vbcast((acc_t)0);
+        for (int a = win.a_lo; a < win.a_hi; ++a) {
+            for (int b = win.b_lo; b < win.b_hi; ++b) {
+                const int ab = a * K + b;
+                weighted = weighted + san_vload(p_ptr + ab * W, m0) * san_vload(dl_ptr + ab * W, m0);
             }
         }
+        for (int a = win.a_lo; a < win.a_hi; ++a) {
+            for (int b = win.b_lo; b < win.b_hi; ++b) {
+                const int ab = a * K + b;
+                acc_t* dl = dl_ptr + ab * W;
+                san_vstore(dl, san_vload(p_ptr + ab * W, m0) * (san_vload(dl, m0) - weighted), m0);
+            }
+        }
+        sasa_gather_head<true>(dl_ptr, k + chan0 + j0, relT + (int64_t)t.h * KK * d,
+                               grad_q + chan0 + pix0, HW, win, i, j0, K, d, r, dil, W, hi0, m0);
     }
 }
 
-// Gradients of q, k and v; one thread per (n, head, channel group, i, row tile), no atomics:
-// grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]) over the neighbours of
-// (i, j); grad_k and grad_v gather over the pixels (s, u) that see (i, j) as their neighbour
-// (a, b), (s, u) = (i - (a - r) * dil, j - (b - r) * dil):
-// grad_k[c, i, j] = sum dlogit[ab, s, u] * q[c, s, u],
-// grad_v[c, i, j] = sum p[ab, s, u] * grad_out[c, s, u].
-__global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                  const scalar_t* __restrict__ rel,
-                                  const scalar_t* __restrict__ grad_out,
-                                  const acc_t* __restrict__ attn,
-                                  const acc_t* __restrict__ dlogit,
-                                  scalar_t* __restrict__ grad_q, scalar_t* __restrict__ grad_k,
-                                  scalar_t* __restrict__ grad_v, int N, int C, int H, int W,
-                                  int heads, int K, int dil) {
+// Gradients of k and v for G channels of one head, gathered over the pixels (s, u) that see the
+// tile's pixels (i, j) as their neighbour (a, b), (s, u) = (i - (a - r) * dil, j - (b - r) * dil):
+// grad_k[c, i, j] = sum dlogit[s, ab, u] * q[c, s, u],
+// grad_v[c, i, j] = sum p[s, ab, u] * grad_out[c, s, u].
+// p and dl point at the head's (H, K*K, W) buffers, q, g, gk, gv at channel c0, pixel 0; `win`
+// is the window of the sources (sign -1).
+template <int G>
+__device__ __forceinline__ void sasa_gather_kv(const acc_t* __restrict__ p,
+                                               const acc_t* __restrict__ dl,
+                                               const scalar_t* __restrict__ q,
+                                               const scalar_t* __restrict__ g,
+                                               scalar_t* __restrict__ gk,
+                                               scalar_t* __restrict__ gv, int64_t HW,
+                                               const sasa_window& win, int i, int j0, int K,
+                                               int r, int dil, int W, int hi0, san_mask m0) {
+    san_vec sk[G], sv[G];
+    SAN_UNROLL for (int c = 0; c < G; ++c) sk[c] = sv[c] = san_vbcast((acc_t)0);
+    const int64_t tap_step = (int64_t)(K - dil * K * K) * W;  // tap (a, b) -> (a + 1, b)
+    for (int b = win.b_lo; b < win.b_hi; ++b) {
+        const int off = -(b - r) * dil;
+        const san_mask m = sasa_column_mask(j0, b, -1, W, hi0, r, dil);
+        // Source row of window row a: si = i - (a - r) * dil, falling by dil per row.
+        const int si0 = i - (win.a_lo - r) * dil;
+        int64_t src = (int64_t)si0 * W + j0 + off;
+        int64_t tap = ((int64_t)si0 * K * K + win.a_lo * K + b) * W + j0 + off;
+        for (int a = win.a_lo; a < win.a_hi; ++a, src -= (int64_t)dil * W, tap += tap_step) {
+            const san_vec dlv = san_vload(dl + tap, m);
+            const san_vec pv = san_vload(p + tap, m);
+            SAN_UNROLL for (int c = 0; c < G; ++c) {
+                sk[c] = sk[c] + dlv * san_vload(q + c * HW + src, m);
+                sv[c] = sv[c] + pv * san_vload(g + c * HW + src, m);
+            }
+        }
+    }
+    const int64_t pix0 = (int64_t)i * W + j0;
+    SAN_UNROLL for (int c = 0; c < G; ++c) {
+        san_vstore(gk + c * HW + pix0, sk[c], m0);
+        san_vstore(gv + c * HW + pix0, sv[c], m0);
+    }
+}
+
+// Gradients of k and v; one thread per (n, head, channel group of SAN_CG, i, row tile), no
+// atomics (see sasa_gather_kv).
+__global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
+                                 const scalar_t* __restrict__ grad_out,
+                                 const acc_t* __restrict__ attn,
+                                 const acc_t* __restrict__ dlogit, scalar_t* __restrict__ grad_k,
+                                 scalar_t* __restrict__ grad_v, int N, int C, int H, int W,
+                                 int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
@@ -314,70 +406,91 @@ __global__ void sasa_qkv_backward(const scalar_t* __restrict__ q, const scalar_t
         const int grp = (int)(nhg - nh * G);
         const int64_t n = san_div(nh, heads);
         const int h = (int)(nh - n * heads);
-        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;
+        const int hi0 = W - j0 < SAN_TJ ? W - j0 : SAN_TJ;
+        const san_mask m0 = san_lanes(0, hi0);
         const int c0 = h * d + grp * SAN_CG;  // first channel of the group
-        const int64_t pix0 = (int64_t)i * W + j0;
-        const acc_t* p_ptr = attn + nh * KK * HW;
-        const acc_t* dl_ptr = dlogit + nh * KK * HW;
+        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;
         const int64_t chan0 = (n * C + c0) * HW;
-        const scalar_t* chan_q = q + chan0;
-        const scalar_t* chan_k = k + chan0;
-        const scalar_t* chan_g = grad_out + chan0;
-        const scalar_t* rel_c = rel + (int64_t)c0 * KK;
-        int f0, f1, s0, s1;
-        san_inside_taps(j0, W, K, r, dil, 1, f0, f1);   // neighbours (i', j') of the tile
-        san_inside_taps(j0, W, K, r, dil, -1, s0, s1);  // pixels (s, u) that see the tile
-        acc_t gq[SAN_CG][SAN_TJ], gk[SAN_CG][SAN_TJ], gv[SAN_CG][SAN_TJ];
-        SAN_FOR_G SAN_FOR_T gq[g][t] = gk[g][t] = gv[g][t] = 0;
-        for (int a = 0; a < K; ++a) {
-            const int ii = i + (a - r) * dil;  // row of the neighbours of row i
-            if (ii >= 0 && ii < H) {
-                SAN_FOR_TAPS(f0, f1, {
-                    const int ab = a * K + b;
-                    const int off = (b - r) * dil;
-                    const acc_t* dl = dl_ptr + ab * HW + pix0;
-                    const scalar_t* kk = chan_k + (int64_t)ii * W + j0 + off;
-                    acc_t dlt[SAN_TJ];
-                    SAN_FOR_T dlt[t] = (full || san_col_ok(j0, t, off, W)) ? dl[t] : (acc_t)0;
-                    SAN_FOR_GROUP(cg) {
-                        const acc_t rc = TO_ACC(rel_c[g * KK + ab]);
-                        SAN_FOR_T if (full || san_col_ok(j0, t, off, W))
-                            gq[g][t] += dlt[t] * (TO_ACC(kk[g * HW + t]) + rc);
-                    }
-                })
-            }
-            const int si = i - (a - r) * dil;  // row of the pixels that have row i as row a
-            if (si >= 0 && si < H) {
-                SAN_FOR_TAPS(s0, s1, {
-                    const int ab = a * K + b;
-                    const int off = -(b - r) * dil;
-                    const int64_t src0 = (int64_t)si * W + j0 + off;
-                    const acc_t* dl = dl_ptr + ab * HW + src0;
-                    const acc_t* p = p_ptr + ab * HW + src0;
-                    acc_t dlt[SAN_TJ], pt[SAN_TJ];
-                    SAN_FOR_T {
-                        const bool ok = full || san_col_ok(j0, t, off, W);
-                        dlt[t] = ok ? dl[t] : (acc_t)0;
-                        pt[t] = ok ? p[t] : (acc_t)0;
-                    }
-                    SAN_FOR_GROUP(cg) {
-                        const scalar_t* qs = chan_q + g * HW + src0;
-                        const scalar_t* gs = chan_g + g * HW + src0;
-                        SAN_FOR_T if (full || san_col_ok(j0, t, off, W)) {
-                            gk[g][t] += dlt[t] * TO_ACC(qs[t]);
-                            gv[g][t] += pt[t] * TO_ACC(gs[t]);
-                        }
-                    }
-                })
+        const acc_t* p = attn + nh * H * KK * W;
+        const acc_t* dl = dlogit + nh * H * KK * W;
+        const sasa_window win = sasa_window_of(i, j0, hi0, -1, H, W, K, r, dil);
+        if (cg == SAN_CG) {
+            sasa_gather_kv<SAN_CG>(p, dl, q + chan0, grad_out + chan0, grad_k + chan0,
+                                   grad_v + chan0, HW, win, i, j0, K, r, dil, W, hi0, m0);
+        } else {
+            for (int c = 0; c < cg; ++c) {
+                const int64_t o = chan0 + c * HW;
+                sasa_gather_kv<1>(p, dl, q + o, grad_out + o, grad_k + o, grad_v + o, HW, win, i,
+                                  j0, K, r, dil, W, hi0, m0);
             }
         }
-        SAN_FOR_GROUP(cg) {
-            SAN_FOR_T if (j0 + t < W) {
-                const int64_t o = chan0 + g * HW + pix0 + t;
-                grad_q[o] = FROM_ACC(gq[g][t]);
-                grad_k[o] = FROM_ACC(gk[g][t]);
-                grad_v[o] = FROM_ACC(gv[g][t]);
+    }
+}
+
+// Gradient of rel, per image: grad_rel[n, c, ab] = sum_{i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]
+// (the caller sums over n); one thread per (n, head, channel group of SAN_CG, pair of taps): the
+// two taps' rows of dlogit are neighbours in memory and each q read serves both.
+template <int G, int T>
+__device__ __forceinline__ void sasa_rel_sums(const acc_t* __restrict__ dl,
+                                              const scalar_t* __restrict__ q,
+                                              acc_t* __restrict__ dst, int64_t HW, int H, int W,
+                                              int KK) {
+    san_vec s[T][G];
+    SAN_UNROLL for (int u = 0; u < T; ++u) {
+        SAN_UNROLL for (int c = 0; c < G; ++c) s[u][c] = san_vbcast((acc_t)0);
+    }
+    for (int i = 0; i < H; ++i) {
+        const acc_t* dl_row = dl + (int64_t)i * KK * W;
+        const scalar_t* q_row = q + (int64_t)i * W;
+        for (int j0 = 0; j0 < W; j0 += SAN_TJ) {
+            const san_mask m = san_lanes(0, W - j0);
+            san_vec dlv[T];
+            SAN_UNROLL for (int u = 0; u < T; ++u) dlv[u] = san_vload(dl_row + u * W + j0, m);
+            SAN_UNROLL for (int c = 0; c < G; ++c) {
+                const san_vec qv = san_vload(q_row + c * HW + j0, m);
+                SAN_UNROLL for (int u = 0; u < T; ++u) s[u][c] = s[u][c] + dlv[u] * qv;
             }
+        }
+    }
+    SAN_UNROLL for (int u = 0; u < T; ++u) {
+        SAN_UNROLL for (int c = 0; c < G; ++c) dst[(int64_t)c * KK + u] = san_vsum(s[u][c]);
+    }
+}
+
+template <int T>
+__device__ __forceinline__ void sasa_rel_group(const acc_t* dl, const scalar_t* q, acc_t* dst,
+                                               int cg, int64_t HW, int H, int W, int KK) {
+    if (cg == SAN_CG) {
+        sasa_rel_sums<SAN_CG, T>(dl, q, dst, HW, H, W, KK);
+    } else {
+        for (int c = 0; c < cg; ++c) sasa_rel_sums<1, T>(dl, q + c * HW, dst + c * KK, HW, H, W, KK);
+    }
+}
+
+__global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
+                                  const acc_t* __restrict__ dlogit, acc_t* __restrict__ grad_rel,
+                                  int N, int C, int H, int W, int heads, int K, int dil) {
+    const int64_t HW = (int64_t)H * W;
+    const int d = C / heads;
+    const int KK = K * K;
+    const int G = (d + SAN_CG - 1) / SAN_CG;
+    const int pairs = (KK + 1) / 2;
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * pairs) {
+        const int64_t nhg = san_div(idx, pairs);  // (n * heads + h) * G + grp
+        const int ab = 2 * (int)(idx - nhg * pairs);
+        const int64_t nh = san_div(nhg, G);
+        const int grp = (int)(nhg - nh * G);
+        const int64_t n = san_div(nh, heads);
+        const int h = (int)(nh - n * heads);
+        const int c0 = h * d + grp * SAN_CG;
+        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;
+        const acc_t* dl = dlogit + nh * H * KK * W + (int64_t)ab * W;
+        const scalar_t* qc = q + (n * C + c0) * HW;
+        acc_t* dst = grad_rel + (n * C + c0) * KK + ab;
+        if (ab + 1 < KK) {
+            sasa_rel_group<2>(dl, qc, dst, cg, HW, H, W, KK);
+        } else {
+            sasa_rel_group<1>(dl, qc, dst, cg, HW, H, W, KK);
         }
     }
 }

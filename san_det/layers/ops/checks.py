@@ -65,8 +65,8 @@ def check_local_attention_gradient(grad_out, q, attn, num_heads, kernel_size) ->
                          f"{tuple(grad_out.shape)}")  # fmt: skip
     check_same_device_and_dtype("grad_out", grad_out, "q", q)
     n, _, h, w = q.shape
-    expected = (n, num_heads, kernel_size * kernel_size, h, w)
-    check_tensor("attn", attn, 5, "(N, heads, k*k, H, W)")
+    expected = (n, num_heads, h, kernel_size * kernel_size, w)
+    check_tensor("attn", attn, 5, "(N, heads, H, k*k, W)")
     if tuple(attn.shape) != expected or attn.dtype != accumulation_dtype(q.dtype):
         raise ValueError(
             f"attn must be {accumulation_dtype(q.dtype)} of shape {expected}, got "

@@ -8,6 +8,7 @@ backend computes in (see :func:`~san_det.layers.backend.compute_dtype`); the reg
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..launcher import KernelLauncher
 from .checks import Geometry
@@ -31,30 +32,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- SASA local attention
+# The kernels (kernels/local_attention.cu) read rel transposed to (heads, k*k, head_dim) and keep
+# attn / dlogit as (N, heads, H, k*k, W).
 def _row_threads(run, kernel: str, rows: int, width: int) -> int:
     """Threads of a row kernel: one per ``tile.pixels`` pixels of each of ``rows`` rows."""
     return rows * -(-width // run.tile(kernel).pixels)
-
-
-def local_attention_forward(
-    backend: str, q, k, v, rel: Optional[torch.Tensor], num_heads: int, kernel_size: int,
-    dilation: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(out, attn)``; ``attn`` (N, heads, k*k, H, W) is in the accumulation type (float32 for
-    float16/bfloat16/float32, float64 for float64)."""
-    n, c, h, w = q.shape
-    run = _LOCAL_ATTENTION.bind(backend, q.dtype, q.device)
-    attn = q.new_empty(n, num_heads, kernel_size * kernel_size, h, w, dtype=_acc_dtype(q.dtype))
-    out = torch.empty_like(q)
-    shape = (n, c, h, w, num_heads, kernel_size, dilation)
-    # The kernels always read rel: zeros stand for "no relative embedding".
-    rel = rel if rel is not None else q.new_zeros(c, kernel_size, kernel_size)
-    name = "sasa_attention_forward"
-    run(name, _row_threads(run, name, n * num_heads * h, w), q, k, rel, attn, *shape)
-    name = "sasa_output_forward"
-    rows = n * num_heads * _channel_groups(run, name, c // num_heads) * h
-    run(name, _row_threads(run, name, rows, w), attn, v, out, *shape)
-    return out, attn
 
 
 def _channel_groups(run, kernel: str, head_dim: int) -> int:
@@ -62,84 +44,179 @@ def _channel_groups(run, kernel: str, head_dim: int) -> int:
     return -(-head_dim // run.tile(kernel).channels)
 
 
+def _rel_by_tap(q, rel: Optional[torch.Tensor], num_heads: int, kernel_size: int):
+    """``rel`` (C, k, k) as the kernels read it, (heads, k*k, C / heads); zeros without one."""
+    c, kk = q.shape[1], kernel_size * kernel_size
+    if rel is None:
+        return q.new_zeros(num_heads, kk, c // num_heads)
+    return rel.reshape(num_heads, c // num_heads, kk).transpose(1, 2).contiguous()
+
+
+def local_attention_forward(
+    backend: str, q, k, v, rel: Optional[torch.Tensor], num_heads: int, kernel_size: int,
+    dilation: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(out, attn)``; ``attn`` (N, heads, H, k*k, W) is in the accumulation type (float32 for
+    float16/bfloat16/float32, float64 for float64). One fused kernel: logits, softmax and the
+    weighted sum of the values."""
+    n, c, h, w = q.shape
+    run = _LOCAL_ATTENTION.bind(backend, q.dtype, q.device)
+    attn = q.new_empty(n, num_heads, h, kernel_size * kernel_size, w, dtype=_acc_dtype(q.dtype))
+    out = torch.empty_like(q)
+    shape = (n, c, h, w, num_heads, kernel_size, dilation)
+    rel_t = _rel_by_tap(q, rel, num_heads, kernel_size)
+    name = "sasa_forward"
+    run(name, _row_threads(run, name, n * num_heads * h, w), q, k, v, rel_t, attn, out, *shape)
+    return out, attn
+
+
+def _rel_grad_per_image(q: torch.Tensor, dlogit: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(N, C, k*k)``: sum over pixels of ``dlogit[n, h(c), i, ab, j] * q[n, c, i, j]``, as one
+    batched matrix product per image and head (the CUDA path: cuBLAS)."""
+    n, c, h, w = q.shape
+    kk = dlogit.shape[3]
+    dl_planes = dlogit.permute(0, 1, 3, 2, 4).reshape(n * num_heads, kk, h * w)
+    q_heads = q.reshape(n * num_heads, c // num_heads, h * w).to(dlogit.dtype)
+    return torch.bmm(q_heads, dl_planes.transpose(1, 2)).view(n, c, kk)
+
+
 def local_attention_backward(
     backend: str, grad_out, q, k, v, rel, attn, num_heads: int, kernel_size: int, dilation: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_q, grad_k, grad_v, dlogit)``, as :func:`.reference.local_attention_backward`."""
+    """``(grad_q, grad_k, grad_v, grad_rel)``, as :func:`.reference.local_attention_backward`.
+
+    ``grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]`` is
+    deterministic (no atomics): on the CPU a kernel per (image, channel group, two taps), on the
+    GPU one cuBLAS product per image and head.
+    """
     n, c, h, w = q.shape
+    kk = kernel_size * kernel_size
     run = _LOCAL_ATTENTION.bind(backend, q.dtype, q.device)
     shape = (n, c, h, w, num_heads, kernel_size, dilation)
-    rel = rel if rel is not None else q.new_zeros(c, kernel_size, kernel_size)
+    rel_t = _rel_by_tap(q, rel, num_heads, kernel_size)
     dlogit = torch.empty_like(attn)
-    name = "sasa_logit_backward"
-    run(name, _row_threads(run, name, n * num_heads * h, w), grad_out, v, attn, dlogit, *shape)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    name = "sasa_qkv_backward"
+    rows = n * num_heads * h
+    name = "sasa_logit_q_backward"
+    run(name, _row_threads(run, name, rows, w), grad_out, k, v, rel_t, attn, dlogit, grad_q, *shape)
+    name = "sasa_kv_backward"
     rows = n * num_heads * _channel_groups(run, name, c // num_heads) * h
     run(
         name, _row_threads(run, name, rows, w),
-        q, k, rel, grad_out, attn, dlogit, grad_q, grad_k, grad_v, *shape,
+        q, grad_out, attn, dlogit, grad_k, grad_v, *shape,
     )  # fmt: skip
-    return grad_q, grad_k, grad_v, dlogit
+    if rel is None:
+        grad_rel = q.new_zeros(c, kernel_size, kernel_size)
+    else:
+        if backend == "cuda":
+            per_image = _rel_grad_per_image(q, dlogit, num_heads)
+        else:
+            per_image = attn.new_empty(n, c, kk)
+            name = "sasa_rel_backward"
+            pairs = (kk + 1) // 2  # one thread per two taps
+            threads = n * num_heads * _channel_groups(run, name, c // num_heads) * pairs
+            run(name, threads, q, dlogit, per_image, *shape)
+        grad_rel = per_image.sum(dim=0).reshape(c, kernel_size, kernel_size).to(q.dtype)
+    return grad_q, grad_k, grad_v, grad_rel
 
 
 # ----------------------------------------------------------------------------------- SAN ops
+# The kernels (kernels/san_ops.cu) work on rows of output (or input) pixels and know only zero
+# padding: with reflection they read a reflection-padded copy of the input (as nn.ReflectionPad2d
+# does) and see padding 0.
 def _window_args(g: Geometry) -> Tuple[int, ...]:
-    return (
-        g.height,
-        g.width,
-        g.out_height,
-        g.out_width,
-        g.kernel_size,
-        g.stride,
-        g.padding,
-        g.dilation,
-        int(g.reflect),
-    )
+    """The kernels' geometry arguments; with reflection they see the padded input, padding 0."""
+    pad = 0 if g.reflect else g.padding
+    height, width = g.height + 2 * (g.padding - pad), g.width + 2 * (g.padding - pad)
+    return (height, width, g.out_height, g.out_width, g.kernel_size, g.stride, pad, g.dilation)
 
 
-def _run_san(backend: str, kernel: str, out, outputs_per_thread: int, inputs, scalars):
-    """Run a kernel of san_ops.cu that writes ``out``: its arguments are ``*inputs, out, total,
-    *scalars``, one thread per ``outputs_per_thread`` outputs (``total`` threads)."""
-    total = out.numel() // outputs_per_thread
-    _SAN_OPS.bind(backend, out.dtype, out.device)(kernel, total, *inputs, out, total, *scalars)
-    return out
+def _kernel_input(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """What the kernels read for ``x``: itself, or its reflection-padded copy."""
+    if g.reflect and g.padding > 0:
+        return F.pad(x, (g.padding,) * 4, mode="reflect")
+    return x
+
+
+def _input_grad(grad: torch.Tensor, g: Geometry, shape) -> torch.Tensor:
+    """The gradient of the input from that of :func:`_kernel_input`'s result (the mirrored border
+    strips folded back onto the pixels they copy)."""
+    if g.reflect and g.padding > 0:
+        like = grad.new_empty(shape)
+        return torch.ops.aten.reflection_pad2d_backward(grad, like, [g.padding] * 4)
+    return grad
 
 
 def subtraction2_forward(backend: str, x1, x2, g: Geometry) -> torch.Tensor:
-    """``x1[centre] - x2[tap]`` (N, C, k*k, Ho*Wo); one thread per (n, c, position)."""
+    """``x1[centre] - x2[tap]`` (N, C, k*k, Ho*Wo); one thread per row tile of output pixels."""
     out = x1.new_empty(x1.shape[0], x1.shape[1], g.taps, g.positions)
-    return _run_san(backend, "san_subtraction2_forward", out, g.taps, (x1, x2), _window_args(g))
+    run = _SAN_OPS.bind(backend, out.dtype, out.device)
+    rows = x1.shape[0] * x1.shape[1] * g.out_height
+    same = x2 is x1
+    x1 = _kernel_input(x1, g)
+    x2 = x1 if same else _kernel_input(x2, g)
+    name = "san_subtraction2_forward"
+    run(name, _row_threads(run, name, rows, g.out_width), x1, x2, out, rows, *_window_args(g))
+    return out
 
 
 def subtraction_backward(backend: str, grad_out, g: Geometry, centre_sign: int, tap_sign: int):
-    """As :func:`.reference.subtraction_backward`."""
-    grad_in = grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], g.height, g.width)
-    scalars = (*_window_args(g), centre_sign, tap_sign)
-    return _run_san(backend, "san_subtraction_backward", grad_in, 1, (grad_out,), scalars)
+    """As :func:`.reference.subtraction_backward`; one thread per row tile of input pixels."""
+    n, c = grad_out.shape[:2]
+    height, width = _window_args(g)[:2]
+    grad_in = grad_out.new_empty(n, c, height, width)
+    run = _SAN_OPS.bind(backend, grad_out.dtype, grad_out.device)
+    rows = n * c * height
+    name = "san_subtraction_backward"
+    run(
+        name, _row_threads(run, name, rows, width),
+        grad_out, grad_in, rows, *_window_args(g), centre_sign, tap_sign,
+    )  # fmt: skip
+    return _input_grad(grad_in, g, (n, c, g.height, g.width))
 
 
 def aggregation_forward(backend: str, x, w, g: Geometry) -> torch.Tensor:
-    """``sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]`` (N, C, Ho, Wo)."""
+    """``sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]`` (N, C, Ho, Wo); one thread per row tile
+    of output pixels and ``tile.channels`` channels sharing a weight channel."""
     n, c = x.shape[:2]
+    cw = w.shape[1]
     out = x.new_empty(n, c, g.out_height, g.out_width)
-    scalars = (c, w.shape[1], *_window_args(g))
-    return _run_san(backend, "san_aggregation_forward", out, 1, (x, w), scalars)
+    run = _SAN_OPS.bind(backend, x.dtype, x.device)
+    name = "san_aggregation_forward"
+    rows = n * cw * _channel_groups(run, name, c // cw) * g.out_height
+    run(
+        name, _row_threads(run, name, rows, g.out_width),
+        _kernel_input(x, g), w, out, n * c * g.out_height, c, cw, *_window_args(g),
+    )  # fmt: skip
+    return out
 
 
 def aggregation_input_backward(backend: str, grad_out, w, g: Geometry) -> torch.Tensor:
     """As :func:`.reference.aggregation_input_backward`."""
     n, c = grad_out.shape[:2]
-    grad_x = grad_out.new_empty(n, c, g.height, g.width)
-    scalars = (c, w.shape[1], *_window_args(g))
-    return _run_san(backend, "san_aggregation_input_backward", grad_x, 1, (grad_out, w), scalars)
+    cw = w.shape[1]
+    height, width = _window_args(g)[:2]
+    grad_x = grad_out.new_empty(n, c, height, width)
+    run = _SAN_OPS.bind(backend, grad_out.dtype, grad_out.device)
+    name = "san_aggregation_input_backward"
+    rows = n * cw * _channel_groups(run, name, c // cw) * height
+    run(
+        name, _row_threads(run, name, rows, width),
+        grad_out, w, grad_x, n * c * height, c, cw, *_window_args(g),
+    )  # fmt: skip
+    return _input_grad(grad_x, g, (n, c, g.height, g.width))
 
 
 def aggregation_weight_backward(backend: str, grad_out, x, cw: int, g: Geometry) -> torch.Tensor:
-    """As :func:`.reference.aggregation_weight_backward`; one thread per (n, cw, position)."""
+    """As :func:`.reference.aggregation_weight_backward`; one thread per row tile of output
+    pixels of one weight channel."""
     n, c = x.shape[:2]
     grad_w = x.new_empty(n, cw, g.taps, g.positions)
-    scalars = (c, cw, *_window_args(g))
-    return _run_san(
-        backend, "san_aggregation_weight_backward", grad_w, g.taps, (grad_out, x), scalars
-    )
+    run = _SAN_OPS.bind(backend, x.dtype, x.device)
+    rows = n * cw * g.out_height
+    name = "san_aggregation_weight_backward"
+    run(
+        name, _row_threads(run, name, rows, g.out_width),
+        grad_out, _kernel_input(x, g), grad_w, rows, c, cw, *_window_args(g),
+    )  # fmt: skip
+    return grad_w

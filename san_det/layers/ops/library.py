@@ -12,9 +12,10 @@ FLOP counters see one node per op call instead of Python code.
 - ``aggregation(x, w, kernel_size, ...)``, backward ``aggregation_input_backward`` and
   ``aggregation_weight_backward``.
 
-``local_attention`` also returns the attention probabilities ``attn`` (N, heads, k*k, H, W) in
-the accumulation dtype (float64 for float64, else float32), which its backward reads; they are
-not differentiable.
+``local_attention`` also returns the attention probabilities ``attn`` (N, heads, H, k*k, W: the
+k*k taps of an image row together, as the kernels read them) in the accumulation dtype (float64
+for float64, else float32), which its backward reads; they are not differentiable. The backward
+returns the gradients of ``q``, ``k``, ``v`` and ``rel`` (zeros when there is no ``rel``).
 
 Which code computes a call is decided when it runs (not when it is traced or compiled), by
 :func:`~san_det.layers.backend.select_backend`: the readable PyTorch of :mod:`.reference` or the
@@ -105,7 +106,7 @@ def _(q, k, v, rel, num_heads, kernel_size, dilation):
     check_local_attention_inputs(q, k, v, rel, num_heads, kernel_size, dilation)
     n, _, h, w = q.shape
     kk = kernel_size * kernel_size
-    attn = q.new_empty(n, num_heads, kk, h, w, dtype=accumulation_dtype(q.dtype))
+    attn = q.new_empty(n, num_heads, h, kk, w, dtype=accumulation_dtype(q.dtype))
     return q.new_empty(q.shape), attn
 
 
@@ -132,10 +133,10 @@ def _local_attention_backward(
         )
     storage = q.dtype
     grad_out, q, k, v, rel = _prepared(backend, storage, grad_out, q, k, v, rel)
-    grad_q, grad_k, grad_v, dlogit = kernels.local_attention_backward(
+    grads = kernels.local_attention_backward(
         backend, grad_out, q, k, v, rel, attn.contiguous(), num_heads, kernel_size, dilation
     )
-    return grad_q.to(storage), grad_k.to(storage), grad_v.to(storage), dlogit
+    return tuple(g.to(storage) for g in grads)
 
 
 @_local_attention_backward.register_fake
@@ -146,7 +147,7 @@ def _(grad_out, q, k, v, rel, attn, num_heads, kernel_size, dilation):
         q.new_empty(q.shape),
         k.new_empty(k.shape),
         v.new_empty(v.shape),
-        attn.new_empty(attn.shape),
+        q.new_empty(q.shape[1], kernel_size, kernel_size),
     )
 
 
@@ -159,27 +160,15 @@ def _setup_local_attention(ctx, inputs, output):
     ctx.state = _dispatch_state()
 
 
-def _relative_embedding_grad(q: Tensor, dlogit: Tensor, num_heads: int, kernel_size: int):
-    """``grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), a, b, i, j] * q[n, c, i, j]``: a plain
-    contraction, left to BLAS / cuBLAS (deterministic, no atomics)."""
-    n, c, h, w = q.shape
-    d, kk = c // num_heads, kernel_size * kernel_size
-    q_heads = q.reshape(n * num_heads, d, h * w).to(dlogit.dtype)
-    dl_heads = dlogit.reshape(n * num_heads, kk, h * w).transpose(1, 2)
-    grad = torch.bmm(q_heads, dl_heads).view(n, num_heads, d, kk).sum(dim=0)
-    return grad.reshape(c, kernel_size, kernel_size)
-
-
 def _local_attention_grads(ctx, grad_out, _grad_attn):
     q, k, v, rel, attn = ctx.saved_tensors
     num_heads, kernel_size, dilation = ctx.window
     with _restored(ctx.state):
-        grad_q, grad_k, grad_v, dlogit = _local_attention_backward(
+        grad_q, grad_k, grad_v, grad_rel = _local_attention_backward(
             grad_out, q, k, v, rel, attn, num_heads, kernel_size, dilation
         )
-    grad_rel = None
-    if rel is not None and ctx.needs_input_grad[3]:
-        grad_rel = _relative_embedding_grad(q, dlogit, num_heads, kernel_size).to(rel.dtype)
+    if rel is None or not ctx.needs_input_grad[3]:
+        grad_rel = None
     return grad_q, grad_k, grad_v, grad_rel, None, None, None
 
 

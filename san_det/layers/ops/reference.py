@@ -48,11 +48,12 @@ def _fold_heads(cols, shape, kernel_size, dilation):
 def local_attention_forward(
     q, k, v, rel: Optional[torch.Tensor], num_heads: int, kernel_size: int, dilation: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out (N, C, H, W), attn (N, heads, k*k, H, W))``: the output and the probabilities."""
+    """``(out (N, C, H, W), attn (N, heads, H, k*k, W))``: the output and the probabilities (the
+    k*k taps of an image row together, the layout the kernels read)."""
     n, c, h, w = q.shape
     kk = kernel_size * kernel_size
     if q.numel() == 0:
-        return q.new_zeros(q.shape), q.new_zeros(n, num_heads, kk, h, w)
+        return q.new_zeros(q.shape), q.new_zeros(n, num_heads, h, kk, w)
     d = c // num_heads
     keys = _unfold_heads(k, num_heads, kernel_size, dilation)
     if rel is not None:
@@ -64,7 +65,7 @@ def local_attention_forward(
     logits = logits.masked_fill(~inside, float("-inf"))
     attn = torch.softmax(logits, dim=2)  # the centre is always inside: no all-masked row
     out = (attn.unsqueeze(2) * _unfold_heads(v, num_heads, kernel_size, dilation)).sum(dim=3)
-    return out.reshape(n, c, h, w), attn.view(n, num_heads, kk, h, w)
+    return out.reshape(n, c, h, w), attn.view(n, num_heads, kk, h, w).transpose(2, 3).contiguous()
 
 
 def local_attention_reference(
@@ -88,16 +89,17 @@ def local_attention_reference(
 def local_attention_backward(
     grad_out, q, k, v, rel, attn, num_heads: int, kernel_size: int, dilation: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_q, grad_k, grad_v, dlogit)`` from the probabilities ``attn`` of the forward.
+    """``(grad_q, grad_k, grad_v, grad_rel)`` from the probabilities ``attn`` of the forward.
 
-    ``dlogit`` (the shape of ``attn``) is the gradient of the logits, from which the caller
-    contracts the gradient of ``rel``. Masked neighbours have ``attn == 0``, hence no gradient.
+    ``grad_rel`` (C, k, k) is zero without ``rel``. Masked neighbours have ``attn == 0``, hence no
+    gradient.
     """
     n, c, h, w = q.shape
-    if q.numel() == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), attn.clone()
     d, kk = c // num_heads, kernel_size * kernel_size
-    p = attn.to(q.dtype).view(n, num_heads, 1, kk, h * w)
+    if q.numel() == 0:
+        zeros = q.new_zeros(c, kernel_size, kernel_size)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), zeros
+    p = attn.to(q.dtype).transpose(2, 3).reshape(n, num_heads, 1, kk, h * w)
     g = grad_out.reshape(n, num_heads, d, 1, h * w)
     q_heads = q.reshape(n, num_heads, d, 1, h * w)
     keys = _unfold_heads(k, num_heads, kernel_size, dilation)
@@ -110,8 +112,11 @@ def local_attention_backward(
     grad_q = (dlogit * keys).sum(dim=3).reshape(n, c, h, w)
     grad_k = _fold_heads(dlogit * q_heads, q.shape, kernel_size, dilation)
     grad_v = _fold_heads(p * g, q.shape, kernel_size, dilation)
-    dlogit = dlogit.reshape(attn.shape).to(attn.dtype)
-    return grad_q, grad_k, grad_v, dlogit
+    if rel is None:
+        grad_rel = q.new_zeros(c, kernel_size, kernel_size)
+    else:  # grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), a, b, i, j] * q[n, c, i, j]
+        grad_rel = (dlogit * q_heads).sum(dim=(0, 4)).reshape(c, kernel_size, kernel_size)
+    return grad_q, grad_k, grad_v, grad_rel
 
 
 # ----------------------------------------------------------------------------------- SAN ops
