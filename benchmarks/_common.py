@@ -1,8 +1,23 @@
-"""Shared by the benchmarks: process and machine readings (Linux /proc) and the ratio table."""
+"""Shared by the benchmarks: process and machine readings (Linux /proc), timing, fresh child
+processes per case, and the ratio table."""
 
+import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
+import time
 
-__all__ = ["status_mb", "reset_peak_rss", "cpu_name", "ratio_table"]
+__all__ = [
+    "status_mb",
+    "reset_peak_rss",
+    "cpu_name",
+    "times_ms",
+    "cuda_peak_mb",
+    "run_child",
+    "ratio_table",
+]
 
 
 def status_mb(field: str) -> float:
@@ -36,20 +51,80 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def times_ms(fn, repeats: int, sync=None):
+    """``(median wall, min wall, median process CPU time)`` of ``repeats`` calls, in ms (``sync``
+    is called around each call, e.g. ``torch.cuda.synchronize``)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        if sync:
+            sync()
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return statistics.median(wall), min(wall), statistics.median(cpu)
+
+
+def cuda_peak_mb(fn) -> float:
+    """MiB allocated on the current CUDA device during ``fn()`` beyond what was allocated before."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_child(script: str, spec: dict, memory: bool) -> dict:
+    """Run ``script --child SPEC`` in a fresh process and return the JSON of its last line.
+
+    ``memory``: with glibc's mmap threshold fixed so freed blocks go back to the system (the peak
+    resident set is then the peak of live memory); timing children keep the default allocator
+    (with the fixed threshold every large allocation would fault its pages in again).
+    """
+    env = dict(os.environ)
+    if memory:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run(
+        [sys.executable, script, "--child", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def ratio_table(results, label: str, baseline: str = "reference") -> str:
     """Markdown table of benchmark rows with ratios measured side by side in the same run.
 
     Args:
         results: dicts with ``shape``, ``label`` (e.g. "op"), ``backend``, ``forward_ms``,
-            ``forward_backward_ms``, ``peak_mb``; every shape has a ``conv3x3`` row.
+            ``forward_backward_ms``, ``peak_mb`` and, where measured, ``forward_backward_cpu_ms``
+            (process CPU time) and ``load_average_1min``; every shape has a ``conv3x3`` row.
         label: the key naming what a row measures ("op" or "case").
         baseline: the backend the speed and memory ratios are taken against.
+
+    Ratios are of wall times, with the ratio of CPU times in parentheses where both rows have it.
     """
     lines = [
-        f"| shape | {label} | backend | fwd ms | fwd+bwd ms | peak MB | fwd+bwd speedup vs "
-        f"{baseline} | memory vs {baseline} | fwd+bwd / conv3x3 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| shape | {label} | backend | fwd ms | fwd+bwd ms (CPU ms) | peak MB | fwd+bwd speedup "
+        f"vs {baseline} | memory vs {baseline} | fwd+bwd / conv3x3 | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(a, b, key):
+        text = f"{a[key] / b[key]:.2f}"
+        if a.get(key.replace("_ms", "_cpu_ms")) and b.get(key.replace("_ms", "_cpu_ms")):
+            cpu_key = key.replace("_ms", "_cpu_ms")
+            text += f" ({a[cpu_key] / b[cpu_key]:.2f})"
+        return text
+
     for r in results:
         shape = tuple(r["shape"])
         same = [q for q in results if tuple(q["shape"]) == shape and q[label] == r[label]]
@@ -57,12 +132,14 @@ def ratio_table(results, label: str, baseline: str = "reference") -> str:
         conv = next(q for q in results if tuple(q["shape"]) == shape and q[label] == "conv3x3")
         speed = mem = "-"
         if ref is not None and r is not ref:
-            speed = f"{ref['forward_backward_ms'] / r['forward_backward_ms']:.1f}x"
+            speed = ratio(ref, r, "forward_backward_ms") + "x"
             mem = f"{ref['peak_mb'] / max(r['peak_mb'], 1e-3):.1f}x less"
-        vs_conv = f"{r['forward_backward_ms'] / conv['forward_backward_ms']:.2f}"
+        vs_conv = ratio(r, conv, "forward_backward_ms")
+        cpu = f" ({r['forward_backward_cpu_ms']:.3g})" if r.get("forward_backward_cpu_ms") else ""
         n, c, h, w = shape
         lines.append(
             f"| N{n} C{c} {h}x{w} | {r[label]} | {r['backend']} | {r['forward_ms']:.3g} | "
-            f"{r['forward_backward_ms']:.3g} | {r['peak_mb']:.1f} | {speed} | {mem} | {vs_conv} |"
+            f"{r['forward_backward_ms']:.3g}{cpu} | {r['peak_mb']:.1f} | {speed} | {mem} | "
+            f"{vs_conv} | {r.get('load_average_1min', '-')} |"
         )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Speed and peak memory of SASA local attention per backend, next to a 3x3 convolution.
+"""Speed and peak memory of SASA local attention per backend, next to a 3x3 convolution and the
+core's matrix-multiply rate, side by side in one run.
 
 Shapes (N, C, H, W): (2, 64, 56, 56) and (2, 256, 28, 28); k = 7, 8 heads, float32. Cases:
 
@@ -6,15 +7,24 @@ Shapes (N, C, H, W): (2, 64, 56, 56) and (2, 256, 28, 28); k = 7, 8 heads, float
 - ``layer``: ``LocalSelfAttention2d(C, C, 7, 8)`` (1x1 q/k/v projections + the op), gradients of
   the input and every parameter.
 - ``conv3x3``: ``nn.Conv2d(C, C, 3, padding=1, bias=False)``, the layer SASA replaces.
+- ``mm``: one ``torch.mm`` of two 2048 x 2048 matrices, the reference rate of this core (FLOP/s of
+  the other cases are given as a share of it).
 
 ``op`` and ``layer`` run with every backend available here: ``reference`` (the ``F.unfold``
 oracle), ``cpu`` (the kernel source compiled with g++) on the CPU, ``cuda`` (CuPy) on a GPU.
-Times are medians of ``--repeats`` runs after a warm-up; forward runs under ``torch.no_grad``,
-forward+backward computes every gradient. Peak memory is the extra memory over the inputs during
-one forward+backward: on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the process's peak
-resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up) minus the
-resident set before the run, in a fresh subprocess per case, with glibc's mmap threshold fixed so
-freed blocks go back to the system (the figures include allocator and page granularity).
+Times are medians of ``--repeats`` runs after a warm-up, as wall time and, on the CPU, as the
+process's CPU time (less sensitive to other jobs taking the core away; with one thread the two
+agree on an idle machine); forward runs under ``torch.no_grad``, forward+backward computes every
+gradient. The op's FLOPs are 2 per multiply-add of its seven k*k-tap contractions (logits,
+output; value-, query-, key-, value- and embedding-gradients): ``14 N C H W k^2``.
+
+Peak memory is the extra memory over the inputs during one forward+backward: on a GPU
+``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident set (``VmHWM``, reset
+through ``/proc/self/clear_refs`` after the warm-up) minus the resident set before the run, in a
+fresh subprocess per case with glibc's mmap threshold fixed so freed blocks go back to the system
+(the figures include allocator and page granularity). Times come from another fresh subprocess
+per case with glibc's default allocator settings (the fixed mmap threshold would make every large
+allocation fault its pages in again). The 1-minute load average is recorded next to every case.
 
 Usage::
 
@@ -28,10 +38,7 @@ Writes ``benchmarks/results/local_attention_<device>.json`` and prints a Markdow
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,12 +47,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_name, ratio_table, reset_peak_rss, status_mb  # noqa: E402
+from _common import (  # noqa: E402
+    cpu_name,
+    cuda_peak_mb,
+    ratio_table,
+    reset_peak_rss,
+    run_child,
+    status_mb,
+    times_ms,
+)
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 QUICK_SHAPES = [(1, 16, 14, 14)]
 KERNEL_SIZE = 7
 HEADS = 8
+MM_SIZE = 2048
+
+
+def op_flops(shape) -> int:
+    """FLOPs of the op's forward+backward (2 per multiply-add, seven contractions)."""
+    n, c, h, w = shape
+    return 14 * n * c * h * w * KERNEL_SIZE**2
 
 
 def _build(case: str, shape, device: str):
@@ -57,6 +79,14 @@ def _build(case: str, shape, device: str):
 
     def randn(*size):
         return torch.randn(*size, generator=gen).to(device)
+
+    if case == "mm":
+        a, b = randn(MM_SIZE, MM_SIZE), randn(MM_SIZE, MM_SIZE)
+
+        def product():
+            torch.mm(a, b)
+
+        return product, product
 
     if case == "op":
         q, k, v = (randn(n, c, h, w).requires_grad_() for _ in range(3))
@@ -90,45 +120,26 @@ def _build(case: str, shape, device: str):
     return forward, forward_backward
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_ms(fn, device: str, repeats: int):
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times)
-
-
-def measure(case: str, backend: str, shape, device: str, repeats: int) -> dict:
-    """One case; on the CPU run it in a fresh process (the peak is the process's resident set)."""
+def measure(case: str, backend: str, shape, device: str, repeats: int, what: str) -> dict:
+    """One case: ``what`` is "time" (medians) or "memory" (peak of one forward+backward); on the
+    CPU each runs in a fresh process."""
     from san_det.layers.backend import use_backend
 
-    with use_backend(None if case == "conv3x3" else backend):
+    with use_backend(None if case in ("conv3x3", "mm") else backend):
         forward, forward_backward = _build(case, shape, device)
         forward_backward()  # warm-up: compiles / loads the kernels, fills caches
         forward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            forward_backward()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
+        if what == "memory":
+            if device == "cuda":
+                return {"peak_mb": round(cuda_peak_mb(forward_backward), 2)}
             if not reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
             base = status_mb("VmRSS")
             forward_backward()
-            peak = status_mb("VmHWM") - base
-        fwd, fwd_min = _time_ms(forward, device, repeats)
-        fwd_bwd, fwd_bwd_min = _time_ms(forward_backward, device, repeats)
+            return {"peak_mb": round(status_mb("VmHWM") - base, 2)}
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        fwd, fwd_min, fwd_cpu = times_ms(forward, repeats, sync)
+        fwd_bwd, fwd_bwd_min, fwd_bwd_cpu = times_ms(forward_backward, repeats, sync)
     return {
         "case": case,
         "backend": backend,
@@ -137,19 +148,30 @@ def measure(case: str, backend: str, shape, device: str, repeats: int) -> dict:
         "forward_backward_ms": round(fwd_bwd, 3),
         "forward_min_ms": round(fwd_min, 3),
         "forward_backward_min_ms": round(fwd_bwd_min, 3),
-        "peak_mb": round(peak, 2),
+        "forward_cpu_ms": round(fwd_cpu, 3),
+        "forward_backward_cpu_ms": round(fwd_bwd_cpu, 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
 
 
-def _run_child(case, backend, shape, repeats) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    spec = json.dumps({"case": case, "backend": backend, "shape": shape, "repeats": repeats})
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _rate_table(results, mm) -> str:
+    """Op rows: FLOP rate and share of the same run's ``torch.mm`` rate, wall and CPU time."""
+    lines = [
+        f"| shape | backend | fwd+bwd ms (CPU ms) | GFLOP/s (by CPU time) | share of torch.mm "
+        f"{MM_SIZE}^3 ({mm['gflops_cpu']:.0f} GFLOP/s by CPU time) | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["case"] != "op":
+            continue
+        n, c, h, w = r["shape"]
+        gflops = op_flops(r["shape"]) / r["forward_backward_cpu_ms"] / 1e6
+        lines.append(
+            f"| N{n} C{c} {h}x{w} | {r['backend']} | {r['forward_backward_ms']:.3g} "
+            f"({r['forward_backward_cpu_ms']:.3g}) | {gflops:.1f} | "
+            f"{100 * gflops / mm['gflops_cpu']:.1f}% | {r['load_average_1min']} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -164,11 +186,17 @@ def main() -> None:
 
     if args.child:
         spec = json.loads(args.child)
-        result = measure(spec["case"], spec["backend"], spec["shape"], "cpu", spec["repeats"])
+        result = measure(
+            spec["case"], spec["backend"], spec["shape"], "cpu", spec["repeats"], spec["what"]
+        )
         print(json.dumps(result))
         return
 
+    from san_det.layers import kernel_runtime
     from san_det.layers.kernel_runtime import cpu_compiler_available
+
+    # (Runtimes before ISA levels existed have no cpu_isa: the benchmark also runs on them.)
+    cpu_isa = getattr(kernel_runtime, "cpu_isa", lambda: None)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
@@ -180,21 +208,39 @@ def main() -> None:
         backends = ["reference", "cuda"]
     else:
         backends = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
+
+    def run(case, backend, shape):
+        if args.device == "cuda":
+            r = measure(case, backend, shape, "cuda", repeats, "time")
+            r.update(measure(case, backend, shape, "cuda", repeats, "memory"))
+        else:
+            spec = {"case": case, "backend": backend, "shape": list(shape), "repeats": repeats}
+            r = run_child(__file__, dict(spec, what="time"), memory=False)
+            r.update(run_child(__file__, dict(spec, what="memory"), memory=True))
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        return r
+
+    load_before = os.getloadavg()
+    mm = run("mm", "torch", (MM_SIZE,) * 4)
+    mm["gflops"] = round(2 * MM_SIZE**3 / mm["forward_min_ms"] / 1e6, 1)
+    mm["gflops_cpu"] = round(2 * MM_SIZE**3 / mm["forward_cpu_ms"] / 1e6, 1)
     results = []
     for shape in shapes:
         for case in ("op", "layer", "conv3x3"):
             for backend in backends if case != "conv3x3" else ["torch"]:
-                if args.device == "cuda":
-                    r = measure(case, backend, shape, "cuda", repeats)
-                else:
-                    r = _run_child(case, backend, list(shape), repeats)
-                results.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
+                results.append(run(case, backend, shape))
+    mm_after = run("mm", "torch", (MM_SIZE,) * 4)
+    mm["gflops_cpu_after"] = round(2 * MM_SIZE**3 / mm_after["forward_cpu_ms"] / 1e6, 1)
+    for r in results:
+        if r["case"] == "op":
+            r["gflops_cpu"] = round(op_flops(r["shape"]) / r["forward_backward_cpu_ms"] / 1e6, 2)
+            r["share_of_mm_cpu"] = round(r["gflops_cpu"] / mm["gflops_cpu"], 4)
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     report = {
         "device": args.device,
         "device_name": device_name,
+        "cpu_isa": cpu_isa() if args.device == "cpu" else None,
         "torch": torch.__version__,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "torch_threads": torch.get_num_threads(),
@@ -203,9 +249,13 @@ def main() -> None:
         "dtype": "float32",
         "repeats": repeats,
         "quick": args.quick,
-        "memory_method": "cuda max_memory_allocated"
-        if args.device == "cuda"
-        else "VmHWM after clear_refs minus VmRSS, fresh process per case",
+        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "memory_method": (
+            "cuda max_memory_allocated"
+            if args.device == "cuda"
+            else "VmHWM after clear_refs minus VmRSS, fresh process per case"
+        ),
+        "mm": mm,
         "results": results,
     }
     if args.quick:
@@ -216,11 +266,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"device {report['device_name']}, torch {torch.__version__}, "
+        f"device {report['device_name']} ({report['cpu_isa']}), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']} (torch threads {report['torch_threads']}), "
-        f"float32, k={KERNEL_SIZE}, {HEADS} heads, median of {repeats}; wrote {out}\n"
+        f"float32, k={KERNEL_SIZE}, {HEADS} heads, median of {repeats}, load average "
+        f"{report['load_average_1min']}; wrote {out}\n"
     )
     print(ratio_table(results, "case"))
+    print()
+    print(_rate_table(results, mm))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ backbone, attentional FPN and head), all with 80 classes, side by side in one ru
 input (``--batch`` images of ``--size x --size`` with 3 boxes each, fixed seed).
 
 - train step: forward with losses, backward and an SGD step (``model.train()``), median of
-  ``--repeats`` steps after ``--warmup`` steps;
+  ``--repeats`` steps after ``--warmup`` steps (wall and process CPU time, with the 1-minute load
+  average);
 - inference: ``model.eval()`` forward under ``torch.no_grad`` (post-processing included), median;
 - peak memory: the process's peak resident set (``VmHWM``, reset via ``/proc/self/clear_refs``
   after the warm-up) minus the resident set before the measured train steps, each model in a
@@ -18,6 +19,8 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_retinanet.py           # writes the JSON
     OMP_NUM_THREADS=1 python benchmarks/bench_retinanet.py --quick   # tiny smoke run, no JSON
+    OMP_NUM_THREADS=1 python benchmarks/bench_retinanet.py --models Demo/shapes_retinanet \
+        --batch 16 --size 128 --out benchmarks/results/demo_train_step_cpu.json  # the demo
 
 Writes ``benchmarks/results/retinanet_cpu.json`` and prints a Markdown table.
 """
@@ -42,10 +45,20 @@ MODELS = (
     "retinanet_sasa50",
     "retinanet_sasa50_attention_fpn_head",
 )
-ATTENTION_OP_NAMES = ("_LocalAttentionFunction", "LocalAttention", "local_attention", "sasa_")
+# Other configs (paths under configs/) that --models accepts, e.g. the CPU demo's model:
+# --models Demo/shapes_retinanet --batch 16 --size 128 (its training batch and image size).
+EXTRA_MODELS = ("Demo/shapes_retinanet",)
+# san_det's registered ops (torch.ops.san_det.*: SASA's local attention, SAN's subtraction and
+# aggregation, their backward ops) appear in the profile under their qualified names.
+ATTENTION_OP_PREFIX = "san_det::"
 
 
-def _inputs(batch: int, size: int):
+def _config_path(name: str) -> Path:
+    coco = ROOT / "configs" / "COCO-Detection" / f"{name}.yaml"
+    return coco if coco.exists() else ROOT / "configs" / f"{name}.yaml"
+
+
+def _inputs(batch: int, size: int, num_classes: int):
     import torch
     from detectron2.structures import Boxes, Instances
 
@@ -56,40 +69,41 @@ def _inputs(batch: int, size: int):
         xy = torch.rand(3, 2, generator=g) * size * 0.6
         wh = (torch.rand(3, 2, generator=g) * 0.3 + 0.1) * size
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
-        inst.gt_classes = torch.randint(0, 80, (3,), generator=g)
+        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
         image = torch.rand(3, size, size, generator=g) * 255
         inputs.append({"image": image, "instances": inst, "height": size, "width": size})
     return inputs
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _median_time(fn, repeats: int):
+    """Median wall and process CPU time of ``repeats`` calls, in seconds."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: int) -> dict:
     """Measure one model (called in a fresh subprocess)."""
-    import san_det  # noqa: F401
-
     import torch
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    import san_det  # noqa: F401
     from san_det.config import get_san_det_cfg
     from san_det.layers.backend import select_backend
 
     torch.manual_seed(0)
     cfg = get_san_det_cfg()
-    cfg.merge_from_file(str(ROOT / "configs" / "COCO-Detection" / f"{name}.yaml"))
+    cfg.merge_from_file(str(_config_path(name)))
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    inputs = _inputs(batch, size)
+    inputs = _inputs(batch, size, cfg.MODEL.RETINANET.NUM_CLASSES)
 
     def train_step():
         with EventStorage(0):
@@ -106,32 +120,38 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
         train_step()
     rss_before = status_mb("VmRSS")
     peak_ok = reset_peak_rss()
-    train_s = _median_time(train_step, repeats)
+    train_s, train_cpu_s = _median_time(train_step, repeats)
     peak_mb = status_mb("VmHWM") - rss_before if peak_ok else None
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_step()
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
-    attention_us = sum(
-        e.self_cpu_time_total for e in events if any(k in e.key for k in ATTENTION_OP_NAMES)
-    )
+    # The ops' total time (their kernels and the small tensor operations they call); no san_det
+    # op calls another, so nothing is counted twice.
+    attention_ops = [e for e in events if e.key.startswith(ATTENTION_OP_PREFIX)]
+    attention_us = sum(e.cpu_time_total for e in attention_ops)
     top_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
 
     model.eval()
     eval_inputs = [{k: x[k] for k in ("image", "height", "width")} for x in inputs]
     with torch.no_grad():
         model(eval_inputs)
-        infer_s = _median_time(lambda: model(eval_inputs), repeats)
+        infer_s, _ = _median_time(lambda: model(eval_inputs), repeats)
     return {
         "model": name,
         "parameters": params,
         "train_step_s": train_s,
+        "train_step_cpu_s": train_cpu_s,
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "inference_s": infer_s,
         "train_peak_extra_mb": peak_mb,
         "attention_backend": select_backend(torch.zeros(1)),
         "profile_total_self_cpu_s": total_us / 1e6,
         "profile_attention_share": attention_us / total_us if total_us else 0.0,
+        "profile_attention_ops": {
+            e.key: {"cpu_s": e.cpu_time_total / 1e6, "calls": e.count} for e in attention_ops
+        },
         "profile_top_ops": [
             {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
             for e in top_ops
@@ -147,7 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="profiled ops listed per model")
     parser.add_argument("--quick", action="store_true", help="batch 1, 128x128, 1 repeat, no JSON")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + EXTRA_MODELS)
     default_out = ROOT / "benchmarks" / "results" / "retinanet_cpu.json"
     parser.add_argument("--out", default=str(default_out))
     parser.add_argument("--_child", help=argparse.SUPPRESS)
@@ -182,17 +202,22 @@ def main(argv=None) -> int:
     print()
     print(f"batch {args.batch} x {args.size}x{args.size}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {cpu_name()}")  # fmt: skip
-    print("| model | params (M) | train step (s) | vs R50 | inference (s) | vs R50 | "
-          "train peak extra (MB) | attention ops share of train step |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params (M) | train step s (CPU s) | vs R50 (CPU) | inference (s) | vs R50 | "
+          "train peak extra (MB) | attention ops share of train step | load |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def vs_base(r, key):
+        return f"{r[key] / base[key]:.2f}x" if base else "-"
+
     for r in results:
-        ratio_t = r["train_step_s"] / base["train_step_s"] if base else float("nan")
-        ratio_i = r["inference_s"] / base["inference_s"] if base else float("nan")
+        ratio_t, ratio_c = vs_base(r, "train_step_s"), vs_base(r, "train_step_cpu_s")
+        ratio_i = vs_base(r, "inference_s")
         peak = f"{r['train_peak_extra_mb']:.0f}" if r["train_peak_extra_mb"] is not None else "n/a"
         print(
-            f"| {r['model']} | {r['parameters'] / 1e6:.2f} | {r['train_step_s']:.2f} | "
-            f"{ratio_t:.2f}x | {r['inference_s']:.2f} | {ratio_i:.2f}x | {peak} | "
-            f"{100 * r['profile_attention_share']:.0f}% |"
+            f"| {r['model']} | {r['parameters'] / 1e6:.2f} | {r['train_step_s']:.2f} "
+            f"({r['train_step_cpu_s']:.2f}) | {ratio_t} ({ratio_c}) | "
+            f"{r['inference_s']:.2f} | {ratio_i} | {peak} | "
+            f"{100 * r['profile_attention_share']:.0f}% | {r['load_average_1min']} |"
         )
     for r in results:
         print(f"\n{r['model']}: top ops by self CPU time in one profiled train step "

@@ -1,18 +1,22 @@
-"""Speed and peak memory of SAN's aggregation and of a pairwise SAM layer, per backend.
+"""Speed and peak memory of SAN's aggregation and subtraction2 and of a pairwise SAM layer, per
+backend, side by side in one run.
 
 For each shape (N=2, C=64, 56x56) and (N=2, C=256, 28x28), k=7, Cw=C/8, reflection padding:
 
 - ``aggregation``: x (N, C, H, W), w (N, C/8, 49, H*W) -> (N, C, H, W).
+- ``subtraction2``: x1, x2 (N, C, H, W) -> (N, C, 49, H*W) (SAM's relation, before its MLP).
 - ``sam_pairwise``: ``SAM(0, C, C/16, C, 8, 7)`` in training mode (subtraction relation).
 - ``conv3x3``: ``nn.Conv2d(C, C, 3, padding=1, bias=False)`` on x, the baseline.
 
 Each is timed forward (under ``torch.no_grad``) and forward+backward (gradients of every input and
-parameter), median of ``--repeats`` runs after one warm-up, for every backend that can run here:
-``reference`` (the ``F.unfold`` oracle), ``cpu`` (the compiled kernel source) on the CPU,
-``cuda`` (CuPy kernels) on a GPU. Peak memory is the extra memory over the inputs during a
-forward+backward: on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the rise of the process's
-peak resident set (``ru_maxrss``) in a fresh subprocess per case, with glibc's mmap threshold fixed
-so freed blocks go back to the system (so CPU figures include allocator and page granularity).
+parameter), median of ``--repeats`` runs after one warm-up, as wall time and process CPU time, for
+every backend that can run here: ``reference`` (the ``F.unfold`` oracle), ``cpu`` (the compiled
+kernel source) on the CPU, ``cuda`` (CuPy kernels) on a GPU. Peak memory is the extra memory over
+the inputs during a forward+backward: on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the
+rise of the process's peak resident set (``ru_maxrss``) in a fresh subprocess per case, with
+glibc's mmap threshold fixed so freed blocks go back to the system (so CPU figures include
+allocator and page granularity); times come from another fresh subprocess with the default
+allocator. The 1-minute load average is recorded next to every case.
 
 Usage::
 
@@ -26,12 +30,8 @@ Results go to ``benchmarks/results/san_ops_<device>.json`` and a Markdown table 
 import argparse
 import json
 import os
-import platform
 import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import ratio_table  # noqa: E402
+from _common import cpu_name, cuda_peak_mb, ratio_table, run_child, times_ms  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 KERNEL_SIZE = 7
 SHARE = 8  # Cw = C / SHARE attention-weight channels
-OPS = ("aggregation", "sam_pairwise", "conv3x3")
+OPS = ("aggregation", "subtraction2", "sam_pairwise", "conv3x3")
 
 
 def _rss_mb() -> float:
@@ -59,13 +59,14 @@ def _maxrss_mb() -> float:
 
 def _build(op: str, shape, device: str, dtype=torch.float32):
     """Inputs and two closures: forward only, forward+backward."""
+    from san_det.layers.ops import aggregation, subtraction2
     from san_det.layers.san_attention import SAM
-    from san_det.layers.ops import aggregation
 
     n, c, h, w = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, h, w, generator=gen, dtype=dtype).to(device).requires_grad_()
     pad = KERNEL_SIZE // 2
+    out_shape = (n, c, h, w)
     if op == "aggregation":
         wt = torch.randn(n, c // SHARE, KERNEL_SIZE**2, h * w, generator=gen, dtype=dtype)
         wt = wt.softmax(dim=2).to(device).requires_grad_()
@@ -74,6 +75,14 @@ def _build(op: str, shape, device: str, dtype=torch.float32):
             return aggregation(x, wt, KERNEL_SIZE, 1, pad, 1, "reflect")
 
         leaves = [x, wt]
+    elif op == "subtraction2":
+        x2 = torch.randn(n, c, h, w, generator=gen, dtype=dtype).to(device).requires_grad_()
+
+        def run():
+            return subtraction2(x, x2, KERNEL_SIZE, 1, pad, 1, "reflect")
+
+        leaves = [x, x2]
+        out_shape = (n, c, KERNEL_SIZE**2, h * w)
     else:
         if op == "sam_pairwise":
             module = SAM(0, c, c // 16, c, SHARE, KERNEL_SIZE)
@@ -85,7 +94,7 @@ def _build(op: str, shape, device: str, dtype=torch.float32):
             return module(x)
 
         leaves = [x, *module.parameters()]
-    grad = torch.randn(n, c, h, w, generator=gen, dtype=dtype).to(device)
+    grad = torch.randn(out_shape, generator=gen, dtype=dtype).to(device)
 
     def forward():
         with torch.no_grad():
@@ -98,25 +107,9 @@ def _build(op: str, shape, device: str, dtype=torch.float32):
     return forward, forward_backward
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_ms(fn, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def measure(op: str, backend: str, shape, device: str, repeats: int) -> dict:
-    """One case: forward/forward+backward median ms and peak extra MB (run it in a fresh process
-    on the CPU, since the peak is read from the process's resident set)."""
+def measure(op: str, backend: str, shape, device: str, repeats: int, what: str) -> dict:
+    """One case: ``what`` is "time" (medians) or "memory" (peak extra MB of one
+    forward+backward; on the CPU run it in a fresh process: it reads the resident set)."""
     from san_det.layers.backend import use_backend
 
     with use_backend(None if op == "conv3x3" else backend):
@@ -125,38 +118,28 @@ def measure(op: str, backend: str, shape, device: str, repeats: int) -> dict:
         for fn in _build(op, small, device):
             fn()
         forward, forward_backward = _build(op, shape, device)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            forward_backward()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            base = _rss_mb()
-            forward_backward()
-            peak = _maxrss_mb() - base
-        fwd = _time_ms(forward, device, repeats)
-        fwd_bwd = _time_ms(forward_backward, device, repeats)
+        if what == "memory":
+            if device == "cuda":
+                peak = cuda_peak_mb(forward_backward)
+            else:
+                base = _rss_mb()
+                forward_backward()
+                peak = _maxrss_mb() - base
+            return {"peak_mb": round(peak, 2)}
+        forward_backward()
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        fwd, _, fwd_cpu = times_ms(forward, repeats, sync)
+        fwd_bwd, _, fwd_bwd_cpu = times_ms(forward_backward, repeats, sync)
     return {
         "op": op,
         "backend": backend,
         "shape": list(shape),
         "forward_ms": round(fwd, 3),
         "forward_backward_ms": round(fwd_bwd, 3),
-        "peak_mb": round(peak, 2),
+        "forward_cpu_ms": round(fwd_cpu, 3),
+        "forward_backward_cpu_ms": round(fwd_bwd_cpu, 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
-
-
-def _run_child(op, backend, shape, repeats) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    spec = json.dumps({"op": op, "backend": backend, "shape": shape, "repeats": repeats})
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -171,11 +154,17 @@ def main() -> None:
 
     if args.child:
         spec = json.loads(args.child)
-        result = measure(spec["op"], spec["backend"], spec["shape"], "cpu", spec["repeats"])
+        result = measure(
+            spec["op"], spec["backend"], spec["shape"], "cpu", spec["repeats"], spec["what"]
+        )
         print(json.dumps(result))
         return
 
+    from san_det.layers import kernel_runtime
     from san_det.layers.kernel_runtime import cpu_compiler_available
+
+    # (Runtimes before ISA levels existed have no cpu_isa: the benchmark also runs on them.)
+    cpu_isa = getattr(kernel_runtime, "cpu_isa", lambda: None)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
@@ -193,16 +182,20 @@ def main() -> None:
         for op in OPS:
             for backend in backends if op != "conv3x3" else ["torch"]:
                 if args.device == "cuda":
-                    r = measure(op, backend, shape, "cuda", repeats)
+                    r = measure(op, backend, shape, "cuda", repeats, "time")
+                    r.update(measure(op, backend, shape, "cuda", repeats, "memory"))
                 else:
-                    r = _run_child(op, backend, list(shape), repeats)
+                    spec = {"op": op, "backend": backend, "shape": list(shape), "repeats": repeats}
+                    r = run_child(__file__, dict(spec, what="time"), memory=False)
+                    r.update(run_child(__file__, dict(spec, what="memory"), memory=True))
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     report = {
         "device": args.device,
-        "device_name": device_name or platform.machine(),
+        "device_name": device_name,
+        "cpu_isa": cpu_isa() if args.device == "cpu" else None,
         "torch": torch.__version__,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "torch_threads": torch.get_num_threads(),
@@ -220,7 +213,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"device {report['device_name']}, torch {torch.__version__}, "
+        f"device {report['device_name']} ({report['cpu_isa']}), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}, load "
         f"{report['load_average_1min']} on {os.cpu_count()} CPUs; wrote {out}\n"
     )
