@@ -100,6 +100,20 @@ def run_child(script: str, spec: dict, memory: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def time_and_memory(script: str, spec: dict, device: str, measure) -> dict:
+    """One benchmark case, timed and its peak memory measured: on the GPU in this process
+    (``measure(what)`` with what "time" or "memory"), on the CPU each in a fresh child
+    (:func:`run_child`); the result is also printed to stderr as JSON."""
+    if device == "cuda":
+        result = measure("time")
+        result.update(measure("memory"))
+    else:
+        result = run_child(script, dict(spec, what="time"), memory=False)
+        result.update(run_child(script, dict(spec, what="memory"), memory=True))
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
 def ratio_table(results, label: str, baseline: str = "reference") -> str:
     """Markdown table of benchmark rows with ratios measured side by side in the same run.
 

@@ -52,8 +52,8 @@ from _common import (  # noqa: E402
     cuda_peak_mb,
     ratio_table,
     reset_peak_rss,
-    run_child,
     status_mb,
+    time_and_memory,
     times_ms,
 )
 
@@ -210,15 +210,9 @@ def main() -> None:
         backends = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
 
     def run(case, backend, shape):
-        if args.device == "cuda":
-            r = measure(case, backend, shape, "cuda", repeats, "time")
-            r.update(measure(case, backend, shape, "cuda", repeats, "memory"))
-        else:
-            spec = {"case": case, "backend": backend, "shape": list(shape), "repeats": repeats}
-            r = run_child(__file__, dict(spec, what="time"), memory=False)
-            r.update(run_child(__file__, dict(spec, what="memory"), memory=True))
-        print(json.dumps(r), file=sys.stderr, flush=True)
-        return r
+        spec = {"case": case, "backend": backend, "shape": list(shape), "repeats": repeats}
+        on_gpu = lambda what: measure(case, backend, shape, "cuda", repeats, what)  # noqa: E731
+        return time_and_memory(__file__, spec, args.device, on_gpu)
 
     load_before = os.getloadavg()
     mm = run("mm", "torch", (MM_SIZE,) * 4)

@@ -28,6 +28,7 @@ Results go to ``benchmarks/results/san_ops_<device>.json`` and a Markdown table 
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_name, cuda_peak_mb, ratio_table, run_child, times_ms  # noqa: E402
+from _common import cpu_name, cuda_peak_mb, ratio_table, time_and_memory, times_ms  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 KERNEL_SIZE = 7
@@ -181,15 +182,9 @@ def main() -> None:
     for shape in shapes:
         for op in OPS:
             for backend in backends if op != "conv3x3" else ["torch"]:
-                if args.device == "cuda":
-                    r = measure(op, backend, shape, "cuda", repeats, "time")
-                    r.update(measure(op, backend, shape, "cuda", repeats, "memory"))
-                else:
-                    spec = {"op": op, "backend": backend, "shape": list(shape), "repeats": repeats}
-                    r = run_child(__file__, dict(spec, what="time"), memory=False)
-                    r.update(run_child(__file__, dict(spec, what="memory"), memory=True))
-                results.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
+                spec = {"op": op, "backend": backend, "shape": list(shape), "repeats": repeats}
+                on_gpu = functools.partial(measure, op, backend, shape, "cuda", repeats)
+                results.append(time_and_memory(__file__, spec, args.device, on_gpu))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     report = {
