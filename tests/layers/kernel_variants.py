@@ -6,6 +6,8 @@ A level this host cannot execute (e.g. AVX-512 on a CPU without it) is still com
 hosts with and without AVX-512 and report what they could not run.
 """
 
+import platform
+
 import pytest
 import torch
 
@@ -34,6 +36,8 @@ def compile_or_skip(monkeypatch, variant, filename: str, dtypes=(torch.float32, 
     the test and return the context manager of its tile; where the host cannot execute the
     level, compile ``filename`` for it in ``dtypes`` (with its default tiles) and skip."""
     isa, tile = variant
+    if isa != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"{isa} is an x86 level; this host is {platform.machine()}")
     if isa not in supported_cpu_isas():
         source = KernelSource(filename)
         for dtype in dtypes:
