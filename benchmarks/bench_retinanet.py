@@ -51,6 +51,7 @@ EXTRA_MODELS = ("Demo/shapes_retinanet",)
 # san_det's registered ops (torch.ops.san_det.*: SASA's local attention, SAN's subtraction and
 # aggregation, their backward ops) appear in the profile under their qualified names.
 ATTENTION_OP_PREFIX = "san_det::"
+ATTENTION_NODE_PREFIX = "GeneratedBackwardFor_san_det_"
 
 
 def _config_path(name: str) -> Path:
@@ -88,11 +89,12 @@ def _median_time(fn, repeats: int):
 
 def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: int) -> dict:
     """Measure one model (called in a fresh subprocess)."""
+    import san_det  # noqa: F401  # isort: skip  (patches detectron2 0.6 before it is imported)
+
     import torch
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    import san_det  # noqa: F401
     from san_det.config import get_san_det_cfg
     from san_det.layers.backend import select_backend
 
@@ -127,10 +129,13 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
         train_step()
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
-    # The ops' total time (their kernels and the small tensor operations they call); no san_det
-    # op calls another, so nothing is counted twice.
+    # The ops' total time (their kernels and the small tensor operations they call; no san_det
+    # op calls another, so nothing is counted twice) and the self time of their autograd nodes
+    # (GeneratedBackwardFor_san_det_*, whose children are the backward ops counted already).
     attention_ops = [e for e in events if e.key.startswith(ATTENTION_OP_PREFIX)]
+    attention_nodes = [e for e in events if e.key.startswith(ATTENTION_NODE_PREFIX)]
     attention_us = sum(e.cpu_time_total for e in attention_ops)
+    attention_us += sum(e.self_cpu_time_total for e in attention_nodes)
     top_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
 
     model.eval()
@@ -151,6 +156,9 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
         "profile_attention_share": attention_us / total_us if total_us else 0.0,
         "profile_attention_ops": {
             e.key: {"cpu_s": e.cpu_time_total / 1e6, "calls": e.count} for e in attention_ops
+        },
+        "profile_attention_autograd_nodes_self_s": {
+            e.key: e.self_cpu_time_total / 1e6 for e in attention_nodes
         },
         "profile_top_ops": [
             {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
