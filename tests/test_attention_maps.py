@@ -314,9 +314,9 @@ def test_sasa_maps_are_the_probabilities_of_the_layers_forward(backend, dtype):
         with AttentionCapture(layer, "") as capture, _RecordAttentionOp() as recorded:
             layer(x)
         assert len(recorded.probabilities) == 1
-        attn = recorded.probabilities[0]  # (N, heads, k*k, H, W)
+        attn = recorded.probabilities[0]  # (N, heads, H, k*k, W)
         for b in range(2):
             for amap in capture.maps(_all_pixels(7, 6), batch_index=b):
                 i, j = amap.pixel
-                expected = attn[b, :, :, i, j].reshape(2, 5, 5).to(dtype)
+                expected = attn[b, :, i, :, j].reshape(2, 5, 5).to(dtype)
                 assert torch.equal(amap.weights, expected), (b, i, j)

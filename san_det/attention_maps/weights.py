@@ -102,7 +102,8 @@ def local_attention_weights(
     _, attn = torch.ops.san_det.local_attention(q, k, k, rel, num_heads, kernel_size, dilation)
     rows = torch.tensor([i for i, _ in pixels], device=q.device, dtype=torch.long)
     cols = torch.tensor([j for _, j in pixels], device=q.device, dtype=torch.long)
-    weights = attn[:, :, :, rows, cols].permute(0, 3, 1, 2)  # (N, P, heads, k*k)
+    # attn is (N, heads, H, k*k, W); the two index tensors put the pixel axis P first
+    weights = attn[:, :, rows, :, cols].permute(1, 0, 2, 3)  # (N, P, heads, k*k)
     weights = weights.reshape(n, len(pixels), num_heads, kernel_size, kernel_size).to(q.dtype)
     inside = [window_inside(h, w, p, kernel_size, dilation, q.device) for p in pixels]
     return weights, torch.stack(inside)
