@@ -20,9 +20,8 @@ from san_det.layers.kernel_runtime import (
     cpu_isa,
     supported_cpu_isas,
 )
+from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
-needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # A grid-stride kernel using every supported argument kind. `visits` counts how often each index
 # is handled: exactly once whatever the grid, if the emulated grid-stride loop is right.
@@ -263,21 +262,14 @@ def test_lane_exp_is_accurate(tmp_path, monkeypatch, isa, dtype, lanes):
     assert ((out >= 0) & (out <= 2 * torch.finfo(dtype).tiny)).all(), out
 
 
-def _nvrtc_available():
-    try:
-        from cuda.bindings import nvrtc  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
-
-@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+@needs_nvrtc
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_nvrtc_compiles_without_gpu(toy_source, dtype):
     assert len(toy_source.nvrtc_compile(dtype, "sm_80")) > 100
 
 
-@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+@needs_nvrtc
 def test_nvrtc_compile_error_carries_the_log(tmp_path):
     path = tmp_path / "broken.cu"
     path.write_text("__global__ void f(float* x) { x[0] = undefined_name; }\n")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
+from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers import kernel_runtime
@@ -19,9 +19,8 @@ from san_det.layers.launcher import Tile, default_tile, launch_config
 from san_det.layers.local_attention import LocalSelfAttention2d
 from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
+from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
-needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # (N, C, H, W, heads, kernel_size, dilation): odd sizes, 1x1, H and W < kernel_size, dilation
 # larger than the image, one head, one channel per head, W not a multiple of the CPU tile.
@@ -308,15 +307,7 @@ def test_empty_inputs_give_empty_outputs(backend, shape):
 
 
 # --------------------------------------------------------------------------------------- NVRTC
-def _nvrtc_available():
-    try:
-        from cuda.bindings import nvrtc  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+@needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_compile_with_nvrtc(dtype, arch):

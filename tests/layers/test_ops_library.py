@@ -15,8 +15,8 @@ from san_det.layers.ops import OPS, local_attention, output_size
 from san_det.layers.ops import kernels as ops_kernels
 from san_det.layers.ops import reference
 from san_det.layers.ops.checks import window_geometry
+from tests.helpers.skips import needs_cxx
 
-needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
 BACKENDS = ["reference", pytest.param("cpu", marks=needs_cxx)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
+from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers.backend import use_backend
@@ -17,9 +17,8 @@ from san_det.layers.ops import (
 )
 from san_det.layers.ops import kernels as ops_kernels
 from san_det.layers.ops import neighbourhood, output_size, subtraction, subtraction2
+from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
-needs_cxx = pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # (H, W, kernel_size, stride, padding, dilation, pad_mode): odd sizes, 1x1, H < k, stride,
 # dilation, padding larger than the window's half (centre in the padding), both pad modes.
@@ -289,15 +288,7 @@ def test_bad_input_raises_value_error():
 
 
 # ------------------------------------------------------------------------------------ NVRTC
-def _nvrtc_available():
-    try:
-        from cuda.bindings import nvrtc  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nvrtc_available(), reason="cuda.bindings.nvrtc not installed")
+@needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_with_nvrtc(arch):
     # Shapes are runtime arguments, so one translation unit per dtype covers every shape.

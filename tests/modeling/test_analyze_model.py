@@ -4,7 +4,7 @@ import importlib.util
 import os
 
 import pytest
-from modeling_helpers import ROOT, config_path
+from tests.helpers.modeling import ROOT, config_path
 
 _spec = importlib.util.spec_from_file_location(
     "analyze_model", os.path.join(ROOT, "tools", "analyze_model.py")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
-from modeling_helpers import GradientAudit, base_cfg, tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.modeling import GradientAudit, base_cfg, tiny_san_cfg, tiny_sasa_cfg
 from torch import nn
 
 from san_det.modeling import AttentionFPN, SANBackbone, SASAResNet

@@ -13,7 +13,7 @@ import pytest
 import torch
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
-from modeling_helpers import ROOT
+from tests.helpers.modeling import ROOT
 from torch import nn
 
 from san_det.config import get_san_det_cfg

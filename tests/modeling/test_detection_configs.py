@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from modeling_helpers import ROOT, GradientAudit, base_cfg, detection_inputs
+from tests.helpers.modeling import ROOT, GradientAudit, base_cfg, detection_inputs
 
 CONFIGS = sorted(
     glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml"))

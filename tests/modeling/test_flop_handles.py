@@ -3,7 +3,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_backbone
-from modeling_helpers import tiny_sasa_cfg
+from tests.helpers.modeling import tiny_sasa_cfg
 from torch import nn
 
 from san_det.layers import local_attention

@@ -8,7 +8,7 @@ from detectron2.layers import CycleBatchNormList, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
-from modeling_helpers import base_cfg, config_path, tiny_sasa_cfg
+from tests.helpers.modeling import base_cfg, config_path, tiny_sasa_cfg
 from torch import nn
 
 import san_det.modeling

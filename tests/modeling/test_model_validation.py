@@ -3,7 +3,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
-from modeling_helpers import base_cfg, config_path, tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.modeling import base_cfg, config_path, tiny_san_cfg, tiny_sasa_cfg
 
 
 def _sasa(**overrides):

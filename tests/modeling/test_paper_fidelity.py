@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from modeling_helpers import base_cfg, config_path
+from tests.helpers.modeling import base_cfg, config_path
 from torch import nn
 
 from san_det.modeling import build_san_net, build_sasa_resnet

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
-from modeling_helpers import ROOT
+from tests.helpers.modeling import ROOT
 
 from san_det.config import get_san_det_cfg
 

@@ -9,8 +9,10 @@ import san_det.modeling  # noqa: F401  (registers the builders)
 from san_det.config import get_san_det_cfg
 from san_det.layers import SAM
 
+from .paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = str(REPO_ROOT)
 
 
 def config_path(name):
