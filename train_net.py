@@ -50,27 +50,26 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
+from san_det.classification import ClassificationTrainer, is_classification_config
 from san_det.classification.loader import get_classification_dataset_dicts
+from san_det.config import setup_cfg
+from san_det.detection import DetectionTrainer, check_detection_classes
+from san_det.detection.visualize import (
+    check_prediction_images_config,
+    write_configured_prediction_images,
+)
 from san_det.engine import (
-    DetectionTrainer,
     NonFiniteError,
     OutputDirLock,
     TrainingStopped,
     UserInputError,
-    check_detection_classes,
     check_eval_weights,
     is_primary_launcher,
     launch,
-    setup_cfg,
     torchrun_environment,
     validate_datasets,
 )
 from san_det.engine.checkpoint import CheckpointWriteError, checkpointer_options
-from san_det.engine.trainer import TrainerCheckpointer
-from san_det.engine.visualize import (
-    check_prediction_images_config,
-    write_configured_prediction_images,
-)
 from san_det.modeling.input_info import check_weights_input
 
 EXIT_BAD_INPUT = 2
@@ -79,8 +78,6 @@ EXIT_TRAINING_FAILED = 1
 
 def trainer_class(cfg):
     """The trainer for the task the config describes (detection or classification)."""
-    from san_det.classification import ClassificationTrainer, is_classification_config
-
     return ClassificationTrainer if is_classification_config(cfg) else DetectionTrainer
 
 
@@ -96,7 +93,9 @@ def setup(args):
 def evaluate(cfg, trainer_cls, resume: bool):
     """``--eval-only``: the model must load every tensor from its checkpoint (strict)."""
     model = trainer_cls.build_model(cfg)
-    checkpointer = TrainerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, **checkpointer_options(cfg))
+    checkpointer = trainer_cls.checkpointer_cls(
+        model, save_dir=cfg.OUTPUT_DIR, **checkpointer_options(cfg)
+    )
     if resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
     else:

@@ -35,7 +35,7 @@ import san_det  # noqa: E402,F401  (before detectron2)
 import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from san_det.classification.config import get_classification_cfg  # noqa: E402
+from san_det.config import get_san_det_cfg  # noqa: E402
 
 
 def _sync(device):
@@ -57,7 +57,7 @@ def _time(fn, device, warmup, iters):
 
 
 def bench(config, device, batch, amp, warmup, iters, opts):
-    cfg = get_classification_cfg(config, ["MODEL.DEVICE", device] + list(opts))
+    cfg = get_san_det_cfg(config, ["MODEL.DEVICE", device] + list(opts))
     size = cfg.CLASSIFICATION.INPUT.TRAIN_CROP_SIZE
     torch.manual_seed(0)
     model = build_model(cfg)

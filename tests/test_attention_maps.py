@@ -212,7 +212,7 @@ def test_tool_end_to_end_on_demo_model(tmp_path, capsys):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from san_det.engine import setup_cfg
+    from san_det.config import setup_cfg
 
     tool = _load_tool()
     cfg = setup_cfg(str(DEMO), ["OUTPUT_DIR", str(tmp_path)])

@@ -8,7 +8,7 @@ import torch
 import san_det  # noqa: F401
 from detectron2.modeling import build_model
 
-from san_det.engine import setup_cfg
+from san_det.config import setup_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))

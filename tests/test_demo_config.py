@@ -13,8 +13,9 @@ from PIL import Image
 import san_det  # noqa: F401
 from san_det.attention_maps import attention_layers
 from san_det.data import register_shapes_datasets
-from san_det.engine import DetectionTrainer, setup_cfg
-from san_det.engine.visualize import write_prediction_images
+from san_det.config import setup_cfg
+from san_det.detection import DetectionTrainer
+from san_det.detection.visualize import write_prediction_images
 from san_det.layers import LocalSelfAttention2d
 from tests.helpers.paths import REPO_ROOT
 

@@ -33,8 +33,9 @@ from fvcore.nn import ActivationCountAnalysis, flop_count_table, parameter_count
 from fvcore.nn import parameter_count_table  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
+from san_det.classification import is_classification_config  # noqa: E402
+from san_det.config import setup_cfg  # noqa: E402
 from san_det.engine import UserInputError  # noqa: E402
-from san_det.engine import setup_cfg as setup_san_det_cfg  # noqa: E402
 from san_det.engine.validate import build_model_on_meta  # noqa: E402
 from san_det.modeling.flop_handles import ATTENTION_OP_HANDLES  # noqa: E402
 from san_det.modeling.flop_handles import SanDetFlopCountAnalysis  # noqa: E402
@@ -78,25 +79,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup_cfg(args):
-    """The config (on the CPU without a GPU), checked as train_net.py checks it.
+def config_from_args(args):
+    """The config (on the CPU without a GPU): :func:`san_det.config.setup_cfg`'s checks, and
+    a model its constructors accept.
 
     Raises:
         UserInputError: a missing config file, unknown key, or a model config its constructors
             refuse (one line, naming the key).
     """
     device = [] if torch.cuda.is_available() else ["MODEL.DEVICE", "cpu"]
-    cfg = setup_san_det_cfg(args.config_file, list(args.opts) + device, check_output=False)
+    cfg = setup_cfg(args.config_file, list(args.opts) + device, check_output=False)
     build_model_on_meta(cfg)
     return cfg
 
 
-def is_classifier(cfg) -> bool:
-    return "Classifier" in cfg.MODEL.META_ARCHITECTURE
-
-
 def dummy_inputs(cfg, size) -> List[Dict[str, Any]]:
-    h, w = size or ((224, 224) if is_classifier(cfg) else (640, 640))
+    # the task as train_net.py tells it (its trainer_class)
+    h, w = size or ((224, 224) if is_classification_config(cfg) else (640, 640))
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255
     return [{"image": image.to(cfg.MODEL.DEVICE), "height": h, "width": w}]
 
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        cfg = setup_cfg(args)
+        cfg = config_from_args(args)
         try:
             report = analyze(cfg, args.tasks, args.input_size, args.max_depth)
         except ValueError as e:  # e.g. SAN's reflection padding on a too small --input-size

@@ -20,67 +20,64 @@ MODEL.PIXEL_MEAN / PIXEL_STD. Both outputs record that input (the detection file
 ``san_det_input``); san_det's trainers refuse to load a file into a model configured otherwise.
 """
 
-import argparse
-import os
 import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
 import torch
 from detectron2.modeling import build_model
 
-from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY, CheckpointMismatchError
-from san_det.classification.config import get_classification_cfg
+from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY
+from san_det.classification.convert_cli import converter_parser, run_converter
 from san_det.classification.convert_san import (
     OFFICIAL_SAN_INPUT,
     convert_official_san_to_classifier,
     convert_official_san_to_detection,
 )
+from san_det.config import get_san_det_cfg
 from san_det.modeling.input_info import INPUT_INFO_KEY, describe_input_mismatch, input_info_from_cfg
+
+PROG = "convert_san_official.py"
 
 
 def _state_dict_of(config_file: str, opts) -> dict:
-    cfg = get_classification_cfg(config_file, opts)
+    cfg = get_san_det_cfg(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     return cfg, build_model(cfg).state_dict()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, help="configs/ImageNet/san*.yaml")
-    parser.add_argument("--detection-config", default="", help="write detection backbone keys")
-    parser.add_argument("--input", required=True, help="official checkpoint (.pth)")
-    parser.add_argument("--output", required=True, help="converted checkpoint (.pth)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    if not os.path.isfile(args.input):
-        print(f"convert_san_official.py: error: input not found: {args.input}", file=sys.stderr)
-        return 2
+def convert(args):
+    """The converted checkpoint (classifier, or detection backbone with ``--detection-config``)
+    and the summary line.
+
+    Raises:
+        CheckpointMismatchError: naming the first official key that does not fit.
+    """
     checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
     cfg, classifier_state = _state_dict_of(args.config_file, args.opts)
-    try:
-        if args.detection_config:
-            det_cfg, detection_state = _state_dict_of(args.detection_config, args.opts)
-            state = convert_official_san_to_detection(checkpoint, classifier_state, detection_state)
-            out = {"model": state, "__author__": "hszhao/SAN (converted by san_det)"}
-            out[INPUT_INFO_KEY] = dict(OFFICIAL_SAN_INPUT)  # checked when the file is loaded
-            differences = describe_input_mismatch(OFFICIAL_SAN_INPUT, input_info_from_cfg(det_cfg))
-            if differences:
-                print(
-                    f"convert_san_official.py: warning: {args.detection_config} does not use the "
-                    f"official input: {differences}; loading {args.output} into it will fail",
-                    file=sys.stderr,
-                )
-        else:
-            state = convert_official_san_to_classifier(checkpoint, classifier_state)
-            info = dict(OFFICIAL_SAN_INPUT, meta_architecture="ImageClassifier")
-            info.update(backbone=cfg.MODEL.BACKBONE.NAME, num_classes=len(state["classifier.bias"]))
-            out = {"model": state, CLASSIFIER_INFO_KEY: info, "__author__": "hszhao/SAN"}
-    except CheckpointMismatchError as e:
-        print(f"convert_san_official.py: error: {args.input}: {e}", file=sys.stderr)
-        return 1
-    torch.save(out, args.output)
-    print(f"wrote {len(state)} tensors to {args.output}")
-    return 0
+    if args.detection_config:
+        det_cfg, detection_state = _state_dict_of(args.detection_config, args.opts)
+        state = convert_official_san_to_detection(checkpoint, classifier_state, detection_state)
+        out = {"model": state, "__author__": "hszhao/SAN (converted by san_det)"}
+        out[INPUT_INFO_KEY] = dict(OFFICIAL_SAN_INPUT)  # checked when the file is loaded
+        differences = describe_input_mismatch(OFFICIAL_SAN_INPUT, input_info_from_cfg(det_cfg))
+        if differences:
+            print(
+                f"{PROG}: warning: {args.detection_config} does not use the "
+                f"official input: {differences}; loading {args.output} into it will fail",
+                file=sys.stderr,
+            )
+    else:
+        state = convert_official_san_to_classifier(checkpoint, classifier_state)
+        info = dict(OFFICIAL_SAN_INPUT, meta_architecture="ImageClassifier")
+        info.update(backbone=cfg.MODEL.BACKBONE.NAME, num_classes=len(state["classifier.bias"]))
+        out = {"model": state, CLASSIFIER_INFO_KEY: info, "__author__": "hszhao/SAN"}
+    return out, f"wrote {len(state)} tensors to {args.output}"
+
+
+def main(argv=None) -> int:
+    parser = converter_parser(PROG, __doc__.split("\n")[0], "configs/ImageNet/san*.yaml")
+    parser.add_argument("--detection-config", default="", help="write detection backbone keys")
+    return run_converter(PROG, parser.parse_args(argv), convert)
 
 
 if __name__ == "__main__":

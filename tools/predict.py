@@ -13,7 +13,7 @@ RGBA, CMYK, palette and grayscale files as RGB; ``INPUT.MIN_SIZE_TEST`` / ``MAX_
 Class names come from the config's dataset (``DATASETS.TEST``, else ``DATASETS.TRAIN``).
 ``--output`` receives ``<name>.png`` per image, ``coco_instances_results.json`` (detections with
 score >= ``--confidence-threshold``; use 0.05 for evaluation-style results) and ``images.json``
-(image ids -> file names, categories): see :mod:`san_det.engine.predict`. CPU or GPU as
+(image ids -> file names, categories): see :mod:`san_det.detection.predict`. CPU or GPU as
 ``MODEL.DEVICE`` says (add ``MODEL.DEVICE cpu`` on a machine without a GPU).
 
 Bad input (config, weights, no image found, an unreadable image, an unwritable output folder)
@@ -25,8 +25,8 @@ import logging
 import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
-from san_det.engine.errors import UserInputError
-from san_det.engine.predict import (
+from san_det.config import setup_cfg
+from san_det.detection.predict import (
     check_images_open,
     check_prediction_output,
     class_metadata,
@@ -34,7 +34,7 @@ from san_det.engine.predict import (
     load_detector,
     predict_images,
 )
-from san_det.engine.setup import setup_cfg
+from san_det.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
 

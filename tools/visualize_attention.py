@@ -140,7 +140,7 @@ def run(args) -> str:
     import detectron2.data.transforms as T
 
     from san_det.attention_maps import AttentionCapture, render_attention_png
-    from san_det.engine import setup_cfg
+    from san_det.config import setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts)
     model = build_model(cfg)

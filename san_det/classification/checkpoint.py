@@ -25,13 +25,14 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..engine.ddp import unwrap_model
 from ..modeling.input_info import (
     InputInfo,
     check_checkpoint_input,
     input_info_from_cfg,
     register_input_info_key,
 )
-from .ema import unwrap_model
+from .classifier import ImageClassifier
 
 __all__ = [
     "CLASSIFIER_INFO_KEY",
@@ -190,8 +191,6 @@ class ClassifierCheckpointer(DetectionCheckpointer):
         self.classifier_state = self.classifier_report = None
 
     def _load_model(self, checkpoint):
-        from .classifier import ImageClassifier
-
         model = unwrap_model(self.model)
         self.classifier_state = self.classifier_report = None
         if not isinstance(model, ImageClassifier) and is_classifier_checkpoint(checkpoint):

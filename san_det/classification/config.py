@@ -11,8 +11,11 @@ Classification reuses detectron2's keys wherever one exists (``SOLVER.BASE_LR``,
 """
 
 from detectron2.config import CfgNode as CN
+from detectron2.modeling import META_ARCH_REGISTRY
 
-__all__ = ["add_classification_config", "get_classification_cfg", "is_classification_config"]
+from .classifier import ImageClassifier
+
+__all__ = ["add_classification_config", "is_classification_config"]
 
 
 def add_classification_config(cfg: CN) -> CN:
@@ -88,26 +91,8 @@ def add_classification_config(cfg: CN) -> CN:
     return cfg
 
 
-def get_classification_cfg(config_file: str = "", opts=()) -> CN:
-    """san_det's full config (backbone and classification keys), merged with a file and opts."""
-    import san_det.modeling  # noqa: F401  (registers the backbones)
-    from san_det.config import get_san_det_cfg
-
-    cfg = get_san_det_cfg()
-    if "CLASSIFICATION" not in cfg:
-        add_classification_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 def is_classification_config(cfg: CN) -> bool:
     """Whether ``cfg`` trains an :class:`ImageClassifier` (or a subclass) rather than a detector."""
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    from .classifier import ImageClassifier
-
     name = cfg.MODEL.META_ARCHITECTURE
     try:
         arch = META_ARCH_REGISTRY.get(name)

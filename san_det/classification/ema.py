@@ -1,6 +1,6 @@
 """Exponential moving average of the model's weights, as a detectron2 hook (SASA: decay 0.9999).
 
-After every optimizer step, ``ema = d * ema + (1 - d) * weights`` for every floating-point
+After every optimizer step, ``ema = d * ema + (1 - d) * weights`` (torch's ``AveragedModel``) for every floating-point
 parameter and buffer (integer buffers such as BatchNorm's ``num_batches_tracked`` are copied).
 With ``ramp`` the decay is ``min(decay, (1 + n) / (10 + n))`` at update ``n``, so short runs are
 not dominated by the initial weights. The EMA is part of the trainer's checkpoint (resume
@@ -8,7 +8,6 @@ continues it) and is saved at the end of training as ``model_final_ema.pth``, a 
 checkpoint usable as ``MODEL.WEIGHTS`` for evaluation or detection.
 """
 
-import copy
 import logging
 import os
 from typing import Callable, Dict, Optional
@@ -16,57 +15,65 @@ from typing import Callable, Dict, Optional
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..engine.ddp import unwrap_model
 from ..utils.atomic import atomic_write
 
-__all__ = ["ModelEMA", "EMAHook", "unwrap_model"]
+__all__ = ["ModelEMA", "EMAHook"]
 
 logger = logging.getLogger(__name__)
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+class ModelEMA(AveragedModel):
+    """torch's ``AveragedModel`` of ``model``'s parameters and buffers (``use_buffers``) with
+    ``get_ema_multi_avg_fn``'s update at the decay :meth:`current_decay`; integer buffers are
+    copied. In eval mode, without gradients; :attr:`module` is the averaged model.
 
-
-class ModelEMA:
-    """A frozen copy of ``model`` in eval mode holding the moving average of its state."""
+    The average starts at ``model``'s weights: the first :meth:`update` already averages
+    (``AveragedModel`` alone would copy the model there), so ``n_averaged`` is
+    :attr:`num_updates` + 1.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, ramp: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"CLASSIFICATION.EMA.DECAY must be in [0, 1), got {decay}")
+        model = unwrap_model(model)
+        super().__init__(model, multi_avg_fn=self._average, use_buffers=True)
         self.decay, self.ramp = decay, ramp
-        self.module = copy.deepcopy(unwrap_model(model)).eval()
+        self.update_parameters(model)  # n_averaged 0 -> 1: a copy of the initial weights
+        self.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.num_updates = 0
+
+    @property
+    def num_updates(self) -> int:
+        return int(self.n_averaged) - 1
 
     def current_decay(self) -> float:
+        """The decay of the next update: ``min(decay, (1 + n) / (10 + n))`` at update ``n``
+        with ``ramp``, else ``decay``."""
         if not self.ramp:
             return self.decay
         return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = self.current_decay()
-        source = unwrap_model(model).state_dict()
-        for name, ema_value in self.module.state_dict().items():
-            value = source[name].detach()
-            if ema_value.dtype.is_floating_point:
-                ema_value.mul_(d).add_(value.to(ema_value.dtype), alpha=1.0 - d)
-            else:
-                ema_value.copy_(value)
-        self.num_updates += 1
+    def _average(self, ema_tensors, model_tensors, _num_averaged) -> None:
+        if ema_tensors[0].is_floating_point():
+            get_ema_multi_avg_fn(self.current_decay())(ema_tensors, model_tensors, _num_averaged)
+        else:  # integer buffers (BatchNorm's num_batches_tracked): the model's
+            torch._foreach_copy_(ema_tensors, model_tensors)
 
-    def state_dict(self) -> Dict:
+    def update(self, model: torch.nn.Module) -> None:
+        """Average in ``model``'s current weights (DDP-wrapped or not)."""
+        self.update_parameters(unwrap_model(model))
+
+    def ema_state_dict(self) -> Dict:
+        """``{"model": averaged state dict, "num_updates": n}`` (the trainer checkpoint's entry)."""
         return {"model": self.module.state_dict(), "num_updates": self.num_updates}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_ema_state_dict(self, state: Dict) -> None:
         self.module.load_state_dict(state["model"])
-        self.num_updates = int(state["num_updates"])
+        self.n_averaged.fill_(int(state["num_updates"]) + 1)
 
 
 class EMAHook(HookBase):
@@ -98,7 +105,7 @@ class EMAHook(HookBase):
         logger.info(f"Saved the EMA weights to {path}")
 
     def state_dict(self):
-        return self.ema.state_dict()
+        return self.ema.ema_state_dict()
 
     def load_state_dict(self, state_dict):
-        self.ema.load_state_dict(state_dict)
+        self.ema.load_ema_state_dict(state_dict)

@@ -1,23 +1,21 @@
-"""Training engine: config setup with clear errors, trainers, CPU/GPU launch, safe checkpoints,
-output-folder locking and clean stops on SIGTERM/SIGINT."""
+"""Training engine, for any task: config setup with clear errors, the robust trainer base,
+CPU/GPU launch, safe checkpoints, output-folder locking and clean stops on SIGTERM/SIGINT."""
 
 from .checkpoint import CheckpointError, NonFiniteError, SafeCheckpointer
 from .config import add_engine_config
-from .dataset_checks import check_detection_classes
-from .ddp import CPUSyncBatchNorm, wrap_ddp
+from .ddp import CPUSyncBatchNorm, unwrap_model, wrap_ddp
 from .errors import UserInputError
 from .graceful_stop import StopOnSignalHook, TrainingStopped
 from .launch import is_primary_launcher, launch, torchrun_environment
 from .loader import DeterministicBatchStream, ResumableTrainLoader
 from .output_lock import OutputDirInUseError, OutputDirLock
-from .setup import check_eval_weights, setup_cfg, validate_datasets
-from .trainer import DetectionTrainer, RobustTrainer, build_resumable_train_loader
+from .setup import check_eval_weights, validate_datasets
+from .trainer import RobustTrainer, build_resumable_train_loader
 from .validate import validate_config
 
 __all__ = [
     "CPUSyncBatchNorm",
     "CheckpointError",
-    "DetectionTrainer",
     "DeterministicBatchStream",
     "NonFiniteError",
     "OutputDirInUseError",
@@ -30,12 +28,11 @@ __all__ = [
     "UserInputError",
     "add_engine_config",
     "build_resumable_train_loader",
-    "check_detection_classes",
     "check_eval_weights",
     "is_primary_launcher",
     "launch",
-    "setup_cfg",
     "torchrun_environment",
+    "unwrap_model",
     "validate_config",
     "validate_datasets",
     "wrap_ddp",

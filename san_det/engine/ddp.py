@@ -3,8 +3,9 @@
 detectron2 0.6 wraps the model with ``DistributedDataParallel(model, device_ids=[local_rank])``,
 which torch rejects for a CPU model, and torch's ``nn.SyncBatchNorm`` only runs on GPUs.
 :func:`wrap_ddp` passes ``device_ids`` only for GPU models and, for CPU models, swaps every
-``nn.SyncBatchNorm`` for :class:`CPUSyncBatchNorm` (same parameters and buffers, statistics
-all-reduced over the process group), so ``MODEL.*.NORM: SyncBN`` configs train on CPU processes.
+``nn.SyncBatchNorm`` for :class:`CPUSyncBatchNorm` (detectron2's ``NaiveSyncBatchNorm``, whose
+statistics are all-reduced with fvcore's ``differentiable_all_reduce``, a collective gloo runs),
+so ``MODEL.*.NORM: SyncBN`` configs train on CPU processes. :func:`unwrap_model` is the inverse.
 """
 
 import warnings
@@ -12,113 +13,39 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.utils import comm
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["wrap_ddp", "CPUSyncBatchNorm", "convert_sync_batchnorm_for_cpu"]
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the process group; the gradient of each input is the sum of all ranks' output
-    gradients (each rank's output depends on every rank's input)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+__all__ = ["wrap_ddp", "unwrap_model", "CPUSyncBatchNorm", "convert_sync_batchnorm_for_cpu"]
 
 
-def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    return _AllReduceSum.apply(x, group)
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm over the union of every process's batch, for any device gloo supports.
-
-    Same results as ``nn.BatchNorm{1,2,3}d`` on the concatenated batch of all processes (mean and
-    biased variance for normalising; unbiased variance in ``running_var``), with gradients
-    flowing through the statistics to every process's input. Processes may hold different
-    batch sizes. Input: ``(N, C, *)``; output: same shape.
+class CPUSyncBatchNorm(NaiveSyncBatchNorm):
+    """detectron2's ``NaiveSyncBatchNorm`` over the union of every process's batch, as
+    ``nn.SyncBatchNorm`` is: statistics weighted by each process's batch size
+    (``stats_mode="N"``, so processes may hold different batch sizes) and batches counted in
+    ``num_batches_tracked`` as ``nn.BatchNorm2d`` counts them. Input: ``(N, C, H, W)``; output:
+    same shape. With one process (or in eval mode) it is ``nn.BatchNorm2d``.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input):
-        if input.dim() < 2:
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        if momentum is None or not affine or not track_running_stats:
             raise ValueError(
-                f"CPUSyncBatchNorm expects input of shape (N, C, *), got {input.dim()}D"
+                "CPUSyncBatchNorm (detectron2's NaiveSyncBatchNorm) needs a momentum, affine=True "
+                f"and track_running_stats=True; got momentum={momentum}, affine={affine}, "
+                f"track_running_stats={track_running_stats}"
             )
-
-    def _momentum_factor(self) -> float:
-        if self.momentum is None:  # cumulative moving average
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
-    def _need_sync(self) -> bool:
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return False
-        group = self.process_group or dist.group.WORLD
-        return dist.get_world_size(group) > 1
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, stats_mode="N")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if not self._need_sync():
-            use_batch_stats = self.training or self.running_mean is None
-            factor = 0.0
-            if self.training and self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                factor = self._momentum_factor()
-            return F.batch_norm(
-                input,
-                self.running_mean if not self.training or self.track_running_stats else None,
-                self.running_var if not self.training or self.track_running_stats else None,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                factor,
-                self.eps,
-            )
-        group = self.process_group or dist.group.WORLD
-        channels = input.shape[1]
-        dims = [0] + list(range(2, input.dim()))
-        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
-        # Two passes (mean, then centred squares) match single-process BN's numerics.
-        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / max(channels, 1)])])
-        total = _all_reduce_sum(local, group)
-        count = total[-1].detach()
-        if count <= 1:
+        if input.dim() != 4:
             raise ValueError(
-                f"CPUSyncBatchNorm needs more than one value per channel over all processes, got "
-                f"{int(count)} (input shape {tuple(input.shape)} on this process)"
+                f"CPUSyncBatchNorm expects input of shape (N, C, H, W), got {input.dim()}D"
             )
-        mean = total[:channels] / count
-        shape = [1, channels] + [1] * (input.dim() - 2)
-        centred = x - mean.reshape(shape)
-        var = _all_reduce_sum((centred * centred).sum(dims), group) / count
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self._momentum_factor()
-                unbiased = var.detach() * (count / (count - 1))
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-        out = centred * torch.rsqrt(var + self.eps).reshape(shape)
-        if self.affine:
-            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return out.to(input.dtype)
+        if self.training and comm.get_world_size() > 1:  # BatchNorm2d counts its own batches
+            self.num_batches_tracked.add_(1)
+        return super().forward(input)
 
 
 def convert_sync_batchnorm_for_cpu(module: nn.Module) -> nn.Module:
@@ -128,13 +55,14 @@ def convert_sync_batchnorm_for_cpu(module: nn.Module) -> nn.Module:
     Returns the converted module (a new object only when ``module`` itself is a SyncBatchNorm).
     """
     if isinstance(module, nn.SyncBatchNorm):
+        if module.process_group is not None:
+            raise ValueError("CPUSyncBatchNorm synchronises over all processes, not a subgroup")
         new = CPUSyncBatchNorm(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
-            module.process_group,
         )
         for name, param in module.named_parameters(recurse=False):
             setattr(new, name, param)
@@ -174,6 +102,13 @@ def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
         # torch >= 2.12 deprecates broadcast_buffers (detectron2 passes False); same meaning.
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return DistributedDataParallel(model, **kwargs)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else ``model``)."""
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -13,14 +13,13 @@ import yaml
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import get_san_det_cfg
 from ..data.coco_instances import register_coco_instances_from_cfg
 from ..data.preparers import prepare_dataset
 from .errors import UserInputError
 
 __all__ = [
     "check_eval_weights",
-    "setup_cfg",
+    "merge_cfg",
     "validate_datasets",
     "check_output_dir",
 ]
@@ -144,10 +143,16 @@ def check_output_dir(path: str, option: str = "OUTPUT_DIR") -> None:
                 os.rmdir(folder)
 
 
-def setup_cfg(
-    config_file: str, opts: Iterable[str] = (), freeze: bool = True, check_output: bool = True
+def merge_cfg(
+    cfg: CfgNode,
+    config_file: str,
+    opts: Iterable[str] = (),
+    freeze: bool = True,
+    check_output: bool = True,
 ) -> CfgNode:
-    """detectron2 defaults + san_det keys, merged with ``config_file`` and ``KEY VALUE`` opts.
+    """``cfg`` (a config holding every key, :func:`san_det.config.get_san_det_cfg`) merged with
+    ``config_file`` and ``KEY VALUE`` opts, in place; returned. :func:`san_det.config.setup_cfg`
+    is the entry point.
 
     ``check_output=False`` skips the OUTPUT_DIR probe: for the worker processes of a launch,
     whose launcher already ran it (workers probing one folder at once would race).
@@ -160,7 +165,6 @@ def setup_cfg(
     _check_config_file(config_file)
     opts = list(opts)
     _check_overrides(opts)
-    cfg = get_san_det_cfg()
     _merge(cfg, config_file, lambda: cfg.merge_from_file(config_file))
     _merge(cfg, "command-line overrides", lambda: cfg.merge_from_list(opts))
     register_coco_instances_from_cfg(cfg)  # DATASETS.COCO_INSTANCES, in every process

@@ -23,27 +23,22 @@
   (:class:`~san_det.engine.graceful_stop.StopOnSignalHook`, raising
   :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130).
 
-:class:`DetectionTrainer` adds the detection data (robust mapper, resumable loader) and COCO
-evaluation.
+Task trainers subclass it: :class:`san_det.detection.DetectionTrainer`,
+:class:`san_det.classification.ClassificationTrainer`.
 """
 
+import contextlib
 import logging
-import os
-import time
 import weakref
 
 import torch
 import torch.distributed as dist
-from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-from detectron2.data import build_detection_train_loader as d2_build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
-from detectron2.utils.logger import setup_logger
 
-from .. import compat
 from ..modeling.input_info import INPUT_INFO_KEY, InputInfo, input_info_from_cfg
 from .checkpoint import (
     CheckpointWriteError,
@@ -51,21 +46,17 @@ from .checkpoint import (
     SafeCheckpointer,
     checkpointer_options,
 )
-from .coco_evaluation import COCOEvaluatorNoDetectionsIsZero
-from .ddp import wrap_ddp
+from .ddp import unwrap_model, wrap_ddp
 from .errors import UserInputError
 from .graceful_stop import StopOnSignalHook
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
-from .stop_signals import shield_loader_workers
-from .validate import check_detection_keys, probe_detector, validate_config
+from .validate import validate_config
 
 __all__ = [
-    "DetectionTrainer",
+    "GuardedAMPTrainer",
     "GuardedSimpleTrainer",
     "RobustTrainer",
-    "TrainerCheckpointer",
-    "build_coco_evaluator",
     "build_resumable_train_loader",
     "resolve_seed",
 ]
@@ -73,37 +64,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STEP_STREAM = 3
-
-try:  # classifier checkpoints given as MODEL.WEIGHTS load into detectors' backbones
-    from ..classification.checkpoint import ClassifierCheckpointer
-
-    class TrainerCheckpointer(SafeCheckpointer, ClassifierCheckpointer):
-        """:class:`SafeCheckpointer` that also converts classifier checkpoints for detectors."""
-
-except ModuleNotFoundError:  # pragma: no cover - the classification package is optional
-    # (only a missing package: an import cycle must fail loudly, not lose classifier loading)
-    TrainerCheckpointer = SafeCheckpointer
-
-
-def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:
-    """COCO box evaluation on detectron2's C++ evaluator, else faster-coco-eval's (same numbers),
-    else pycocotools (:func:`san_det.compat.coco_eval_backend`); a model without any detection
-    scores AP 0, with a warning (not NaN)."""
-    if output_folder is None:
-        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-    backend = compat.coco_eval_backend()
-    logger.info(f"COCO evaluation of {dataset_name} with {backend}")
-    threshold = cfg.MODEL.RETINANET.SCORE_THRESH_TEST
-    return COCOEvaluatorNoDetectionsIsZero(
-        dataset_name,
-        tasks=("bbox",),
-        output_dir=output_folder,
-        use_fast_impl=backend != "pycocotools",
-        no_detections_hint=(
-            f"no score above the test threshold, MODEL.RETINANET.SCORE_THRESH_TEST {threshold}: "
-            "an untrained or diverged model?"
-        ),
-    )
 
 
 def resolve_seed(cfg):
@@ -164,30 +124,22 @@ class _ReportedErrorsWithoutTraceback(logging.Filter):
 logging.getLogger("detectron2.engine.train_loop").addFilter(_ReportedErrorsWithoutTraceback())
 
 
-class GuardedSimpleTrainer(SimpleTrainer):
-    """``SimpleTrainer`` that refuses a step with a non-finite loss or gradient.
+class _FiniteStepGuard:
+    """Mixin for detectron2's ``SimpleTrainer`` / ``AMPTrainer``: refuses the optimizer step of a
+    step whose loss (or, without AMP, gradient) is not finite, raising :class:`NonFiniteError`.
 
-    The check runs after ``backward`` (so DDP's gradient all-reduce has completed on every
-    process) and before ``optimizer.step``; all processes agree on the outcome, so all stop.
+    The check runs where both trainers' ``run_step`` write the step's metrics: after ``backward``
+    (so DDP's gradient all-reduce has completed on every process) and before the optimizer step.
+    All processes agree on the outcome, so all stop. Under AMP the gradients are scaled and an
+    overflow is routine (the grad scaler skips that step and lowers its scale), so only the losses
+    are checked there.
     """
 
-    def run_step(self):
-        assert self.model.training, "[GuardedSimpleTrainer] model was changed to eval mode!"
-        start = time.perf_counter()
-        data = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
+    check_gradients = True
 
-        loss_dict = self.model(data)
-        if isinstance(loss_dict, torch.Tensor):
-            losses = loss_dict
-            loss_dict = {"total_loss": loss_dict}
-        else:
-            losses = sum(loss_dict.values())
-        self.optimizer.zero_grad()
-        losses.backward()
+    def _write_metrics(self, loss_dict, data_time, *args, **kwargs):
         self._check_finite(loss_dict)
-        self._write_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        super()._write_metrics(loss_dict, data_time, *args, **kwargs)
 
     def _check_finite(self, loss_dict) -> None:
         values = [v.detach() for v in loss_dict.values()]
@@ -195,7 +147,7 @@ class GuardedSimpleTrainer(SimpleTrainer):
         loss_ok = torch.stack([torch.isfinite(v).all() for v in values]).all()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_ok = torch.ones((), dtype=torch.bool, device=device)
-        if grads:
+        if grads and self.check_gradients:
             norms = torch.stack([n.float().to(device) for n in torch._foreach_norm(grads)])
             grad_ok = torch.isfinite(norms.sum())
         flags = torch.stack([loss_ok, grad_ok]).float()
@@ -210,6 +162,39 @@ class GuardedSimpleTrainer(SimpleTrainer):
             f"non-finite {'gradient' if loss_ok else 'loss'} at iteration {self.iter}{where} "
             f"(losses here: {losses}); training stopped before the optimizer step"
         )
+
+
+class GuardedSimpleTrainer(_FiniteStepGuard, SimpleTrainer):
+    """``SimpleTrainer`` that refuses a step with a non-finite loss or gradient."""
+
+
+class GuardedAMPTrainer(_FiniteStepGuard, AMPTrainer):
+    """``AMPTrainer`` that refuses a step with a non-finite loss."""
+
+    check_gradients = False
+
+
+@contextlib.contextmanager
+def _robust_trainer_parts(build_checkpointer):
+    """Within the context, ``DefaultTrainer.__init__`` builds san_det's parts where it names
+    detectron2's classes instead of calling a method a subclass could override: the DDP wrapper
+    (:func:`~san_det.engine.ddp.wrap_ddp`: CPU processes too), the step trainer
+    (:class:`GuardedSimpleTrainer` / :class:`GuardedAMPTrainer`) and the checkpointer
+    (``build_checkpointer(model)``)."""
+    parts = {
+        "create_ddp_model": wrap_ddp,
+        "SimpleTrainer": GuardedSimpleTrainer,
+        "AMPTrainer": GuardedAMPTrainer,
+        "DetectionCheckpointer": lambda model, save_dir, **kwargs: build_checkpointer(model),
+    }
+    originals = {name: getattr(d2_defaults, name) for name in parts}
+    for name, part in parts.items():
+        setattr(d2_defaults, name, part)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(d2_defaults, name, original)
 
 
 class _SeedState:
@@ -245,7 +230,7 @@ class _ModelRunningState:
     PER_RANK = "<per rank>"  # not a module name
 
     def __init__(self, model):
-        self._model = model.module if hasattr(model, "module") else model
+        self._model = unwrap_model(model)
         self._all_ranks = None
         self._needs_gather = comm.get_world_size() > 1 and any(True for _ in self._modules())
 
@@ -291,33 +276,19 @@ class RobustTrainer(DefaultTrainer):
     :class:`ResumableTrainLoader` (exact resume) or any iterable."""
 
     def __init__(self, cfg):
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         cfg = resolve_seed(cfg)
         self.seed = cfg.SEED
         seed_all_rng(self.seed + comm.get_rank())  # as detectron2's default_setup
-
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = wrap_ddp(model, broadcast_buffers=False)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = self.build_checkpointer(cfg, model)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with _robust_trainer_parts(lambda model: self.build_checkpointer(cfg, model)):
+            super().__init__(cfg)
 
     #: ``probe(model, cfg, world_size=, eval_only=)``: runs the smallest inputs of a config
     #: through its model built on the meta device (:meth:`check_config`); None: no probe.
     config_probe = None
     #: More ``check(cfg, world_size=, eval_only=)`` of :meth:`check_config` (the task's keys).
     config_checks = ()
+    #: The checkpointer of :meth:`build_checkpointer` and of :meth:`check_config`'s checkpoint check.
+    checkpointer_cls = SafeCheckpointer
 
     @classmethod
     def check_config(
@@ -336,14 +307,14 @@ class RobustTrainer(DefaultTrainer):
             eval_only=eval_only,
             probe=cls.config_probe,
             checks=cls.config_checks,
-            checkpointer_cls=TrainerCheckpointer,
+            checkpointer_cls=cls.checkpointer_cls,
             resume=resume,
         )
 
     def build_checkpointer(self, cfg, model) -> SafeCheckpointer:
         """The checkpointer of the trainer's state (model, optimizer, scheduler, seed)."""
         self._running_state = _ModelRunningState(model)
-        return TrainerCheckpointer(
+        return self.checkpointer_cls(
             model,
             cfg.OUTPUT_DIR,
             **checkpointer_options(cfg),
@@ -410,51 +381,3 @@ class RobustTrainer(DefaultTrainer):
             has = self.checkpointer.has_checkpoint()
             last = self.checkpointer.get_checkpoint_file() if has else "none written yet"
             raise NonFiniteError(f"{e}; last good checkpoint: {last}") from None
-
-
-class DetectionTrainer(RobustTrainer):
-    """:class:`RobustTrainer` for detection: :class:`~san_det.data.mapper.RobustDatasetMapper`,
-    the resumable training stream, COCO evaluation (:func:`build_coco_evaluator`)."""
-
-    config_probe = staticmethod(probe_detector)
-    config_checks = (check_detection_keys,)
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        from ..data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
-
-        filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        dicts = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=filter_empty,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-            if cfg.MODEL.KEYPOINT_ON
-            else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
-        dicts = sanitize_dataset_dicts(dicts, filter_empty, name=",".join(cfg.DATASETS.TRAIN))
-        mapper = RobustDatasetMapper(cfg, True)
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-            logger.warning(
-                f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "
-                "loader; a resumed run does not continue its data stream exactly"
-            )
-            return d2_build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
-        return build_resumable_train_loader(cfg, dicts, mapper)
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        from ..data.mapper import RobustDatasetMapper
-
-        mapper = RobustDatasetMapper(cfg, False)
-        return shield_loader_workers(build_detection_test_loader(cfg, dataset_name, mapper=mapper))
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_coco_evaluator(cfg, dataset_name, output_folder)
-
-    def build_hooks(self):
-        from .visualize import PredictionImagesHook
-
-        # after EvalHook: the images are drawn once the final evaluation has run
-        return super().build_hooks() + [PredictionImagesHook(self.cfg)]

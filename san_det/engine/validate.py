@@ -9,14 +9,15 @@
   initialisation cost: 0.1-0.8 s for the COCO configs on one core), so every check of san_det's
   and detectron2's builders runs (SASA/SAN/FPN/head keys, registry names);
 - input sizes the network cannot take: the smallest image the config produces is run through the
-  meta model by a *probe* (see :func:`probe_detector`), which catches e.g. SAN's reflection padding
-  on too small inputs or a batch norm that sees one value per channel;
+  meta model by the trainer's *probe* (e.g. :func:`san_det.detection.validate.probe_detector`),
+  which catches e.g. SAN's reflection padding on too small inputs or a batch norm that sees one
+  value per channel;
 - the checkpoint the run will load (``--resume``'s last checkpoint, ``MODEL.WEIGHTS``): loaded
   into the meta model as the run will load it (:func:`check_checkpoint`; tensors memory-mapped,
   not read), so an unreadable, untrusted, mismatched or other-architecture checkpoint is refused
   before the output folder exists.
 
-Checks a higher layer owns (classification) come in through ``check_config`` overrides of the
+Checks a higher layer owns (detection, classification) come in through ``check_config`` overrides of the
 trainers and their own probes.
 """
 
@@ -37,11 +38,7 @@ from .errors import UserInputError
 __all__ = [
     "build_model_on_meta",
     "check_checkpoint",
-    "check_detection_input_sizes",
-    "check_detection_keys",
     "check_solver",
-    "padded_size",
-    "probe_detector",
     "run_probe",
     "validate_config",
 ]
@@ -110,100 +107,6 @@ def build_model_on_meta(cfg) -> nn.Module:
         raise UserInputError(f"invalid model config: {_message(e)}") from None
 
 
-def padded_size(size: int, divisibility: int) -> int:
-    """``size`` rounded up to a multiple of ``divisibility`` (as ``ImageList.from_tensors``)."""
-    return -(-size // divisibility) * divisibility if divisibility > 1 else size
-
-
-def _resized_square(short_edge: int, max_size: int) -> int:
-    """Side of a square image after ``ResizeShortestEdge(short_edge, max_size)``."""
-    return min(short_edge, max_size)
-
-
-def check_detection_input_sizes(cfg) -> None:
-    """``INPUT.MIN_SIZE_*`` / ``MAX_SIZE_*`` values that ``ResizeShortestEdge`` cannot use."""
-    i = cfg.INPUT
-    train = (
-        list(i.MIN_SIZE_TRAIN)
-        if isinstance(i.MIN_SIZE_TRAIN, (list, tuple))
-        else [i.MIN_SIZE_TRAIN]
-    )
-    if not train or any(not isinstance(s, int) or s < 0 for s in train):
-        raise UserInputError(
-            f"INPUT.MIN_SIZE_TRAIN must list sizes >= 0 (0 = no resize), got {i.MIN_SIZE_TRAIN}"
-        )
-    if i.MIN_SIZE_TRAIN_SAMPLING == "range" and (len(train) != 2 or train[0] > train[1]):
-        raise UserInputError(
-            "INPUT.MIN_SIZE_TRAIN_SAMPLING 'range' needs INPUT.MIN_SIZE_TRAIN (low, high), got "
-            f"{i.MIN_SIZE_TRAIN}"
-        )
-    if i.MIN_SIZE_TEST < 0:
-        raise UserInputError(
-            f"INPUT.MIN_SIZE_TEST must be >= 0 (0 = no resize), got {i.MIN_SIZE_TEST}"
-        )
-    for key in ("MAX_SIZE_TRAIN", "MAX_SIZE_TEST"):
-        if i[key] < 1:
-            raise UserInputError(f"INPUT.{key} must be >= 1, got {i[key]}")
-
-
-def check_detection_keys(cfg, **_) -> None:
-    """Detection keys that build a model but cannot train or predict."""
-    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE and cfg.MODEL.RETINANET.NUM_CLASSES < 1:
-        raise UserInputError(
-            f"MODEL.RETINANET.NUM_CLASSES must be >= 1, got {cfg.MODEL.RETINANET.NUM_CLASSES}"
-        )
-
-
-def probe_detector(model: nn.Module, cfg, *, world_size: int, eval_only: bool) -> None:
-    """Run the smallest square image of the config through a (meta) dense detector: backbone and
-    head, in training mode with the per-process batch and in inference mode with one image.
-
-    Sizes: ``ResizeShortestEdge`` of a square image to the smallest ``INPUT.MIN_SIZE_TRAIN``
-    (``MIN_SIZE_TEST``), capped by ``MAX_SIZE_*``, padded to the backbone's size divisibility.
-    A size of 0 (no resize) depends on the images and is not probed; nor are crops. Models
-    without ``preprocess_image`` / ``backbone`` (not dense detectors) are not probed.
-    """
-    if not all(hasattr(model, a) for a in ("preprocess_image", "backbone")):
-        return
-    check_detection_input_sizes(cfg)
-    i = cfg.INPUT
-    runs = []
-    if not eval_only:
-        short = (
-            min(i.MIN_SIZE_TRAIN)
-            if isinstance(i.MIN_SIZE_TRAIN, (list, tuple))
-            else i.MIN_SIZE_TRAIN
-        )
-        if short > 0:
-            keys = "INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN"
-            size = _resized_square(short, i.MAX_SIZE_TRAIN)
-            runs.append((True, cfg.SOLVER.IMS_PER_BATCH // world_size, size, keys))
-    if i.MIN_SIZE_TEST > 0:
-        keys = "INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST"
-        runs.append((False, 1, _resized_square(i.MIN_SIZE_TEST, i.MAX_SIZE_TEST), keys))
-
-    def forward(images):
-        batch = model.preprocess_image([{"image": x} for x in images])
-        features = model.backbone(batch.tensor)
-        head_in = getattr(model, "head_in_features", None)
-        if head_in is not None and hasattr(model, "head"):
-            model.head([features[f] for f in head_in])
-
-    for training, batch, size, keys in runs:
-        divisibility = getattr(model.backbone, "size_divisibility", 0)
-        padded = padded_size(size, divisibility)
-        what = (
-            f"{'training' if training else 'inference'} on {size}x{size} images (the smallest "
-            f"{keys} give; {padded}x{padded} after padding, {batch} per process)"
-        )
-        run_probe(
-            model,
-            training,
-            lambda: forward([torch.empty(3, size, size, device="meta") for _ in range(batch)]),
-            what,
-        )
-
-
 def run_probe(model: nn.Module, training: bool, forward: Callable[[], None], what: str) -> None:
     """Run ``forward()`` on the meta ``model`` (in training or inference mode).
 
@@ -266,7 +169,7 @@ def validate_config(
     *,
     world_size: int = 1,
     eval_only: bool = False,
-    probe: Optional[Probe] = probe_detector,
+    probe: Optional[Probe] = None,
     checks: Sequence[Callable] = (),
     checkpointer_cls=None,
     resume: bool = False,

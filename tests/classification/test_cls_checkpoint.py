@@ -19,7 +19,7 @@ from san_det.classification.checkpoint import (
     is_classifier_checkpoint,
     load_classifier_into_detector,
 )
-from san_det.classification.config import get_classification_cfg
+from san_det.config import get_san_det_cfg
 from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
 from tests.helpers.paths import config_path
 from tests.helpers.scripts import load_script
@@ -28,7 +28,7 @@ COCO = config_path("COCO-Detection")
 
 
 def _detection_cfg(name, cls_cfg, family):
-    cfg = get_classification_cfg(os.path.join(COCO, name))
+    cfg = get_san_det_cfg(os.path.join(COCO, name))
     cfg.MODEL.DEVICE = "cpu"
     # The detector's backbone is the classifier's, at the same tiny size.
     getattr(cfg.MODEL, family).merge_from_other_cfg(getattr(cls_cfg.MODEL, family))
@@ -210,16 +210,16 @@ def test_convert_classifier_to_detection_tool(tmp_path, capsys):
 def test_trainers_checkpointer_refuses_a_classifier_of_other_normalisation(tmp_path, caplog):
     """Through the trainers' checkpointer (train_net), the warning above is an error unless
     MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH; with the classifier's normalisation it loads silently."""
-    from san_det.engine.trainer import TrainerCheckpointer
+    from san_det.detection import DetectorCheckpointer
     from san_det.modeling.input_info import InputMismatchError
 
     cls_cfg = tiny_sasa_cfg()
     classifier, path = _save_classifier(cls_cfg, tmp_path)
     det_cfg = _detection_cfg("retinanet_sasa26.yaml", cls_cfg, "SASA")
     with pytest.raises(InputMismatchError, match=r"MODEL\.PIXEL_MEAN \[123\.675, 116\.28"):
-        TrainerCheckpointer(build_model(det_cfg)).resume_or_load(path, resume=False)
+        DetectorCheckpointer(build_model(det_cfg)).resume_or_load(path, resume=False)
     with caplog.at_level(logging.WARNING):
-        TrainerCheckpointer(build_model(det_cfg), allow_input_mismatch=True).resume_or_load(
+        DetectorCheckpointer(build_model(det_cfg), allow_input_mismatch=True).resume_or_load(
             path, resume=False
         )
     assert "Loading them anyway" in caplog.text
@@ -229,7 +229,7 @@ def test_trainers_checkpointer_refuses_a_classifier_of_other_normalisation(tmp_p
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         detector = build_model(det_cfg)
-        TrainerCheckpointer(detector).resume_or_load(path, resume=False)
+        DetectorCheckpointer(detector).resume_or_load(path, resume=False)
     assert "expect other inputs" not in caplog.text
     for k, v in classifier.backbone.state_dict().items():
         torch.testing.assert_close(detector.backbone.bottom_up.state_dict()[k], v, rtol=0, atol=0)

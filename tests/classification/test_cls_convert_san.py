@@ -14,7 +14,7 @@ import torch
 from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import CheckpointMismatchError
-from san_det.classification.config import get_classification_cfg
+from san_det.config import get_san_det_cfg
 from san_det.classification.convert_san import (
     convert_official_san_to_classifier,
     convert_official_san_to_detection,
@@ -85,7 +85,7 @@ def _official_checkpoint(sa_type, depth, seed=0):
 
 
 def _classifier_cfg(sa_type, depth):
-    cfg = get_classification_cfg(config_path("ImageNet", f"san{depth}_{sa_type}.yaml"))
+    cfg = get_san_det_cfg(config_path("ImageNet", f"san{depth}_{sa_type}.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
@@ -109,7 +109,7 @@ def test_official_san10_checkpoint_loads_into_our_classifier(sa_type):
 def test_official_san_checkpoint_into_detection_backbone():
     official = _official_checkpoint("pairwise", 10)
     classifier = build_model(_classifier_cfg("pairwise", 10))
-    det_cfg = get_classification_cfg(config_path("COCO-Detection", "retinanet_san10_pairwise.yaml"))
+    det_cfg = get_san_det_cfg(config_path("COCO-Detection", "retinanet_san10_pairwise.yaml"))
     det_cfg.MODEL.DEVICE = "cpu"
     detector = build_model(det_cfg)
     state = convert_official_san_to_detection(
@@ -194,7 +194,7 @@ D2_DEFAULT_INPUT = [
 
 
 def _san10_detector(*opts):
-    cfg = get_classification_cfg(DETECTION_SAN10, ["MODEL.DEVICE", "cpu", *opts])
+    cfg = get_san_det_cfg(DETECTION_SAN10, ["MODEL.DEVICE", "cpu", *opts])
     return cfg, build_model(cfg)
 
 
@@ -209,9 +209,9 @@ def test_converted_backbone_records_the_official_input(converted_detection_backb
     assert cfg.INPUT.FORMAT == "RGB"
     assert list(cfg.MODEL.PIXEL_MEAN) == OFFICIAL_SAN_INPUT["pixel_mean"]
     assert list(cfg.MODEL.PIXEL_STD) == OFFICIAL_SAN_INPUT["pixel_std"]
-    from san_det.engine.trainer import TrainerCheckpointer
+    from san_det.detection import DetectorCheckpointer
 
-    TrainerCheckpointer(detector).resume_or_load(str(converted_detection_backbone), resume=False)
+    DetectorCheckpointer(detector).resume_or_load(str(converted_detection_backbone), resume=False)
     torch.testing.assert_close(
         detector.backbone.bottom_up.layer2[1].sam.conv_p.weight,
         saved["model"]["backbone.bottom_up.layer2.1.sam.conv_p.weight"],
@@ -221,14 +221,14 @@ def test_converted_backbone_records_the_official_input(converted_detection_backb
 def test_a_converted_backbone_in_a_model_normalising_otherwise_is_refused(
     converted_detection_backbone, caplog
 ):
-    from san_det.engine.trainer import TrainerCheckpointer
+    from san_det.detection import DetectorCheckpointer
     from san_det.modeling.input_info import InputMismatchError
 
     _, detector = _san10_detector(*D2_DEFAULT_INPUT)
     before = detector.backbone.bottom_up.conv_in.weight.detach().clone()
     path = str(converted_detection_backbone)
     with pytest.raises(InputMismatchError) as info:
-        TrainerCheckpointer(detector).resume_or_load(path, resume=False)
+        DetectorCheckpointer(detector).resume_or_load(path, resume=False)
     message = str(info.value)
     assert path in message and "\n" not in message
     assert "INPUT.FORMAT RGB (this model: BGR)" in message
@@ -236,7 +236,7 @@ def test_a_converted_backbone_in_a_model_normalising_otherwise_is_refused(
     assert "MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH" in message
     torch.testing.assert_close(detector.backbone.bottom_up.conv_in.weight, before)  # not loaded
     with caplog.at_level(logging.WARNING):
-        TrainerCheckpointer(detector, allow_input_mismatch=True).resume_or_load(path, resume=False)
+        DetectorCheckpointer(detector, allow_input_mismatch=True).resume_or_load(path, resume=False)
     assert "expect other inputs" in caplog.text and "Loading them anyway" in caplog.text
 
 

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from san_det.classification import ImageClassifier, is_classification_config
-from san_det.classification.config import get_classification_cfg
+from san_det.config import get_san_det_cfg
 from san_det.classification.solver import resolve_classification_schedule
 from san_det.data.classification_transforms import ClassificationTransform, pil_to_tensor
 from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
@@ -140,7 +140,7 @@ def test_transforms():
 
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=os.path.basename)
 def test_imagenet_configs_build(path):
-    cfg = get_classification_cfg(path)
+    cfg = get_san_det_cfg(path)
     cfg.MODEL.DEVICE = "cpu"
     assert is_classification_config(cfg)
     model = build_model(cfg)
@@ -171,7 +171,7 @@ def test_imagenet_configs_build(path):
 def test_sasa_recipe_starts_with_bounded_gradients(name):
     """The SASA configs' first gradient is moderate (ZERO_INIT_RESIDUAL): without it SASA's
     gradient norm at initialisation was in the thousands here and training diverged on a GPU."""
-    cfg = get_classification_cfg(config_path("ImageNet", name))
+    cfg = get_san_det_cfg(config_path("ImageNet", name))
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -7,7 +7,7 @@ import torch
 from detectron2.solver import build_lr_scheduler
 from torch import nn
 
-from san_det.classification.config import get_classification_cfg
+from san_det.config import get_san_det_cfg
 from san_det.classification.ema import ModelEMA
 from san_det.classification.solver import (
     build_classification_optimizer,
@@ -20,7 +20,7 @@ from tests.helpers.paths import config_path
 
 def _cfg(**kv):
     """The demo config with iteration-based lengths, overridden by ``kv``."""
-    cfg = get_classification_cfg(DEMO_CONFIG)
+    cfg = get_san_det_cfg(DEMO_CONFIG)
     c = cfg.CLASSIFICATION.SOLVER
     c.EPOCHS = c.WARMUP_EPOCHS = c.EVAL_PERIOD_EPOCHS = c.CHECKPOINT_PERIOD_EPOCHS = 0
     cfg.merge_from_list([x for item in kv.items() for x in item])
@@ -43,7 +43,7 @@ def test_lr_scaling_and_epochs():
     again = resolve_classification_schedule(out, num_train_images=1000)
     assert again.SOLVER.BASE_LR == out.SOLVER.BASE_LR  # idempotent
     # The SASA recipe on ImageNet: 130 epochs at 4096, 10 of warm-up, LR 1.6.
-    sasa = get_classification_cfg(config_path("ImageNet", "sasa50.yaml"))
+    sasa = get_san_det_cfg(config_path("ImageNet", "sasa50.yaml"))
     sasa = resolve_classification_schedule(sasa, num_train_images=1281167)
     assert sasa.SOLVER.BASE_LR == pytest.approx(1.6)
     assert sasa.SOLVER.MAX_ITER == math.ceil(130 * 1281167 / 4096)

@@ -14,7 +14,9 @@ from san_det.data.coco_instances import (
     parse_coco_instances,
     register_coco_instances_from_cfg,
 )
-from san_det.engine import UserInputError, check_detection_classes, setup_cfg
+from san_det.config import setup_cfg
+from san_det.detection import check_detection_classes
+from san_det.engine import UserInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs/Demo/shapes_retinanet.yaml")

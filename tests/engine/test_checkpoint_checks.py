@@ -15,14 +15,16 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import san_det  # noqa: F401  (patches detectron2 before it is imported)
-from san_det.engine import DetectionTrainer, SafeCheckpointer, setup_cfg
+from san_det.config import setup_cfg
+from san_det.detection import DetectionTrainer
+from san_det.engine import SafeCheckpointer
 from san_det.engine.checkpoint import (
     ARCHITECTURE_KEY,
     CheckpointError,
     CheckpointWriteError,
     checkpointer_options,
 )
-from san_det.engine.coco_evaluation import COCOEvaluatorNoDetectionsIsZero
+from san_det.detection.coco_evaluation import COCOEvaluatorNoDetectionsIsZero
 from san_det.engine.output_lock import LOCK_FILE_NAME
 from san_det.modeling.architecture import architecture_config, architecture_differences
 from tests.helpers.coco_files import register_coco_dataset, simple_images

@@ -17,7 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 import san_det  # noqa: F401  (patches detectron2)
 from san_det import compat
-from san_det.engine.trainer import build_coco_evaluator
+from san_det.detection import build_coco_evaluator
 from tests.helpers.scripts import child_env
 from tests.helpers.synthetic_coco import process_coco_results, synthetic_coco_detections
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import san_det  # noqa: F401
-from san_det.engine import DetectionTrainer
+from san_det.detection import DetectionTrainer
 from san_det.engine.loader import DeterministicBatchStream
 from tests.helpers.coco_files import register_coco_dataset, simple_images
 from tests.helpers.tiny_detection import tiny_retinanet_cfg

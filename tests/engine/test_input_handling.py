@@ -12,7 +12,8 @@ from detectron2.engine import HookBase
 
 import san_det  # noqa: F401
 from san_det.data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
-from san_det.engine import DetectionTrainer, NonFiniteError
+from san_det.detection import DetectionTrainer
+from san_det.engine import NonFiniteError
 from san_det.errors import CorruptImageError
 from tests.helpers.coco_files import register_coco_dataset, simple_images
 from tests.helpers.scripts import error_lines, load_script

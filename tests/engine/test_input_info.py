@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 
 import san_det  # noqa: F401
 from san_det.classification.checkpoint import ClassifierCheckpointer
-from san_det.engine.trainer import TrainerCheckpointer
+from san_det.detection import DetectorCheckpointer
 from san_det.modeling.input_info import (
     INPUT_INFO_KEY,
     InputMismatchError,
@@ -20,7 +20,7 @@ from tests.helpers.tiny_detection import train_tiny_retinanet
 
 def test_the_trainers_checkpointer_loads_classifiers():
     # an import cycle once made engine/trainer.py fall back to SafeCheckpointer silently
-    assert issubclass(TrainerCheckpointer, ClassifierCheckpointer)
+    assert issubclass(DetectorCheckpointer, ClassifierCheckpointer)
 
 
 def test_describe_input_mismatch():
@@ -58,9 +58,9 @@ def test_loading_into_another_normalisation_is_refused(trained, caplog):
     other.MODEL.PIXEL_STD = [57.0, 57.0, 57.0]
     path = str(root / "out" / "model_final.pth")
     with pytest.raises(InputMismatchError, match=r"MODEL\.PIXEL_STD \[1\.0, 1\.0, 1\.0\] \(this"):
-        TrainerCheckpointer(build_model(other)).load(path, checkpointables=[])
-    TrainerCheckpointer(build_model(cfg)).load(path, checkpointables=[])  # same config: fine
-    TrainerCheckpointer(build_model(other), allow_input_mismatch=True).load(
+        DetectorCheckpointer(build_model(other)).load(path, checkpointables=[])
+    DetectorCheckpointer(build_model(cfg)).load(path, checkpointables=[])  # same config: fine
+    DetectorCheckpointer(build_model(other), allow_input_mismatch=True).load(
         path, checkpointables=[]
     )
     assert "Loading them anyway" in caplog.text

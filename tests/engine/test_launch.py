@@ -17,7 +17,8 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 import san_det  # noqa: F401
-from san_det.engine import DetectionTrainer, NonFiniteError, launch, wrap_ddp
+from san_det.detection import DetectionTrainer
+from san_det.engine import NonFiniteError, launch, wrap_ddp
 from san_det.engine.ddp import CPUSyncBatchNorm
 from tests.helpers.coco_files import register_coco_dataset, simple_images
 from tests.helpers.paths import REPO_ROOT

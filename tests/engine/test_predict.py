@@ -16,7 +16,7 @@ from PIL import Image
 import san_det  # noqa: F401
 from san_det.data.coco_example import write_coco_example
 from san_det.data.mapper import read_image_robust
-from san_det.engine.visualize import FilePredictor
+from san_det.detection.visualize import FilePredictor
 from tests.helpers.coco_files import write_coco_dataset
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import child_env, load_script
@@ -106,7 +106,7 @@ def test_predict_on_a_folder_as_a_user(setup, tmp_path):
 
 
 def test_a_16_bit_image_is_predicted_on_its_8_bit_reading(setup, tmp_path):
-    from san_det.engine.setup import setup_cfg
+    from san_det.config import setup_cfg
 
     cfg = setup_cfg(str(setup / "model.yaml"), ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"],
                     check_output=False)  # fmt: skip

@@ -16,7 +16,7 @@ from PIL import Image
 import san_det  # noqa: F401
 from san_det.data.mapper import RobustDatasetMapper, read_image_robust
 from san_det.engine.metrics_json import FiniteJSONWriter
-from san_det.engine.visualize import drawing_scale, write_prediction_images
+from san_det.detection.visualize import drawing_scale, write_prediction_images
 from tests.helpers.coco_files import register_coco_dataset
 from tests.helpers.paths import config_path
 from tests.helpers.scripts import assert_one_line_error, cli_in_process, load_script

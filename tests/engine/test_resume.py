@@ -9,7 +9,8 @@ import torch
 from detectron2.modeling import build_model
 
 import san_det  # noqa: F401
-from san_det.engine import CheckpointError, DetectionTrainer, SafeCheckpointer
+from san_det.detection import DetectionTrainer
+from san_det.engine import CheckpointError, SafeCheckpointer
 from tests.helpers.coco_files import register_coco_dataset, simple_images
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import child_env, error_lines, load_script

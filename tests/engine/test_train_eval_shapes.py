@@ -6,7 +6,9 @@ import pytest
 
 import san_det  # noqa: F401
 from san_det.data import register_shapes_datasets
-from san_det.engine import DetectionTrainer, setup_cfg, validate_datasets
+from san_det.config import setup_cfg
+from san_det.detection import DetectionTrainer
+from san_det.engine import validate_datasets
 from tests.helpers.paths import REPO_ROOT
 
 DEMO = str(REPO_ROOT / "configs/Demo/shapes_retinanet.yaml")

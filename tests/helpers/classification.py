@@ -1,7 +1,7 @@
 """Tiny classification configs: a 16-channel ResNet-18 at 16x16, a narrow SASA-26 and SAN10."""
 
 import san_det.classification  # noqa: F401  (registers ImageClassifier and the datasets)
-from san_det.classification.config import get_classification_cfg
+from san_det.config import get_san_det_cfg
 
 from .paths import config_path
 
@@ -11,7 +11,7 @@ IMAGE_SIZE = 16  # of the ``digits`` fixture (tests/classification/conftest.py)
 
 def tiny_resnet_cfg(output_dir: str, train: str, val: str):
     """The CPU demo config (ResNet-18) with a 16-channel stem, 16x16 inputs, 60 iterations."""
-    cfg = get_classification_cfg(DEMO_CONFIG)
+    cfg = get_san_det_cfg(DEMO_CONFIG)
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (val,)
@@ -32,7 +32,7 @@ def tiny_resnet_cfg(output_dir: str, train: str, val: str):
 
 def tiny_sasa_cfg(**overrides):
     """A tiny SASA-26 classifier (widths 16..128, k = 3, 2 heads) for 32x32 inputs."""
-    cfg = get_classification_cfg(config_path("ImageNet", "sasa26.yaml"))
+    cfg = get_san_det_cfg(config_path("ImageNet", "sasa26.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     s = cfg.MODEL.SASA
     s.STEM_OUT_CHANNELS, s.WIDTH_PER_GROUP, s.RES2_OUT_CHANNELS = 16, 4, 16
@@ -44,7 +44,7 @@ def tiny_sasa_cfg(**overrides):
 
 def tiny_san_cfg(sa_type: str = "pairwise", **overrides):
     """A tiny SAN10 classifier (base width 16, footprints 3) with zero padding for 32x32 inputs."""
-    cfg = get_classification_cfg(config_path("ImageNet", f"san10_{sa_type}.yaml"))
+    cfg = get_san_det_cfg(config_path("ImageNet", f"san10_{sa_type}.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.SAN.BASE_WIDTH = 16
     cfg.MODEL.SAN.SHARE_PLANES = 2

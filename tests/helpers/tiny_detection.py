@@ -20,7 +20,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from san_det.config import get_san_det_cfg
-from san_det.engine.trainer import DetectionTrainer
+from san_det.detection import DetectionTrainer
 
 from .coco_files import register_coco_dataset, simple_images
 from .paths import config_path

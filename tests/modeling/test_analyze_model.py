@@ -27,7 +27,7 @@ def test_analyze_reports_parameters_and_attention_flops(config, attention_op, si
         ["--config-file", config, "--tasks", "parameter", "flop", "activation", "--input-size",
          str(size), str(size), "--max-depth", "1"]
     )  # fmt: skip
-    cfg = analyze_model.setup_cfg(args)
+    cfg = analyze_model.config_from_args(args)
     report = analyze_model.analyze(cfg, args.tasks, args.input_size, args.max_depth)
     assert report["input_size"] == (size, size)
     assert report["parameters"] == report["trainable_parameters"] > 1e6

@@ -1,7 +1,7 @@
 """Predictions on image files (what ``tools/predict.py`` runs), checked before anything is written.
 
 :func:`predict_images` runs a trained detector on a list of files, as evaluation runs it
-(:class:`~san_det.engine.visualize.FilePredictor`), and writes into the output folder:
+(:class:`~san_det.detection.visualize.FilePredictor`), and writes into the output folder:
 
 - one drawing per input, ``<name>.png`` (``<name>`` is the input's path relative to the inputs'
   common folder, without its extension, so inputs from several folders keep apart);
@@ -32,11 +32,11 @@ from PIL import Image
 
 from ..data.coco_instances import is_config_coco_dataset
 from ..data.mapper import IMAGE_EXTENSIONS, read_image_robust
+from ..engine.setup import check_output_dir
+from ..errors import UserInputError
 from ..utils.atomic import atomic_directory
 from .dataset_checks import check_detection_classes
-from .errors import UserInputError
-from .setup import check_output_dir
-from .trainer import TrainerCheckpointer
+from .trainer import DetectorCheckpointer
 from .visualize import FilePredictor, draw_predictions
 
 __all__ = [
@@ -152,7 +152,7 @@ def load_detector(cfg) -> torch.nn.Module:
         )
     model = build_model(cfg)
     allow = cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False)
-    checkpointer = TrainerCheckpointer(model, allow_input_mismatch=allow)
+    checkpointer = DetectorCheckpointer(model, allow_input_mismatch=allow)
     checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
     return model.eval()
 

@@ -36,7 +36,8 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from ..data.mapper import RobustDatasetMapper, read_image_robust
-from .errors import UserInputError
+from ..engine.ddp import unwrap_model
+from ..errors import UserInputError
 
 __all__ = [
     "FilePredictor",
@@ -57,10 +58,6 @@ MAX_SCALE = 2.0  # small images are enlarged up to this factor so that labels st
 OVERVIEW_IMAGES = 4
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 class FilePredictor:
     """A detector run on image files as evaluation runs it, in eval mode, without gradients.
 
@@ -77,7 +74,7 @@ class FilePredictor:
 
     def __init__(self, cfg, model: torch.nn.Module):
         self.mapper = RobustDatasetMapper(cfg, is_train=False)
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
 
     def __call__(self, record: Union[str, Dict]) -> Instances:
         if isinstance(record, str):
@@ -166,7 +163,7 @@ def write_prediction_images(
     metadata = MetadataCatalog.get(dataset_name)
     predictor = FilePredictor(cfg, model)
 
-    net = _unwrap(model)
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     paths, overview = [], []

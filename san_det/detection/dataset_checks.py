@@ -13,7 +13,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch import GeneralizedRCNN, RetinaNet
 
 from ..data.coco_instances import is_config_coco_dataset, load_config_coco_dataset
-from .errors import UserInputError
+from ..errors import UserInputError
 
 __all__ = ["check_detection_classes", "detection_num_classes_key"]
 
