@@ -16,9 +16,10 @@
   an uninterrupted one.
 - ``metrics.json`` stays valid JSON: NaN/inf metrics (COCO AP of an empty area range) are
   written as ``null`` (:class:`~san_det.engine.metrics_json.FiniteJSONWriter`).
-- NaN/inf: a step whose loss or gradients are not finite (on any process) stops training before
-  the optimizer changes the model, with :class:`~san_det.engine.checkpoint.NonFiniteError` naming
-  the iteration, the losses and the last good checkpoint.
+- NaN/inf: a step whose loss or gradients (with AMP: loss) are not finite (on any process) stops
+  training before the optimizer changes the model, with
+  :class:`~san_det.engine.checkpoint.NonFiniteError` naming the iteration, the losses and the
+  last good checkpoint.
 - SIGTERM / SIGINT (on any process) stop training after the current step with a checkpoint
   (:class:`~san_det.engine.graceful_stop.StopOnSignalHook`, raising
   :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130).
