@@ -1,6 +1,7 @@
 """Shared by the benchmarks: process and machine readings (Linux /proc), timing, fresh child
 processes per case, and the ratio table."""
 
+import argparse
 import json
 import os
 import platform
@@ -8,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 __all__ = [
     "status_mb",
@@ -17,6 +19,11 @@ __all__ = [
     "cuda_peak_mb",
     "run_child",
     "ratio_table",
+    "op_benchmark_args",
+    "answer_child",
+    "cases_to_run",
+    "report_header",
+    "write_report",
 ]
 
 
@@ -157,3 +164,71 @@ def ratio_table(results, label: str, baseline: str = "reference") -> str:
             f"{vs_conv} | {r.get('load_average_1min', '-')} |"
         )
     return "\n".join(lines)
+
+
+def op_benchmark_args(description: str, quick_help: str) -> argparse.Namespace:
+    """The command line shared by the op benchmarks (``--child`` is the fresh process per case)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="override N of every shape")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def answer_child(args: argparse.Namespace, measure, case_key: str) -> bool:
+    """In a ``--child`` process: measure the one case on the CPU, print it as JSON, return True."""
+    if not args.child:
+        return False
+    spec = json.loads(args.child)
+    result = measure(
+        spec[case_key], spec["backend"], spec["shape"], "cpu", spec["repeats"], spec["what"]
+    )
+    print(json.dumps(result))
+    return True
+
+
+def cases_to_run(args: argparse.Namespace, shapes, quick_shapes):
+    """``(shapes, repeats, backends)`` for the command line; exits without a CUDA device."""
+    import torch
+    from san_det.layers.kernel_runtime import cpu_compiler_available
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    shapes = quick_shapes if args.quick else shapes
+    if args.batch:
+        shapes = [(args.batch, *shape[1:]) for shape in shapes]
+    repeats = args.repeats or (2 if args.quick else (20 if args.device == "cuda" else 5))
+    if args.device == "cuda":
+        backends = ["reference", "cuda"]
+    else:
+        backends = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
+    return shapes, repeats, backends
+
+
+def report_header(args: argparse.Namespace, repeats: int, load_before) -> dict:
+    """What every result file records first: device, ISA level, torch, threads, load."""
+    import torch
+    from san_det.layers import kernel_runtime
+
+    # (Runtimes before ISA levels existed have no cpu_isa: the benchmarks also run on them.)
+    cpu_isa = getattr(kernel_runtime, "cpu_isa", lambda: None)
+    return {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
+        "cpu_isa": cpu_isa() if args.device == "cpu" else None,
+        "torch": torch.__version__,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "quick": args.quick,
+        # Other processes share this machine's CPUs: the 1-minute load before and after.
+        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")

@@ -35,8 +35,6 @@ Usage::
 Writes ``benchmarks/results/local_attention_<device>.json`` and prints a Markdown table.
 """
 
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -48,13 +46,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import (  # noqa: E402
-    cpu_name,
+    answer_child,
+    cases_to_run,
     cuda_peak_mb,
+    op_benchmark_args,
     ratio_table,
+    report_header,
     reset_peak_rss,
     status_mb,
     time_and_memory,
     times_ms,
+    write_report,
 )
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
@@ -175,39 +177,10 @@ def _rate_table(results, mm) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one tiny shape, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="override N of every shape")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.child:
-        spec = json.loads(args.child)
-        result = measure(
-            spec["case"], spec["backend"], spec["shape"], "cpu", spec["repeats"], spec["what"]
-        )
-        print(json.dumps(result))
+    args = op_benchmark_args(__doc__.split("\n")[0], "one tiny shape, 2 repeats")
+    if answer_child(args, measure, "case"):
         return
-
-    from san_det.layers import kernel_runtime
-    from san_det.layers.kernel_runtime import cpu_compiler_available
-
-    # (Runtimes before ISA levels existed have no cpu_isa: the benchmark also runs on them.)
-    cpu_isa = getattr(kernel_runtime, "cpu_isa", lambda: None)
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device")
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.batch:
-        shapes = [(args.batch, *shape[1:]) for shape in shapes]
-    repeats = args.repeats or (2 if args.quick else (20 if args.device == "cuda" else 5))
-    if args.device == "cuda":
-        backends = ["reference", "cuda"]
-    else:
-        backends = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
+    shapes, repeats, backends = cases_to_run(args, SHAPES, QUICK_SHAPES)
 
     def run(case, backend, shape):
         spec = {"case": case, "backend": backend, "shape": list(shape), "repeats": repeats}
@@ -230,35 +203,25 @@ def main() -> None:
             r["gflops_cpu"] = round(op_flops(r["shape"]) / r["forward_backward_cpu_ms"] / 1e6, 2)
             r["share_of_mm_cpu"] = round(r["gflops_cpu"] / mm["gflops_cpu"], 4)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
-    report = {
-        "device": args.device,
-        "device_name": device_name,
-        "cpu_isa": cpu_isa() if args.device == "cpu" else None,
-        "torch": torch.__version__,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "torch_threads": torch.get_num_threads(),
-        "kernel_size": KERNEL_SIZE,
-        "num_heads": HEADS,
-        "dtype": "float32",
-        "repeats": repeats,
-        "quick": args.quick,
-        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "memory_method": (
+    report = report_header(args, repeats, load_before)
+    report.update(
+        kernel_size=KERNEL_SIZE,
+        num_heads=HEADS,
+        dtype="float32",
+        memory_method=(
             "cuda max_memory_allocated"
             if args.device == "cuda"
             else "VmHWM after clear_refs minus VmRSS, fresh process per case"
         ),
-        "mm": mm,
-        "results": results,
-    }
+        mm=mm,
+        results=results,
+    )
     if args.quick:
         name = f"local_attention_{args.device}_quick.json"
     else:
         name = f"local_attention_{args.device}{f'_n{args.batch}' if args.batch else ''}.json"
     out = args.out or ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out)
     print(
         f"device {report['device_name']} ({report['cpu_isa']}), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']} (torch threads {report['torch_threads']}), "

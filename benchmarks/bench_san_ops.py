@@ -27,9 +27,7 @@ Usage::
 Results go to ``benchmarks/results/san_ops_<device>.json`` and a Markdown table to stdout.
 """
 
-import argparse
 import functools
-import json
 import os
 import resource
 import sys
@@ -41,7 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_name, cuda_peak_mb, ratio_table, time_and_memory, times_ms  # noqa: E402
+from _common import (  # noqa: E402
+    answer_child,
+    cases_to_run,
+    cuda_peak_mb,
+    op_benchmark_args,
+    ratio_table,
+    report_header,
+    time_and_memory,
+    times_ms,
+    write_report,
+)
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 KERNEL_SIZE = 7
@@ -144,39 +152,10 @@ def measure(op: str, backend: str, shape, device: str, repeats: int, what: str) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="first shape only, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="override N of every shape")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.child:
-        spec = json.loads(args.child)
-        result = measure(
-            spec["op"], spec["backend"], spec["shape"], "cpu", spec["repeats"], spec["what"]
-        )
-        print(json.dumps(result))
+    args = op_benchmark_args(__doc__.split("\n")[0], "first shape only, 2 repeats")
+    if answer_child(args, measure, "op"):
         return
-
-    from san_det.layers import kernel_runtime
-    from san_det.layers.kernel_runtime import cpu_compiler_available
-
-    # (Runtimes before ISA levels existed have no cpu_isa: the benchmark also runs on them.)
-    cpu_isa = getattr(kernel_runtime, "cpu_isa", lambda: None)
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device")
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    if args.batch:
-        shapes = [(args.batch, *shape[1:]) for shape in shapes]
-    repeats = args.repeats or (2 if args.quick else (20 if args.device == "cuda" else 5))
-    if args.device == "cuda":
-        backends = ["reference", "cuda"]
-    else:
-        backends = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
+    shapes, repeats, backends = cases_to_run(args, SHAPES, SHAPES[:1])
     load_before = os.getloadavg()
     results = []
     for shape in shapes:
@@ -186,27 +165,16 @@ def main() -> None:
                 on_gpu = functools.partial(measure, op, backend, shape, "cuda", repeats)
                 results.append(time_and_memory(__file__, spec, args.device, on_gpu))
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
-    report = {
-        "device": args.device,
-        "device_name": device_name,
-        "cpu_isa": cpu_isa() if args.device == "cpu" else None,
-        "torch": torch.__version__,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "torch_threads": torch.get_num_threads(),
-        "kernel_size": KERNEL_SIZE,
-        "weight_channels": f"C/{SHARE}",
-        "repeats": repeats,
-        # Other processes share this machine's CPUs: the 1-minute load before and after.
-        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "cpu_count": os.cpu_count(),
-        "quick": args.quick,
-        "results": results,
-    }
+    report = report_header(args, repeats, load_before)
+    report.update(
+        kernel_size=KERNEL_SIZE,
+        weight_channels=f"C/{SHARE}",
+        cpu_count=os.cpu_count(),
+        results=results,
+    )
     suffix = f"_n{args.batch}" if args.batch else ""
     out = args.out or ROOT / "benchmarks" / "results" / f"san_ops_{args.device}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out)
     print(
         f"device {report['device_name']} ({report['cpu_isa']}), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}, load "
