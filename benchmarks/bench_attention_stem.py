@@ -24,7 +24,6 @@ Writes ``benchmarks/results/attention_stem_cpu.json`` and prints a Markdown tabl
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, write_report  # noqa: E402
 
 
 def _cases(batch: int, size: int):
@@ -121,8 +120,7 @@ def main() -> None:
         "load_average_1min_per_round": loads,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(
         f"{report['device_name']}, torch {torch.__version__}, OMP_NUM_THREADS="
         f"{report['OMP_NUM_THREADS']}, input {report['input']}, medians of {args.repeats} rounds, "

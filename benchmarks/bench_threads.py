@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, write_report  # noqa: E402
 
 
 def _cases():
@@ -107,8 +107,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(
         f"{report['device_name']} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, OMP_WAIT_POLICY="
