@@ -153,7 +153,7 @@ def _fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
 
 
 def _top_block(cfg, available: Dict[str, ShapeSpec], top_block: str) -> nn.Module:
-    """The FPN's extra levels: detectron2's P6 max pool, or RetinaNet's P6/P7 (conv or attention)."""
+    """The FPN's extra levels: detectron2's P6 max pool or RetinaNet's P6/P7 (conv or attention)."""
     f = cfg.MODEL.FPN
     if top_block == "maxpool":
         return LastLevelMaxPool()
