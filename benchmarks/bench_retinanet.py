@@ -17,6 +17,8 @@ detection size); each ratio to R50 is printed beside the issue's targets for
 - peak memory: the process's peak resident set (``VmHWM``, reset via ``/proc/self/clear_refs``
   after the warm-up) minus the resident set before the measured train steps, each model in a
   fresh subprocess (so models do not share allocator state); includes allocator granularity;
+- above the bottom-up network: the train step's and inference's CPU time without the bottom-up
+  backbone (its features cached): what the FPN, the head, the losses and post-processing cost;
 - profile: one training step under ``torch.profiler``, the ops with the most self CPU time and the
   share of time inside san_det's attention ops (forward and backward).
 
@@ -160,6 +162,7 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
     with torch.no_grad():
         model(eval_inputs)
         infer_s, infer_cpu_s = _median_time(lambda: model(eval_inputs), repeats)
+    above = _time_above_bottom_up(model, inputs, train_step, eval_inputs, repeats)
     return {
         "model": name,
         "parameters": params,
@@ -169,6 +172,7 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
         "inference_s": infer_s,
         "inference_cpu_s": infer_cpu_s,
         "train_peak_extra_mb": peak_mb,
+        **above,
         "attention_backend": select_backend(torch.zeros(1)),
         "profile_total_self_cpu_s": total_us / 1e6,
         "profile_attention_share": attention_us / total_us if total_us else 0.0,
@@ -182,6 +186,40 @@ def run_one(name: str, batch: int, size: int, warmup: int, repeats: int, top: in
             {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
             for e in top_ops
         ],
+    }
+
+
+def _time_above_bottom_up(model, inputs, train_step, eval_inputs, repeats: int) -> dict:
+    """CPU time of the train step and inference without the bottom-up network (FPN, head, losses,
+    post-processing): its features, computed once, are fed in as leaves that take gradients."""
+    import torch
+    from detectron2.modeling import Backbone
+
+    bottom_up = model.backbone.bottom_up
+    with torch.no_grad():
+        features = bottom_up(model.preprocess_image(inputs).tensor)
+
+    class CachedBottomUp(Backbone):
+        def forward(self, x):
+            return {name: f.detach().requires_grad_(self.training) for name, f in features.items()}
+
+        def output_shape(self):
+            return bottom_up.output_shape()
+
+    model.backbone.bottom_up = CachedBottomUp()
+    try:
+        model.train()
+        train_step()
+        _, train_cpu_s = _median_time(train_step, repeats)
+        model.eval()
+        with torch.no_grad():
+            model(eval_inputs)
+            _, infer_cpu_s = _median_time(lambda: model(eval_inputs), repeats)
+    finally:
+        model.backbone.bottom_up = bottom_up
+    return {
+        "above_bottom_up_train_cpu_s": train_cpu_s,
+        "above_bottom_up_inference_cpu_s": infer_cpu_s,
     }
 
 
@@ -267,6 +305,12 @@ def main(argv=None) -> int:
     verdicts = _target_verdicts(results, base)
     for line in verdicts:
         print(line)
+    print("\nCPU s above the bottom-up network (FPN, head, losses, post-processing):")
+    for r in results:
+        print(f"  {r['model']}: train step {r['above_bottom_up_train_cpu_s']:.2f} "
+              f"(vs R50 {vs_base(r, 'above_bottom_up_train_cpu_s')}), inference "
+              f"{r['above_bottom_up_inference_cpu_s']:.2f} "
+              f"(vs R50 {vs_base(r, 'above_bottom_up_inference_cpu_s')})")  # fmt: skip
     for r in results:
         print(f"\n{r['model']}: top ops by self CPU time in one profiled train step "
               f"({r['profile_total_self_cpu_s']:.2f} s)")  # fmt: skip
