@@ -13,20 +13,13 @@ same function over a different bottom-up backbone and top block:
   computed from ``res5`` (RetinaNet), as detectron2's ``build_retinanet_resnet_fpn_backbone``.
 """
 
-import math
 from typing import Any, Callable, Dict, List, Tuple
 
-import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import (
-    FPN,
-    LastLevelMaxPool,
-    LastLevelP6P7,
-    _assert_strides_are_log2_contiguous,
-)
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from torch import nn
 
 from san_det.layers.checks import check_odd_int
@@ -77,15 +70,15 @@ class LastLevelP6P7Attention(nn.Module):
 class AttentionFPN(FPN):
     """detectron2's :class:`FPN` whose 3x3 output convs are local self-attention layers.
 
-    Same arguments as ``FPN`` plus ``kernel_size`` and ``num_heads`` of the attention layers;
-    same outputs, names (``fpn_output{stage}`` holds an
-    :class:`~san_det.modeling.attention_conv.AttentionConv2d` with its ``norm``),
-    ``output_shape()`` and ``forward`` (``FPN.forward``).
+    Same arguments as ``FPN`` (any further keyword, e.g. upstream's ``square_pad``, goes to it)
+    plus ``kernel_size`` and ``num_heads`` of the attention layers; same outputs, names
+    (``fpn_output{stage}`` holds an :class:`~san_det.modeling.attention_conv.AttentionConv2d`
+    with the ``norm`` FPN built for that conv), ``output_shape()`` and ``forward``
+    (``FPN.forward``).
 
-    ``FPN.__init__`` offers no way to choose the output layer, so this constructor builds the
-    lateral convs as it does (detectron2's ``Conv2d`` + ``c2_xavier_fill``), the attention
-    layers in place of its output convs, and sets the attributes ``FPN.forward`` and
-    ``output_shape`` read, rather than building detectron2's output convs to throw them away.
+    ``FPN.__init__`` builds everything, so this FPN has every attribute the installed
+    detectron2's has; ``FPN.__init__`` offers no way to choose the output layer, so its output
+    convs are then swapped for attention layers, in place (same names, same order).
     """
 
     def __init__(
@@ -99,51 +92,24 @@ class AttentionFPN(FPN):
         *,
         kernel_size: int = 7,
         num_heads: int = 8,
+        **fpn_kwargs,
     ):
-        Backbone.__init__(self)
         if not in_features:
             raise ValueError("AttentionFPN needs at least one input feature")
         if fuse_type not in ("avg", "sum"):
             raise ValueError(f"fuse_type must be 'avg' or 'sum', got {fuse_type!r}")
-        shapes = bottom_up.output_shape()
-        strides = [shapes[f].stride for f in in_features]
-        _assert_strides_are_log2_contiguous(strides)
-        lateral_convs, output_convs = [], []
-        for name, stride in zip(in_features, strides):
-            lateral = Conv2d(
-                shapes[name].channels,
-                out_channels,
-                kernel_size=1,
-                bias=norm == "",
-                norm=get_norm(norm, out_channels),
-            )
-            weight_init.c2_xavier_fill(lateral)
-            output = AttentionConv2d(
-                out_channels,
-                out_channels,
-                kernel_size,
-                num_heads,
-                norm=get_norm(norm, out_channels),
-            )
-            stage = int(math.log2(stride))
-            self.add_module(f"fpn_lateral{stage}", lateral)
-            self.add_module(f"fpn_output{stage}", output)
-            lateral_convs.append(lateral)
-            output_convs.append(output)
-        # What FPN.__init__ sets for FPN.forward / output_shape / size_divisibility.
-        self.lateral_convs = lateral_convs[::-1]  # top-down order
-        self.output_convs = output_convs[::-1]
-        self.top_block = top_block
-        self.in_features = tuple(in_features)
-        self.bottom_up = bottom_up
-        self._out_feature_strides = {f"p{int(math.log2(s))}": s for s in strides}
-        if top_block is not None:
-            for s in range(stage, stage + top_block.num_levels):
-                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
-        self._out_features = list(self._out_feature_strides)
-        self._out_feature_channels = {k: out_channels for k in self._out_features}
-        self._size_divisibility = strides[-1]
-        self._fuse_type = fuse_type
+        super().__init__(
+            bottom_up, in_features, out_channels, norm, top_block, fuse_type, **fpn_kwargs
+        )
+        swapped = {}
+        for name, conv in list(self.named_children()):
+            if any(conv is output for output in self.output_convs):
+                attention = AttentionConv2d(
+                    out_channels, out_channels, kernel_size, num_heads, norm=conv.norm
+                )
+                setattr(self, name, attention)  # same name, same place among the children
+                swapped[id(conv)] = attention
+        self.output_convs = [swapped[id(conv)] for conv in self.output_convs]
 
 
 def build_fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
@@ -187,7 +153,7 @@ def _fpn_on(bottom_up: Backbone, cfg, top_block: str) -> FPN:
 
 
 def _top_block(cfg, available: Dict[str, ShapeSpec], top_block: str) -> nn.Module:
-    """The FPN's extra levels: detectron2's P6 max pool, or RetinaNet's P6/P7 (conv or attention)."""
+    """The FPN's extra levels: detectron2's P6 max pool or RetinaNet's P6/P7 (conv or attention)."""
     f = cfg.MODEL.FPN
     if top_block == "maxpool":
         return LastLevelMaxPool()

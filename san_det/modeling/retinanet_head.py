@@ -9,14 +9,12 @@ losses, inference) is detectron2's.
 
 import functools
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from detectron2.config import configurable
 from detectron2.layers import CycleBatchNormList, ShapeSpec, get_norm
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.anchor_generator import build_anchor_generator
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
@@ -31,7 +29,6 @@ __all__ = [
     "AttentionRetinaNetHead",
     "build_retinanet_head",
     "per_level_norm",
-    "retinanet_arguments",
     "SanDetRetinaNet",
 ]
 
@@ -185,25 +182,21 @@ def _head_class(cfg):
 class SanDetRetinaNet(RetinaNet):
     """detectron2's ``RetinaNet`` with the head picked by ``MODEL.RETINANET.HEAD_NAME``.
 
-    Identical to ``RetinaNet`` with ``HEAD_NAME "RetinaNetHead"`` (``RetinaNet.from_config``
-    builds it). Another head is built in place of detectron2's, not after it: detectron2's
-    ``from_config`` builds ``RetinaNetHead`` unconditionally, so :meth:`from_config` then states
-    the same arguments itself (:func:`retinanet_arguments`). It also refuses a config with
-    ``MODEL.FPN.ATTENTION`` on a backbone builder that ignores it.
+    Identical to ``RetinaNet`` with ``HEAD_NAME "RetinaNetHead"``. :meth:`from_config` takes
+    ``RetinaNet.from_config``'s arguments and changes only the head: detectron2's
+    ``from_config`` builds ``RetinaNetHead`` unconditionally, so another head replaces it there.
+    It also refuses a config with ``MODEL.FPN.ATTENTION`` on a backbone builder that ignores it.
     """
 
     @classmethod
     def from_config(cls, cfg):
-        if cfg.MODEL.RETINANET.HEAD_NAME == "RetinaNetHead":
-            ret = super().from_config(cfg)
-            _check_fpn_attention(cfg, ret["backbone"])
-            return ret
-        _head_class(cfg)  # a bad name fails before the backbone is built
-        backbone = build_backbone(cfg)
-        _check_fpn_attention(cfg, backbone)
-        shapes = backbone.output_shape()
-        head = build_retinanet_head(cfg, [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
-        return retinanet_arguments(cfg, backbone, head)
+        head_class = _head_class(cfg)  # a bad name fails before the backbone is built
+        ret = super().from_config(cfg)
+        _check_fpn_attention(cfg, ret["backbone"])
+        if head_class is not RetinaNetHead:
+            shapes = ret["backbone"].output_shape()
+            ret["head"] = head_class(cfg, [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
+        return ret
 
 
 def _check_fpn_attention(cfg, backbone: nn.Module) -> None:
@@ -213,32 +206,3 @@ def _check_fpn_attention(cfg, backbone: nn.Module) -> None:
             f"builds no attentional FPN: use one of san_det's FPN builders (e.g. "
             f"build_retinanet_sasa_fpn_backbone)"
         )
-
-
-def retinanet_arguments(cfg, backbone: nn.Module, head: nn.Module) -> Dict[str, Any]:
-    """The keyword arguments of ``RetinaNet.__init__`` that ``RetinaNet.from_config`` (detectron2
-    0.6) gives, around a ``backbone`` and ``head`` built by the caller (a test checks that both
-    give the same arguments)."""
-    r = cfg.MODEL.RETINANET
-    shapes = backbone.output_shape()
-    return {
-        "backbone": backbone,
-        "head": head,
-        "anchor_generator": build_anchor_generator(cfg, [shapes[f] for f in r.IN_FEATURES]),
-        "box2box_transform": Box2BoxTransform(weights=r.BBOX_REG_WEIGHTS),
-        "anchor_matcher": Matcher(r.IOU_THRESHOLDS, r.IOU_LABELS, allow_low_quality_matches=True),
-        "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-        "pixel_std": cfg.MODEL.PIXEL_STD,
-        "num_classes": r.NUM_CLASSES,
-        "head_in_features": r.IN_FEATURES,
-        "focal_loss_alpha": r.FOCAL_LOSS_ALPHA,
-        "focal_loss_gamma": r.FOCAL_LOSS_GAMMA,
-        "smooth_l1_beta": r.SMOOTH_L1_LOSS_BETA,
-        "box_reg_loss_type": r.BBOX_REG_LOSS_TYPE,
-        "test_score_thresh": r.SCORE_THRESH_TEST,
-        "test_topk_candidates": r.TOPK_CANDIDATES_TEST,
-        "test_nms_thresh": r.NMS_THRESH_TEST,
-        "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-        "vis_period": cfg.VIS_PERIOD,
-        "input_format": cfg.INPUT.FORMAT,
-    }

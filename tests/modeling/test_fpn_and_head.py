@@ -1,5 +1,6 @@
 """Attentional FPN and RetinaNet head: same interfaces as detectron2's, attention inside."""
 
+import inspect
 import math
 
 import pytest
@@ -22,7 +23,6 @@ from san_det.modeling import (
     SanDetRetinaNet,
     build_retinanet_head,
 )
-from san_det.modeling.retinanet_head import retinanet_arguments
 
 
 def _fpn_cfg(attention, top="res5"):
@@ -157,22 +157,39 @@ def test_head_name_and_fpn_attention_are_checked():
         build_model(cfg)
 
 
-def test_attention_fpn_sets_what_fpn_sets():
-    """AttentionFPN builds its own layers but leaves every attribute FPN.forward and
-    output_shape read as FPN.__init__ does, with the children in FPN's order."""
-    conv_fpn = build_backbone(_fpn_cfg(False))
-    att_fpn = build_backbone(_fpn_cfg(True))
-    attributes = (
-        "in_features",
-        "_out_feature_strides",
-        "_out_features",
-        "_out_feature_channels",
-        "_size_divisibility",
-        "_fuse_type",
-    )
-    for name in attributes:
+def _comparable_vars(fpn: FPN) -> dict:
+    """``vars(fpn)`` with each child module (alone or in a list) replaced by its name."""
+    names = {id(module): name for name, module in fpn.named_children()}
+
+    def comparable(value):
+        if isinstance(value, nn.Module):
+            return names[id(value)]
+        if isinstance(value, (list, tuple)) and any(isinstance(v, nn.Module) for v in value):
+            return [names[id(v)] for v in value]
+        return value
+
+    state = {name: comparable(value) for name, value in vars(fpn).items()}
+    state["_modules"] = list(fpn._modules)  # the children's names, in order
+    return state
+
+
+@pytest.mark.parametrize("top", ["res5", "p5"])
+def test_attention_fpn_has_every_attribute_of_the_installed_fpn(top):
+    """AttentionFPN against a real FPN built by the installed detectron2: the same attributes with
+    the same values (children compared by name, in order), and every property FPN defines (e.g.
+    size_divisibility, and padding_constraints where detectron2 has it) gives the same value."""
+    conv_fpn = build_backbone(_fpn_cfg(False, top))
+    att_fpn = build_backbone(_fpn_cfg(True, top))
+    assert type(conv_fpn) is FPN
+    ours, theirs = _comparable_vars(att_fpn), _comparable_vars(conv_fpn)
+    assert sorted(set(theirs) ^ set(ours)) == []  # attributes only one of them has
+    for name in theirs:
+        assert ours[name] == theirs[name], name
+    properties = [name for name, _ in inspect.getmembers(FPN, lambda a: isinstance(a, property))]
+    assert "size_divisibility" in properties
+    for name in properties:
         assert getattr(att_fpn, name) == getattr(conv_fpn, name), name
-    assert [n for n, _ in att_fpn.named_children()] == [n for n, _ in conv_fpn.named_children()]
+    assert att_fpn.size_divisibility == 32
     assert att_fpn.lateral_convs == [
         att_fpn.fpn_lateral5,
         att_fpn.fpn_lateral4,
@@ -180,57 +197,51 @@ def test_attention_fpn_sets_what_fpn_sets():
     ]
 
 
-def _count_3x3_convs(monkeypatch):
-    built = []
-    init = nn.Conv2d.__init__
-
-    def counting_init(self, in_channels, out_channels, kernel_size, *args, **kwargs):
-        if kernel_size in (3, (3, 3)):
-            built.append(self)
-        init(self, in_channels, out_channels, kernel_size, *args, **kwargs)
-
-    monkeypatch.setattr(nn.Conv2d, "__init__", counting_init)
-    return built
-
-
-def test_attention_fpn_builds_no_conv_to_discard(monkeypatch):
-    """No 3x3 conv is built for the attentional FPN (detectron2's output convs are not built and
-    replaced); the conv FPN builds its three."""
-    built = _count_3x3_convs(monkeypatch)
-    build_backbone(_fpn_cfg(True))
-    assert built == []
-    build_backbone(_fpn_cfg(False))
-    assert len(built) == 3 + 2  # output convs p3..p5, then P6/P7
+def test_attention_fpn_keeps_fpns_arguments_and_norms():
+    """Keywords AttentionFPN does not know go to FPN.__init__; each attention layer takes the norm
+    FPN built for the conv it replaces."""
+    cfg = _fpn_cfg(True)
+    cfg.MODEL.FPN.NORM = "GN"
+    cfg.MODEL.FPN.FUSE_TYPE = "avg"
+    fpn = build_backbone(cfg)
+    assert fpn._fuse_type == "avg"
+    for stage in (3, 4, 5):
+        output = getattr(fpn, f"fpn_output{stage}")
+        assert isinstance(output.norm, nn.GroupNorm) and output.norm.num_channels == 32
+        assert isinstance(getattr(fpn, f"fpn_lateral{stage}").norm, nn.GroupNorm)
+    with pytest.raises(TypeError, match="no_such_argument"):
+        AttentionFPN(fpn.bottom_up, ["res3", "res4", "res5"], 32, no_such_argument=1)
+    with pytest.raises(ValueError, match="fuse_type must be 'avg' or 'sum'"):
+        AttentionFPN(fpn.bottom_up, ["res3", "res4", "res5"], 32, fuse_type="max")
 
 
-def test_attention_head_model_builds_no_retinanet_head(monkeypatch):
-    """SanDetRetinaNet with another HEAD_NAME never builds detectron2's RetinaNetHead."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("RetinaNetHead was built")
-
+def _retinanet_cfg(head_name):
     cfg = _fpn_cfg(False)
     cfg.merge_from_file(config_path("Base-RetinaNet"))
     cfg.MODEL.META_ARCHITECTURE = "SanDetRetinaNet"
-    cfg.MODEL.RETINANET.HEAD_NAME = "AttentionRetinaNetHead"
+    cfg.MODEL.RETINANET.HEAD_NAME = head_name
     cfg.MODEL.RETINANET.ATTENTION_NUM_HEADS = 4
     cfg.MODEL.FPN.OUT_CHANNELS = 32
-    monkeypatch.setattr(RetinaNetHead, "__init__", refuse)
-    model = build_model(cfg)
-    assert type(model.head) is AttentionRetinaNetHead
+    return cfg
 
 
-def test_retinanet_arguments_are_detectron2s():
-    """retinanet_arguments gives what RetinaNet.from_config gives, key for key."""
-    cfg = _fpn_cfg(False)
-    cfg.merge_from_file(config_path("Base-RetinaNet"))
+@pytest.mark.parametrize("head_name", ["RetinaNetHead", "AttentionRetinaNetHead"])
+def test_san_det_retinanet_changes_only_the_head(head_name):
+    """SanDetRetinaNet.from_config gives RetinaNet.from_config's arguments, value for value (the
+    same seed builds the same backbone), with the head of MODEL.RETINANET.HEAD_NAME."""
+    cfg = _retinanet_cfg(head_name)
+    torch.manual_seed(0)
     theirs = RetinaNet.from_config(cfg)
-    ours = retinanet_arguments(cfg, theirs["backbone"], theirs["head"])
+    torch.manual_seed(0)
+    ours = SanDetRetinaNet.from_config(cfg)
     assert set(ours) == set(theirs)
+    assert type(ours["head"]).__name__ == head_name
+    if head_name == "RetinaNetHead":
+        _assert_same_weights(ours["head"], theirs["head"])
+    _assert_same_weights(ours["backbone"], theirs["backbone"])
     modules = ("backbone", "head", "anchor_generator", "box2box_transform", "anchor_matcher")
     for key in set(theirs) - set(modules):
         assert ours[key] == theirs[key], key
-    assert ours["backbone"] is theirs["backbone"] and ours["head"] is theirs["head"]
     assert ours["box2box_transform"].weights == theirs["box2box_transform"].weights
     a, b = ours["anchor_matcher"], theirs["anchor_matcher"]
     assert (a.thresholds, a.labels, a.allow_low_quality_matches) == (
@@ -244,6 +255,13 @@ def test_retinanet_arguments_are_detectron2s():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
 def test_fpn_backbone_table_is_registered():
     for name in FPN_BACKBONES:
         registered = BACKBONE_REGISTRY.get(name)
@@ -252,12 +270,10 @@ def test_fpn_backbone_table_is_registered():
 
 
 def test_bad_head_name_fails_before_the_backbone_is_built(monkeypatch):
-    import san_det.modeling.retinanet_head as retinanet_head
+    def refuse(cls, cfg):
+        raise AssertionError("RetinaNet.from_config was called: the backbone would be built")
 
-    def refuse(cfg):
-        raise AssertionError("the backbone was built")
-
-    monkeypatch.setattr(retinanet_head, "build_backbone", refuse)
+    monkeypatch.setattr(RetinaNet, "from_config", classmethod(refuse))
     cfg = _fpn_cfg(False)
     cfg.MODEL.META_ARCHITECTURE = "SanDetRetinaNet"
     cfg.MODEL.RETINANET.HEAD_NAME = "DeformableHead"
