@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks as d2_hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
@@ -49,9 +50,12 @@ from .checkpoint import (
 )
 from .ddp import unwrap_model, wrap_ddp
 from .errors import UserInputError
-from .graceful_stop import StopOnSignalHook
+from .eval_interrupt import PENDING_EVALUATION, InterruptibleEvalHook, evaluation_interrupted
+from .graceful_stop import StopOnSignalHook, TrainingStopped
+from .interrupt import Interrupted
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
+from .results_files import ResultsWriteError
 from .validate import validate_config
 
 __all__ = [
@@ -107,7 +111,7 @@ def build_resumable_train_loader(cfg, dataset, mapper) -> ResumableTrainLoader:
 
 
 #: Errors that train_net.py reports in one line, so their tracebacks are noise.
-REPORTED_ERRORS = (UserInputError, NonFiniteError, CheckpointWriteError)
+REPORTED_ERRORS = (UserInputError, NonFiniteError, CheckpointWriteError, ResultsWriteError)
 
 
 class _ReportedErrorsWithoutTraceback(logging.Filter):
@@ -338,14 +342,27 @@ class RobustTrainer(DefaultTrainer):
         # Last: it stops after the scheduler step and any checkpoint or evaluation of the step.
         return super().build_hooks() + [StopOnSignalHook()]
 
+    def register_hooks(self, hooks):
+        # Evaluations stop at once on SIGTERM / SIGINT and are re-run on resume (eval_interrupt)
+        super().register_hooks(
+            [
+                InterruptibleEvalHook(h, self.cfg.TEST.EVAL_PERIOD)
+                if isinstance(h, d2_hooks.EvalHook)
+                else h
+                for h in hooks
+            ]
+        )
+
     def state_dict(self):
         # detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of checkpoints.
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret[PENDING_EVALUATION] = getattr(self, PENDING_EVALUATION, None)
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        setattr(self, PENDING_EVALUATION, state_dict.get(PENDING_EVALUATION))
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
@@ -356,7 +373,12 @@ class RobustTrainer(DefaultTrainer):
         if isinstance(loader, ResumableTrainLoader):
             loader.seed = self.seed
             loader.set_start_iter(self.start_iter)
-        results = super().train()
+        try:
+            results = super().train()
+        except TrainingStopped:
+            raise
+        except Interrupted as e:  # during an evaluation
+            raise evaluation_interrupted(self, e) from None
         if results is None and comm.is_main_process():
             # The evaluation after the last iteration (detectron2 returns it only when
             # TEST.EXPECTED_RESULTS is set).
