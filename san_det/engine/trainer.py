@@ -22,7 +22,12 @@
   last good checkpoint.
 - SIGTERM / SIGINT (on any process) stop training after the current step with a checkpoint
   (:class:`~san_det.engine.graceful_stop.StopOnSignalHook`, raising
-  :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130).
+  :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130); during an
+  evaluation they stop it at once, and a resumed run re-runs it
+  (:mod:`~san_det.engine.eval_interrupt`).
+- Resuming with another ``SOLVER.IMS_PER_BATCH``, process count or ``SOLVER.BASE_LR`` than the
+  checkpoint's run is a warning saying what the run continues with
+  (:mod:`~san_det.engine.resume_drift`).
 
 Task trainers subclass it: :class:`san_det.detection.DetectionTrainer`,
 :class:`san_det.classification.ClassificationTrainer`.
@@ -56,6 +61,7 @@ from .interrupt import Interrupted
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
 from .results_files import ResultsWriteError
+from .resume_drift import RUN_SHAPE_KEY, resume_drift_warnings, run_shape
 from .validate import validate_config
 
 __all__ = [
@@ -358,15 +364,33 @@ class RobustTrainer(DefaultTrainer):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
         ret[PENDING_EVALUATION] = getattr(self, PENDING_EVALUATION, None)
+        ret[RUN_SHAPE_KEY] = run_shape(self.cfg, comm.get_world_size())
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        setattr(self, PENDING_EVALUATION, state_dict.get(PENDING_EVALUATION))
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("The checkpoint has no optimizer state: the optimizer starts afresh")
+        setattr(self, PENDING_EVALUATION, state_dict.get(PENDING_EVALUATION))
+        self._resumed_run_shape = state_dict.get(RUN_SHAPE_KEY)
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, and a warning for each value of :func:`~.resume_drift.run_shape` that
+        differs from the resumed checkpoint's."""
+        self._resumed_run_shape = None
+        super().resume_or_load(resume=resume)
+        base_lrs = getattr(self.scheduler, "base_lrs", None)
+        resumed_lr = base_lrs[0] if base_lrs else self.optimizer.param_groups[0]["lr"]
+        for line in resume_drift_warnings(
+            self._resumed_run_shape,
+            run_shape(self.cfg, comm.get_world_size()),
+            self.start_iter,
+            self.max_iter,
+            resumed_lr,
+        ):
+            logger.warning(line)
 
     def train(self):
         loader = self.data_loader
