@@ -42,7 +42,7 @@ def convert(args):
         raise UserInputError(
             f"--config-file {args.config_file} is a classification config (MODEL."
             f"META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE}): give the detection config whose "
-            "backbone the classifier initialises (e.g. configs/COCO-Detection/retinanet_sasa50.yaml)"
+            "backbone the classifier initialises (configs/COCO-Detection/retinanet_sasa50.yaml)"
         )
     build_model_on_meta(cfg)  # a config the constructors refuse: one line naming the key
     model = build_model(cfg)

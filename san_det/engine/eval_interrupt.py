@@ -15,6 +15,7 @@ The trainer then (:func:`evaluation_interrupted`):
   iteration left and runs the final evaluation (as detectron2's ``EvalHook`` does after the loop).
 """
 
+import contextlib
 import logging
 import os
 
@@ -22,13 +23,28 @@ from detectron2.engine import HookBase
 
 from .interrupt import Interrupted, interruptible, signal_name
 
-__all__ = ["InterruptibleEvalHook", "evaluation_interrupted"]
+__all__ = ["EvaluationInterrupted", "InterruptibleEvalHook", "evaluation_interrupted"]
 
 logger = logging.getLogger(__name__)
 
 #: The trainer attribute (and checkpoint entry of its state) naming the iteration whose
 #: evaluation was interrupted, or None.
 PENDING_EVALUATION = "interrupted_evaluation_iter"
+
+
+class EvaluationInterrupted(Interrupted):
+    """An evaluation of the training loop was stopped by a signal."""
+
+
+@contextlib.contextmanager
+def _evaluation(during: str):
+    try:
+        with interruptible(during):
+            yield
+    except EvaluationInterrupted:
+        raise
+    except Interrupted as e:
+        raise EvaluationInterrupted(e.signum, str(e), e.when) from None
 
 
 class InterruptibleEvalHook(HookBase):
@@ -57,7 +73,7 @@ class InterruptibleEvalHook(HookBase):
         pending = getattr(self.trainer, PENDING_EVALUATION, None)
         if pending is not None and pending == self.trainer.start_iter - 1:
             logger.info(f"Running the evaluation of iteration {pending}, interrupted by a signal")
-            with interruptible(f"the evaluation of iteration {pending}"):
+            with _evaluation(f"the evaluation of iteration {pending}"):
                 self._hook._do_eval()  # EvalHook's evaluation, as after_step runs it
         self._hook.before_train()
 
@@ -65,11 +81,11 @@ class InterruptibleEvalHook(HookBase):
         next_iter = self.trainer.iter + 1
         if self._period <= 0 or next_iter % self._period or next_iter == self.trainer.max_iter:
             return self._hook.after_step()  # no evaluation after this step (as EvalHook decides)
-        with interruptible(f"the evaluation after iteration {self.trainer.iter}"):
+        with _evaluation(f"the evaluation after iteration {self.trainer.iter}"):
             self._hook.after_step()
 
     def after_train(self):
-        with interruptible("the final evaluation"):
+        with _evaluation("the final evaluation"):
             self._hook.after_train()
 
     def before_step(self):
@@ -82,7 +98,7 @@ class InterruptibleEvalHook(HookBase):
         return self._hook.state_dict()
 
 
-def evaluation_interrupted(trainer, error: Interrupted) -> Interrupted:
+def evaluation_interrupted(trainer, error: EvaluationInterrupted) -> Interrupted:
     """What ``trainer`` (a :class:`~.trainer.RobustTrainer` whose training loop raised ``error``
     from an evaluation) leaves behind, as the :class:`Interrupted` to raise (see the module
     docstring). Every process calls it; only the main process writes the checkpoint."""

@@ -61,8 +61,8 @@ def resume_drift_warnings(
             f"Resuming with {new_procs} process(es) (the checkpoint's run used {old_procs}): "
             f"{where} with the same total batch SOLVER.IMS_PER_BATCH {new_batch} and data stream, "
             f"{new_batch // max(new_procs, 1)} images per process (was "
-            f"{(old_batch or new_batch) // max(old_procs, 1)}): batch statistics differ, the result "
-            "is close to but not bit-identical with an uninterrupted run"
+            f"{(old_batch or new_batch) // max(old_procs, 1)}): batch statistics differ, the "
+            "result is close to but not bit-identical with an uninterrupted run"
         )
     old_lr, new_lr = recorded.get("base_lr"), current["base_lr"]
     if old_lr is not None and old_lr != new_lr:

@@ -55,9 +55,13 @@ from .checkpoint import (
 )
 from .ddp import unwrap_model, wrap_ddp
 from .errors import UserInputError
-from .eval_interrupt import PENDING_EVALUATION, InterruptibleEvalHook, evaluation_interrupted
-from .graceful_stop import StopOnSignalHook, TrainingStopped
-from .interrupt import Interrupted
+from .eval_interrupt import (
+    PENDING_EVALUATION,
+    EvaluationInterrupted,
+    InterruptibleEvalHook,
+    evaluation_interrupted,
+)
+from .graceful_stop import StopOnSignalHook
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
 from .results_files import ResultsWriteError
@@ -399,9 +403,7 @@ class RobustTrainer(DefaultTrainer):
             loader.set_start_iter(self.start_iter)
         try:
             results = super().train()
-        except TrainingStopped:
-            raise
-        except Interrupted as e:  # during an evaluation
+        except EvaluationInterrupted as e:
             raise evaluation_interrupted(self, e) from None
         if results is None and comm.is_main_process():
             # The evaluation after the last iteration (detectron2 returns it only when

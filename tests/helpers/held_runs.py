@@ -4,8 +4,8 @@ at a chosen call so that a signal arrives at a known moment, whatever the machin
 :class:`HeldRun` starts ``python <driver> <script> args...``. With ``hold_at="module:Name.attr"``
 the driver wraps that function: its ``hold_call``-th call (in every process of the run) runs to
 its end, then the process writes its pid to ``<hold dir>/<pid>`` and sleeps until
-:meth:`HeldRun.release` (or for :data:`HOLD_S` seconds). A signal sent then finds the process in a plain Python
-``time.sleep``, exactly where its handlers run at once.
+:meth:`HeldRun.release` (or for :data:`HOLD_S` seconds). A signal sent then finds the process in
+a plain Python ``time.sleep``, where its handlers run at once.
 """
 
 import os
