@@ -85,6 +85,8 @@ class InterruptibleEvalHook(HookBase):
             self._hook.after_step()
 
     def after_train(self):
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            return self._hook.after_train()  # training failed or stopped: no final evaluation
         with _evaluation("the final evaluation"):
             self._hook.after_train()
 

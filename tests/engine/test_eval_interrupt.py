@@ -174,3 +174,20 @@ def test_a_file_size_limit_while_eval_only_writes_its_results(inputs, tmp_path):
     assert "File too large (EFBIG); no partial file was left" in errors[0]
     assert "Traceback" not in run.output()
     assert _results(out) == [] and _leftovers(out) == []
+
+
+def test_ctrl_c_during_a_periodic_evaluation_of_two_processes(inputs, tmp_path):
+    """Ctrl-C reaches the launcher and both workers (held in their evaluators); the launcher
+    forwards it once more: one line, status 130, the checkpoint of the main process."""
+    out = tmp_path / "out"
+    run = _train(inputs, out, "--num-processes", "2", "TEST.EVAL_PERIOD", "2", hold_at=EVALUATOR)
+    run.wait_held(processes=2)
+    run.signal_group(signal.SIGINT)
+    assert run.wait(STOP_WITHIN_S) == 130, run.output()[-3000:]
+    lines = _lines(run)
+    assert len(lines) == 1, run.output()[-3000:]
+    assert lines[0].startswith("train_net.py: stopped by SIGINT during the evaluation after "
+                               "iteration 1; checkpoint ")  # fmt: skip
+    assert "Traceback" not in run.output()
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert _results(out) == [] and _leftovers(out) == []
