@@ -25,7 +25,9 @@ is one rank of torchrun's job. Workers exit when the launching process dies.
 One run per OUTPUT_DIR: a second run (training or ``--eval-only``) into a folder in use is
 refused in one line (exit status 2) before it writes anything; the lock of a killed run is taken
 over. SIGTERM or SIGINT (Ctrl-C) stop training after the current step, with a checkpoint, and
-exit with status 143 / 130; ``--resume`` continues from there.
+exit with status 143 / 130; ``--resume`` continues from there. During an evaluation (periodic,
+final, ``--eval-only``) they stop it at once, leaving no partial result file; ``--resume`` runs
+the interrupted evaluation again (``san_det.engine.eval_interrupt``).
 
 Resuming: ``--resume`` continues from the checkpoint that ``OUTPUT_DIR/last_checkpoint`` names
 (checkpoints are written atomically, so that is always a complete one), at the next iteration and
@@ -35,8 +37,9 @@ weights as an uninterrupted one.
 Trailing ``KEY VALUE`` pairs override config entries. Bad input (missing config file or dataset,
 unknown key, unwritable output folder, unreadable image, corrupt or mismatched checkpoint) is
 reported in one line, with exit status 2; a NaN/inf loss stops training with a one-line message
-naming the iteration and the last good checkpoint, exit status 1, and so does a checkpoint that
-cannot be written (disk full), naming the file and the cause.
+naming the iteration and the last good checkpoint, exit status 1, and so does a checkpoint or
+results file (``metrics.json``, evaluation results) that cannot be written (disk full), naming
+the file and the cause; results files are written whole or not at all.
 """
 
 import logging
@@ -61,7 +64,6 @@ from san_det.detection.visualize import (
 from san_det.engine import (
     NonFiniteError,
     OutputDirLock,
-    TrainingStopped,
     UserInputError,
     check_eval_weights,
     is_primary_launcher,
@@ -70,6 +72,8 @@ from san_det.engine import (
     validate_datasets,
 )
 from san_det.engine.checkpoint import CheckpointWriteError, checkpointer_options
+from san_det.engine.interrupt import Interrupted, interruptible
+from san_det.engine.results_files import ResultsWriteError
 from san_det.modeling.input_info import check_weights_input
 
 EXIT_BAD_INPUT = 2
@@ -113,7 +117,8 @@ def main(args):
     cfg = setup(args)
     trainer_cls = trainer_class(cfg)
     if args.eval_only:
-        return evaluate(cfg, trainer_cls, args.resume)
+        with interruptible("the evaluation (--eval-only); no partial result file left"):
+            return evaluate(cfg, trainer_cls, args.resume)
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
@@ -146,9 +151,9 @@ def run(args, output_lock=None):
         return main(args)
     except UserInputError as e:
         _fail(e, EXIT_BAD_INPUT)
-    except (NonFiniteError, CheckpointWriteError) as e:
+    except (NonFiniteError, CheckpointWriteError, ResultsWriteError) as e:
         _fail(e, EXIT_TRAINING_FAILED)
-    except TrainingStopped as e:
+    except Interrupted as e:  # SIGTERM / SIGINT: training stopped after a step, or evaluation
         if comm.is_main_process():
             print(f"train_net.py: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code)

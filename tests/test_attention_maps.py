@@ -247,6 +247,15 @@ def test_tool_end_to_end_on_demo_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main(bad_layer)
     assert "not a module" in capsys.readouterr().err
+    folder = [a if a != str(out) else str(tmp_path) for a in args]  # --output <a folder>
+    with pytest.raises(SystemExit) as e:
+        tool.main(folder)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip() == (
+        f"visualize_attention.py: error: --output {tmp_path} is a folder: name the PNG file to "
+        "write in it"
+    )
 
 
 def test_tool_command_line_help():

@@ -19,12 +19,14 @@ import sys
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
 from detectron2.modeling import build_model
 
+from san_det.classification import is_classification_config
 from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY, CheckpointMismatchError
 from san_det.classification.convert_cli import converter_parser, run_converter
 from san_det.config import setup_cfg
 from san_det.detection import DetectorCheckpointer
 from san_det.engine.checkpoint import CheckpointError
 from san_det.engine.validate import build_model_on_meta
+from san_det.errors import UserInputError
 from san_det.modeling.input_info import INPUT_INFO_KEY, recorded_input_info
 
 
@@ -32,10 +34,16 @@ def convert(args):
     """Read, check and convert; returns ``(checkpoint to write, summary line)``.
 
     Raises:
-        UserInputError: bad config, an unreadable checkpoint.
+        UserInputError: bad config (a classification config too), an unreadable checkpoint.
         CheckpointMismatchError: not a classifier checkpoint, or not one for this detector.
     """
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"], check_output=False)
+    if is_classification_config(cfg):
+        raise UserInputError(
+            f"--config-file {args.config_file} is a classification config (MODEL."
+            f"META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE}): give the detection config whose "
+            "backbone the classifier initialises (configs/COCO-Detection/retinanet_sasa50.yaml)"
+        )
     build_model_on_meta(cfg)  # a config the constructors refuse: one line naming the key
     model = build_model(cfg)
     checkpointer = DetectorCheckpointer(  # the output records the input info, checked on use

@@ -20,6 +20,7 @@ MODEL.PIXEL_MEAN / PIXEL_STD. Both outputs record that input (the detection file
 ``san_det_input``); san_det's trainers refuse to load a file into a model configured otherwise.
 """
 
+import pickle
 import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
@@ -34,6 +35,7 @@ from san_det.classification.convert_san import (
     convert_official_san_to_detection,
 )
 from san_det.config import get_san_det_cfg
+from san_det.errors import UserInputError
 from san_det.modeling.input_info import INPUT_INFO_KEY, describe_input_mismatch, input_info_from_cfg
 
 PROG = "convert_san_official.py"
@@ -50,9 +52,21 @@ def convert(args):
     and the summary line.
 
     Raises:
+        UserInputError: the input is not a PyTorch checkpoint.
         CheckpointMismatchError: naming the first official key that does not fit.
     """
-    checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(
+            f"cannot read --input {args.input}: not a PyTorch checkpoint ({reason})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise UserInputError(
+            f"--input {args.input} holds a {type(checkpoint).__name__}, not an official SAN "
+            "checkpoint (a dict with a state_dict)"
+        )
     cfg, classifier_state = _state_dict_of(args.config_file, args.opts)
     if args.detection_config:
         det_cfg, detection_state = _state_dict_of(args.detection_config, args.opts)

@@ -135,6 +135,17 @@ def read_image(path: str, fmt: str):
     return convert_PIL_to_numpy(img, fmt), rgb
 
 
+def check_output_file(path: str) -> None:
+    """``--output`` must name a PNG file that can be written (not a folder)."""
+    if os.path.isdir(path):
+        raise InputError(f"--output {path} is a folder: name the PNG file to write in it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"--output {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--output {path}: the folder {folder} is not writable")
+
+
 def run(args) -> str:
     """Compute and save the maps; returns the output path."""
     import detectron2.data.transforms as T
@@ -156,6 +167,7 @@ def run(args) -> str:
         raise InputError(f"--panel-size must be >= 16, got {args.panel_size}")
     if args.max_groups < 1:
         raise InputError(f"--max-groups must be >= 1, got {args.max_groups}")
+    check_output_file(args.output)
     image, rgb = read_image(args.input, cfg.INPUT.FORMAT)
     height, width = image.shape[:2]
     for y, x in pixels:

@@ -6,6 +6,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..utils.atomic import atomic_write
 from .weights import AttentionMap
 
 __all__ = ["LABEL_HEIGHT", "render_attention_png"]
@@ -108,7 +109,8 @@ def render_attention_png(
     figure = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), (255, 255, 255))
     for idx, row in enumerate(rows):
         figure.paste(row, (0, idx * row.height))
-    figure.save(path, format="PNG")
+    with atomic_write(path) as f:  # no partial PNG, whatever stops the process
+        figure.save(f, format="PNG")
     return figure.size
 
 

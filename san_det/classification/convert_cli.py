@@ -2,10 +2,13 @@
 ``tools/convert_san_official.py``): ``--config-file``, ``--input``, ``--output`` and ``KEY VALUE``
 overrides; the paths checked before any work; one line on stderr for every failure.
 
-Exit status: 0 written; 2 bad input (a :class:`~san_det.errors.UserInputError`: missing input,
-an output that cannot be written, a bad config), nothing written; 1 a checkpoint that does not fit
-the model (:class:`~san_det.classification.checkpoint.CheckpointMismatchError`, naming the key),
-or an output file that could not be written (disk full).
+Exit status: 0 written; 2 bad input (a :class:`~san_det.errors.UserInputError`: missing or
+unreadable input, ``--output`` naming the input file itself (also through a link), an output that
+cannot be written, a bad config; or a checkpoint that does not fit the model,
+:class:`~san_det.classification.checkpoint.CheckpointMismatchError`, naming the key), nothing
+written; 1 the output could not be written (disk full); 143 / 130 stopped by SIGTERM / SIGINT.
+The output is written atomically (:func:`~san_det.utils.atomic.atomic_write`): whatever stops the
+tool, there is no partial file under its name.
 """
 
 import argparse
@@ -15,7 +18,9 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
+from ..engine.interrupt import Interrupted, interruptible
 from ..errors import UserInputError
+from ..utils.atomic import atomic_write, os_error_in
 from .checkpoint import CheckpointMismatchError
 
 __all__ = ["converter_parser", "run_converter"]
@@ -37,6 +42,11 @@ def converter_parser(prog: str, description: str, config_help: str) -> argparse.
 def _check_paths(input_path: str, output_path: str) -> None:
     if not os.path.isfile(input_path):
         raise UserInputError(f"input not found: {input_path}")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise UserInputError(
+            f"--output {output_path} is the --input file itself (the same file, or a link to "
+            "it): write the converted checkpoint to another file"
+        )
     folder = os.path.dirname(os.path.abspath(output_path))
     if os.path.isdir(output_path):
         raise UserInputError(f"--output {output_path} is a folder: name the file to write")
@@ -50,18 +60,34 @@ def run_converter(prog: str, args: argparse.Namespace, convert: Convert) -> int:
     """Check ``args.input`` / ``args.output``, run ``convert(args)``, save its checkpoint to
     ``args.output``; returns the exit status (module docstring)."""
     try:
-        _check_paths(args.input, args.output)
-        checkpoint, summary = convert(args)
+        with interruptible(f"the conversion; {args.output} was not written"):
+            _check_paths(args.input, args.output)
+            checkpoint, summary = convert(args)
+            with atomic_write(args.output) as f:
+                torch.save(checkpoint, f)
     except UserInputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except CheckpointMismatchError as e:
-        print(f"{prog}: error: {args.input}: {e}", file=sys.stderr)
-        return 1
-    try:
-        torch.save(checkpoint, args.output)
+        print(f"{prog}: error: {args.input}: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.code
     except (OSError, RuntimeError) as e:  # disk full: torch's zip writer raises RuntimeError
-        print(f"{prog}: error: cannot write {args.output}: {e}", file=sys.stderr)
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        print(
+            f"{prog}: error: cannot write {args.output}: {cause.strerror or cause}; it was not "
+            "written",
+            file=sys.stderr,
+        )
         return 1
     print(summary)
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """``error``'s message on one line."""
+    return " ".join(str(error).split())

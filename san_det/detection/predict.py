@@ -14,14 +14,18 @@
   ``file_name`` the path as found.
 
 Everything is written into a hidden staging folder inside the output folder and moved into place
-at the end: an image that turns out unreadable halfway leaves nothing behind.
+at the end (:mod:`.predict_output`: the folder is locked while a run writes it, and a rerun
+replaces the previous prediction whole): an image that turns out unreadable halfway, a signal or
+a full disk leaves the folder as it was.
 """
 
 import glob
 import json
 import logging
 import os
+import shutil
 import time
+from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -34,8 +38,9 @@ from ..data.coco_instances import is_config_coco_dataset
 from ..data.mapper import IMAGE_EXTENSIONS, read_image_robust
 from ..engine.setup import check_output_dir
 from ..errors import UserInputError
-from ..utils.atomic import atomic_directory
+from ..utils.atomic import temporary_name
 from .dataset_checks import check_detection_classes
+from .predict_output import commit_prediction
 from .trainer import DetectorCheckpointer
 from .visualize import FilePredictor, draw_predictions
 
@@ -61,25 +66,39 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
 
 
+def _skipped_warning(skipped: Sequence[str]) -> str:
+    kinds = Counter(os.path.splitext(p)[1].lower() or "(no extension)" for p in skipped)
+    counts = ", ".join(f"{n} {ext}" for ext, n in sorted(kinds.items()))
+    return (
+        f"Skipped {len(skipped)} file(s) of the input folders / globs that are not images "
+        f"({counts}; read: {', '.join(IMAGE_EXTENSIONS)}), e.g. {skipped[0]}"
+    )
+
+
 def collect_images(inputs: Sequence[str]) -> List[str]:
     """Image files named by ``inputs`` (files, folders: their images, not recursive; globs),
-    sorted, without duplicates.
+    sorted, without duplicates. Other files of the folders and globs (GIFs, text files) are
+    skipped, counted in one warning.
 
     Raises:
         UserInputError: an input that is neither, or no image at all.
     """
-    images = []
+    images, skipped = [], []
     for item in inputs:
         if os.path.isdir(item):
             paths = [os.path.join(item, n) for n in sorted(os.listdir(item))]
-            images += [p for p in paths if _is_image(p)]
         elif os.path.isfile(item):
             images.append(item)  # named explicitly: whatever its extension
+            continue
         elif glob.has_magic(item):
-            images += [p for p in sorted(glob.glob(item, recursive=True)) if _is_image(p)]
+            paths = sorted(glob.glob(item, recursive=True))
         else:
             raise UserInputError(f"--input {item}: no such file or folder")
+        images += [p for p in paths if _is_image(p)]
+        skipped += [p for p in paths if os.path.isfile(p) and not _is_image(p)]
     images = sorted(dict.fromkeys(os.path.normpath(p) for p in images))
+    if skipped:
+        logger.warning(_skipped_warning(skipped))
     if not images:
         raise UserInputError(
             f"--input {' '.join(inputs)}: no image files ({', '.join(IMAGE_EXTENSIONS)})"
@@ -215,7 +234,8 @@ def predict_images(
     report_every_s: float = 10.0,
 ) -> Dict:
     """Predict on ``files``, write drawings and the JSON files into ``output_dir`` (see the
-    module docstring). ``report`` gets a progress line every ``report_every_s`` seconds.
+    module docstring), which :func:`~.predict_output.open_prediction_folder` has locked.
+    ``report`` gets a progress line every ``report_every_s`` seconds.
 
     Returns:
         ``{"images": n, "detections": m, "output_dir": path}``.
@@ -228,7 +248,9 @@ def predict_images(
     predictor = FilePredictor(cfg, model)
     results, images = [], []
     start = last_report = time.perf_counter()
-    with atomic_directory(output_dir, merge=True) as staging:
+    staging = temporary_name(os.path.join(output_dir, "prediction"), unique=True)
+    os.makedirs(staging)
+    try:
         for image_id, (path, name) in enumerate(zip(files, names), start=1):
             instances = predictor(path)
             instances = instances[instances.scores >= confidence_threshold]
@@ -251,6 +273,9 @@ def predict_images(
         num_classes = len(metadata.get("thing_classes") or []) or cfg.MODEL.RETINANET.NUM_CLASSES
         with open(os.path.join(staging, IMAGES_FILE), "w") as f:
             json.dump({"images": images, "categories": _categories(metadata, num_classes)}, f)
+        commit_prediction(staging, output_dir)
+    finally:  # after a failure or a signal too
+        shutil.rmtree(staging, ignore_errors=True)
     if report is not None:
         report(_progress(len(files), len(files), start))
     return {"images": len(files), "detections": len(results), "output_dir": output_dir}

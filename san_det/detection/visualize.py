@@ -37,7 +37,9 @@ from PIL import Image
 
 from ..data.mapper import RobustDatasetMapper, read_image_robust
 from ..engine.ddp import unwrap_model
+from ..engine.interrupt import interruptible
 from ..errors import UserInputError
+from ..utils.atomic import atomic_write
 
 __all__ = [
     "FilePredictor",
@@ -177,7 +179,8 @@ def write_prediction_images(
             gap = np.full((truth.shape[0], 4, 3), 255, dtype=np.uint8)
             name = os.path.splitext(os.path.basename(record["file_name"]))[0]
             path = os.path.join(output_dir, f"{name}.png")
-            Image.fromarray(np.concatenate([truth, gap, pred], axis=1)).save(path)
+            with atomic_write(path) as f:  # whole or not at all (a signal, a full disk)
+                Image.fromarray(np.concatenate([truth, gap, pred], axis=1)).save(f, format="PNG")
             paths.append(path)
             if len(overview) < OVERVIEW_IMAGES:
                 overview.append(pred)
@@ -188,7 +191,10 @@ def write_prediction_images(
         padded = [np.pad(img, ((0, rows - img.shape[0]), (0, 4), (0, 0)), constant_values=255)
                   for img in overview]  # fmt: skip
         path = os.path.join(output_dir, "predictions.png")
-        Image.fromarray(np.concatenate(padded, axis=1)[:, :-4]).save(path, optimize=True)
+        with atomic_write(path) as f:
+            Image.fromarray(np.concatenate(padded, axis=1)[:, :-4]).save(
+                f, format="PNG", optimize=True
+            )
         paths.append(path)
     return paths
 
@@ -241,4 +247,6 @@ class PredictionImagesHook(HookBase):
     def after_train(self):
         if self.trainer.iter < self.trainer.max_iter:
             return  # training did not finish (the loop sets iter = max_iter on success)
-        write_configured_prediction_images(self._cfg, self.trainer.model)
+        # after the loop's own signal handling: SIGTERM / SIGINT stop the drawing at once
+        with interruptible("drawing the prediction images (training and evaluation are done)"):
+            write_configured_prediction_images(self._cfg, self.trainer.model)

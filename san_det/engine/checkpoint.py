@@ -43,7 +43,7 @@ from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 from ..modeling.architecture import architecture_config, architecture_differences
 from ..modeling.input_info import InputMismatchError, check_checkpoint_input, recorded_input_info
-from ..utils.atomic import atomic_write, remove_orphaned_temporaries
+from ..utils.atomic import atomic_write, os_error_in, remove_orphaned_temporaries
 from .errors import UserInputError
 
 __all__ = [
@@ -105,17 +105,6 @@ def _first_line(error: BaseException) -> str:
 def _with_model_key(loaded: Any) -> Dict[str, Any]:
     """As ``DetectionCheckpointer._load_file``: a bare state dict becomes ``{"model": ...}``."""
     return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
-
-
-def _os_error_in(error: BaseException) -> Optional[OSError]:
-    """The OSError that caused ``error`` (torch's zip writer turns it into a RuntimeError)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 class NonFiniteError(FloatingPointError):
@@ -192,7 +181,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             with atomic_write(path) as f:
                 write(f)
         except Exception as e:
-            cause = _os_error_in(e)
+            cause = os_error_in(e)
             if cause is None:
                 raise
             last = self.get_checkpoint_file() if self.has_checkpoint() else "none"

@@ -8,45 +8,42 @@ through the trainer's checkpointer), every process waits for it and raises
 :class:`TrainingStopped`: ``--resume`` continues at the next iteration, exactly as from a periodic
 checkpoint (bit-exactly on the CPU with ``SEED`` >= 0).
 
-A signal during the last iteration lets training finish as usual (final checkpoint and
-evaluation); one before the loop starts or after it ends has the signal's usual effect.
+A signal during the last iteration lets training write its final checkpoint, then stops before
+the final evaluation; a signal during an evaluation stops it at once
+(:mod:`.eval_interrupt`); one before the loop starts has the signal's usual effect.
 """
 
 import logging
 import os
-import signal
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .stop_signals import StopSignals, exit_status
+from .interrupt import Interrupted, signal_name
+from .stop_signals import StopSignals
 
 __all__ = ["StopOnSignalHook", "TrainingStopped"]
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingStopped(SystemExit):
+class TrainingStopped(Interrupted):
     """Training stopped on a signal after a complete step, whose checkpoint was written.
 
-    A ``SystemExit`` with code ``128 + signum`` (143 for SIGTERM, 130 for SIGINT): uncaught, it
-    ends the process with the status a shell expects of a process stopped by that signal.
+    An :class:`~.interrupt.Interrupted` (``SystemExit`` with code ``128 + signum``: 143 for
+    SIGTERM, 130 for SIGINT).
     """
 
     def __init__(self, signum: int, iteration: int, checkpoint: str):
-        super().__init__(exit_status(signum))
-        self.signum = int(signum)
+        super().__init__(
+            signum,
+            f"stopped by {signal_name(signum)} after iteration {iteration}; checkpoint "
+            f"{checkpoint} written, continue with --resume",
+        )
         self.iteration = int(iteration)
         self.checkpoint = checkpoint
-
-    def __str__(self) -> str:
-        name = signal.Signals(self.signum).name
-        return (
-            f"stopped by {name} after iteration {self.iteration}; checkpoint {self.checkpoint} "
-            "written, continue with --resume"
-        )
 
 
 def _max_over_processes(value: int) -> int:
@@ -81,7 +78,9 @@ class StopOnSignalHook(HookBase):
             return
         iteration = self.trainer.iter
         if iteration + 1 >= self.trainer.max_iter:
-            logger.warning(f"Signal {signum} during the last iteration: finishing training")
+            logger.warning(
+                f"{signal_name(signum)} during the last iteration: writing the final checkpoint"
+            )
             return
         name = f"model_{iteration:07d}"
         checkpointer = self.trainer.checkpointer

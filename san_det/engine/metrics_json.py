@@ -3,7 +3,9 @@
 detectron2's ``JSONWriter`` writes ``json.dumps`` lines, which spell NaN as ``NaN``, a token JSON
 does not have (``jq``, JavaScript and strict parsers reject the file). COCO evaluation reports NaN
 for an area range without objects (``APl`` on small images) and for a category without
-annotations, so such values are common. :class:`FiniteJSONWriter` writes them as ``null``.
+annotations, so such values are common. :class:`FiniteJSONWriter` writes them as ``null``, and
+appends whole lines only: a write that fails (disk full) cuts the file back to its last complete
+line and raises :class:`~san_det.engine.results_files.ResultsWriteError`.
 """
 
 import json
@@ -12,6 +14,8 @@ import os
 from typing import Any
 
 from detectron2.utils.events import JSONWriter
+
+from .results_files import append_whole_lines
 
 __all__ = ["FiniteJSONWriter"]
 
@@ -38,7 +42,9 @@ class _FiniteJSONLines:
             for line in text.splitlines()
             if line.strip()
         ]
-        return self._file.write("".join(line + "\n" for line in lines))
+        text = "".join(line + "\n" for line in lines)
+        append_whole_lines(self._file, text)  # whole lines or none, even on a full disk
+        return len(text)
 
     def __getattr__(self, name: str):
         return getattr(self._file, name)

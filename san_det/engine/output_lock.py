@@ -68,10 +68,12 @@ class OutputDirLock:
 
     Args:
         output_dir: the run's ``OUTPUT_DIR`` (created when locked).
+        option: how the user named the folder, for the messages (``"--output"`` for tools).
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, option: str = "OUTPUT_DIR"):
         self.output_dir = output_dir
+        self.option = option
         self.path = os.path.join(output_dir, LOCK_FILE_NAME) if output_dir else ""
         self._fd: Optional[int] = None
         self._owner = False  # False in workers that inherited the lock
@@ -112,8 +114,8 @@ class OutputDirLock:
             holder = _describe(self._read_record(fd), held=True)
             os.close(fd)
             raise OutputDirInUseError(
-                f"OUTPUT_DIR {self.output_dir} is in use by another run ({holder}); wait for it "
-                "to end or pass another OUTPUT_DIR"
+                f"{self.option} {self.output_dir} is in use by another run ({holder}); wait for "
+                f"it to end or pass another {self.option}"
             ) from None
         except OSError as e:  # e.g. a network file system without flock
             os.close(fd)

@@ -32,11 +32,23 @@ __all__ = [
     "StopSignals",
     "exit_status",
     "ignore_stop_signals_in_worker",
+    "pending_stop_signal",
     "shield_loader_workers",
     "shielded_worker_init",
 ]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+_active_blocks = []  # the StopSignals blocks in effect, innermost last
+
+
+def pending_stop_signal() -> Optional[int]:
+    """The signal recorded by the innermost active :class:`StopSignals` block, or None."""
+    for block in reversed(_active_blocks):
+        if block.received is not None:
+            return block.received
+    return None
 
 
 def exit_status(signum: int) -> int:
@@ -84,12 +96,15 @@ class StopSignals:
                 continue
             self._previous[signum] = current
             signal.signal(signum, self._handle)
+        _active_blocks.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+        if self in _active_blocks:
+            _active_blocks.remove(self)
 
 
 def ignore_stop_signals_in_worker(worker_id: int = 0, worker_init_fn: Optional[Callable] = None):

@@ -22,7 +22,12 @@
   last good checkpoint.
 - SIGTERM / SIGINT (on any process) stop training after the current step with a checkpoint
   (:class:`~san_det.engine.graceful_stop.StopOnSignalHook`, raising
-  :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130).
+  :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130); during an
+  evaluation they stop it at once, and a resumed run re-runs it
+  (:mod:`~san_det.engine.eval_interrupt`).
+- Resuming with another ``SOLVER.IMS_PER_BATCH``, process count or ``SOLVER.BASE_LR`` than the
+  checkpoint's run is a warning saying what the run continues with
+  (:mod:`~san_det.engine.resume_drift`).
 
 Task trainers subclass it: :class:`san_det.detection.DetectionTrainer`,
 :class:`san_det.classification.ClassificationTrainer`.
@@ -36,6 +41,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks as d2_hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
@@ -49,9 +55,17 @@ from .checkpoint import (
 )
 from .ddp import unwrap_model, wrap_ddp
 from .errors import UserInputError
+from .eval_interrupt import (
+    PENDING_EVALUATION,
+    EvaluationInterrupted,
+    InterruptibleEvalHook,
+    evaluation_interrupted,
+)
 from .graceful_stop import StopOnSignalHook
 from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
+from .results_files import ResultsWriteError
+from .resume_drift import RUN_SHAPE_KEY, resume_drift_warnings, run_shape
 from .validate import validate_config
 
 __all__ = [
@@ -107,7 +121,7 @@ def build_resumable_train_loader(cfg, dataset, mapper) -> ResumableTrainLoader:
 
 
 #: Errors that train_net.py reports in one line, so their tracebacks are noise.
-REPORTED_ERRORS = (UserInputError, NonFiniteError, CheckpointWriteError)
+REPORTED_ERRORS = (UserInputError, NonFiniteError, CheckpointWriteError, ResultsWriteError)
 
 
 class _ReportedErrorsWithoutTraceback(logging.Filter):
@@ -338,10 +352,23 @@ class RobustTrainer(DefaultTrainer):
         # Last: it stops after the scheduler step and any checkpoint or evaluation of the step.
         return super().build_hooks() + [StopOnSignalHook()]
 
+    def register_hooks(self, hooks):
+        # Evaluations stop at once on SIGTERM / SIGINT and are re-run on resume (eval_interrupt)
+        super().register_hooks(
+            [
+                InterruptibleEvalHook(h, self.cfg.TEST.EVAL_PERIOD)
+                if isinstance(h, d2_hooks.EvalHook)
+                else h
+                for h in hooks
+            ]
+        )
+
     def state_dict(self):
         # detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of checkpoints.
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret[PENDING_EVALUATION] = getattr(self, PENDING_EVALUATION, None)
+        ret[RUN_SHAPE_KEY] = run_shape(self.cfg, comm.get_world_size())
         return ret
 
     def load_state_dict(self, state_dict):
@@ -350,13 +377,34 @@ class RobustTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("The checkpoint has no optimizer state: the optimizer starts afresh")
+        setattr(self, PENDING_EVALUATION, state_dict.get(PENDING_EVALUATION))
+        self._resumed_run_shape = state_dict.get(RUN_SHAPE_KEY)
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, and a warning for each value of :func:`~.resume_drift.run_shape` that
+        differs from the resumed checkpoint's."""
+        self._resumed_run_shape = None
+        super().resume_or_load(resume=resume)
+        base_lrs = getattr(self.scheduler, "base_lrs", None)
+        resumed_lr = base_lrs[0] if base_lrs else self.optimizer.param_groups[0]["lr"]
+        for line in resume_drift_warnings(
+            self._resumed_run_shape,
+            run_shape(self.cfg, comm.get_world_size()),
+            self.start_iter,
+            self.max_iter,
+            resumed_lr,
+        ):
+            logger.warning(line)
 
     def train(self):
         loader = self.data_loader
         if isinstance(loader, ResumableTrainLoader):
             loader.seed = self.seed
             loader.set_start_iter(self.start_iter)
-        results = super().train()
+        try:
+            results = super().train()
+        except EvaluationInterrupted as e:
+            raise evaluation_interrupted(self, e) from None
         if results is None and comm.is_main_process():
             # The evaluation after the last iteration (detectron2 returns it only when
             # TEST.EXPECTED_RESULTS is set).

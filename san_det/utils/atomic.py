@@ -24,6 +24,7 @@ __all__ = [
     "atomic_directory",
     "atomic_write",
     "fsync_directory",
+    "os_error_in",
     "pid_alive",
     "remove_orphaned_temporaries",
     "remove_temporaries",
@@ -74,6 +75,17 @@ def atomic_write(path: str, mode: str = "wb", *, encoding: Optional[str] = None)
             os.remove(tmp)
         raise
     fsync_directory(os.path.dirname(path))
+
+
+def os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError that caused ``error`` (torch's zip writer turns it into a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def pid_alive(pid: int) -> bool:

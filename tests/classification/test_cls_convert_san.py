@@ -7,6 +7,7 @@ checks that the released files map onto our modules 1:1 with the right shapes.
 
 import logging
 import os
+import signal
 from collections import OrderedDict
 
 import pytest
@@ -20,6 +21,7 @@ from san_det.classification.convert_san import (
     convert_official_san_to_detection,
 )
 from tests.helpers.paths import REPO_ROOT, config_path
+from tests.helpers.held_runs import HeldRun
 from tests.helpers.scripts import child_env, error_lines, load_script
 
 LAYERS = {10: [2, 1, 2, 4, 1], 15: [3, 2, 3, 5, 2], 19: [3, 3, 4, 6, 3]}
@@ -164,9 +166,9 @@ def test_convert_tool_end_to_end(tmp_path, capsys):
     converted = torch.load(out, map_location="cpu", weights_only=False)
     assert converted["san_det_classifier"]["input_format"] == "RGB"
     assert "classifier.weight" in converted["model"]
-    # A patchwise file with the pairwise config fails, naming a key, exit status 1.
+    # A patchwise file with the pairwise config fails, naming a key: bad input, exit status 2.
     torch.save(_official_checkpoint("patchwise", 10), src)
-    assert tool.main(args) == 1
+    assert tool.main(args) == 2
     assert "module.layer0.0.sam.conv_w.0." in capsys.readouterr().err
     args[3] = str(tmp_path / "missing.pth")
     assert tool.main(args) == 2
@@ -267,3 +269,69 @@ def test_convert_tool_warns_about_a_detection_config_of_other_input(tmp_path, ca
     assert _load_tool("convert_san_official").main(args) == 0
     err = capsys.readouterr().err
     assert "warning" in err and "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in err
+
+
+@pytest.mark.parametrize("output", ["the input", "a hard link", "a symlink"])
+def test_converters_refuse_to_write_over_their_input(tmp_path, capsys, output):
+    tool = _load_tool("convert_san_official")
+    src = tmp_path / "san10_pairwise.pth"
+    torch.save(_official_checkpoint("pairwise", 10), src)
+    before = src.read_bytes()
+    out = {"the input": src, "a hard link": tmp_path / "h.pth", "a symlink": tmp_path / "s.pth"}
+    out = out[output]
+    if output == "a hard link":
+        os.link(src, out)
+    elif output == "a symlink":
+        os.symlink(src, out)
+    config = config_path("ImageNet", "san10_pairwise.yaml")
+    assert tool.main(["--config-file", config, "--input", str(src), "--output", str(out)]) == 2
+    errors = error_lines(capsys.readouterr().err, "convert_san_official.py")
+    assert errors == [
+        f"convert_san_official.py: error: --output {out} is the --input file itself (the same "
+        "file, or a link to it): write the converted checkpoint to another file"
+    ]
+    assert src.read_bytes() == before
+
+
+def test_converters_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint\n" * 20)
+    out = tmp_path / "out.pth"
+    san = _load_tool("convert_san_official")
+    config = config_path("ImageNet", "san10_pairwise.yaml")
+    assert san.main(["--config-file", config, "--input", str(garbage), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = error_lines(err, "convert_san_official.py")
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"cannot read --input {garbage}: not a PyTorch checkpoint" in errors[0]
+    # a classification config where the detection config belongs
+    det = load_script("tools/convert_classifier_to_detection.py")
+    classification = config_path("ImageNet", "sasa26.yaml")
+    args = ["--config-file", classification, "--input", str(garbage), "--output", str(out)]
+    assert det.main(args) == 2
+    err = capsys.readouterr().err
+    errors = error_lines(err, "convert_classifier_to_detection.py")
+    assert len(errors) == 1 and "is a classification config" in errors[0], err
+    assert "Loading them anyway" not in err and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_converting_leaves_no_output(tmp_path, signum):
+    src, out = tmp_path / "san10_pairwise.pth", tmp_path / "converted.pth"
+    torch.save(_official_checkpoint("pairwise", 10), src)
+    run = HeldRun(
+        tmp_path / "logs", "tools/convert_san_official.py",
+        "--config-file", config_path("ImageNet", "san10_pairwise.yaml"),
+        "--input", str(src), "--output", str(out), hold_at="torch:save",
+    )  # fmt: skip
+    run.wait_held()  # torch.save has written the whole checkpoint (to a temporary file)
+    run.signal_group(signum)
+    assert run.wait(60) == 128 + signum, run.output()[-3000:]
+    name = signal.Signals(signum).name
+    lines = [line for line in run.output().splitlines() if line.startswith("convert_san")]
+    assert lines == [
+        f"convert_san_official.py: stopped by {name} during the conversion; {out} was not written"
+    ], run.output()[-3000:]
+    assert "Traceback" not in run.output()
+    assert sorted(os.listdir(tmp_path)) == ["logs", "san10_pairwise.pth"]

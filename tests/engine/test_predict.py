@@ -16,7 +16,9 @@ from PIL import Image
 import san_det  # noqa: F401
 from san_det.data.coco_example import write_coco_example
 from san_det.data.mapper import read_image_robust
+from san_det.detection.predict_output import MANIFEST
 from san_det.detection.visualize import FilePredictor
+from san_det.engine.output_lock import LOCK_FILE_NAME
 from tests.helpers.coco_files import write_coco_dataset
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import child_env, load_script
@@ -102,7 +104,8 @@ def test_predict_on_a_folder_as_a_user(setup, tmp_path):
         with Image.open(out / name) as img:
             source = next(im for im in index["images"] if im["drawing"] == name)
             assert img.size == (2 * source["width"], 2 * source["height"])
-    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging folder left
+    hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
+    assert hidden == [LOCK_FILE_NAME, MANIFEST]  # no staging folder left
 
 
 def test_a_16_bit_image_is_predicted_on_its_8_bit_reading(setup, tmp_path):
