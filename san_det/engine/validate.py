@@ -84,6 +84,11 @@ def check_solver(cfg, world_size: int) -> None:
         raise UserInputError(
             f"SOLVER.CHECKPOINT_PERIOD must be >= 1 (iterations), got {s.CHECKPOINT_PERIOD}"
         )
+    # what torch's optimizers refuse (ValueError in every worker, after OUTPUT_DIR is written)
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS"):
+        value = s.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+            raise UserInputError(f"SOLVER.{key} must be a number >= 0, got {value}")
 
 
 def build_model_on_meta(cfg) -> nn.Module:
