@@ -68,31 +68,36 @@ def _show(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _plural(kind: str) -> str:
+    return "categories" if kind == "category" else f"{kind}s"
+
+
 def _where(kind: str, index: int, entry) -> str:
     """``image id 3`` or, without a usable id, ``images[2]`` (the position in the list)."""
     if isinstance(entry, dict) and _is_int(entry.get("id")):
         return f"{kind} id {int(entry['id'])}"
-    return f"{kind}s[{index}]"
+    return f"{_plural(kind)}[{index}]"
 
 
 def _check_ids(entries: List, kind: str, problems: List[Problem]) -> Dict[int, int]:
     """``{id: index}`` of the objects of ``entries`` with an integer id; bad and repeated ids
     are problems."""
     first: Dict[int, int] = {}
+    kinds = _plural(kind)
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             problems.append(
-                Problem(f"malformed {kind}s", f"{kind}s[{index}] is {_show(entry)}, not an object")
+                Problem(f"malformed {kinds}", f"{kinds}[{index}] is {_show(entry)}, not an object")
             )
             continue
         if "id" not in entry:
-            problems.append(Problem(f"{kind}s without id", f"{kind}s[{index}] has no 'id'"))
+            problems.append(Problem(f"{kinds} without id", f"{kinds}[{index}] has no 'id'"))
             continue
         if not _is_int(entry["id"]):
             problems.append(
                 Problem(
                     f"malformed {kind} ids",
-                    f"{kind}s[{index}]: id {_show(entry['id'])} is not an integer",
+                    f"{kinds}[{index}]: id {_show(entry['id'])} is not an integer",
                 )
             )
             continue
@@ -107,8 +112,8 @@ def _check_ids(entries: List, kind: str, problems: List[Problem]) -> Dict[int, i
             problems.append(
                 Problem(
                     f"duplicate {kind} ids",
-                    f"{kind} id {key} is used twice{names}, at {kind}s[{first[key]}] and "
-                    f"{kind}s[{index}]",
+                    f"{kind} id {key} is used twice{names}, at {kinds}[{first[key]}] and "
+                    f"{kinds}[{index}]",
                 )
             )
             continue
