@@ -263,3 +263,44 @@ def test_second_run_reads_the_check_from_the_cache(workdir):
     # a changed json is checked again
     edit_json(workdir, TRAIN_JSON, lambda d: d["images"][0].update(width=63))
     assert_refused(train_net(workdir), workdir, "image id 1: cannot read")
+
+
+def test_eval_only_checks_the_test_set(workdir):
+    """--eval-only reads DATASETS.TEST only: a size mismatch there is refused before anything is
+    written; a broken training set does not matter."""
+    from detectron2.modeling import build_model
+
+    from san_det.config import get_san_det_cfg
+    from san_det.detection import DetectorCheckpointer
+    from san_det.engine.checkpoint import checkpointer_options
+
+    cfg = get_san_det_cfg(CONFIG, ["MODEL.DEVICE", "cpu"])
+    DetectorCheckpointer(
+        build_model(cfg), str(workdir / "weights"), **checkpointer_options(cfg)
+    ).save("model_final", iteration=0)
+    edit_json(workdir, VAL_JSON, lambda d: d["images"][1].update(height=32))
+    edit_json(workdir, TRAIN_JSON, lambda d: d.pop("images"))
+    proc = train_net(workdir, "--eval-only", "MODEL.WEIGHTS", "weights/model_final.pth")
+    assert_refused(
+        proc, workdir, f"dataset 'shapes_coco_val': {VAL_JSON}: image id 2: "
+        "datasets/shapes_coco/val/000001.jpg is 64x64 (width x height, after its EXIF "
+        "orientation) but the json says 64x32",
+    )  # fmt: skip
+
+
+def test_predict_checks_the_json_it_reads_the_classes_from(workdir):
+    edit_json(workdir, VAL_JSON, lambda d: d["categories"][2].update(id=9))
+    (workdir / "model.pth").write_bytes(b"")  # the json is read before the weights
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools/predict.py"), "--config-file", CONFIG,
+         "--input", "datasets/shapes_coco/val", "--output", "predicted",
+         "MODEL.WEIGHTS", "model.pth"],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+        env=child_env(SAN_DET_CACHE=str(workdir / "cache")),
+    )  # fmt: skip
+    assert_one_line_error(
+        proc, f"dataset 'shapes_coco_val': {VAL_JSON}: category id 9 is used twice ('star' and "
+        "'triangle')", script="predict.py",
+    )  # fmt: skip
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (workdir / "predicted").exists()
