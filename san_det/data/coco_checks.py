@@ -208,7 +208,9 @@ def find_coco_problems(
         return CocoFindings(content.problems, [], 0, len(content.images), 0, content.num_boxes)
     sizes, unreadable = _check_image_files(content.images, image_root)
     lost_paths = {p.path for p in unreadable}
-    lost = {e.image_id for e in content.images if os.path.join(image_root, e.file_name) in lost_paths}
+    lost = {
+        e.image_id for e in content.images if os.path.join(image_root, e.file_name) in lost_paths
+    }
     findings = CocoFindings(
         content.problems + sizes,
         unreadable,

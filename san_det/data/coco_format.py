@@ -2,8 +2,9 @@
 
 detectron2's ``load_coco_json`` trusts its input: two images sharing an ``id`` silently merge (one
 image gets the other's boxes, the other vanishes), a bbox of strings or ``null`` fails hours later
-in a loader worker, an annotation of an unknown category is a ``KeyError``. :func:`check_coco_content`
-finds every such problem at once, each named by the image or annotation it concerns:
+in a loader worker, an annotation of an unknown category is a ``KeyError``.
+:func:`check_coco_content` finds every such problem at once, each named by the image or
+annotation it concerns:
 
 - the top level is an object with ``images``, ``annotations`` and ``categories`` lists;
 - categories: objects with a unique integer ``id`` and a non-empty string ``name``;
@@ -216,14 +217,14 @@ def _check_annotations(annotations, images, image_ids, category_ids, problems) -
         if "image_id" not in ann:
             found.append(("malformed annotations", "no 'image_id'"))
         elif not _is_int(image_id) or int(image_id) not in image_ids:
-            found.append(("annotations of unknown images", f"image_id {_show(image_id)} is not "
-                          "the id of an image of the file"))  # fmt: skip
+            text = f"image_id {_show(image_id)} is not the id of an image of the file"
+            found.append(("annotations of unknown images", text))
         category_id = ann.get("category_id")
         if "category_id" not in ann:
             found.append(("malformed annotations", "no 'category_id'"))
         elif not _is_int(category_id) or int(category_id) not in category_ids:
-            found.append(("annotations of unknown categories", f"category_id "
-                          f"{_show(category_id)} is not the id of a category of the file"))  # fmt: skip
+            text = f"category_id {_show(category_id)} is not the id of a category of the file"
+            found.append(("annotations of unknown categories", text))
         bbox_problem = "no 'bbox'" if "bbox" not in ann else _bbox_problem(ann["bbox"])
         if bbox_problem:
             found.append(("malformed boxes", bbox_problem))
@@ -232,8 +233,8 @@ def _check_annotations(annotations, images, image_ids, category_ids, problems) -
             found.append(("malformed annotations", f"iscrowd {_show(crowd)} is not 0 or 1"))
         segmentation = ann.get("segmentation")
         if segmentation and not _segmentation_ok(segmentation):
-            found.append(("malformed annotations", f"segmentation {_show(segmentation)} is "
-                          "neither a list of polygons nor an RLE object"))  # fmt: skip
+            text = f"segmentation {_show(segmentation)} is neither a list of polygons nor an RLE"
+            found.append(("malformed annotations", text + " object"))
         problems.extend(Problem(kind, f"{where}: {text}") for kind, text in found)
         image = images.get(int(image_id)) if not found else None
         if image is not None and not crowd and _usable_box(ann["bbox"], image):
@@ -254,17 +255,16 @@ def check_coco_content(data) -> CocoContent:
     """
     problems: List[Problem] = []
     if not isinstance(data, dict):
-        what = type(data).__name__
-        problems.append(Problem("not COCO instances", f"the file holds a {what}, not an object "
-                                "with images, annotations and categories"))  # fmt: skip
+        text = f"the file holds a {type(data).__name__}, not an object with images, annotations "
+        problems.append(Problem("not COCO instances", text + "and categories"))
         return CocoContent(problems, [], set(), 0)
     for key in REQUIRED_LISTS:
         if key not in data:
-            problems.append(Problem("missing keys", f"no {key!r} key (a COCO instances json has "
-                                    "'images', 'annotations' and 'categories' lists)"))  # fmt: skip
+            text = f"no {key!r} key (a COCO instances json has 'images', 'annotations' and "
+            problems.append(Problem("missing keys", text + "'categories' lists)"))
         elif not isinstance(data[key], list):
-            problems.append(Problem("missing keys", f"{key!r} is a {type(data[key]).__name__}, "
-                                    "not a list"))  # fmt: skip
+            text = f"{key!r} is a {type(data[key]).__name__}, not a list"
+            problems.append(Problem("missing keys", text))
     if problems:
         return CocoContent(problems, [], set(), 0)
     category_ids = _check_categories(data["categories"], problems)

@@ -93,7 +93,8 @@ def own_data(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     (folder / "data").mkdir()
     for split in ("train", "val"):
-        shutil.copy(folder / f"example/annotations/instances_{split}.json", folder / f"data/{split}.json")
+        json_file = folder / f"example/annotations/instances_{split}.json"
+        shutil.copy(json_file, folder / f"data/{split}.json")
         shutil.copytree(folder / f"example/{split}", folder / f"data/{split}")
     return folder
 
