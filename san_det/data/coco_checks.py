@@ -74,6 +74,8 @@ def read_image_size(path: str) -> Tuple[int, int]:
             image = Image.open(f)
         except UnidentifiedImageError:
             raise OSError("not an image PIL can read") from None
+        except (SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's plugins
+            raise OSError(str(e) or type(e).__name__) from None
         width, height = image.size
         if image.format in ("JPEG", "MPO", "PNG"):
             f.seek(max(0, size - _TAIL_BYTES))
@@ -81,14 +83,18 @@ def read_image_size(path: str) -> Tuple[int, int]:
             if marker not in f.read():
                 raise OSError(f"truncated {image.format} file ({size} bytes, no end marker)")
             # a PNG's eXIf chunk after the pixels would need a full decode: rare, not read
-            has_exif = image.format != "PNG" or "exif" in image.info
-            orientation = image.getexif().get(_EXIF_ORIENTATION) if has_exif else None
+            orientation = None
+            if image.format != "PNG" or "exif" in image.info:
+                try:
+                    orientation = image.getexif().get(_EXIF_ORIENTATION)
+                except Exception:  # a broken EXIF block: detectron2 reads no orientation either
+                    orientation = None
             if orientation in _SWAPPING_ORIENTATIONS:
                 width, height = height, width
             return width, height
         try:
             image.load()
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise OSError(f"cannot decode the {image.format} file: {e}") from None
         return ImageOps.exif_transpose(image).size
 
@@ -104,8 +110,8 @@ def _check_image_files(entries: Sequence[ImageEntry], image_root: str):
         except FileNotFoundError:
             unreadable.append(Problem(UNREADABLE, f"{where}: file not found: {path}", path))
             continue
-        except (OSError, Image.DecompressionBombError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        except OSError as e:
+            reason = e.strerror or str(e)
             unreadable.append(Problem(UNREADABLE, f"{where}: cannot read {path}: {reason}", path))
             continue
         if (width, height) != (entry.width, entry.height):
