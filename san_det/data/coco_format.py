@@ -197,8 +197,6 @@ def _segmentation_ok(segmentation) -> bool:
 def _usable_box(bbox, image: ImageEntry) -> bool:
     """Whether the training loader keeps the box (positive size, some area inside the image)."""
     x, y, w, h = bbox
-    if not (w > 0 and h > 0):
-        return False
     x0, y0 = min(max(x, 0.0), image.width), min(max(y, 0.0), image.height)
     x1, y1 = min(max(x + w, 0.0), image.width), min(max(y + h, 0.0), image.height)
     return x1 > x0 and y1 > y0

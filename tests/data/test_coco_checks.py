@@ -25,6 +25,9 @@ VALID = {
         {"id": 11, "image_id": 2, "category_id": 5, "bbox": [0.5, 0, 4, 4.5],
          "segmentation": [[0, 0, 4, 0, 4, 4]]},
         {"id": 12, "image_id": 2, "category_id": 5, "bbox": [40, 40, 4, 4]},  # outside: no box
+        {"id": 13, "image_id": 1, "category_id": 5, "bbox": [3, 3, 0, 4]},  # zero width: no box
+        {"id": 14, "image_id": 1, "category_id": 5, "bbox": [3, 3, 5, -4]},  # negative: no box
+        {"id": 15, "image_id": 1, "category_id": 5, "bbox": [3, 3, 5, 4], "iscrowd": 1},  # crowd
     ],
     "categories": [{"id": 3, "name": "cat"}, {"id": 5, "name": "dog"}],
 }  # fmt: skip
@@ -116,8 +119,11 @@ def test_not_an_object():
     assert "holds a list, not an object" in check_coco_content([1, 2]).problems[0].text
 
 
-def _save(path, size, orientation=None):
-    image = Image.fromarray(np.full((size[1], size[0], 3), 100, np.uint8))
+def _save(path, size, orientation=None, noise=False):
+    pixels = np.full((size[1], size[0], 3), 100, np.uint8)
+    if noise:  # pixel data far larger than the header
+        pixels = np.random.default_rng(0).integers(0, 256, pixels.shape, np.uint8)
+    image = Image.fromarray(pixels)
     kwargs = {}
     if orientation is not None:
         exif = Image.Exif()
@@ -145,8 +151,11 @@ def test_image_size_is_the_size_the_run_reads(tmp_path, orientation, ext):
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".bmp"])
 def test_truncated_image_files_are_unreadable(tmp_path, ext):
     path = tmp_path / f"x{ext}"
-    _save(str(path), (64, 64))
+    _save(str(path), (64, 64), noise=True)
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    if ext in (".jpg", ".png"):  # read without decoding: the header is whole, the end missing
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
     with pytest.raises(OSError):
         read_image(str(path))  # detectron2 cannot read it either
     with pytest.raises(OSError):
