@@ -237,7 +237,8 @@ def test_a_training_set_with_some_boxes_gives_no_warning(workdir):
 
 def test_nothing_of_detectron2_on_stderr_before_the_error(workdir, tmp_path):
     """A dataset name without "coco" and category ids 2, 5, 7, 9 (detectron2 warns that it maps
-    them), a CUDA toolkit but no GPU (torch warns "No CUDA runtime"): only the error line."""
+    them), a CUDA toolkit but no GPU (torch warns "No CUDA runtime" when detectron2 collects the
+    environment), a missing image: only the error line."""
     cuda = tmp_path / "cuda"
     (cuda / "bin").mkdir(parents=True)
     config = tmp_path / "mine.yaml"
@@ -245,12 +246,13 @@ def test_nothing_of_detectron2_on_stderr_before_the_error(workdir, tmp_path):
         f'_BASE_: "{REPO_ROOT}/configs/Demo/shapes_retinanet.yaml"\n'
         f'DATASETS:\n  COCO_INSTANCES: [["my_train", "{TRAIN_JSON}", "datasets/shapes_coco/train"],'
         f' ["my_val", "{VAL_JSON}", "datasets/shapes_coco/val"]]\n'
-        '  TRAIN: ("my_train",)\n  TEST: ("my_val",)\n'
+        '  TRAIN: ("my_train",)\n  TEST: ("my_val",)\nMODEL:\n  RETINANET:\n    NUM_CLASSES: 4\n'
     )
+    (workdir / "datasets/shapes_coco/train/000004.jpg").unlink()
     proc = train_net(workdir, config=str(config), CUDA_HOME=str(cuda))
     assert_refused(
-        proc, workdir, "MODEL.RETINANET.NUM_CLASSES is 3 but dataset 'my_val' has 4 and dataset "
-        "'my_train' has 4 categories (circle, square, star, triangle;",
+        proc, workdir, f"dataset 'my_train': {TRAIN_JSON}: image id 5: file not found: "
+        "datasets/shapes_coco/train/000004.jpg",
     )  # fmt: skip
 
 
