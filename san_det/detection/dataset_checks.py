@@ -9,9 +9,7 @@ count of every dataset with the detector's ``NUM_CLASSES``; a model with fewer o
 dataset has categories trains silently wrong or crashes, one with more fails only when evaluated.
 """
 
-import contextlib
-import logging
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -19,6 +17,7 @@ from detectron2.modeling.meta_arch import GeneralizedRCNN, RetinaNet
 
 from ..data.coco_checks import check_coco_dataset, check_training_counts, find_coco_problems
 from ..data.coco_instances import is_config_coco_dataset, load_config_coco_dataset
+from ..engine.validate import without_logging
 from ..errors import DatasetError, UserInputError
 
 __all__ = ["check_dataset_files", "check_detection_classes", "detection_num_classes_key"]
@@ -87,19 +86,6 @@ def check_dataset_files(
         check_training_counts(counts, loader.FILTER_EMPTY_ANNOTATIONS)
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """The check loads the jsons before the run's loggers exist: detectron2's warnings ("Category
-    ids in annotations are not in [1, #categories]! We'll apply a mapping for you.") would reach
-    stderr through Python's last-resort handler; the run logs them again when it loads them."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def _short(classes: Sequence[str], limit: int = 8) -> str:
     more = f", ... ({len(classes) - limit} more)" if len(classes) > limit else ""
     return ", ".join(classes[:limit]) + more
@@ -120,7 +106,10 @@ def check_detection_classes(cfg, names: Sequence[str]) -> Dict[str, List[str]]:
     classes: Dict[str, List[str]] = {}
     for name in dict.fromkeys(names):
         if is_config_coco_dataset(name):
-            with _quiet_loading():
+            # Before the run's loggers exist, detectron2's warnings ("Category ids in annotations
+            # are not in [1, #categories]! We'll apply a mapping for you.") would reach stderr
+            # through Python's last-resort handler; the run logs them when it loads the data.
+            with without_logging():
                 load_config_coco_dataset(name)  # sets thing_classes exactly as training will
         thing = MetadataCatalog.get(name).get("thing_classes")
         if thing is not None:

@@ -66,22 +66,20 @@ def assert_refused(proc, workdir, *fragments):
     assert not (workdir / "out").exists()
 
 
-def test_duplicate_image_id(workdir):
-    edit_json(workdir, TRAIN_JSON, lambda d: d["images"][1].update(id=d["images"][0]["id"]))
-    proc = train_net(workdir)
-    assert_refused(
-        proc, workdir, f"dataset 'shapes_coco_train': {TRAIN_JSON}: image id 1 is used twice "
-        "('000000.jpg' and '000001.jpg'), at images[0] and images[1]",
-    )  # fmt: skip
-
-
-def test_duplicate_category_id(workdir):
-    edit_json(workdir, VAL_JSON, lambda d: d["categories"][1].update(id=d["categories"][0]["id"]))
-    proc = train_net(workdir)
-    assert_refused(
-        proc, workdir, f"dataset 'shapes_coco_val': {VAL_JSON}: category id 2 is used twice "
-        "('circle' and 'square')",
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    "json_file, change, message",
+    [
+        (TRAIN_JSON, lambda d: d["images"][1].update(id=1), "dataset 'shapes_coco_train': "
+         f"{TRAIN_JSON}: image id 1 is used twice ('000000.jpg' and '000001.jpg'), at images[0] "
+         "and images[1]"),
+        (VAL_JSON, lambda d: d["categories"][1].update(id=2), f"dataset 'shapes_coco_val': "
+         f"{VAL_JSON}: category id 2 is used twice ('circle' and 'square')"),
+    ],
+)  # fmt: skip
+def test_duplicate_ids(workdir, json_file, change, message):
+    """Two images sharing an id: detectron2 trains one with the other's boxes (silently)."""
+    edit_json(workdir, json_file, change)
+    assert_refused(train_net(workdir), workdir, message)
 
 
 def _set_bbox(value):
