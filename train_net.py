@@ -186,7 +186,8 @@ def check_input(args):
     if trainer_cls is DetectionTrainer:
         check_prediction_images_config(cfg)
         validate_datasets(names)
-        check_dataset_files(cfg, names, [] if args.eval_only else cfg.DATASETS.TRAIN)
+        training = [] if args.eval_only else cfg.DATASETS.TRAIN
+        check_dataset_files(cfg, cfg.DATASETS.TEST, training)
         check_detection_classes(cfg, names)  # also loads the config's own COCO jsons
     else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
         get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)

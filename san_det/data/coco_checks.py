@@ -41,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 UNREADABLE = "unreadable image files"
 _TAIL_BYTES = 1024
 _EXIF_ORIENTATION = 0x0112
@@ -57,6 +57,7 @@ class CocoFindings(NamedTuple):
     num_images: int
     num_boxed_images: int  #: images with a box the training loader keeps
     num_boxes: int
+    without_area: List[Problem]  #: errors for a dataset that is evaluated
 
 
 def read_image_size(path: str) -> Tuple[int, int]:
@@ -172,6 +173,7 @@ def _load_cached(path: str, key: dict) -> Optional[CocoFindings]:
             [Problem(*p) for p in f["problems"]],
             [Problem(*p) for p in f["unreadable"]],
             *(f[k] for k in ("unreadable_boxed", "num_images", "num_boxed_images", "num_boxes")),
+            [Problem(*p) for p in f["without_area"]],
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -211,7 +213,9 @@ def find_coco_problems(
         raise DatasetError(f"{json_file} is not valid JSON: {e}") from None
     content = check_coco_content(data)
     if not read_images:
-        return CocoFindings(content.problems, [], 0, len(content.images), 0, content.num_boxes)
+        return CocoFindings(
+            content.problems, [], 0, len(content.images), 0, content.num_boxes, []
+        )
     sizes, unreadable = _check_image_files(content.images, image_root)
     lost_paths = {p.path for p in unreadable}
     lost = {
@@ -224,6 +228,7 @@ def find_coco_problems(
         len(content.images),
         len(content.boxed_image_ids),
         content.num_boxes,
+        content.without_area,
     )
     _store(cache_path, key, findings)
     return findings
@@ -254,6 +259,7 @@ def check_coco_dataset(
     image_root: str,
     *,
     training: bool = False,
+    evaluated: bool = True,
     skip_corrupt_images: bool = False,
     filter_empty: bool = True,
     use_cache: bool = True,
@@ -261,7 +267,8 @@ def check_coco_dataset(
     """Check the COCO dataset ``name`` (see the module docstring).
 
     Args:
-        training: the run trains on it (else only evaluates it).
+        training: the run trains on it.
+        evaluated: the run evaluates it (COCO evaluation needs every annotation's ``area``).
         skip_corrupt_images: ``DATALOADER.SKIP_CORRUPT_IMAGES``: unreadable images of a training
             set are a warning (the loader skips them), not an error.
         filter_empty: ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``: images without a usable box are
@@ -274,7 +281,7 @@ def check_coco_dataset(
         DatasetError: one line: ``dataset 'name': <json>: <first problem>; and N more (...)``.
     """
     found = find_coco_problems(json_file, image_root, use_cache)
-    errors = list(found.problems)
+    errors = list(found.problems) + (found.without_area if evaluated else [])
     tolerated = training and skip_corrupt_images
     if not tolerated:
         errors += found.unreadable

@@ -12,8 +12,9 @@ annotation it concerns:
   integer ``width`` and ``height`` (``64.0`` counts as an integer);
 - annotations: objects with a unique integer ``id``, the ``image_id`` of an image and the
   ``category_id`` of a category of the file, a ``bbox`` of four finite numbers ``[x, y, w, h]``,
-  ``iscrowd`` 0 or 1 when given, a ``segmentation`` that is a list of polygons or an RLE object
-  when given.
+  ``area`` a finite number >= 0, ``iscrowd`` 0 or 1 when given, a ``segmentation`` that is a list
+  of polygons or an RLE object when given. Training needs no ``area``, COCO evaluation does:
+  annotations without one are listed apart (``without_area``).
 
 Boxes with a non-positive width or height, or outside their image, are valid COCO: the training
 loader drops them (:func:`san_det.data.mapper.sanitize_dataset_dicts`); the check counts the images
@@ -52,6 +53,7 @@ class CocoContent(NamedTuple):
     images: List[ImageEntry]  #: well-formed images, first of each id
     boxed_image_ids: Set[int]  #: images with a box the training loader keeps (non-crowd)
     num_boxes: int  #: non-crowd annotations with a box the training loader keeps
+    without_area: List[Problem]  #: annotations without ``area`` (COCO evaluation needs it)
 
 
 def _is_int(value) -> bool:
@@ -205,6 +207,7 @@ def _usable_box(bbox, image: ImageEntry) -> bool:
 def _check_annotations(annotations, images, image_ids, category_ids, problems) -> CocoContent:
     boxed: Set[int] = set()
     num_boxes = 0
+    without_area: List[Problem] = []
     ids = _check_ids(annotations, "annotation", problems)
     for index, ann in enumerate(annotations):
         if not isinstance(ann, dict) or ids.get(_int_or_none(ann.get("id"))) != index:
@@ -226,6 +229,12 @@ def _check_annotations(annotations, images, image_ids, category_ids, problems) -
         bbox_problem = "no 'bbox'" if "bbox" not in ann else _bbox_problem(ann["bbox"])
         if bbox_problem:
             found.append(("malformed boxes", bbox_problem))
+        area = ann.get("area")
+        if "area" not in ann:
+            text = f"{where}: no 'area' (COCO evaluation reads each annotation's area)"
+            without_area.append(Problem("annotations without area", text))
+        elif not _is_number(area) or not math.isfinite(area) or area < 0:
+            found.append(("malformed annotations", f"area {_show(area)} is not a number >= 0"))
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1):
             found.append(("malformed annotations", f"iscrowd {_show(crowd)} is not 0 or 1"))
@@ -238,7 +247,7 @@ def _check_annotations(annotations, images, image_ids, category_ids, problems) -
         if image is not None and not crowd and _usable_box(ann["bbox"], image):
             boxed.add(int(image_id))
             num_boxes += 1
-    return CocoContent(problems, list(images.values()), boxed, num_boxes)
+    return CocoContent(problems, list(images.values()), boxed, num_boxes, without_area)
 
 
 def _int_or_none(value):
@@ -255,7 +264,7 @@ def check_coco_content(data) -> CocoContent:
     if not isinstance(data, dict):
         text = f"the file holds a {type(data).__name__}, not an object with images, annotations "
         problems.append(Problem("not COCO instances", text + "and categories"))
-        return CocoContent(problems, [], set(), 0)
+        return CocoContent(problems, [], set(), 0, [])
     for key in REQUIRED_LISTS:
         if key not in data:
             text = f"no {key!r} key (a COCO instances json has 'images', 'annotations' and "
@@ -264,7 +273,7 @@ def check_coco_content(data) -> CocoContent:
             text = f"{key!r} is a {type(data[key]).__name__}, not a list"
             problems.append(Problem("missing keys", text))
     if problems:
-        return CocoContent(problems, [], set(), 0)
+        return CocoContent(problems, [], set(), 0, [])
     category_ids = _check_categories(data["categories"], problems)
     images, image_ids = _check_images(data["images"], problems)
     return _check_annotations(data["annotations"], images, image_ids, category_ids, problems)

@@ -50,8 +50,9 @@ def _coco_files(name: str):
 def check_dataset_files(
     cfg, names: Sequence[str], training_names: Sequence[str] = (), read_images: bool = True
 ) -> None:
-    """Check the json and the images of every COCO dataset of ``names`` (the run's datasets,
-    registered, files present: after :func:`~san_det.engine.setup.validate_datasets`).
+    """Check the json and the images of every COCO dataset of ``names`` (the datasets the run
+    evaluates) and ``training_names`` (registered, files present: after
+    :func:`~san_det.engine.setup.validate_datasets`).
 
     Args:
         training_names: those of ``names`` the run trains on: ``DATALOADER.SKIP_CORRUPT_IMAGES``
@@ -63,7 +64,7 @@ def check_dataset_files(
     """
     loader = cfg.DATALOADER
     counts = {}
-    for name in dict.fromkeys(list(names) + list(training_names)):
+    for name in dict.fromkeys(list(training_names) + list(names)):
         files = _coco_files(name)
         if files is None:
             continue
@@ -77,6 +78,7 @@ def check_dataset_files(
             name,
             *files,
             training=training,
+            evaluated=name in names,
             skip_corrupt_images=loader.get("SKIP_CORRUPT_IMAGES", False),
             filter_empty=loader.FILTER_EMPTY_ANNOTATIONS,
         )

@@ -36,6 +36,7 @@ VALID = {
 def test_a_valid_file_has_no_problem_and_its_boxes_are_counted():
     content = check_coco_content(copy.deepcopy(VALID))
     assert content.problems == []
+    assert len(content.without_area) == 6  # VALID has no areas: a problem for evaluation only
     assert [i.image_id for i in content.images] == [1, 2]
     assert content.boxed_image_ids == {1, 2} and content.num_boxes == 2
 
@@ -99,6 +100,9 @@ MALFORMED = [
     (_set(("annotations", 0, "bbox"), [1, float("nan"), 3, 4]), "holds NaN or infinity"),
     (_set(("annotations", 0, "bbox"), [1, 2, float("inf"), 4]), "holds NaN or infinity"),
     (_set(("annotations", 0, "iscrowd"), 2), "annotation id 10: iscrowd 2 is not 0 or 1"),
+    (_set(("annotations", 0, "area"), "10"), "annotation id 10: area '10' is not a number >= 0"),
+    (_set(("annotations", 0, "area"), -1), "annotation id 10: area -1 is not a number >= 0"),
+    (_set(("annotations", 0, "area"), float("nan")), "area nan is not a number >= 0"),
     (_set(("annotations", 0, "iscrowd"), "no"), "iscrowd 'no' is not 0 or 1"),
     (_set(("annotations", 0, "segmentation"), "poly"), "segmentation 'poly' is neither"),
     (_set(("annotations", 0, "segmentation"), [["a"]]), "segmentation [['a']] is neither"),
@@ -170,7 +174,8 @@ def _dataset(tmp_path, n=4):
         _save(str(root / f"{i}.jpg"), (40, 30))
         images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 40, "height": 30})
         annotations.append(
-            {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0}
+            {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25,
+             "iscrowd": 0}
         )
     data = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}
     json_file = tmp_path / "train.json"
@@ -223,3 +228,22 @@ def test_skip_corrupt_images_applies_to_training_sets_only(tmp_path, monkeypatch
     assert "'d': 1 of 4 images cannot be read and are skipped" in caplog.text
     with pytest.raises(DatasetError, match="image id 2: file not found"):
         check_coco_dataset("d", json_file, root, training=False, skip_corrupt_images=True)
+
+
+def test_area_is_needed_where_the_dataset_is_evaluated(tmp_path, monkeypatch):
+    """pycocotools' COCOeval reads every ground-truth annotation's area; training does not."""
+    monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
+    json_file, root = _dataset(tmp_path)
+    data = json.loads(open(json_file).read())
+    del data["annotations"][1]["area"]
+    data["annotations"][2]["area"] = "big"
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(DatasetError, match="annotation id 3: area 'big' is not a number >= 0$"):
+        check_coco_dataset("d", json_file, root, training=True, evaluated=False)
+    data["annotations"][2]["area"] = 25.0
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    check_coco_dataset("d", json_file, root, training=True, evaluated=False)
+    with pytest.raises(DatasetError, match="annotation id 2: no 'area' .COCO evaluation reads"):
+        check_coco_dataset("d", json_file, root, training=True, evaluated=True)
