@@ -307,3 +307,14 @@ def test_predict_checks_the_json_it_reads_the_classes_from(workdir):
     )  # fmt: skip
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (workdir / "predicted").exists()
+
+
+def test_area_is_needed_in_test_sets_only(workdir):
+    """COCO evaluation reads each ground-truth annotation's area (a KeyError after training)."""
+    edit_json(workdir, TRAIN_JSON, lambda d: d["annotations"][0].pop("area"))
+    assert_refused(train_net(workdir, *STOP_AFTER_CHECK), workdir, STOPPED_AFTER_CHECK)
+    edit_json(workdir, VAL_JSON, lambda d: d["annotations"][0].pop("area"))
+    assert_refused(
+        train_net(workdir), workdir, f"dataset 'shapes_coco_val': {VAL_JSON}: annotation id 1: "
+        "no 'area' (COCO evaluation reads each annotation's area)",
+    )  # fmt: skip
