@@ -56,7 +56,7 @@ from torch.multiprocessing import ProcessExitedException
 from san_det.classification import ClassificationTrainer, is_classification_config
 from san_det.classification.loader import get_classification_dataset_dicts
 from san_det.config import setup_cfg
-from san_det.detection import DetectionTrainer, check_detection_classes
+from san_det.detection import DetectionTrainer, check_dataset_files, check_detection_classes
 from san_det.detection.visualize import (
     check_prediction_images_config,
     write_configured_prediction_images,
@@ -191,6 +191,8 @@ def check_input(args):
     if trainer_cls is DetectionTrainer:
         check_prediction_images_config(cfg)
         validate_datasets(names)
+        training = [] if args.eval_only else cfg.DATASETS.TRAIN
+        check_dataset_files(cfg, cfg.DATASETS.TEST, training)
         check_detection_classes(cfg, names)  # also loads the config's own COCO jsons
     else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
         get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)

@@ -1,8 +1,25 @@
-"""``add_dataset_config(cfg)``: config keys that register datasets, so no Python is needed."""
+"""``add_dataset_config(cfg)``: config keys that register datasets, so no Python is needed;
+:func:`register_config_datasets` registers them (before any check reads a dataset)."""
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_dataset_config"]
+from .coco_instances import register_coco_instances_from_cfg
+from .image_folder import register_imagenet
+
+__all__ = ["add_dataset_config", "register_config_datasets"]
+
+
+def register_config_datasets(cfg) -> None:
+    """Register the datasets that keys of ``cfg`` name: ``DATASETS.COCO_INSTANCES`` and
+    ``CLASSIFICATION.IMAGENET_ROOT`` (``imagenet_train`` / ``imagenet_val`` read from there).
+
+    Raises:
+        UserInputError: a malformed ``DATASETS.COCO_INSTANCES`` entry.
+    """
+    register_coco_instances_from_cfg(cfg)
+    root = cfg.get("CLASSIFICATION", {}).get("IMAGENET_ROOT", "")
+    if root:
+        register_imagenet(root)
 
 
 def add_dataset_config(cfg: CN) -> CN:

@@ -39,7 +39,7 @@ from ..data.mapper import IMAGE_EXTENSIONS, read_image_robust
 from ..engine.setup import check_output_dir
 from ..errors import UserInputError
 from ..utils.atomic import temporary_name
-from .dataset_checks import check_detection_classes
+from .dataset_checks import check_dataset_files, check_detection_classes
 from .predict_output import commit_prediction
 from .trainer import DetectorCheckpointer
 from .visualize import FilePredictor, draw_predictions
@@ -149,6 +149,7 @@ def class_metadata(cfg):
         meta = MetadataCatalog.get(name)
         if is_config_coco_dataset(name) and not os.path.isfile(meta.json_file):
             continue
+        check_dataset_files(cfg, [name], read_images=False)  # a malformed json: one line
         if check_detection_classes(cfg, [name]).get(name):
             return meta
     logger.warning(

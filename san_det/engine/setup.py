@@ -13,7 +13,7 @@ import yaml
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.coco_instances import register_coco_instances_from_cfg
+from ..data.config import register_config_datasets
 from ..data.preparers import prepare_dataset
 from .errors import UserInputError
 
@@ -40,8 +40,30 @@ def _merge(cfg: CfgNode, what: str, merge) -> None:
         raise UserInputError(f"{what}: {e}") from None
     except (ValueError, AssertionError, yaml.YAMLError) as e:
         raise UserInputError(f"{what}: {e}") from None
+    except RecursionError:
+        raise UserInputError(f"{what}: its _BASE_ files include each other (a cycle)") from None
     except OSError as e:
         raise UserInputError(f"{what}: cannot read {e.filename or e}: {e.strerror or e}") from None
+
+
+def _check_base_cycle(config_file: str) -> None:
+    """Follow the ``_BASE_`` chain as detectron2 does (relative to the including file); a file
+    that comes back is a cycle (yacs recurses until Python's limit, 3,000 lines of traceback)."""
+    chain = [os.path.realpath(config_file)]
+    while True:
+        try:
+            with open(chain[-1]) as f:
+                base = (yaml.safe_load(f) or {}).get("_BASE_")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return  # reported with the file's name when merged
+        if not isinstance(base, str) or base.startswith(("https://", "http://")):
+            return
+        base = os.path.expanduser(base)
+        base = os.path.realpath(os.path.join(os.path.dirname(chain[-1]), base))
+        if base in chain:
+            loop = " -> ".join(os.path.relpath(p) for p in chain[chain.index(base) :] + [base])
+            raise UserInputError(f"config file {config_file}: _BASE_ cycle: {loop}")
+        chain.append(base)
 
 
 def _check_config_file(config_file: str) -> None:
@@ -64,6 +86,7 @@ def _check_config_file(config_file: str) -> None:
             f"config file {config_file} must hold KEY: value entries, not a "
             f"{type(content).__name__}"
         )
+    _check_base_cycle(config_file)
 
 
 def _check_overrides(opts: List[str]) -> None:
@@ -167,7 +190,7 @@ def merge_cfg(
     _check_overrides(opts)
     _merge(cfg, config_file, lambda: cfg.merge_from_file(config_file))
     _merge(cfg, "command-line overrides", lambda: cfg.merge_from_list(opts))
-    register_coco_instances_from_cfg(cfg)  # DATASETS.COCO_INSTANCES, in every process
+    register_config_datasets(cfg)  # DATASETS.COCO_INSTANCES, IMAGENET_ROOT: in every process
     _check_weights_file(cfg.MODEL.WEIGHTS)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError(

@@ -41,6 +41,7 @@ __all__ = [
     "check_solver",
     "run_probe",
     "validate_config",
+    "without_logging",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ Probe = Callable[..., None]
 
 
 @contextlib.contextmanager
-def _without_logging() -> Iterator[None]:
+def without_logging() -> Iterator[None]:
     """The check builds and loads the model the run builds and loads again: the constructors' and
     checkpointer's log lines would come twice (and before the run's loggers exist)."""
     previous = logging.root.manager.disable
@@ -84,6 +85,11 @@ def check_solver(cfg, world_size: int) -> None:
         raise UserInputError(
             f"SOLVER.CHECKPOINT_PERIOD must be >= 1 (iterations), got {s.CHECKPOINT_PERIOD}"
         )
+    # what torch's optimizers refuse (ValueError in every worker, after OUTPUT_DIR is written)
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS"):
+        value = s.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+            raise UserInputError(f"SOLVER.{key} must be a number >= 0, got {value}")
 
 
 def build_model_on_meta(cfg) -> nn.Module:
@@ -101,7 +107,7 @@ def build_model_on_meta(cfg) -> nn.Module:
             f"MODEL.META_ARCHITECTURE {name!r} is not registered; registered: {known}"
         ) from None
     try:
-        with torch.device("meta"), _without_logging():
+        with torch.device("meta"), without_logging():
             return arch(cfg)
     except CONFIG_ERRORS as e:
         raise UserInputError(f"invalid model config: {_message(e)}") from None
@@ -152,7 +158,7 @@ def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, e
     if not path or "://" in path:
         return
     try:
-        with warnings.catch_warnings(), _without_logging():
+        with warnings.catch_warnings(), without_logging():
             warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
             if eval_only:
                 checker.load(path, checkpointables=[], strict=True)
