@@ -8,9 +8,10 @@ CPU path can emulate: every ``__global__`` function is a grid-stride loop over i
 - :meth:`KernelSource.cuda` compiles with ``cupy.RawModule`` for the tensor's own device (module,
   kernels and launches all inside ``with cupy.cuda.Device(index)``), with :func:`cuda_options` (the
   include directory of ``cuda_fp16.h``/``cuda_bf16.h`` passed explicitly), and launches on torch's
-  current stream of that device. CuPy >= 14 keeps the compiled module in its disk cache
+  current stream of that device. CuPy 14.2 keeps the compiled module in its disk cache
   (``~/.cupy/kernel_cache``, keyed by source, options, architecture and NVRTC version, together with
-  the kernels' mangled names), so a new process does not recompile.
+  the kernels' mangled names), so a new process does not recompile; an older CuPy, which does not,
+  is reported once with a warning.
 - :meth:`KernelSource.cpu` compiles the same text as C++ (``g++`` with :data:`CPU_BASE_FLAGS` and
   the caller's flags, e.g. tile macros) into a shared library cached by the hash of source,
   compiler and flags under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it through
@@ -242,6 +243,18 @@ def _cuda_kernels(module, kernels: Dict[str, list], index: int) -> _Kernels:
     return _Kernels({name: kernel(name, params) for name, params in kernels.items()})
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_without_disk_cache(cupy) -> None:
+    """A CuPy whose disk cache stores the mangled names of name-expression modules (our kernels
+    have C++ names; CuPy 14.2 does) finds them in a new process; CuPy <= 13 recompiles them in
+    every process."""
+    if not hasattr(getattr(cupy.cuda, "compiler", None), "_decode_cache_payload"):
+        warnings.warn(
+            f"san_det: CuPy {getattr(cupy, '__version__', '?')} does not cache the attention "
+            "kernels on disk; every process compiles them again (CuPy 14.2 does)"
+        )
+
+
 _STREAMS: Dict[Tuple[int, int], object] = {}
 _STREAMS_LOCK = threading.Lock()
 
@@ -300,6 +313,8 @@ class KernelSource:
 
     def _build_cuda(self, dtype_name: str, index: int) -> _Kernels:
         import cupy
+
+        _warn_without_disk_cache(cupy)
 
         # Everything on device `index`: CuPy compiles for the current device's architecture and
         # loads the module into the current device's context.

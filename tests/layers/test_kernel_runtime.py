@@ -394,8 +394,9 @@ class _FakeCupy:
         runtime = types.SimpleNamespace(getDeviceCount=lambda: 2)
         self.module = types.ModuleType("cupy")
         self.module.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+        compiler = types.SimpleNamespace(_decode_cache_payload=None)  # caches name expressions
         self.module.cuda = types.SimpleNamespace(
-            Device=Device, Stream=Stream, ExternalStream=None, runtime=runtime
+            Device=Device, Stream=Stream, ExternalStream=None, runtime=runtime, compiler=compiler
         )
         self.module.RawModule = RawModule
 
