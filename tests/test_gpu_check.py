@@ -11,7 +11,12 @@ from benchmarks.flex_sasa import flex_local_attention, sasa_block_mask
 from san_det.layers.ops import local_attention_reference
 
 # (N, C, H, W, heads, kernel_size, dilation): odd sizes, windows larger than the image, dilation.
-GEOMETRIES = [(2, 8, 7, 9, 2, 3, 1), (1, 6, 7, 9, 3, 5, 2), (1, 4, 4, 6, 4, 3, 5), (1, 4, 3, 2, 1, 7, 1)]
+GEOMETRIES = [
+    (2, 8, 7, 9, 2, 3, 1),
+    (1, 6, 7, 9, 3, 5, 2),
+    (1, 4, 4, 6, 4, 3, 5),
+    (1, 4, 3, 2, 1, 7, 1),
+]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

@@ -147,7 +147,9 @@ def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str, str]]]:
             if "*" in words:
                 kind = "ptr"
             elif base in ("acc_t", "scalar_t"):
-                raise KernelCompileError(f"pass scalar kernel arguments as float or double: {raw!r}")
+                raise KernelCompileError(
+                    f"pass scalar kernel arguments as float or double: {raw!r}"
+                )
             elif base in _SCALAR_KINDS:
                 kind = _SCALAR_KINDS[base]
             else:

@@ -429,7 +429,7 @@ def test_cuda_kernels_are_compiled_looked_up_and_launched_on_their_device(toy_so
     assert module[3] == ("axpby", "fill_block_ids")
     include = [o[2:] for o in module[2] if o.startswith("-I")]
     assert len(include) == 1
-    assert (Path(include[0]) / "cuda_fp16.h").exists() and (Path(include[0]) / "cuda_bf16.h").exists()
+    assert all((Path(include[0]) / header).exists() for header in ("cuda_fp16.h", "cuda_bf16.h"))
     assert sorted(lookups) == [("get_function", 1, "axpby"), ("get_function", 1, "fill_block_ids")]
     assert fake_cupy.current == 0
     fake_cupy.events.clear()

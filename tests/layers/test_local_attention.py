@@ -13,13 +13,12 @@ import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers import cpu_toolchain
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import CPU_ISAS, KernelSource, cpu_compiler_available
-from san_det.layers.launcher import CPU_REGISTER_BYTES
-from san_det.layers.launcher import Tile, default_tile
-from tests.helpers.launch import launch_config
-from tests.helpers.nvrtc import nvrtc_compile
+from san_det.layers.launcher import CPU_REGISTER_BYTES, Tile, default_tile
 from san_det.layers.local_attention import LocalSelfAttention2d
 from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
+from tests.helpers.launch import launch_config
+from tests.helpers.nvrtc import nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 
@@ -212,7 +211,8 @@ def test_default_cpu_tiles_are_one_register():
     """The default CPU tile of every kernel and level is one SIMD register of pixels (so loads are
     masked single instructions on AVX2 / AVX-512); channels and taps are positive."""
     for isa in CPU_ISAS:
-        for name in [*KernelSource("local_attention.cu").kernels, *KernelSource("san_ops.cu").kernels]:
+        kernels = [*KernelSource("local_attention.cu").kernels, *KernelSource("san_ops.cu").kernels]
+        for name in kernels:
             for dtype in (torch.float32, torch.float64):
                 tile = default_tile(isa, name, dtype)
                 assert tile.pixels * dtype.itemsize == CPU_REGISTER_BYTES[isa]

@@ -37,9 +37,11 @@ SCHEMAS = {
     "SymInt stride, SymInt padding, SymInt dilation, str pad_mode, SymInt centre_sign, "
     "SymInt tap_sign, str backend=\"auto\") -> Tensor",
     "aggregation_input_backward": "(Tensor grad_out, Tensor w, SymInt height, SymInt width, "
-    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, str backend=\"auto\") -> Tensor",
+    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, "
+    'str backend="auto") -> Tensor',
     "aggregation_weight_backward": "(Tensor grad_out, Tensor x, SymInt weight_channels, "
-    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, str backend=\"auto\") -> Tensor",
+    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, "
+    'str backend="auto") -> Tensor',
 }
 
 
