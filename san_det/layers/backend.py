@@ -78,15 +78,17 @@ def forced_backend() -> Optional[str]:
 # ------------------------------------------------------------------------ capability predicates
 @functools.lru_cache(maxsize=None)
 def cupy_problem() -> Optional[str]:
-    """Why CuPy cannot launch kernels in this process (not installed, or its CUDA runtime fails
-    to initialise), or ``None`` if it can. Checked once, when the first CUDA tensor meets an op
-    (before anything is compiled or launched)."""
+    """Why CuPy cannot compile and launch kernels in this process (not installed, its CUDA runtime
+    fails to initialise, or its NVRTC does not load), or ``None`` if it can. Checked once, when
+    the first CUDA tensor meets an op (before anything is compiled or launched)."""
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed"
     try:
         import cupy
+        from cupy.cuda import nvrtc
 
         cupy.cuda.runtime.getDeviceCount()
+        nvrtc.getVersion()
     except Exception as error:  # noqa: BLE001  (ImportError, CUDARuntimeError, driver mismatch)
         return f"CuPy cannot initialise ({type(error).__name__}: {error})"
     return None

@@ -395,9 +395,11 @@ class _FakeCupy:
         self.module = types.ModuleType("cupy")
         self.module.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
         compiler = types.SimpleNamespace(_decode_cache_payload=None)  # caches name expressions
-        self.module.cuda = types.SimpleNamespace(
-            Device=Device, Stream=Stream, ExternalStream=None, runtime=runtime, compiler=compiler
-        )
+        self.cuda = types.ModuleType("cupy.cuda")
+        self.cuda.__dict__.update(Device=Device, Stream=Stream, ExternalStream=None,
+                                  runtime=runtime, compiler=compiler,
+                                  nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)))  # fmt: skip
+        self.module.cuda = self.cuda
         self.module.RawModule = RawModule
 
 
@@ -413,6 +415,7 @@ class _FakeTorchStream:
 def fake_cupy(monkeypatch):
     fake = _FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake.cuda)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: _FakeTorchStream(index))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(kernel_runtime, "_STREAMS", {})
@@ -454,11 +457,13 @@ def test_cupy_that_cannot_initialise_is_reported_once_with_the_reference_fallbac
     def broken():
         raise RuntimeError("cudaErrorInsufficientDriver")
 
-    fake_cupy.module.cuda.runtime.getDeviceCount = broken
     backend_mod.cupy_problem.cache_clear()
     backend_mod._warn_fallback.cache_clear()
     try:
         cuda = torch.device("cuda", 0)
+        assert backend_mod.cupy_problem() is None and backend_mod.can_run("cuda", cuda)
+        backend_mod.cupy_problem.cache_clear()
+        fake_cupy.cuda.runtime.getDeviceCount = broken
         assert not backend_mod.can_run("cuda", cuda)
         with pytest.raises(RuntimeError, match="CuPy cannot initialise .*InsufficientDriver"):
             backend_mod.can_run("cuda", cuda, raise_error=True)
