@@ -172,10 +172,11 @@ def stem_part(bench: Bench, mode: str) -> dict:
     conv = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
                          nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))  # fmt: skip
     stem = SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8)
+    conv, stem = (m.to(bench.device).train() for m in (conv, stem))
     return {
         f"N{batch} 3x{size}x{size}": {
-            "conv stem": bench.measure(lambda: conv.to(bench.device).train()(x), mode),
-            "attention stem": bench.measure(lambda: stem.to(bench.device).train()(x), mode),
+            "conv stem": bench.measure(lambda: conv(x), mode),
+            "attention stem": bench.measure(lambda: stem(x), mode),
         }
     }
 
