@@ -165,8 +165,8 @@ def _cache_dir() -> Path:
     return path
 
 
-# Parameter kind -> how a Python number (or a pointer as int) is passed: through ctypes to the
-# CPU launchers, as a NumPy scalar of the parameter's width to CuPy.
+# Parameter kind -> how a Python int or float (a pointer as an int) is passed: through ctypes to
+# the CPU launchers, as a NumPy scalar of the parameter's width to CuPy.
 _CPU_ARGUMENTS = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "int64": ctypes.c_int64,
                   "float": ctypes.c_float, "double": ctypes.c_double}  # fmt: skip
 _CUDA_ARGUMENTS = {"ptr": int, "int": numpy.int32, "int64": numpy.int64, "float": numpy.float32,
@@ -179,27 +179,27 @@ class _Kernel:
 
     def __init__(self, name: str, params, device: torch.device, convert: dict, launch):
         self.name, self.params, self.device = name, params, device
-        self._convert, self._launch = convert, launch
+        self._cuda_index = device.index if device.type == "cuda" else None
+        self._converters = [convert[kind] for kind, _, _ in params]
+        self._launch = launch
 
     def __call__(self, grid: int, block: int, *args) -> None:
         if len(args) != len(self.params):
             raise TypeError(f"kernel takes {len(self.params)} arguments, got {len(args)}")
+        index = self._cuda_index
         values = []
-        for (kind, name, _), arg in zip(self.params, args):
-            if torch.is_tensor(arg):
+        for (kind, name, _), convert, arg in zip(self.params, self._converters, args):
+            if isinstance(arg, torch.Tensor):
                 if kind != "ptr":
                     raise TypeError(f"{self.name}: {name} is a number, got a tensor")
-                if arg.device != self.device:
+                # (Cheaper than comparing torch.device objects: launches are hot.)
+                if not (arg.is_cpu if index is None else arg.is_cuda and arg.get_device() == index):
                     raise ValueError(
                         f"{self.name}: {name} is on {arg.device}, the kernel runs on {self.device}"
                     )
                 arg = arg.data_ptr()
-            values.append(self._convert[kind](arg if kind == "ptr" else _number(kind, arg)))
+            values.append(convert(arg))
         self._launch(int(grid), int(block), values)
-
-
-def _number(kind: str, value):
-    return int(value) if kind in ("int", "int64") else float(value)
 
 
 class _Kernels:
