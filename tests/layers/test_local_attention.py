@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
-from san_det.layers import kernel_runtime
+from san_det.layers import cpu_toolchain
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import CPU_ISAS, KernelSource, cpu_compiler_available
-from san_det.layers.launcher import CPU_REGISTER_BYTES
-from san_det.layers.launcher import TILES as LAUNCHER_TILES
-from san_det.layers.launcher import Tile, default_tile, launch_config
+from san_det.layers.launcher import CPU_REGISTER_BYTES, Tile, default_tile
 from san_det.layers.local_attention import LocalSelfAttention2d
 from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
+from tests.helpers.launch import launch_config
+from tests.helpers.nvrtc import nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 
@@ -147,7 +147,8 @@ def test_cuda_tile_is_the_kernel_default():
     defaults = tuple(
         int(source.split(f"#define {name} ")[1].split()[0]) for name in ("SAN_TJ", "SAN_CG")
     )
-    sasa = [tile for name, tile in LAUNCHER_TILES["cuda"].items() if name.startswith("sasa_")]
+    kernels = KernelSource("local_attention.cu").kernels
+    sasa = [default_tile("cuda", name, torch.float32) for name in kernels]
     assert sasa and all(tile[:2] == Tile(*defaults)[:2] for tile in sasa)
 
 
@@ -200,7 +201,7 @@ def test_variants_the_host_cannot_run_are_compiled_then_skipped(monkeypatch, tmp
     """On a host without AVX-512 (faked here, whatever this one has) the AVX-512 variant is built
     for every dtype and default tile, then reported as skipped, not silently passed."""
     monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(cpu_toolchain, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     with pytest.raises(pytest.skip.Exception, match="cannot run avx512"):
         compile_or_skip(monkeypatch, ("avx512", None), "local_attention.cu")
     assert len(list((tmp_path / "cache").glob("local_attention_*.so"))) == 2  # float, double
@@ -210,7 +211,8 @@ def test_default_cpu_tiles_are_one_register():
     """The default CPU tile of every kernel and level is one SIMD register of pixels (so loads are
     masked single instructions on AVX2 / AVX-512); channels and taps are positive."""
     for isa in CPU_ISAS:
-        for name in LAUNCHER_TILES[isa]:
+        kernels = [*KernelSource("local_attention.cu").kernels, *KernelSource("san_ops.cu").kernels]
+        for name in kernels:
             for dtype in (torch.float32, torch.float64):
                 tile = default_tile(isa, name, dtype)
                 assert tile.pixels * dtype.itemsize == CPU_REGISTER_BYTES[isa]
@@ -319,7 +321,7 @@ def test_kernels_compile_with_nvrtc(dtype, arch):
         "sasa_kv_backward",
         "sasa_rel_backward",
     }
-    cubin = source.nvrtc_compile(dtype, arch)
+    cubin = nvrtc_compile(source, dtype, arch)
     assert len(cubin) > 1000
 
 

@@ -296,13 +296,16 @@ __global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __r
 // gv[ab] = sum_{c in head} grad_out[c, i, j] * v[c, i', j'],
 // dlogit[ab] = p[ab] * (gv[ab] - sum_ab' p[ab'] gv[ab']) (0 for out-of-image neighbours), then
 // grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]).
-__global__ void sasa_logit_q_backward(const scalar_t* __restrict__ grad_out,
-                                      const scalar_t* __restrict__ k,
-                                      const scalar_t* __restrict__ v,
-                                      const scalar_t* __restrict__ relT,
-                                      const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
-                                      scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
-                                      int heads, int K, int dil) {
+// Bounded to 2 blocks per SM: unbounded, the float build takes 167 registers (sm_90), which holds
+// an SM to one 256-thread block.
+__global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
+    sasa_logit_q_backward(const scalar_t* __restrict__ grad_out,
+                          const scalar_t* __restrict__ k,
+                          const scalar_t* __restrict__ v,
+                          const scalar_t* __restrict__ relT,
+                          const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
+                          scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
+                          int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
