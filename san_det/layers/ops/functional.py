@@ -33,9 +33,11 @@ padding and is then read like any other neighbour (the official kernels read out
   ``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``; ``C`` must be a multiple of
   ``Cw``.
 
-Every op runs on the backend :mod:`san_det.layers.backend` picks; the kernel backends' backward
-passes are gather kernels without atomics (in reflect mode too: a pixel near the border is read
-by its own tap and by its mirror images).
+Every op runs on the backend :mod:`san_det.layers.backend` picks. Backward passes use no atomics:
+the kernels are gathers, the mirrored border strips of reflect mode are folded back with slice
+additions (:mod:`.reflect`), and SASA's ``grad_rel`` is a gather kernel (on CUDA: cuBLAS products
+over chunks of rows, :mod:`.rel_gradient`, except under ``torch.use_deterministic_algorithms``).
+So every backward runs in deterministic mode and gives the same bits run after run there.
 """
 
 from typing import Optional
