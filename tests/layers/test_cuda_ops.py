@@ -98,16 +98,6 @@ def _kernel_backend(device: str) -> str:
     return "cuda" if device == "cuda" else "cpu"
 
 
-@pytest.fixture
-def deterministic_mode():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 # -------------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("pad_mode", PAD_MODES)
 @pytest.mark.parametrize("backend", ["kernels", "reference"])

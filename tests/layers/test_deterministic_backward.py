@@ -151,16 +151,6 @@ def _backward_calls(backend: str, window):
     ]
 
 
-@pytest.fixture
-def deterministic_mode():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 @pytest.mark.parametrize("window", [(3, 1, 2, 1, "reflect"), (5, 2, 4, 1, "reflect"),
                                     (3, 1, 1, 2, "zeros")], ids=str)  # fmt: skip
 @pytest.mark.parametrize("backend", BACKWARD_BACKENDS)
