@@ -6,8 +6,9 @@ the kernels' layout) interleaves with the taps. One product per image and head w
 ``dlogit`` reordered to (taps, pixels): a second ``attn``. Instead the rows go in
 :data:`ROW_CHUNKS` chunks: ``q``'s rows of a chunk are a view (cast to the accumulation dtype
 chunk by chunk for half precision), the chunk of ``dlogit`` is reordered into one reused buffer,
-and each chunk's product is added onto the result. Extra memory: about ``1 / ROW_CHUNKS`` of
-``attn`` plus as much of ``q`` in the accumulation dtype.
+and each chunk's product is added onto the result. Extra memory: ``ceil(H / ROW_CHUNKS)`` rows of
+``dlogit`` (``attn / ROW_CHUNKS`` where ROW_CHUNKS divides H, under twice that from ROW_CHUNKS
+rows up, one row on smaller images) plus as many rows of ``q`` in the accumulation dtype.
 
 The products run in the accumulation dtype at its full precision whatever the caller set: they
 are in-place (``baddbmm_``), which autocast does not cast, and TF32 (or oneDNN's bf16) for float32
