@@ -17,6 +17,7 @@ from san_det.layers.launcher import CPU_REGISTER_BYTES, Tile, default_tile
 from san_det.layers.local_attention import LocalSelfAttention2d
 from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
+from san_det.layers.ops.rel_gradient import rel_grad_per_image
 from tests.helpers.launch import launch_config
 from tests.helpers.nvrtc import nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
@@ -192,8 +193,9 @@ def test_rel_gradient_kernel_matches_the_cuda_formula():
         n, c, h, w, heads, ks, 1)  # fmt: skip
     want = torch.einsum("nhdij,nhiaj->nhda", q.view(n, heads, c // heads, h, w), dlogit)
     torch.testing.assert_close(got, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
-    bmm = op_kernels._rel_grad_per_image(q, dlogit, heads)
-    torch.testing.assert_close(bmm, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
+    for rows in (0, 2):  # the default chunks (one row each here) and chunks of 2 of the 5 rows
+        bmm = rel_grad_per_image(q, dlogit, heads, rows_per_chunk=rows)
+        torch.testing.assert_close(bmm, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
 
 
 @needs_cxx

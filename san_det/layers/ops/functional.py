@@ -39,8 +39,12 @@ for the one :func:`san_det.layers.backend.select_backend` picks (forced with ``u
 registered op as its last argument; the op's backward runs on the same backend (NATTEN's
 functional layout). While ``torch.jit`` traces or ``torch.compile`` compiles, ``None`` is passed
 as ``"auto"``: the compiled graph picks the backend each time it runs.
-The kernel backends' backward passes are gather kernels without atomics (in reflect mode too: a
-pixel near the border is read by its own tap and by its mirror images).
+
+Backward passes use no atomics: the kernels are gathers, the mirrored border strips of reflect
+mode are folded back with slice additions (:mod:`.reflect`), and SASA's ``grad_rel`` is a gather
+kernel (on CUDA: cuBLAS products over chunks of rows, :mod:`.rel_gradient`, except under
+``torch.use_deterministic_algorithms``). So every backward runs in deterministic mode and gives
+the same bits run after run there.
 """
 
 from typing import Optional
