@@ -117,9 +117,10 @@ class LocalSelfAttention2d(nn.Module):
     def project(self, x: torch.Tensor):
         """``(q, k, v)``, each ``(N, out_channels, H, W)``, from ``x`` ``(N, in_channels, H, W)``
         by one 1x1 convolution with the three projection weights stacked (one pass over ``x`` and
-        one product in the backward instead of three)."""
+        one product in the backward instead of three). Each is made contiguous here, once: the op
+        needs contiguous inputs and would otherwise copy them again in its backward."""
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        return F.conv2d(x, weight).chunk(3, dim=1)
+        return tuple(t.contiguous() for t in F.conv2d(x, weight).chunk(3, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
