@@ -22,12 +22,13 @@ class LocalSelfAttention2d(nn.Module):
     ``q = W_q x``, ``k = W_k x``, ``v = W_v x`` are 1x1 convolutions without bias
     (``in_channels -> out_channels``), run as one convolution with ``3 * out_channels`` outputs
     (:meth:`project`: the three weights concatenated at run time, so that state-dict keys stay
-    ``query.weight``, ``key.weight``, ``value.weight``); the logits add learned relative embeddings to the keys:
-    inside every head the first half of the head's channels carries a row-offset embedding
-    (depends on the window row ``a`` only) and the second half a column-offset embedding (window
-    column ``b`` only). ``stride > 1`` runs attention at stride 1 followed by an ``s x s`` average
-    pool with stride ``s`` (``ceil_mode``, so the output is ``ceil(H / s) x ceil(W / s)``, the size
-    of the strided ``3x3`` convolution with padding 1 that the layer replaces).
+    ``query.weight``, ``key.weight``, ``value.weight``); the logits add learned relative
+    embeddings to the keys: inside every head the first half of the head's channels carries a
+    row-offset embedding (depends on the window row ``a`` only) and the second half a
+    column-offset embedding (window column ``b`` only). ``stride > 1`` runs attention at stride 1
+    followed by an ``s x s`` average pool with stride ``s`` (``ceil_mode``, so the output is
+    ``ceil(H / s) x ceil(W / s)``, the size of the strided ``3x3`` convolution with padding 1 that
+    the layer replaces).
 
     Initialisation (as in common SASA reimplementations): Kaiming normal (``fan_out``, ReLU) for
     the projections; embeddings ``N(0, 1 / head_dim)``, so that at initialisation ``q . r`` has
