@@ -390,6 +390,63 @@ def _assert_all_close_list(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11)
 
 
+def _three_projection_layer_output(layer, x):
+    """The layer as it was before the single projection: three 1x1 convolutions, then the op."""
+    q, k, v = (F.conv2d(x, m.weight) for m in (layer.query, layer.key, layer.value))
+    out = local_attention(
+        q, k, v, layer.relative_embedding(),
+        num_heads=layer.num_heads, kernel_size=layer.kernel_size, dilation=layer.dilation,
+    )  # fmt: skip
+    return layer.pool(out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_projection_matches_three_projections(backend, dtype):
+    """The stacked q/k/v convolution gives the output and every gradient of three separate ones
+    (batch of 2, so the chunks of the stacked output are not contiguous)."""
+    if backend == "cpu" and not cpu_compiler_available():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(6, 8, kernel_size=3, num_heads=2, stride=2).to(dtype)
+    x = torch.randn(2, 6, 7, 9, dtype=dtype)
+    grad = torch.randn(2, 8, 4, 5, dtype=dtype)
+    results = []
+    for run in (layer, lambda xi: _three_projection_layer_output(layer, xi)):
+        xi = x.clone().requires_grad_()
+        with use_backend(backend):
+            out = run(xi)
+        results.append([out, *torch.autograd.grad(out, [xi, *layer.parameters()], grad)])
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_checkpoint_of_three_projections_loads_bit_for_bit():
+    """A state dict written before the single projection (keys query/key/value.weight, rel_row,
+    rel_col) loads into the same parameters and gives the output of the three projections."""
+    torch.manual_seed(0)
+    ks, heads, c_in, c = 3, 2, 4, 8
+    old = {
+        "query.weight": torch.randn(c, c_in, 1, 1, dtype=torch.float64),
+        "key.weight": torch.randn(c, c_in, 1, 1, dtype=torch.float64),
+        "value.weight": torch.randn(c, c_in, 1, 1, dtype=torch.float64),
+        "rel_row": torch.randn(c // 2, ks, dtype=torch.float64),
+        "rel_col": torch.randn(c // 2, ks, dtype=torch.float64),
+    }
+    layer = LocalSelfAttention2d(c_in, c, kernel_size=ks, num_heads=heads).double()
+    layer.load_state_dict(old)  # strict: exactly these keys
+    assert set(layer.state_dict()) == set(old)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, old[name]), name
+    x = torch.randn(2, c_in, 5, 6, dtype=torch.float64)
+    with use_backend("reference"):
+        got = layer(x)
+        q, k, v = (F.conv2d(x, old[f"{n}.weight"]) for n in ("query", "key", "value"))
+    want = _naive((2, c, 5, 6, heads, ks, 1), q, k, v, layer.relative_embedding())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_layer_every_parameter_gets_a_gradient_and_empty_batch():
     layer = LocalSelfAttention2d(4, 8, kernel_size=3, num_heads=2)
     layer(torch.randn(1, 4, 6, 6)).sum().backward()

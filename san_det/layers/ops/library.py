@@ -126,6 +126,8 @@ def _setup_local_attention(ctx, inputs, output):
     q, k, v, rel, num_heads, kernel_size, dilation, backend = inputs
     attn = output[1]
     ctx.mark_non_differentiable(attn)
+    # attn never receives a gradient: without this autograd would fill one of its size with zeros.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, rel, attn)
     ctx.window = (num_heads, kernel_size, dilation)
     ctx.backend = backend
@@ -133,6 +135,8 @@ def _setup_local_attention(ctx, inputs, output):
 
 def _local_attention_grads(ctx, grad_out, _grad_attn):
     q, k, v, rel, attn = ctx.saved_tensors
+    if grad_out is None:  # the output is not used by what is differentiated
+        return (None,) * 8
     grad_q, grad_k, grad_v, grad_rel = torch.ops.san_det.local_attention_backward(
         grad_out, q, k, v, rel, attn, *ctx.window, ctx.backend
     )
