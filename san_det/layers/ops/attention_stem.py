@@ -111,15 +111,20 @@ def _derived_backward(grad_ar, grad_w_eff, wq, wk, wv, rel_row, rel_col, probs, 
     return grad_wq.reshape(c, c_in), grad_wk.reshape(c, c_in), grad_wv, grad_rel_row, grad_rel_col, grad_probs
 
 
-class _Geometry:
-    """Padding, block grid and chunking of one call."""
+class _Plan:
+    """Padding, block grid, chunking and the derived matrices of one call."""
 
-    def __init__(self, x: Tensor, num_heads: int, b: int):
+    def __init__(self, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int):
         self.n, self.c_in, self.h, self.w = x.shape
-        self.b, self.heads = b, num_heads
+        self.b, self.heads, self.c = b, num_heads, wq.shape[0]
         self.hp, self.wp = -(-self.h // b) * b, -(-self.w // b) * b
         self.nh, self.nw = self.hp // b, self.wp // b
         self.rows_per_chunk = max(1, CHUNK_BLOCKS // self.nw)
+        self.ar, self.w_eff = _derived(wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
+        self.index, one_hot = _indices(b, self.c_in, x.device)
+        self.one_hot = one_hot.to(x.dtype)
+        # query side of the logits for each block position p: (b*b, C_in, heads * (C_in + 2b))
+        self.qmat = self.ar[:, :, self.index].permute(2, 0, 1, 3).reshape(b * b, self.c_in, -1)
 
     def chunks(self):
         for n in range(self.n):
@@ -131,6 +136,11 @@ class _Geometry:
             return t
         return F.pad(t, (0, self.wp - self.w, 0, self.hp - self.h))
 
+    def crop(self, t: Tensor) -> Tensor:
+        if (self.hp, self.wp) == (self.h, self.w):
+            return t
+        return t[:, :, : self.h, : self.w].contiguous()
+
     def key_padding(self, r0: int, r1: int, device) -> "Tensor | None":
         """``(blocks, b*b)`` True at padded pixels of block rows ``r0:r1``, None if none."""
         b = self.b
@@ -140,11 +150,17 @@ class _Geometry:
         cols = torch.arange(self.wp, device=device).view(1, self.nw, 1, b) >= self.w
         return (rows | cols).reshape((r1 - r0) * self.nw, b * b)
 
-    def blocks(self, t: Tensor, r0: int, r1: int) -> Tensor:
-        """Rows ``r0:r1`` of blocks of ``t (C, Hp, Wp)`` as ``(blocks, b*b, C)``."""
-        b = self.b
-        t = t[:, r0 * b : r1 * b].reshape(t.shape[0], r1 - r0, b, self.nw, b)
-        return t.permute(1, 3, 2, 4, 0).reshape((r1 - r0) * self.nw, b * b, t.shape[0])
+    def positions(self, t: Tensor, r0: int, r1: int) -> Tensor:
+        """Rows ``r0:r1`` of blocks of ``t (C_in, Hp, Wp)`` as ``(b*b, blocks, C_in)``."""
+        b, c = self.b, t.shape[0]
+        t = t[:, r0 * b : r1 * b].reshape(c, r1 - r0, b, self.nw, b)
+        return t.permute(2, 4, 1, 3, 0).reshape(b * b, (r1 - r0) * self.nw, c)
+
+    def to_image(self, t: Tensor, r0: int, r1: int) -> Tensor:
+        """``(b*b, blocks, C_in)`` back to rows ``r0:r1`` of the image, ``(C_in, rows, Wp)``."""
+        b, c = self.b, t.shape[2]
+        t = t.view(b, b, r1 - r0, self.nw, c).permute(4, 2, 0, 3, 1)
+        return t.reshape(c, (r1 - r0) * b, self.wp)
 
     def image_view(self, t: Tensor, r0: int, r1: int) -> Tensor:
         """Rows ``r0:r1`` of blocks of ``t (C, Hp, Wp)`` as a view
@@ -153,91 +169,86 @@ class _Geometry:
         t = t[:, r0 * b : r1 * b].view(self.heads, c // self.heads, r1 - r0, b, self.nw, b)
         return t.permute(2, 4, 0, 3, 5, 1)
 
+    def attention(self, x_pos: Tensor, padding):
+        """Query/key sides of the logits, attention and values of one chunk.
 
-def _chunk_forward(geo, xb, ar, w_eff, index, one_hot, padding):
-    """Logits, attention and values of one chunk (``xb``: ``(blocks, b*b, C_in)``)."""
-    blocks, pp, c_in = xb.shape
-    heads = geo.heads
-    s = (xb.reshape(-1, c_in) @ ar.view(c_in, -1)).view(blocks, pp, heads, -1)
-    query = s.transpose(1, 2).gather(3, index.expand(blocks, heads, pp, index.shape[1]))
-    key = torch.cat([xb.transpose(1, 2), one_hot.expand(blocks, *one_hot.shape)], dim=1)
-    logits = torch.bmm(query.view(blocks, heads * pp, -1), key).view(blocks, heads, pp, pp)
-    if padding is not None:
-        logits.masked_fill_(padding[:, None, None, :], float("-inf"))
-    attn = torch.softmax(logits, dim=-1)
-    # values v_j = W_eff(j) x_j, one small product per position j of the block
-    v = torch.bmm(xb.transpose(0, 1), w_eff).view(pp, blocks, heads, -1).permute(1, 2, 0, 3)
-    return query, key, attn, v.contiguous()
+        ``x_pos``: ``(b*b, blocks, C_in)``. Returns ``query (blocks, heads * b*b, C_in + 2b)``,
+        ``key (blocks, C_in + 2b, b*b)``, ``attn (blocks * heads, b*b, b*b)`` and
+        ``v (blocks * heads, b*b, d)``.
+        """
+        pp, blocks, _ = x_pos.shape
+        heads = self.heads
+        query = torch.bmm(x_pos, self.qmat).view(pp, blocks, heads, -1)
+        query = query.permute(1, 2, 0, 3).reshape(blocks, heads * pp, -1)
+        key = torch.cat([x_pos.permute(1, 2, 0), self.one_hot.expand(blocks, -1, -1)], dim=1)
+        logits = torch.bmm(query, key).view(blocks, heads, pp, pp)
+        if padding is not None:
+            logits.masked_fill_(padding[:, None, None, :], float("-inf"))
+        attn = torch.softmax(logits, dim=-1).view(-1, pp, pp)
+        # values v_j = W_eff(j) x_j, one small product per position j of the block
+        v = torch.bmm(x_pos, self.w_eff).view(pp, blocks, heads, -1).permute(1, 2, 0, 3)
+        return query, key, attn, v.reshape(blocks * heads, pp, -1)
+
+
+def _as(dtype, *tensors):
+    return [t.to(dtype) for t in tensors]
 
 
 def _forward(x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int) -> Tensor:
-    dtype = _compute_dtype(x.dtype)
-    x, wq, wk, wv, rel_row, rel_col, probs = (
-        t.to(dtype) for t in (x, wq, wk, wv, rel_row, rel_col, probs)
+    x, wq, wk, wv, rel_row, rel_col, probs = _as(
+        _compute_dtype(x.dtype), x, wq, wk, wv, rel_row, rel_col, probs
     )
-    geo = _Geometry(x, num_heads, b)
-    ar, w_eff = _derived(wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
-    index, one_hot = _indices(b, geo.c_in, x.device)
-    one_hot = one_hot.to(dtype)
-    xp = geo.pad(x)
-    out = x.new_empty(geo.n, wq.shape[0], geo.hp, geo.wp)
-    for n, r0, r1 in geo.chunks():
-        xb = geo.blocks(xp[n], r0, r1)
-        padding = geo.key_padding(r0, r1, x.device)
-        _, _, attn, v = _chunk_forward(geo, xb, ar, w_eff, index, one_hot, padding)
-        blocks, heads, pp, d = v.shape
-        o = torch.bmm(attn.view(-1, pp, pp), v.view(-1, pp, d)).view(blocks, heads, pp, d)
-        target = geo.image_view(out[n], r0, r1)
-        target.copy_(o.view(target.shape))
-    return out[:, :, : geo.h, : geo.w].contiguous() if geo.hp != geo.h or geo.wp != geo.w else out
+    plan = _Plan(x, wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
+    xp = plan.pad(x)
+    out = x.new_empty(plan.n, plan.c, plan.hp, plan.wp)
+    for n, r0, r1 in plan.chunks():
+        x_pos = plan.positions(xp[n], r0, r1)
+        _, _, attn, v = plan.attention(x_pos, plan.key_padding(r0, r1, x.device))
+        target = plan.image_view(out[n], r0, r1)
+        target.copy_(torch.bmm(attn, v).view(target.shape))
+    return plan.crop(out)
 
 
 def _backward(grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int):
-    dtype = _compute_dtype(x.dtype)
-    tensors = (x, wq, wk, wv, rel_row, rel_col, probs)
-    x, wq, wk, wv, rel_row, rel_col, probs = (t.to(dtype) for t in tensors)
-    geo = _Geometry(x, num_heads, b)
-    ar, w_eff = _derived(wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
-    index, one_hot = _indices(b, geo.c_in, x.device)
-    one_hot = one_hot.to(dtype)
-    xp, gp = geo.pad(x), geo.pad(grad_out.to(dtype))
-    grad_xp = torch.empty_like(xp)
-    grad_ar, grad_w_eff = torch.zeros_like(ar), torch.zeros_like(w_eff)
-    c_in = geo.c_in
-    for n, r0, r1 in geo.chunks():
-        xb = geo.blocks(xp[n], r0, r1)
-        padding = geo.key_padding(r0, r1, x.device)
-        query, key, attn, v = _chunk_forward(geo, xb, ar, w_eff, index, one_hot, padding)
-        blocks, heads, pp, d = v.shape
-        g = geo.image_view(gp[n], r0, r1).reshape(-1, pp, d)
-        attn_flat = attn.view(-1, pp, pp)
-        grad_v = torch.bmm(attn_flat.transpose(1, 2), g)  # (blocks * heads, b*b, d)
-        grad_attn = torch.bmm(g, v.view(-1, pp, d).transpose(1, 2))
-        grad_logits = torch._softmax_backward_data(grad_attn, attn_flat, -1, attn.dtype)
-        grad_logits = grad_logits.view(blocks, heads * pp, pp)
-        # logits = query @ key
-        grad_query = torch.bmm(grad_logits, key.transpose(1, 2)).view(blocks, heads, pp, -1)
-        grad_key = torch.bmm(query.view(blocks, heads * pp, -1).transpose(1, 2), grad_logits)
-        grad_xb = grad_key[:, :c_in].transpose(1, 2)  # (blocks, b*b, C_in)
-        grad_s = query.new_zeros(blocks, heads, pp, ar.shape[2])
-        grad_s.scatter_add_(3, index.expand(blocks, heads, pp, index.shape[1]), grad_query)
-        grad_s = grad_s.transpose(1, 2).reshape(blocks * pp, -1)  # (blocks * b*b, heads * k)
-        x_flat = xb.reshape(-1, c_in)
-        grad_ar += (x_flat.t() @ grad_s).view_as(grad_ar)
-        grad_xb = grad_xb + (grad_s @ ar.view(c_in, -1).t()).view(blocks, pp, c_in)
-        # v = W_eff(j) x_j per position j
-        grad_v = grad_v.view(blocks, heads, pp, d).permute(2, 0, 1, 3).reshape(pp, blocks, -1)
-        x_pos = xb.transpose(0, 1)  # (b*b, blocks, C_in)
-        grad_w_eff += torch.bmm(x_pos.transpose(1, 2), grad_v)
-        grad_xb = grad_xb + torch.bmm(grad_v, w_eff.transpose(1, 2)).transpose(0, 1)
-        # back to the image layout (C_in, rows, W)
-        rows = grad_xb.view(r1 - r0, geo.nw, b, b, c_in).permute(4, 0, 2, 1, 3)
-        grad_xp[n, :, r0 * b : r1 * b] = rows.reshape(c_in, (r1 - r0) * b, geo.wp)
-    grads = _derived_backward(
-        grad_ar, grad_w_eff, wq, wk, wv, rel_row, rel_col, probs, num_heads, b
+    x, wq, wk, wv, rel_row, rel_col, probs, grad_out = _as(
+        _compute_dtype(x.dtype), x, wq, wk, wv, rel_row, rel_col, probs, grad_out
     )
-    grad_x = grad_xp[:, :, : geo.h, : geo.w]
-    return [grad_x.contiguous()] + [g.contiguous() for g in grads]
+    plan = _Plan(x, wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
+    c_in, heads = plan.c_in, plan.heads
+    xp, gp = plan.pad(x), plan.pad(grad_out)
+    grad_xp = torch.empty_like(xp)
+    grad_qmat, grad_w_eff = torch.zeros_like(plan.qmat), torch.zeros_like(plan.w_eff)
+    for n, r0, r1 in plan.chunks():
+        x_pos = plan.positions(xp[n], r0, r1)
+        query, key, attn, v = plan.attention(x_pos, plan.key_padding(r0, r1, x.device))
+        pp, blocks, _ = x_pos.shape
+        g = plan.image_view(gp[n], r0, r1).reshape(blocks * heads, pp, -1)
+        # out = attn @ v
+        grad_v = torch.bmm(attn.transpose(1, 2), g)
+        grad_attn = torch.bmm(g, v.transpose(1, 2))
+        grad_logits = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
+        grad_logits = grad_logits.view(blocks, heads * pp, pp)
+        # logits = query @ key: the key side's first C_in rows are x_j
+        grad_query = torch.bmm(grad_logits, key.transpose(1, 2)).view(blocks, heads, pp, -1)
+        grad_x_pos = torch.bmm(grad_logits.transpose(1, 2), query[:, :, :c_in]).transpose(0, 1)
+        # query = x_p @ qmat[p]
+        grad_query = grad_query.permute(2, 0, 1, 3).reshape(pp, blocks, -1)
+        grad_qmat += torch.bmm(x_pos.transpose(1, 2), grad_query)
+        grad_x_pos = grad_x_pos + torch.bmm(grad_query, plan.qmat.transpose(1, 2))
+        # v = x_j @ w_eff[j]
+        grad_v = grad_v.view(blocks, heads, pp, -1).permute(2, 0, 1, 3).reshape(pp, blocks, -1)
+        grad_w_eff += torch.bmm(x_pos.transpose(1, 2), grad_v)
+        grad_x_pos += torch.bmm(grad_v, plan.w_eff.transpose(1, 2))
+        grad_xp[n, :, r0 * b : r1 * b] = plan.to_image(grad_x_pos, r0, r1)
+    # qmat[p, x, h, k] = ar[x, h, index[p, k]]
+    pp = b * b
+    grad_qmat = grad_qmat.view(pp, c_in, heads, -1).permute(1, 2, 0, 3).reshape(c_in * heads, -1)
+    grad_ar = torch.zeros_like(plan.ar).view(c_in * heads, -1)
+    grad_ar.scatter_add_(1, plan.index.reshape(1, -1).expand(c_in * heads, -1), grad_qmat)
+    grads = _derived_backward(
+        grad_ar.view_as(plan.ar), grad_w_eff, wq, wk, wv, rel_row, rel_col, probs, num_heads, b
+    )
+    return [plan.crop(grad_xp)] + [g.contiguous() for g in grads]
 
 
 # ------------------------------------------------------------------------------ registration
