@@ -123,8 +123,14 @@ class _Plan:
         self.ar, self.w_eff = _derived(wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
         self.index, one_hot = _indices(b, self.c_in, x.device)
         self.one_hot = one_hot.to(x.dtype)
-        # query side of the logits for each block position p: (b*b, C_in, heads * (C_in + 2b))
-        self.qmat = self.ar[:, :, self.index].permute(2, 0, 1, 3).reshape(b * b, self.c_in, -1)
+        # Query side of the logits, (b*b * C_in, heads * b*b * (C_in + 2b)): block-diagonal over
+        # the block positions p, so that one product of the chunk's (blocks, b*b * C_in) pixels
+        # gives every query row in the (block, head, p) order of the logits product.
+        qmat = self.ar[:, :, self.index]  # (C_in, heads, b*b, C_in + 2b)
+        pp, c_in, k = b * b, self.c_in, self.index.shape[1]
+        self.qmat = qmat.new_zeros(pp, c_in, num_heads, pp, k)
+        torch.diagonal(self.qmat, dim1=0, dim2=3).copy_(qmat.transpose(2, 3))
+        self.qmat = self.qmat.view(pp * c_in, -1)
 
     def chunks(self):
         for n in range(self.n):
@@ -150,16 +156,16 @@ class _Plan:
         cols = torch.arange(self.wp, device=device).view(1, self.nw, 1, b) >= self.w
         return (rows | cols).reshape((r1 - r0) * self.nw, b * b)
 
-    def positions(self, t: Tensor, r0: int, r1: int) -> Tensor:
-        """Rows ``r0:r1`` of blocks of ``t (C_in, Hp, Wp)`` as ``(b*b, blocks, C_in)``."""
+    def blocks(self, t: Tensor, r0: int, r1: int) -> Tensor:
+        """Rows ``r0:r1`` of blocks of ``t (C_in, Hp, Wp)`` as ``(blocks, b*b, C_in)``."""
         b, c = self.b, t.shape[0]
         t = t[:, r0 * b : r1 * b].reshape(c, r1 - r0, b, self.nw, b)
-        return t.permute(2, 4, 1, 3, 0).reshape(b * b, (r1 - r0) * self.nw, c)
+        return t.permute(1, 3, 2, 4, 0).reshape((r1 - r0) * self.nw, b * b, c).contiguous()
 
     def to_image(self, t: Tensor, r0: int, r1: int) -> Tensor:
-        """``(b*b, blocks, C_in)`` back to rows ``r0:r1`` of the image, ``(C_in, rows, Wp)``."""
+        """``(blocks, b*b, C_in)`` back to rows ``r0:r1`` of the image, ``(C_in, rows, Wp)``."""
         b, c = self.b, t.shape[2]
-        t = t.view(b, b, r1 - r0, self.nw, c).permute(4, 2, 0, 3, 1)
+        t = t.reshape(r1 - r0, self.nw, b, b, c).permute(4, 0, 2, 1, 3)
         return t.reshape(c, (r1 - r0) * b, self.wp)
 
     def image_view(self, t: Tensor, r0: int, r1: int) -> Tensor:
@@ -169,18 +175,18 @@ class _Plan:
         t = t[:, r0 * b : r1 * b].view(self.heads, c // self.heads, r1 - r0, b, self.nw, b)
         return t.permute(2, 4, 0, 3, 5, 1)
 
-    def attention(self, x_pos: Tensor, padding):
+    def attention(self, xb: Tensor, padding):
         """Query/key sides of the logits, attention and values of one chunk.
 
-        ``x_pos``: ``(b*b, blocks, C_in)``. Returns ``query (blocks, heads * b*b, C_in + 2b)``,
+        ``xb``: ``(blocks, b*b, C_in)``. Returns ``query (blocks, heads * b*b, C_in + 2b)``,
         ``key (blocks, C_in + 2b, b*b)``, ``attn (blocks * heads, b*b, b*b)`` and
         ``v (blocks * heads, b*b, d)``.
         """
-        pp, blocks, _ = x_pos.shape
+        blocks, pp, _ = xb.shape
         heads = self.heads
-        query = torch.bmm(x_pos, self.qmat).view(pp, blocks, heads, -1)
-        query = query.permute(1, 2, 0, 3).reshape(blocks, heads * pp, -1)
-        key = torch.cat([x_pos.permute(1, 2, 0), self.one_hot.expand(blocks, -1, -1)], dim=1)
+        query = (xb.view(blocks, -1) @ self.qmat).view(blocks, heads * pp, -1)
+        key = torch.cat([xb.transpose(1, 2), self.one_hot.expand(blocks, -1, -1)], dim=1)
+        x_pos = xb.transpose(0, 1)
         logits = torch.bmm(query, key).view(blocks, heads, pp, pp)
         if padding is not None:
             logits.masked_fill_(padding[:, None, None, :], float("-inf"))
@@ -202,8 +208,8 @@ def _forward(x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int) -> 
     xp = plan.pad(x)
     out = x.new_empty(plan.n, plan.c, plan.hp, plan.wp)
     for n, r0, r1 in plan.chunks():
-        x_pos = plan.positions(xp[n], r0, r1)
-        _, _, attn, v = plan.attention(x_pos, plan.key_padding(r0, r1, x.device))
+        xb = plan.blocks(xp[n], r0, r1)
+        _, _, attn, v = plan.attention(xb, plan.key_padding(r0, r1, x.device))
         target = plan.image_view(out[n], r0, r1)
         target.copy_(torch.bmm(attn, v).view(target.shape))
     return plan.crop(out)
@@ -219,9 +225,9 @@ def _backward(grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, 
     grad_xp = torch.empty_like(xp)
     grad_qmat, grad_w_eff = torch.zeros_like(plan.qmat), torch.zeros_like(plan.w_eff)
     for n, r0, r1 in plan.chunks():
-        x_pos = plan.positions(xp[n], r0, r1)
-        query, key, attn, v = plan.attention(x_pos, plan.key_padding(r0, r1, x.device))
-        pp, blocks, _ = x_pos.shape
+        xb = plan.blocks(xp[n], r0, r1)
+        query, key, attn, v = plan.attention(xb, plan.key_padding(r0, r1, x.device))
+        blocks, pp, _ = xb.shape
         g = plan.image_view(gp[n], r0, r1).reshape(blocks * heads, pp, -1)
         # out = attn @ v
         grad_v = torch.bmm(attn.transpose(1, 2), g)
@@ -229,20 +235,22 @@ def _backward(grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, 
         grad_logits = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
         grad_logits = grad_logits.view(blocks, heads * pp, pp)
         # logits = query @ key: the key side's first C_in rows are x_j
-        grad_query = torch.bmm(grad_logits, key.transpose(1, 2)).view(blocks, heads, pp, -1)
-        grad_x_pos = torch.bmm(grad_logits.transpose(1, 2), query[:, :, :c_in]).transpose(0, 1)
-        # query = x_p @ qmat[p]
-        grad_query = grad_query.permute(2, 0, 1, 3).reshape(pp, blocks, -1)
-        grad_qmat += torch.bmm(x_pos.transpose(1, 2), grad_query)
-        grad_x_pos = grad_x_pos + torch.bmm(grad_query, plan.qmat.transpose(1, 2))
+        grad_query = torch.bmm(grad_logits, key.transpose(1, 2)).view(blocks, -1)
+        grad_xb = torch.bmm(grad_logits.transpose(1, 2), query[:, :, :c_in])
+        # query = xb @ qmat
+        xb_flat = xb.view(blocks, -1)
+        grad_qmat += xb_flat.t() @ grad_query
+        grad_xb += (grad_query @ plan.qmat.t()).view_as(grad_xb)
         # v = x_j @ w_eff[j]
         grad_v = grad_v.view(blocks, heads, pp, -1).permute(2, 0, 1, 3).reshape(pp, blocks, -1)
+        x_pos = xb.transpose(0, 1)
         grad_w_eff += torch.bmm(x_pos.transpose(1, 2), grad_v)
-        grad_x_pos += torch.bmm(grad_v, plan.w_eff.transpose(1, 2))
-        grad_xp[n, :, r0 * b : r1 * b] = plan.to_image(grad_x_pos, r0, r1)
-    # qmat[p, x, h, k] = ar[x, h, index[p, k]]
+        grad_xb += torch.bmm(grad_v, plan.w_eff.transpose(1, 2)).transpose(0, 1)
+        grad_xp[n, :, r0 * b : r1 * b] = plan.to_image(grad_xb, r0, r1)
+    # qmat[(p, x), (h, p, k)] = ar[x, h, index[p, k]]: its block diagonal
     pp = b * b
-    grad_qmat = grad_qmat.view(pp, c_in, heads, -1).permute(1, 2, 0, 3).reshape(c_in * heads, -1)
+    grad_qmat = grad_qmat.view(pp, c_in, heads, pp, -1).diagonal(dim1=0, dim2=3)
+    grad_qmat = grad_qmat.permute(0, 1, 3, 2).reshape(c_in * heads, -1)
     grad_ar = torch.zeros_like(plan.ar).view(c_in * heads, -1)
     grad_ar.scatter_add_(1, plan.index.reshape(1, -1).expand(c_in * heads, -1), grad_qmat)
     grads = _derived_backward(
