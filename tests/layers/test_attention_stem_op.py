@@ -13,7 +13,10 @@ from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 from san_det.layers.ops import attention_stem as stem_op
 
 FIXTURE = Path(__file__).parent / "fixtures" / "attention_stem_8c53a60.pt"
-TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+}
 
 
 def _stem(dtype, norm=True, seed=0, **kwargs):
@@ -53,7 +56,8 @@ def test_forward_and_every_gradient_match_the_reference(size, norm, dtype):
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref_out, **tol)
     expected = {"input", "query.weight", "key.weight", "value.weight", "rel_row", "rel_col"}
-    expected |= {"emb_row", "emb_col", "mixture"} | ({"norm.weight", "norm.bias"} if norm else set())
+    expected |= {"emb_row", "emb_col", "mixture"}
+    expected |= {"norm.weight", "norm.bias"} if norm else set()
     assert set(got) == expected
     for name in got:
         torch.testing.assert_close(got[name], want[name], **tol, msg=name)
@@ -128,7 +132,23 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.san_det.attention_stem.default, args)
     grad_out = torch.randn(2, 8, 6, 7, dtype=dtype)
     detached = [a.detach() if torch.is_tensor(a) else a for a in args]
-    torch.library.opcheck(torch.ops.san_det.attention_stem_backward.default, (grad_out, *detached))
+    for input_grad in (True, False):
+        torch.library.opcheck(
+            torch.ops.san_det.attention_stem_backward.default, (grad_out, *detached, input_grad)
+        )
+
+
+def test_parameter_gradients_without_the_input_gradient():
+    """An image that needs no gradient (training): the parameters' gradients are unchanged."""
+    stem = _stem(torch.float64, norm=False)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    for forward in (stem.attention, stem.attention_reference):
+        out = forward(x)
+        grads = torch.autograd.grad(out, list(stem.parameters()), torch.ones_like(out))
+        if forward == stem.attention:
+            got = grads
+    for a, b in zip(got, grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_gradcheck_of_the_op():

@@ -108,7 +108,8 @@ def _derived_backward(grad_ar, grad_w_eff, wq, wk, wv, rel_row, rel_col, probs, 
     g_w = grad_w_eff.transpose(1, 2).reshape(b * b, c * c_in)
     grad_wv = (probs.t() @ g_w).view(m * c, c_in)
     grad_probs = g_w @ wv.view(m, c * c_in).t()
-    return grad_wq.reshape(c, c_in), grad_wk.reshape(c, c_in), grad_wv, grad_rel_row, grad_rel_col, grad_probs
+    grad_wq, grad_wk = grad_wq.reshape(c, c_in), grad_wk.reshape(c, c_in)
+    return grad_wq, grad_wk, grad_wv, grad_rel_row, grad_rel_col, grad_probs
 
 
 class _Plan:
@@ -215,14 +216,17 @@ def _forward(x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int) -> 
     return plan.crop(out)
 
 
-def _backward(grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int):
+def _backward(
+    grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, b: int, input_grad: bool
+):
+    """Gradients of the seven tensor inputs (that of ``x`` zeros unless ``input_grad``)."""
     x, wq, wk, wv, rel_row, rel_col, probs, grad_out = _as(
         _compute_dtype(x.dtype), x, wq, wk, wv, rel_row, rel_col, probs, grad_out
     )
     plan = _Plan(x, wq, wk, wv, rel_row, rel_col, probs, num_heads, b)
     c_in, heads = plan.c_in, plan.heads
     xp, gp = plan.pad(x), plan.pad(grad_out)
-    grad_xp = torch.empty_like(xp)
+    grad_xp = torch.empty_like(xp) if input_grad else None
     grad_qmat, grad_w_eff = torch.zeros_like(plan.qmat), torch.zeros_like(plan.w_eff)
     for n, r0, r1 in plan.chunks():
         xb = plan.blocks(xp[n], r0, r1)
@@ -236,17 +240,15 @@ def _backward(grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, 
         grad_logits = grad_logits.view(blocks, heads * pp, pp)
         # logits = query @ key: the key side's first C_in rows are x_j
         grad_query = torch.bmm(grad_logits, key.transpose(1, 2)).view(blocks, -1)
-        grad_xb = torch.bmm(grad_logits.transpose(1, 2), query[:, :, :c_in])
-        # query = xb @ qmat
-        xb_flat = xb.view(blocks, -1)
-        grad_qmat += xb_flat.t() @ grad_query
-        grad_xb += (grad_query @ plan.qmat.t()).view_as(grad_xb)
-        # v = x_j @ w_eff[j]
+        # query = xb @ qmat; v = x_j @ w_eff[j]
+        grad_qmat += xb.view(blocks, -1).t() @ grad_query
         grad_v = grad_v.view(blocks, heads, pp, -1).permute(2, 0, 1, 3).reshape(pp, blocks, -1)
-        x_pos = xb.transpose(0, 1)
-        grad_w_eff += torch.bmm(x_pos.transpose(1, 2), grad_v)
-        grad_xb += torch.bmm(grad_v, plan.w_eff.transpose(1, 2)).transpose(0, 1)
-        grad_xp[n, :, r0 * b : r1 * b] = plan.to_image(grad_xb, r0, r1)
+        grad_w_eff += torch.bmm(xb.transpose(0, 1).transpose(1, 2), grad_v)
+        if input_grad:
+            grad_xb = torch.bmm(grad_logits.transpose(1, 2), query[:, :, :c_in])
+            grad_xb += (grad_query @ plan.qmat.t()).view_as(grad_xb)
+            grad_xb += torch.bmm(grad_v, plan.w_eff.transpose(1, 2)).transpose(0, 1)
+            grad_xp[n, :, r0 * b : r1 * b] = plan.to_image(grad_xb, r0, r1)
     # qmat[(p, x), (h, p, k)] = ar[x, h, index[p, k]]: its block diagonal
     pp = b * b
     grad_qmat = grad_qmat.view(pp, c_in, heads, pp, -1).diagonal(dim1=0, dim2=3)
@@ -256,7 +258,8 @@ def _backward(grad_out, x, wq, wk, wv, rel_row, rel_col, probs, num_heads: int, 
     grads = _derived_backward(
         grad_ar.view_as(plan.ar), grad_w_eff, wq, wk, wv, rel_row, rel_col, probs, num_heads, b
     )
-    return [plan.crop(grad_xp)] + [g.contiguous() for g in grads]
+    grad_x = plan.crop(grad_xp) if input_grad else torch.zeros_like(x)
+    return [grad_x] + [g.contiguous() for g in grads]
 
 
 # ------------------------------------------------------------------------------ registration
@@ -273,16 +276,23 @@ def _attention_stem(
     block_size: int,
 ) -> Tensor:
     _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
-    out = _forward(
-        x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
-        num_heads, block_size,
-    )
+    weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
+    out = _forward(x, *weights, num_heads, block_size)
     return out.to(x.dtype)
 
 
 @_attention_stem.register_fake
-def _(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs, num_heads,
-      block_size):
+def _(
+    x,
+    query_weight,
+    key_weight,
+    value_weight,
+    rel_row,
+    rel_col,
+    mixture_probs,
+    num_heads,
+    block_size,
+):
     _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
     n, _, h, w = x.shape
     return x.new_empty(n, query_weight.shape[0], h, w)
@@ -300,15 +310,27 @@ def _attention_stem_backward(
     mixture_probs: Tensor,
     num_heads: int,
     block_size: int,
+    input_grad: bool,
 ) -> List[Tensor]:
     inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    grads = _backward(grad_out, *inputs, num_heads, block_size)
+    grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
     return [g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
 @_attention_stem_backward.register_fake
-def _(grad_out, x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
-      num_heads, block_size):
+def _(
+    grad_out,
+    x,
+    query_weight,
+    key_weight,
+    value_weight,
+    rel_row,
+    rel_col,
+    mixture_probs,
+    num_heads,
+    block_size,
+    input_grad,
+):
     inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
     return [t.new_empty(t.shape) for t in inputs]
 
@@ -319,8 +341,10 @@ def _setup(ctx, inputs, output):
 
 
 def _grads(ctx, grad_out):
-    grads = _attention_stem_backward(grad_out, *ctx.saved_tensors, *ctx.geometry)
-    return (*grads, None, None)
+    # An image rarely needs its gradient: the backward pass then skips the input's terms.
+    input_grad = ctx.needs_input_grad[0]
+    grads = _attention_stem_backward(grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad)
+    return (grads[0] if input_grad else None, *grads[1:], None, None)
 
 
 _attention_stem.register_autograd(_grads, setup_context=_setup)
@@ -350,7 +374,5 @@ def attention_stem(
     Returns:
         ``(N, C, H, W)``.
     """
-    return _attention_stem(
-        x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
-        num_heads, block_size,
-    )
+    weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
+    return _attention_stem(x, *weights, num_heads, block_size)
