@@ -11,6 +11,7 @@ import torch
 import san_det  # noqa: F401  (compat before detectron2)
 from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 from san_det.layers.ops import attention_stem as stem_op
+from tests.helpers.skips import needs_cuda
 
 FIXTURE = Path(__file__).parent / "fixtures" / "attention_stem_8c53a60.pt"
 TOLERANCES = {
@@ -35,7 +36,7 @@ def _grads(stem, forward, x, grad_seed=1):
     x = x.detach().requires_grad_(True)
     out = forward(x)
     gen = torch.Generator().manual_seed(grad_seed)
-    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     names, params = zip(*stem.named_parameters())
     got = torch.autograd.grad(out, (x, *params), grad)
     return out, dict(zip(("input",) + names, got))
@@ -199,3 +200,16 @@ def test_bad_op_arguments():
     args[8] = 3  # block size: rel must be (C / 2, 2b - 1)
     with pytest.raises(ValueError, match="2b - 1"):
         stem_op.attention_stem(*args)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cuda_matches_the_reference(dtype):
+    """The op on a CUDA device (the same tensor operations) against the reference there."""
+    stem = _stem(dtype).cuda().train()
+    x = torch.randn(2, 3, 13, 10, dtype=dtype, device="cuda")
+    out, got = _grads(stem, stem, x)
+    ref_out, want = _grads(stem, stem.forward_reference, x)
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[dtype])
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], **TOLERANCES[dtype], msg=name)

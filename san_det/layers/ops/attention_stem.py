@@ -264,92 +264,6 @@ def _backward(
 
 # ------------------------------------------------------------------------------ registration
 @torch.library.custom_op("san_det::attention_stem", mutates_args=())
-def _attention_stem(
-    x: Tensor,
-    query_weight: Tensor,
-    key_weight: Tensor,
-    value_weight: Tensor,
-    rel_row: Tensor,
-    rel_col: Tensor,
-    mixture_probs: Tensor,
-    num_heads: int,
-    block_size: int,
-) -> Tensor:
-    _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
-    weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    out = _forward(x, *weights, num_heads, block_size)
-    return out.to(x.dtype)
-
-
-@_attention_stem.register_fake
-def _(
-    x,
-    query_weight,
-    key_weight,
-    value_weight,
-    rel_row,
-    rel_col,
-    mixture_probs,
-    num_heads,
-    block_size,
-):
-    _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
-    n, _, h, w = x.shape
-    return x.new_empty(n, query_weight.shape[0], h, w)
-
-
-@torch.library.custom_op("san_det::attention_stem_backward", mutates_args=())
-def _attention_stem_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    query_weight: Tensor,
-    key_weight: Tensor,
-    value_weight: Tensor,
-    rel_row: Tensor,
-    rel_col: Tensor,
-    mixture_probs: Tensor,
-    num_heads: int,
-    block_size: int,
-    input_grad: bool,
-) -> List[Tensor]:
-    inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
-    return [g.to(t.dtype) for g, t in zip(grads, inputs)]
-
-
-@_attention_stem_backward.register_fake
-def _(
-    grad_out,
-    x,
-    query_weight,
-    key_weight,
-    value_weight,
-    rel_row,
-    rel_col,
-    mixture_probs,
-    num_heads,
-    block_size,
-    input_grad,
-):
-    inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    return [t.new_empty(t.shape) for t in inputs]
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])
-    ctx.geometry = inputs[7:]
-
-
-def _grads(ctx, grad_out):
-    # An image rarely needs its gradient: the backward pass then skips the input's terms.
-    input_grad = ctx.needs_input_grad[0]
-    grads = _attention_stem_backward(grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad)
-    return (grads[0] if input_grad else None, *grads[1:], None, None)
-
-
-_attention_stem.register_autograd(_grads, setup_context=_setup)
-
-
 def attention_stem(
     x: Tensor,
     query_weight: Tensor,
@@ -374,5 +288,52 @@ def attention_stem(
     Returns:
         ``(N, C, H, W)``.
     """
+    _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
     weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    return _attention_stem(x, *weights, num_heads, block_size)
+    return _forward(x, *weights, num_heads, block_size).to(x.dtype)
+
+
+@attention_stem.register_fake
+def _(x, query_weight, key_weight, value_weight, rel_row, *others):
+    num_heads, block_size = others[-2:]
+    _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
+    n, _, h, w = x.shape
+    return x.new_empty(n, query_weight.shape[0], h, w)
+
+
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor query_weight, Tensor key_weight, Tensor value_weight, "
+    "Tensor rel_row, Tensor rel_col, Tensor mixture_probs, SymInt num_heads, SymInt block_size, "
+    "bool input_grad) -> Tensor[]"
+)
+
+
+@torch.library.custom_op(
+    "san_det::attention_stem_backward", mutates_args=(), schema=_BACKWARD_SCHEMA
+)
+def _attention_stem_backward(grad_out, *args) -> List[Tensor]:
+    """The gradients of :func:`attention_stem`'s seven tensor inputs (zeros for ``x`` unless
+    ``input_grad``): ``args`` are its inputs and ``input_grad``."""
+    inputs = args[:7]
+    grads = _backward(grad_out, *args)
+    return [g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+@_attention_stem_backward.register_fake
+def _(grad_out, *inputs_and_geometry):
+    return [t.new_empty(t.shape) for t in inputs_and_geometry[:7]]
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.geometry = inputs[7:]
+
+
+def _grads(ctx, grad_out):
+    # An image rarely needs its gradient: the backward pass then skips the input's terms.
+    input_grad = ctx.needs_input_grad[0]
+    grads = _attention_stem_backward(grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad)
+    return (grads[0] if input_grad else None, *grads[1:], None, None)
+
+
+attention_stem.register_autograd(_grads, setup_context=_setup)
