@@ -42,6 +42,12 @@ SCHEMAS = {
     "aggregation_weight_backward": "(Tensor grad_out, Tensor x, SymInt weight_channels, "
     "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, "
     'str backend="auto") -> Tensor',
+    "attention_stem": "(Tensor x, Tensor query_weight, Tensor key_weight, Tensor value_weight, "
+    "Tensor rel_row, Tensor rel_col, Tensor mixture_probs, SymInt num_heads, SymInt block_size) "
+    "-> Tensor",
+    "attention_stem_backward": "(Tensor grad_out, Tensor x, Tensor query_weight, "
+    "Tensor key_weight, Tensor value_weight, Tensor rel_row, Tensor rel_col, "
+    "Tensor mixture_probs, SymInt num_heads, SymInt block_size, bool input_grad) -> Tensor[]",
 }
 
 

@@ -1,9 +1,10 @@
 """The attention ops as PyTorch operators in the ``san_det`` namespace (``torch.ops.san_det.*``).
 
-Each op is a ``torch.library.custom_op`` with a schema, CPU and CUDA implementations, a fake
-(shape-only) implementation for ``torch.compile`` / ``torch.export``, an autograd formula whose
-backward is itself a registered op, and an autocast rule; so compilers, exporters, tracers and
-FLOP counters see one node per op call instead of Python code. :data:`OP_TABLE` lists them, one
+Each op is a ``torch.library.custom_op`` with a schema, CPU and CUDA implementations (any device
+for the attention stem's tensor operations), a fake (shape-only) implementation for
+``torch.compile`` / ``torch.export``, an autograd formula whose backward is itself a registered
+op, and an autocast rule (not the stem's); so compilers, exporters, tracers and FLOP counters see
+one node per op call instead of Python code. :data:`OP_TABLE` lists them, one
 :class:`~.registry.OpSpec` each, and :func:`~.registry.register_op` registers them:
 
 - ``local_attention(q, k, v, rel?, num_heads, kernel_size, dilation) -> (out, attn)``, backward
@@ -11,10 +12,12 @@ FLOP counters see one node per op call instead of Python code. :data:`OP_TABLE` 
 - ``subtraction(x, kernel_size, stride, padding, dilation, pad_mode)`` and
   ``subtraction2(x1, x2, kernel_size, ...)``, backward ``subtraction_backward``;
 - ``aggregation(x, w, kernel_size, ...)``, backward ``aggregation_input_backward`` and
-  ``aggregation_weight_backward``.
+  ``aggregation_weight_backward``;
+- ``attention_stem(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
+  num_heads, block_size)``, backward ``attention_stem_backward`` (:mod:`.attention_stem`).
 
-Every op ends in ``backend: str = "auto"`` (see :mod:`.registry`: the entry points of
-:mod:`.functional` pass the resolved name, a forward passes its own to its backward).
+Every op but the stem's ends in ``backend: str = "auto"`` (see :mod:`.registry`: the entry
+points of :mod:`.functional` pass the resolved name, a forward passes its own to its backward).
 
 ``local_attention`` also returns the attention probabilities ``attn`` (N, heads, H, k*k, W: the
 k*k taps of an image row together, as the kernels read them) in the accumulation dtype (float64
@@ -31,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import attention_stem as stem
 from . import kernels, reference
 from .checks import (
     accumulation_dtype,
@@ -374,6 +378,10 @@ OP_TABLE = (
            _window_setup(2, save=False), autocast=True),
     OpSpec("aggregation", _aggregation, _aggregation_fake, _aggregation_grads,
            _window_setup(2, save=True), autocast=True),
+    # plain tensor operations: no backend argument, any device
+    OpSpec("attention_stem_backward", stem.backward_impl, stem.backward_fake, device_types=None),
+    OpSpec("attention_stem", stem.impl, stem.fake, stem.grads, stem.setup_context,
+           device_types=None),
 )  # fmt: skip
 
 # Every registered op by its name in the namespace.

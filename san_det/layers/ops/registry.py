@@ -6,8 +6,9 @@ autocast casts its inputs. :func:`register_op` turns a spec into a ``torch.libra
 with all of that; adding an op is adding one spec to :data:`.library.OP_TABLE` (the kernels it
 launches need no list: a kernel file's kernels are found in its source).
 
-The backend (``reference``, ``cpu`` or ``cuda``) is an argument of every op, the last one,
-``backend: str = "auto"``. The entry points of :mod:`.functional` resolve it once
+The backend (``reference``, ``cpu`` or ``cuda``) is an argument of every op that has backends,
+the last one, ``backend: str = "auto"``; an op of plain tensor operations (the attention stem) has
+none and runs on any device (``device_types=None``). The entry points of :mod:`.functional` resolve it once
 (:func:`~san_det.layers.backend.select_backend`: forced, from the environment, or from the
 device) and pass the name down; a forward op hands the name it ran with to its backward op as an
 argument, so a backward computed in another thread (CUDA autograd) uses its forward's backend
@@ -15,7 +16,7 @@ without any thread-local state. ``"auto"`` (a direct ``torch.ops.san_det.*`` cal
 being traced or compiled) is resolved where the op runs, each time it runs.
 """
 
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -35,13 +36,16 @@ class OpSpec(NamedTuple):
 
     Attributes:
         name: the op's name, ``torch.ops.san_det.<name>``.
-        impl: the implementation; its annotated parameters are the schema and its last parameter
-            is ``backend: str = "auto"`` (resolve it with :func:`resolve_backend`).
+        impl: the implementation; its annotated parameters are the schema and, for an op with
+            backends, its last parameter is ``backend: str = "auto"`` (resolve it with
+            :func:`resolve_backend`).
         fake: the shape-only implementation (same parameters).
         backward: ``(ctx, *grads) -> grads`` of ``register_autograd``, or ``None``.
         setup_context: ``(ctx, inputs, output)``, with ``backward``.
         autocast: run in the autocast dtype under ``torch.autocast`` (forward ops, like
             convolutions; float64 inputs stay float64).
+        device_types: the devices ``impl`` runs on; ``None`` for any device (an op of plain
+            tensor operations).
     """
 
     name: str
@@ -50,12 +54,13 @@ class OpSpec(NamedTuple):
     backward: Optional[Callable] = None
     setup_context: Optional[Callable] = None
     autocast: bool = False
+    device_types: Optional[Tuple[str, ...]] = DEVICE_TYPES
 
 
 def register_op(spec: OpSpec):
     """Register ``spec`` as ``torch.ops.san_det.<name>``; returns the custom op."""
     op = torch.library.custom_op(
-        f"san_det::{spec.name}", spec.impl, mutates_args=(), device_types=DEVICE_TYPES
+        f"san_det::{spec.name}", spec.impl, mutates_args=(), device_types=spec.device_types
     )
     op.register_fake(spec.fake)
     if spec.backward is not None:
