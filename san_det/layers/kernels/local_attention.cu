@@ -281,10 +281,13 @@ __device__ __forceinline__ sasa_tile sasa_tile_of(int64_t idx, int WT, int H, in
 // sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) go to attn and become the softmax
 // over the in-image neighbours there (max, exp and sum, normalise); then
 // out[c, i, j] = sum_{a, b} attn[i, a, b, j] * v[c, i', j'] for every channel of the head.
-__global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                             const scalar_t* __restrict__ v, const scalar_t* __restrict__ relT,
-                             acc_t* __restrict__ attn, scalar_t* __restrict__ out, int N, int C,
-                             int H, int W, int heads, int K, int dil) {
+// Bounded to 2 blocks per SM: unbounded, the double build takes 168 registers (sm_80) since the
+// logits' running maximum is kept in registers.
+__global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
+    sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                 const scalar_t* __restrict__ v, const scalar_t* __restrict__ relT,
+                 acc_t* __restrict__ attn, scalar_t* __restrict__ out, int N, int C, int H, int W,
+                 int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
