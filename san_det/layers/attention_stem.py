@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops  # noqa: F401  (registers torch.ops.san_det.attention_stem)
 from .checks import check_int
-from .ops.attention_stem import attention_stem
 
 __all__ = ["SpatiallyAwareAttentionStem"]
 
@@ -155,7 +155,7 @@ class SpatiallyAwareAttentionStem(nn.Module):
         """The attention output before norm and pool, ``(N, C, H, W)``, by the registered op
         ``torch.ops.san_det.attention_stem`` (:mod:`san_det.layers.ops.attention_stem`)."""
         self._check_input(x)
-        return attention_stem(
+        return torch.ops.san_det.attention_stem(
             x,
             self.query.weight[:, :, 0, 0],
             self.key.weight[:, :, 0, 0],

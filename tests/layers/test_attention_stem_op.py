@@ -154,7 +154,7 @@ def test_parameter_gradients_without_the_input_gradient():
 
 def test_gradcheck_of_the_op():
     args = _op_args(torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: stem_op.attention_stem(*t, 2, 4), args[:7])
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.san_det.attention_stem(*t, 2, 4), args[:7])
 
 
 def test_compiled_and_exported_stem_match_eager():
@@ -196,10 +196,10 @@ def test_checkpoint_written_before_the_op_loads_and_gives_the_same_outputs():
 def test_bad_op_arguments():
     args = list(_op_args(torch.float64, requires_grad=False))
     with pytest.raises(ValueError, match=r"x must be \(N, C_in, H, W\)"):
-        stem_op.attention_stem(args[0][0], *args[1:])
+        torch.ops.san_det.attention_stem(args[0][0], *args[1:])
     args[8] = 3  # block size: rel must be (C / 2, 2b - 1)
     with pytest.raises(ValueError, match="2b - 1"):
-        stem_op.attention_stem(*args)
+        torch.ops.san_det.attention_stem(*args)
 
 
 @needs_cuda

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention_stem", "CHUNK_BLOCKS"]
+__all__ = ["CHUNK_BLOCKS"]
 
 #: blocks per chunk: the chunk's logits (``CHUNK_BLOCKS * heads * b^4`` values) stay in cache.
 CHUNK_BLOCKS = 256
@@ -279,6 +279,20 @@ def impl(
     num_heads: int,
     block_size: int,
 ) -> Tensor:
+    """``torch.ops.san_det.attention_stem``: blockwise multi-head attention of SASA's stem, before
+    its norm and pool.
+
+    Args:
+        x: ``(N, C_in, H, W)`` image (any ``H, W``: padded keys are masked).
+        query_weight, key_weight: ``(C, C_in)``; value_weight: ``(M * C, C_in)`` (row
+            ``m * C + c`` is row ``c`` of ``W_V^m``).
+        rel_row, rel_col: ``(C / 2, 2b - 1)`` relative row / column embeddings.
+        mixture_probs: ``(b*b, M)`` mixture weights ``p(a, b, m)`` of each block position.
+        num_heads: heads (``C / num_heads`` even); block_size: ``b``.
+
+    Returns:
+        ``(N, C, H, W)``.
+    """
     _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
     weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
     return _forward(x, *weights, num_heads, block_size).to(x.dtype)
@@ -304,8 +318,8 @@ def backward_impl(
     block_size: int,
     input_grad: bool,
 ) -> List[Tensor]:
-    """The gradients of :func:`attention_stem`'s seven tensor inputs (zeros for ``x`` unless
-    ``input_grad``)."""
+    """``torch.ops.san_det.attention_stem_backward``: the gradients of :func:`impl`'s seven
+    tensor inputs (zeros for ``x`` unless ``input_grad``)."""
     inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
     grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
     return [g.to(t.dtype) for g, t in zip(grads, inputs)]
@@ -327,33 +341,3 @@ def grads(ctx, grad_out):
         grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad
     )
     return (grads[0] if input_grad else None, *grads[1:], None, None)
-
-
-# ------------------------------------------------------------------------------- entry point
-def attention_stem(
-    x: Tensor,
-    query_weight: Tensor,
-    key_weight: Tensor,
-    value_weight: Tensor,
-    rel_row: Tensor,
-    rel_col: Tensor,
-    mixture_probs: Tensor,
-    num_heads: int,
-    block_size: int,
-) -> Tensor:
-    """Blockwise multi-head attention of SASA's stem, before its norm and pool
-    (``torch.ops.san_det.attention_stem``).
-
-    Args:
-        x: ``(N, C_in, H, W)`` image (any ``H, W``: padded keys are masked).
-        query_weight, key_weight: ``(C, C_in)``; value_weight: ``(M * C, C_in)`` (row
-            ``m * C + c`` is row ``c`` of ``W_V^m``).
-        rel_row, rel_col: ``(C / 2, 2b - 1)`` relative row / column embeddings.
-        mixture_probs: ``(b*b, M)`` mixture weights ``p(a, b, m)`` of each block position.
-        num_heads: heads (``C / num_heads`` even); block_size: ``b``.
-
-    Returns:
-        ``(N, C, H, W)``.
-    """
-    weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    return torch.ops.san_det.attention_stem(x, *weights, num_heads, block_size)
