@@ -1,19 +1,19 @@
 """How an op of the table in :mod:`.library` becomes ``torch.ops.san_det.<name>``.
 
 An :class:`OpSpec` is everything about one op: its implementation (whose annotations are the
-schema), its fake (shape-only) implementation, its autograd formula if it has one, and whether
-autocast casts its inputs. :func:`register_op` turns a spec into a ``torch.library.custom_op``
+schema), its fake (shape-only) implementation, its autograd formula if it has one, whether
+autocast casts its inputs, and the devices it runs on. :func:`register_op` turns a spec into a ``torch.library.custom_op``
 with all of that; adding an op is adding one spec to :data:`.library.OP_TABLE` (the kernels it
 launches need no list: a kernel file's kernels are found in its source).
 
-The backend (``reference``, ``cpu`` or ``cuda``) is an argument of every op that has backends,
-the last one, ``backend: str = "auto"``; an op of plain tensor operations (the attention stem) has
-none and runs on any device (``device_types=None``). The entry points of :mod:`.functional` resolve it once
-(:func:`~san_det.layers.backend.select_backend`: forced, from the environment, or from the
+The backend (``reference``, ``cpu`` or ``cuda``) is an argument of every op that has backends, the
+last one, ``backend: str = "auto"``; an op of plain tensor operations (the attention stem) has none
+and runs on any device (``device_types=None``). The entry points of :mod:`.functional` resolve it
+once (:func:`~san_det.layers.backend.select_backend`: forced, from the environment, or from the
 device) and pass the name down; a forward op hands the name it ran with to its backward op as an
 argument, so a backward computed in another thread (CUDA autograd) uses its forward's backend
-without any thread-local state. ``"auto"`` (a direct ``torch.ops.san_det.*`` call, or a call
-being traced or compiled) is resolved where the op runs, each time it runs.
+without any thread-local state. ``"auto"`` (a direct ``torch.ops.san_det.*`` call, or a call being
+traced or compiled) is resolved where the op runs, each time it runs.
 """
 
 from typing import Callable, List, NamedTuple, Optional, Tuple
