@@ -1,9 +1,10 @@
-# The two commands of the README. Both create/refresh .venv first (seconds when up to date).
+# The two commands of the README and the check that needs a CUDA GPU (docs/GPU_CHECK.md). All
+# create/refresh .venv first (seconds when up to date).
 # The CPU behaves like one core here: one OpenMP thread avoids spin-wait overhead (KERNELS.md).
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test demo
+.PHONY: setup test demo gpu-check
 
 setup:
 	@bash tools/setup_env.sh
@@ -13,3 +14,8 @@ test: setup
 
 demo: setup
 	$(PY) train_net.py --config-file configs/Demo/shapes_retinanet.yaml
+
+# CUDA tests and GPU benchmarks (float32 and AMP, vs cuDNN and FlexAttention) in <= 8 minutes;
+# without a CUDA GPU it says so and fails.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py

@@ -1,29 +1,32 @@
 """SASA's attention stem against the conv stem it replaces, side by side in one run.
 
-At ``--batch`` x 3 x ``--size`` x ``--size`` (default 2 x 3 x 224 x 224), float32, training mode:
+At ``--batch`` x 3 x S x S for each ``--sizes`` S (default 224, ImageNet, and 640, SASA's
+detection crop), float32, training mode:
 
 - ``conv stem``: ``Conv2d(3, 64, 7, stride 2, padding 3)`` + ``BatchNorm2d`` + ReLU +
-  ``MaxPool2d(3, stride 2, padding 1)`` (ResNet's stem; output 56 x 56);
-- ``attention stem (kernels)``: ``SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8)``
-  as it runs on the CPU backend (compiled block-attention kernels); output 56 x 56;
-- ``attention stem (tensor ops)``: the same module's ``forward_reference`` (plain tensor
-  operations, what the reference backend, tracing and CUDA use; with a san_det that has no stem
-  kernels, the module's forward);
+  ``MaxPool2d(3, stride 2, padding 1)`` (ResNet's stem; output S/4 x S/4);
+- ``attention stem``: ``SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8)``, its
+  attention by the registered op ``san_det::attention_stem``; output S/4 x S/4;
+- ``attention stem (tensor ops)``: the same module's ``forward_reference`` (the readable
+  reference the op replaced; sizes up to ``--reference-max-size`` only, it is slow and large);
 - ``BatchNorm + 4x4 max pool``: the attention stem's norm and pool alone, on its full-resolution
   output (what any implementation of the paper's stem pays after the attention).
 
 Forward (``torch.no_grad``) and forward+backward (gradients of the input and every parameter),
-the cases interleaved round by round; medians of wall time and process CPU time, with the
-1-minute load average.
+the cases interleaved round by round in this process: medians of wall time and process CPU
+time, with the 1-minute load average per round. Peak extra memory of one forward+backward: each
+case in a fresh process with glibc's mmap threshold fixed (freed memory goes back to the system),
+peak resident set minus the resident set before, after a warm-up pass.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_attention_stem.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_attention_stem.py [--quick]
 
 Writes ``benchmarks/results/attention_stem_cpu.json`` and prints a Markdown table.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -37,64 +40,67 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_name, write_report  # noqa: E402
+from _common import cpu_name, reset_peak_rss, run_child, status_mb, write_report  # noqa: E402
+
+CASES = ("conv stem", "attention stem", "attention stem (tensor ops)", "BatchNorm + 4x4 max pool")
 
 
-def _cases(batch: int, size: int):
+def _case(name: str, batch: int, size: int):
+    """``(module, forward, input)`` of one case."""
     import san_det  # noqa: F401
     from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 
     torch.manual_seed(0)
+    if name == "BatchNorm + 4x4 max pool":
+        module = nn.Sequential(nn.BatchNorm2d(64), nn.MaxPool2d(4, 4)).train()
+        return module, module, torch.randn(batch, 64, size, size, requires_grad=True)
     x = torch.randn(batch, 3, size, size, requires_grad=True)
-    conv = nn.Sequential(
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
-    ).train()
+    if name == "conv stem":
+        module = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        ).train()
+        return module, module, x
     stem = SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8).train()
-    norm_pool = nn.Sequential(nn.BatchNorm2d(64), nn.MaxPool2d(4, 4)).train()
-    full_res = torch.randn(batch, 64, size, size, requires_grad=True)
-    cases = {"conv stem": (conv, conv, x)}
-    if hasattr(stem, "forward_reference"):  # (a san_det without the stem kernels has neither)
-        if not stem._kernels_apply(x):
-            raise SystemExit("the attention stem's CPU kernels do not apply here (no compiler?)")
-        cases["attention stem (kernels)"] = (stem, stem, x)
-        cases["attention stem (tensor ops)"] = (stem, stem.forward_reference, x)
-    else:
-        cases["attention stem (tensor ops)"] = (stem, stem, x)
-    cases["BatchNorm + 4x4 max pool"] = (norm_pool, norm_pool, full_res)
-    return cases
+    return stem, (stem if name == "attention stem" else stem.forward_reference), x
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/attention_stem_cpu.json"
-    )
-    args = parser.parse_args()
+def _passes(module, forward, x):
+    leaves = [x, *module.parameters()]
 
-    cases = _cases(args.batch, args.size)
+    def fwd():
+        with torch.no_grad():
+            forward(x)
+
+    def fwd_bwd():
+        out = forward(x)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    return fwd, fwd_bwd
+
+
+def _peak_extra_mb(name: str, batch: int, size: int) -> dict:
+    """In a fresh process: peak resident set of one forward+backward beyond what was there."""
+    _, fwd_bwd = _passes(*_case(name, batch, size))
+    fwd_bwd()  # warm-up (libraries, allocator)
+    before = status_mb("VmRSS")
+    if not reset_peak_rss():
+        raise SystemExit("cannot reset the peak resident set (/proc/self/clear_refs)")
+    fwd_bwd()
+    return {"peak_extra_mb": round(status_mb("VmHWM") - before, 1)}
+
+
+def _time(names, batch: int, size: int, repeats: int) -> dict:
     runs = {}
-    for name, (module, forward, x) in cases.items():
-        leaves = [x, *module.parameters()]
-
-        def fwd(forward=forward, x=x):
-            with torch.no_grad():
-                forward(x)
-
-        def fwd_bwd(forward=forward, x=x, leaves=leaves):
-            out = forward(x)
-            torch.autograd.grad(out, leaves, torch.ones_like(out))
-
-        fwd_bwd()  # warm-up: compiles / loads the kernels
+    for name in names:
+        fwd, fwd_bwd = _passes(*_case(name, batch, size))
+        fwd_bwd()  # warm-up
         runs[name] = (fwd, fwd_bwd)
     samples = {name: {"fwd": [], "fwd_bwd": [], "fwd_cpu": [], "fwd_bwd_cpu": []} for name in runs}
     loads = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, (fwd, fwd_bwd) in runs.items():
             for key, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
                 start, start_cpu = time.perf_counter(), time.process_time()
@@ -102,37 +108,77 @@ def main() -> None:
                 samples[name][key].append((time.perf_counter() - start) * 1e3)
                 samples[name][key + "_cpu"].append((time.process_time() - start_cpu) * 1e3)
         loads.append(round(os.getloadavg()[0], 2))
-    results = [
-        {"case": name, **{f"{k}_ms": round(statistics.median(v), 2) for k, v in s.items()}}
+    results = {
+        name: {f"{k}_ms": round(statistics.median(v), 2) for k, v in s.items()}
         for name, s in samples.items()
-    ]
-    conv = results[0]
-    for r in results:
-        r["fwd_bwd_vs_conv_stem"] = round(r["fwd_bwd_ms"] / conv["fwd_bwd_ms"], 2)
-        r["fwd_bwd_cpu_vs_conv_stem"] = round(r["fwd_bwd_cpu_ms"] / conv["fwd_bwd_cpu_ms"], 2)
+    }
+    return {"results": results, "load_average_1min_per_round": loads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 640])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 rounds")
+    parser.add_argument("--reference-max-size", type=int, default=224)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/attention_stem_cpu.json"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(_peak_extra_mb(spec["case"], spec["batch"], spec["size"])))
+        return
+    repeats = 2 if args.quick else args.repeats
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for size in args.sizes:
+        names = [n for n in CASES if "tensor ops" not in n or size <= args.reference_max_size]
+        timed = _time(names, args.batch, size, repeats)
+        for name in names:
+            spec = {"case": name, "batch": args.batch, "size": size}
+            memory = run_child(__file__, spec, memory=True)
+            row = {"input": [args.batch, 3, size, size], "case": name}
+            row.update(timed["results"][name], **memory)
+            row["load_average_1min_per_round"] = timed["load_average_1min_per_round"]
+            rows.append(row)
+        conv = next(r for r in rows if r["input"][2] == size and r["case"] == "conv stem")
+        for r in rows:
+            if r["input"][2] == size:
+                for key in ("fwd_bwd_ms", "fwd_bwd_cpu_ms", "peak_extra_mb"):
+                    name = key.replace("_ms", "").replace("_mb", "")
+                    r[f"{name}_vs_conv_stem"] = round(r[key] / max(conv[key], 1e-3), 2)
     report = {
         "device_name": cpu_name(),
         "torch": torch.__version__,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "input": [args.batch, 3, args.size, args.size],
+        "torch_threads": torch.get_num_threads(),
         "dtype": "float32",
-        "repeats": args.repeats,
-        "load_average_1min_per_round": loads,
-        "results": results,
+        "repeats": repeats,
+        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "results": rows,
     }
     write_report(report, args.out)
     print(
         f"{report['device_name']}, torch {torch.__version__}, OMP_NUM_THREADS="
-        f"{report['OMP_NUM_THREADS']}, input {report['input']}, medians of {args.repeats} rounds, "
-        f"load average per round {loads}; wrote {args.out}\n"
+        f"{report['OMP_NUM_THREADS']}, medians of {repeats} rounds, load average before/after "
+        f"{report['load_average_1min_before_after']}; wrote {args.out}\n"
     )
-    print("| case | fwd ms (CPU ms) | fwd+bwd ms (CPU ms) | fwd+bwd vs conv stem (CPU) |")
-    print("|---|---|---|---|")
-    for r in results:
+    print(
+        "| input | case | fwd ms (CPU) | fwd+bwd ms (CPU) | fwd+bwd vs conv stem: wall (CPU) | "
+        "peak extra MB (vs conv stem) | load per round |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
         print(
-            f"| {r['case']} | {r['fwd_ms']:.1f} ({r['fwd_cpu_ms']:.1f}) | {r['fwd_bwd_ms']:.1f} "
-            f"({r['fwd_bwd_cpu_ms']:.1f}) | {r['fwd_bwd_vs_conv_stem']:.2f}x "
-            f"({r['fwd_bwd_cpu_vs_conv_stem']:.2f}x) |"
+            f"| {'x'.join(map(str, r['input']))} | {r['case']} | {r['fwd_ms']:.1f} "
+            f"({r['fwd_cpu_ms']:.1f}) | {r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_cpu_ms']:.1f}) | "
+            f"{r['fwd_bwd_vs_conv_stem']:.2f}x ({r['fwd_bwd_cpu_vs_conv_stem']:.2f}x) | "
+            f"{r['peak_extra_mb']:.1f} ({r['peak_extra_vs_conv_stem']:.2f}x) | "
+            f"{r['load_average_1min_per_round']} |"
         )
 
 

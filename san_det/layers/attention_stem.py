@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops  # noqa: F401  (registers torch.ops.san_det.attention_stem)
 from .checks import check_int
 
 __all__ = ["SpatiallyAwareAttentionStem"]
@@ -144,11 +145,40 @@ class SpatiallyAwareAttentionStem(nn.Module):
         t = t.permute(0, 3, 5, 1, 4, 6, 2)
         return t.reshape(-1, self.num_heads, b * b, self.head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output before norm and pool, ``(N, C, H, W)``, by the registered op
+        ``torch.ops.san_det.attention_stem`` (:mod:`san_det.layers.ops.attention_stem`)."""
+        self._check_input(x)
+        return torch.ops.san_det.attention_stem(
+            x,
+            self.query.weight[:, :, 0, 0],
+            self.key.weight[:, :, 0, 0],
+            self.value.weight[:, :, 0, 0],
+            self.rel_row,
+            self.rel_col,
+            self.mixture_weights().to(x.dtype).view(-1, self.num_value_mixtures),
+            self.num_heads,
+            self.block_size,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.norm(self.attention(x)))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` by :meth:`attention_reference` (plain tensor operations)."""
+        return self.pool(self.norm(self.attention_reference(x)))
+
+    def attention_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`attention` as readable tensor operations: the projections, the value
+        mixture at full resolution and the blockwise products (the reference the op is tested
+        against; slow and memory-hungry)."""
+        self._check_input(x)
         n, _, h, w = x.shape
         b, c, m = self.block_size, self.out_channels, self.num_value_mixtures
         pad_h, pad_w = (-h) % b, (-w) % b
@@ -182,7 +212,7 @@ class SpatiallyAwareAttentionStem(nn.Module):
         out = out.permute(0, 3, 6, 1, 4, 2, 5).reshape(n, c, hp, wp)
         if pad_h or pad_w:
             out = out[:, :, :h, :w]
-        return self.pool(self.norm(out))
+        return out
 
     def extra_repr(self) -> str:
         return (

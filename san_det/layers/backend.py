@@ -2,8 +2,9 @@
 
 The one place that knows what each backend can run (the capability predicates below) and picks
 one. By default the choice follows the tensors' device: CUDA tensors use the CuPy kernels, CPU
-tensors the compiled CPU kernels; where those cannot run (no C++ compiler with OpenMP, no CuPy)
-the readable PyTorch reference computes instead, with a warning. A backend can be forced for
+tensors the compiled CPU kernels; where those cannot run (no C++ compiler with OpenMP; CuPy
+missing or failing to initialise, found when the first CUDA tensor meets an op) the readable
+PyTorch reference computes instead, with one warning per process. A backend can be forced for
 tests and benchmarks, globally with the environment variable ``SAN_DET_BACKEND`` or locally with
 the context manager::
 
@@ -35,6 +36,7 @@ __all__ = [
     "can_run",
     "compute_dtype",
     "cpu_capability",
+    "cupy_problem",
     "forced_backend",
     "select_backend",
     "use_backend",
@@ -75,8 +77,21 @@ def forced_backend() -> Optional[str]:
 
 # ------------------------------------------------------------------------ capability predicates
 @functools.lru_cache(maxsize=None)
-def _cupy_installed() -> bool:
-    return importlib.util.find_spec("cupy") is not None
+def cupy_problem() -> Optional[str]:
+    """Why CuPy cannot compile and launch kernels in this process (not installed, its CUDA runtime
+    fails to initialise, or its NVRTC does not load), or ``None`` if it can. Checked once, when
+    the first CUDA tensor meets an op (before anything is compiled or launched)."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
+    try:
+        import cupy
+        from cupy.cuda import nvrtc
+
+        cupy.cuda.runtime.getDeviceCount()
+        nvrtc.getVersion()
+    except Exception as error:  # noqa: BLE001  (ImportError, CUDARuntimeError, driver mismatch)
+        return f"CuPy cannot initialise ({type(error).__name__}: {error})"
+    return None
 
 
 def cpu_capability() -> str:
@@ -101,8 +116,8 @@ def can_run(backend: str, device: torch.device, raise_error: bool = False) -> bo
     elif backend == "cuda":
         if device.type != "cuda":
             why = "the inputs are not CUDA tensors"
-        elif not _cupy_installed():
-            why = "CuPy is not installed"
+        else:
+            why = cupy_problem()
     if why is not None and raise_error:
         raise RuntimeError(f"backend {backend!r} cannot run: {why}")
     return why is None

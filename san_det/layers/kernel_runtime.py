@@ -1,11 +1,17 @@
-"""One kernel source, three ways to run it: CuPy on a GPU, g++ on the CPU, NVRTC for checking.
+"""One kernel source, two ways to run it: CuPy on a GPU, g++ on the CPU.
 
 Kernel files live in ``san_det/layers/kernels/*.cu``. They are written in the restricted style the
 CPU path can emulate: every ``__global__`` function is a grid-stride loop over its outputs, with no
 ``__shared__`` memory, ``__syncthreads`` or warp intrinsics, and element types spelled
 ``scalar_t`` (storage) and ``acc_t`` (arithmetic), converted with ``TO_ACC(x)`` / ``FROM_ACC(x)``.
 
-- :meth:`KernelSource.cuda` compiles with ``cupy.RawModule`` and launches on torch's current stream.
+- :meth:`KernelSource.cuda` compiles with ``cupy.RawModule`` for the tensor's own device (module,
+  kernels and launches all inside ``with cupy.cuda.Device(index)``), with :func:`cuda_options` (the
+  include directory of ``cuda_fp16.h``/``cuda_bf16.h`` passed explicitly), and launches on torch's
+  current stream of that device. CuPy 14.2 keeps the compiled module in its disk cache
+  (``~/.cupy/kernel_cache``, keyed by source, options, architecture and NVRTC version, together with
+  the kernels' mangled names), so a new process does not recompile; an older CuPy, which does not,
+  is reported once with a warning.
 - :meth:`KernelSource.cpu` compiles the same text as C++ (``g++`` with :data:`CPU_BASE_FLAGS` and
   the caller's flags, e.g. tile macros) into a shared library cached by the hash of source,
   compiler and flags under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it through
@@ -14,22 +20,23 @@ CPU path can emulate: every ``__global__`` function is a grid-stride loop over i
   (:func:`cpu_isa`: ``avx512``, ``avx2`` or the ``portable`` baseline), the best the host runs
   unless ``SAN_DET_CPU_ISA`` names another; :meth:`KernelSource.build_cpu` also builds levels
   the host cannot run (compile-only checks).
-- :meth:`KernelSource.nvrtc_compile` compiles for a given ``sm_XX`` with ``cuda.bindings.nvrtc``,
-  which needs no GPU, so CI checks that every kernel builds for every dtype.
+
+Both launch through one marshalling path (:class:`_Kernel`): the argument count, every tensor on
+the kernel's device (a CPU tensor given to a CUDA kernel is an error here, not an illegal address
+later), each scalar converted to the parameter's C type.
 
 A kernel file may ``#include "name.h"`` a header of the kernels directory: its text is inlined
 once, so the CUDA source, the CPU source and the cache keys all cover it.
 
 Kernel arguments may be pointers (``T*``), integers (``int``, ``int64_t``) or ``float``/``double``
-(not ``acc_t``: its width depends on the dtype);
-from Python pass tensors (their ``data_ptr()`` is used) or numbers.
+(not ``acc_t``: its width depends on the dtype); the types are read from the ``__global__``
+declarations. From Python pass tensors (their ``data_ptr()`` is used) or numbers.
 """
 
 import ctypes
 import functools
 import hashlib
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -39,24 +46,40 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy
 import torch
+
+from .cpu_toolchain import (
+    CPU_BASE_FLAGS,
+    CPU_ISAS,
+    ISA_FLAGS,
+    cpu_compiler,
+    cpu_compiler_available,
+    cpu_isa,
+    supported_cpu_isas,
+)
 
 __all__ = [
     "CPU_BASE_FLAGS",
     "CPU_ISAS",
+    "CUDA_OPTIONS",
+    "DTYPE_NAMES",
     "DEFAULT_THREADS",
     "KernelCompileError",
     "KernelSource",
     "cpu_compiler",
     "cpu_compiler_available",
     "cpu_isa",
+    "cuda_include_dir",
+    "cuda_options",
     "supported_cpu_isas",
 ]
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 DEFAULT_THREADS = 256  # threads per block on the GPU
 
-_DTYPE_NAMES = {
+# The C name of each storage dtype, as the kernel sources and the cache keys spell it.
+DTYPE_NAMES = {
     torch.float64: "double",
     torch.float32: "float",
     torch.float16: "half",
@@ -73,106 +96,19 @@ _CUDA_TYPE_PRELUDE = {
     "bfloat16": "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 scalar_t;\ntypedef float acc_t;\n"
     "#define TO_ACC(x) __bfloat162float(x)\n#define FROM_ACC(x) __float2bfloat16(x)\n",
 }
-_CUDA_COMMON_PRELUDE = "typedef long long int64_t;\n"
+# SAN_BLOCK_THREADS: the block size the kernels are launched with, for their __launch_bounds__.
+_CUDA_COMMON_PRELUDE = f"typedef long long int64_t;\n#define SAN_BLOCK_THREADS {DEFAULT_THREADS}\n"
+# NVRTC options of the CUDA build besides the include directory (cuda_options).
+CUDA_OPTIONS = ("--std=c++17",)
 
-_KERNEL_SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_KERNEL_SIGNATURE = re.compile(
+    r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)", re.S
+)
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([\w.]+)"[ \t]*$', re.M)
 
 
 class KernelCompileError(RuntimeError):
     """A kernel source failed to compile; the message holds the compiler's log."""
-
-
-# How every kernel is compiled for the CPU: these flags, then the ISA level's, then the caller's
-# (tile macros), all part of the cache key. -ffp-contract=fast lets g++ fuse a * b + c into one
-# FMA (-std=c++17 alone forbids it).
-CPU_BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-
-# Instruction-set levels of the CPU build, lowest first, with the g++ flags that select them and
-# the /proc/cpuinfo flags the host needs for each. The levels are explicit feature sets (not
-# -march=native), so a cached library is valid on every host of its level (Intel or AMD).
-CPU_ISAS = ("portable", "avx2", "avx512")
-_AVX512 = ("avx512f", "avx512vl", "avx512bw", "avx512dq")
-ISA_FLAGS = {
-    "portable": (),
-    "avx2": ("-mavx2", "-mfma"),
-    "avx512": ("-mavx2", "-mfma", *(f"-m{f}" for f in _AVX512), "-mprefer-vector-width=512"),
-}
-_ISA_CPU_FLAGS = {"portable": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", *_AVX512)}
-
-_OPENMP_PROBE = r"""
-#include <omp.h>
-int main() {
-    int threads = 0;
-    #pragma omp parallel reduction(+ : threads)
-    threads += 1;
-    return threads == omp_get_max_threads() ? 0 : 1;
-}
-"""
-
-
-def cpu_compiler() -> str:
-    """The C++ compiler command of the CPU path: ``$CXX``, else ``g++``."""
-    return os.environ.get("CXX", "g++")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_compiler_available() -> bool:
-    """Whether :func:`cpu_compiler` builds and runs an OpenMP program (checked once a process)."""
-    cxx = cpu_compiler()
-    if shutil.which(cxx) is None:
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        src, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
-        src.write_text(_OPENMP_PROBE)
-        try:
-            build = subprocess.run(
-                [cxx, "-fopenmp", str(src), "-o", str(exe)], capture_output=True, timeout=120
-            )
-            return build.returncode == 0 and subprocess.run([str(exe)], timeout=60).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
-
-
-@functools.lru_cache(maxsize=None)
-def _host_cpu_flags() -> frozenset:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return frozenset()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def supported_cpu_isas() -> Tuple[str, ...]:
-    """The instruction-set levels of :data:`CPU_ISAS` this host can run, lowest first."""
-    flags = _host_cpu_flags()
-    return tuple(isa for isa in CPU_ISAS if set(_ISA_CPU_FLAGS[isa]) <= flags)
-
-
-def cpu_isa() -> str:
-    """The instruction-set level the CPU kernels are built for: ``SAN_DET_CPU_ISA`` if set, else
-    the best level of :func:`supported_cpu_isas`.
-
-    Raises:
-        ValueError: ``SAN_DET_CPU_ISA`` names an unknown level or one this host cannot run.
-    """
-    supported = supported_cpu_isas()
-    name = os.environ.get("SAN_DET_CPU_ISA", "").strip()
-    if not name:
-        return supported[-1]
-    if name not in CPU_ISAS:
-        raise ValueError(f"SAN_DET_CPU_ISA must be one of {CPU_ISAS}, got {name!r}")
-    if name not in supported:
-        raise ValueError(
-            f"SAN_DET_CPU_ISA={name}: this CPU lacks "
-            f"{sorted(set(_ISA_CPU_FLAGS[name]) - _host_cpu_flags())} (supported: {supported})"
-        )
-    return name
 
 
 def _inline_includes(text: str, seen: Optional[set] = None) -> str:
@@ -192,34 +128,33 @@ def _inline_includes(text: str, seen: Optional[set] = None) -> str:
     return _LOCAL_INCLUDE.sub(expand, text)
 
 
-def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str]]]:
-    """Map each ``__global__`` function to its parameter list of (ctype kind, name)."""
+# Declared C type of a scalar kernel parameter -> its kind; any pointer is "ptr".
+_SCALAR_KINDS = {"int": "int", "int64_t": "int64", "long long": "int64", "float": "float",
+                 "double": "double"}  # fmt: skip
+
+
+def _parse_kernels(source: str) -> Dict[str, List[Tuple[str, str, str]]]:
+    """Map each ``__global__`` function to its parameters: (kind, name, declared type)."""
     kernels = {}
     for match in _KERNEL_SIGNATURE.finditer(source):
         params = []
         for raw in match.group(2).split(","):
-            raw = " ".join(raw.split())
-            if not raw:
+            words = raw.replace("*", " * ").split()
+            if not words:
                 continue
-            name = re.findall(r"\w+", raw)[-1]
-            decl = raw[: raw.rfind(name)]
-            if "*" in decl:
+            name, decl = words[-1], " ".join(words[:-1])
+            base = " ".join(w for w in words[:-1] if w not in ("const", "__restrict__"))
+            if "*" in words:
                 kind = "ptr"
-            elif "acc_t" in decl or "scalar_t" in decl:
+            elif base in ("acc_t", "scalar_t"):
                 raise KernelCompileError(
                     f"pass scalar kernel arguments as float or double: {raw!r}"
                 )
-            elif "double" in decl:
-                kind = "double"
-            elif "float" in decl:
-                kind = "float"
-            elif "int64_t" in decl or "long" in decl:
-                kind = "int64"
-            elif "int" in decl:
-                kind = "int"
+            elif base in _SCALAR_KINDS:
+                kind = _SCALAR_KINDS[base]
             else:
                 raise KernelCompileError(f"unsupported kernel parameter type in {raw!r}")
-            params.append((kind, name, decl.strip()))
+            params.append((kind, name, decl))
         kernels[match.group(1)] = params
     return kernels
 
@@ -230,87 +165,119 @@ def _cache_dir() -> Path:
     return path
 
 
-class _CpuKernel:
-    def __init__(self, fn, params):
-        self._fn = fn
-        self._params = params
-
-    def __call__(self, grid: int, block: int, *args):
-        if len(args) != len(self._params):
-            raise TypeError(f"kernel takes {len(self._params)} arguments, got {len(args)}")
-        converted = [ctypes.c_int(grid), ctypes.c_int(block)]
-        for (kind, name, _), arg in zip(self._params, args):
-            if kind == "ptr":
-                converted.append(ctypes.c_void_p(arg.data_ptr() if torch.is_tensor(arg) else arg))
-            elif kind == "int":
-                converted.append(ctypes.c_int(int(arg)))
-            elif kind == "int64":
-                converted.append(ctypes.c_int64(int(arg)))
-            elif kind == "float":
-                converted.append(ctypes.c_float(float(arg)))
-            else:
-                converted.append(ctypes.c_double(float(arg)))
-        self._fn(*converted)
+# Parameter kind -> how a Python int or float (a pointer as an int) is passed: through ctypes to
+# the CPU launchers, as a NumPy scalar of the parameter's width to CuPy.
+_CPU_ARGUMENTS = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "int64": ctypes.c_int64,
+                  "float": ctypes.c_float, "double": ctypes.c_double}  # fmt: skip
+_CUDA_ARGUMENTS = {"ptr": int, "int": numpy.int32, "int64": numpy.int64, "float": numpy.float32,
+                   "double": numpy.float64}  # fmt: skip
 
 
-class _CpuModule:
-    """Kernels of one source compiled for the CPU; attributes are callables ``(grid, block, *args)``."""
+class _Kernel:
+    """One compiled kernel: ``kernel(grid, block, *args)``. Every tensor argument must be on the
+    kernel's device; numbers are converted to the parameter's C type."""
 
-    def __init__(self, library_path: Path, kernels: Dict[str, list]):
-        self._lib = ctypes.CDLL(str(library_path))
-        for name, params in kernels.items():
-            fn = getattr(self._lib, f"san_launch_{name}")
-            fn.restype = None
-            setattr(self, name, _CpuKernel(fn, params))
+    def __init__(self, name: str, params, device: torch.device, convert: dict, launch):
+        self.name, self.params, self.device = name, params, device
+        self._cuda_index = device.index if device.type == "cuda" else None
+        self._converters = [convert[kind] for kind, _, _ in params]
+        self._launch = launch
+
+    def __call__(self, grid: int, block: int, *args) -> None:
+        if len(args) != len(self.params):
+            raise TypeError(f"kernel takes {len(self.params)} arguments, got {len(args)}")
+        index = self._cuda_index
+        values = []
+        for (kind, name, _), convert, arg in zip(self.params, self._converters, args):
+            if isinstance(arg, torch.Tensor):
+                if kind != "ptr":
+                    raise TypeError(f"{self.name}: {name} is a number, got a tensor")
+                # (Cheaper than comparing torch.device objects: launches are hot.)
+                if not (arg.is_cpu if index is None else arg.is_cuda and arg.get_device() == index):
+                    raise ValueError(
+                        f"{self.name}: {name} is on {arg.device}, the kernel runs on {self.device}"
+                    )
+                arg = arg.data_ptr()
+            values.append(convert(arg))
+        self._launch(int(grid), int(block), values)
 
 
-class _CudaKernel:
-    def __init__(self, fn, params, device_index: int):
-        self._fn = fn
-        self._params = params
-        self._device_index = device_index
+class _Kernels:
+    """The kernels of one compiled source, as attributes ``name(grid, block, *args)``."""
 
-    def __call__(self, grid: int, block: int, *args):
-        import cupy
+    def __init__(self, kernels: Dict[str, _Kernel]):
+        self.__dict__.update(kernels)
 
-        if len(args) != len(self._params):
-            raise TypeError(f"kernel takes {len(self._params)} arguments, got {len(args)}")
-        converted = []
-        for (kind, name, decl), arg in zip(self._params, args):
-            if kind == "ptr":
-                converted.append(arg.data_ptr() if torch.is_tensor(arg) else arg)
-            elif kind == "int":
-                converted.append(cupy.int32(arg))
-            elif kind == "int64":
-                converted.append(cupy.int64(arg))
-            elif kind == "float":
-                converted.append(cupy.float32(arg))
-            else:
-                converted.append(cupy.float64(arg))
-        # The module was compiled for this device: launch there, on torch's current stream of
-        # that device (not of whichever device happens to be current).
-        with cupy.cuda.Device(self._device_index):
-            with _cupy_stream(torch.cuda.current_stream(self._device_index)):
-                self._fn((int(grid),), (int(block),), tuple(converted))
+
+def _cpu_kernels(library_path: Path, kernels: Dict[str, list]) -> _Kernels:
+    lib = ctypes.CDLL(str(library_path))
+    device = torch.device("cpu")
+
+    def kernel(name, params):
+        fn = getattr(lib, f"san_launch_{name}")
+        fn.restype = None
+
+        def launch(grid, block, values):
+            fn(ctypes.c_int(grid), ctypes.c_int(block), *values)
+
+        return _Kernel(name, params, device, _CPU_ARGUMENTS, launch)
+
+    return _Kernels({name: kernel(name, params) for name, params in kernels.items()})
+
+
+def _cuda_kernels(module, kernels: Dict[str, list], index: int) -> _Kernels:
+    """Look the kernels up in ``module`` (call inside ``cupy.cuda.Device(index)``)."""
+    import cupy
+
+    device = torch.device("cuda", index)
+
+    def kernel(name, params):
+        fn = module.get_function(name)
+
+        def launch(grid, block, values):
+            # On the kernel's device and torch's current stream of that device, whichever device
+            # is current.
+            with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(index)):
+                fn((grid,), (block,), tuple(values))
+
+        return _Kernel(name, params, device, _CUDA_ARGUMENTS, launch)
+
+    return _Kernels({name: kernel(name, params) for name, params in kernels.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_without_disk_cache(cupy) -> None:
+    """A CuPy whose disk cache stores the mangled names of name-expression modules (our kernels
+    have C++ names; CuPy 14.2 does) finds them in a new process; CuPy <= 13 recompiles them in
+    every process."""
+    if not hasattr(getattr(cupy.cuda, "compiler", None), "_decode_cache_payload"):
+        warnings.warn(
+            f"san_det: CuPy {getattr(cupy, '__version__', '?')} does not cache the attention "
+            "kernels on disk; every process compiles them again (CuPy 14.2 does)"
+        )
 
 
 _STREAMS: Dict[Tuple[int, int], object] = {}
+_STREAMS_LOCK = threading.Lock()
 
 
 def _cupy_stream(stream: "torch.cuda.Stream"):
-    """A CuPy view of a torch stream, made once per (device, stream handle): launches are hot."""
+    """A CuPy view of a torch stream, made once per (device, stream handle): launches are hot.
+    Locked: the forward and autograd's thread may ask for the same stream at once, and a
+    duplicate CuPy wrapper dropped later must not touch torch's stream."""
     import cupy
 
     key = (stream.device_index, stream.cuda_stream)
-    wrapped = _STREAMS.get(key)
-    if wrapped is None:
-        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
-            wrapped = cupy.cuda.Stream.from_external(stream)
-        else:  # older CuPy or torch: the (deprecated in CuPy 14) pointer wrapper
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                wrapped = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
-        _STREAMS[key] = wrapped
+    with _STREAMS_LOCK:
+        wrapped = _STREAMS.get(key)
+        if wrapped is None:
+            if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+                wrapped = cupy.cuda.Stream.from_external(stream)
+            else:  # older CuPy or torch: the (deprecated in CuPy 14) pointer wrapper
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    wrapped = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
+            _STREAMS[key] = wrapped
     return wrapped
 
 
@@ -325,70 +292,44 @@ class KernelSource:
         self.kernels = _parse_kernels(self.source)
         if not self.kernels:
             raise KernelCompileError(f"{self.path} defines no __global__ function")
-        self._cpu: Dict[str, _CpuModule] = {}
-        self._cuda: Dict[Tuple[str, int], object] = {}
-        self._cuda_namespaces: Dict[Tuple[str, int], "_CudaNamespace"] = {}
+        self._cpu: Dict[str, _Kernels] = {}
+        self._cuda: Dict[Tuple[str, int], _Kernels] = {}
 
     # ---------------------------------------------------------------- CUDA
     def cuda_source(self, dtype_name: str) -> str:
         """The full CUDA translation unit for one storage dtype."""
         return _CUDA_COMMON_PRELUDE + _CUDA_TYPE_PRELUDE[dtype_name] + self.source
 
-    def cuda(self, dtype: torch.dtype, device: torch.device):
-        """Compiled kernels for ``dtype`` on a CUDA ``device`` (compiled once per process)."""
+    def cuda(self, dtype: torch.dtype, device: torch.device) -> _Kernels:
+        """Compiled kernels for ``dtype`` on a CUDA ``device`` (compiled once per process and
+        device, found in CuPy's disk cache by later processes)."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (DTYPE_NAMES[dtype], index)
+        kernels = self._cuda.get(key)
+        if kernels is None:
+            with self._lock:
+                kernels = self._cuda.get(key)
+                if kernels is None:
+                    kernels = self._cuda[key] = self._build_cuda(key[0], index)
+        return kernels
+
+    def _build_cuda(self, dtype_name: str, index: int) -> _Kernels:
         import cupy
 
-        dtype_name = _DTYPE_NAMES[dtype]
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (dtype_name, index)
-        namespace = self._cuda_namespaces.get(key)
-        if namespace is not None:
-            return namespace
-        with self._lock:
-            if key not in self._cuda:
-                with cupy.cuda.Device(index):
-                    module = cupy.RawModule(
-                        code=self.cuda_source(dtype_name),
-                        options=("--std=c++17",),
-                        backend="nvrtc",
-                        # Kernels are not extern "C": look their mangled names up by expression.
-                        name_expressions=tuple(self.kernels),
-                    )
-                    module.compile()
-                    self._cuda[key] = module
-            module = self._cuda[key]
-            namespace = self._cuda_namespaces[key] = _CudaNamespace(module, self.kernels, index)
-        return namespace
+        _warn_without_disk_cache(cupy)
 
-    def nvrtc_compile(self, dtype: torch.dtype, arch: str = "sm_90") -> bytes:
-        """Compile for ``arch`` with NVRTC (no GPU needed) and return the cubin.
-
-        Raises:
-            KernelCompileError: with NVRTC's log when compilation fails.
-        """
-        from cuda.bindings import nvrtc
-
-        source = self.cuda_source(_DTYPE_NAMES[dtype]).encode()
-        err, prog = nvrtc.nvrtcCreateProgram(source, self.path.name.encode(), 0, [], [])
-        _check_nvrtc(err, "nvrtcCreateProgram")
-        options = [f"-arch={arch}".encode(), b"--std=c++17"]
-        include = _cuda_include_dir()
-        if include:
-            options.append(f"-I{include}".encode())
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            nvrtc.nvrtcDestroyProgram(prog)
-            raise KernelCompileError(
-                f"NVRTC failed on {self.path.name} ({dtype}, {arch}):\n{log.decode(errors='replace')}"
+        # Everything on device `index`: CuPy compiles for the current device's architecture and
+        # loads the module into the current device's context.
+        with cupy.cuda.Device(index):
+            module = cupy.RawModule(
+                code=self.cuda_source(dtype_name),
+                options=cuda_options(),
+                backend="nvrtc",
+                # Kernels are not extern "C": look their mangled names up by expression.
+                name_expressions=tuple(self.kernels),
             )
-        _, size = nvrtc.nvrtcGetCUBINSize(prog)
-        cubin = b" " * size
-        nvrtc.nvrtcGetCUBIN(prog, cubin)
-        nvrtc.nvrtcDestroyProgram(prog)
-        return cubin
+            module.compile()
+            return _cuda_kernels(module, self.kernels, index)
 
     # ---------------------------------------------------------------- CPU
     def cpu_source(self, dtype_name: str) -> str:
@@ -424,7 +365,7 @@ class KernelSource:
 
     def cpu(
         self, dtype: torch.dtype, extra_flags: Sequence[str] = (), isa: Optional[str] = None
-    ) -> _CpuModule:
+    ) -> _Kernels:
         """Kernels compiled for the CPU (cached on disk by source hash and flags).
 
         Args:
@@ -440,10 +381,10 @@ class KernelSource:
             raise ValueError(
                 f"this CPU cannot run {isa!r} code (supported: {supported_cpu_isas()})"
             )
-        key = _DTYPE_NAMES[dtype] + "|" + isa + "|" + " ".join(extra_flags)
+        key = DTYPE_NAMES[dtype] + "|" + isa + "|" + " ".join(extra_flags)
         with self._lock:
             if key not in self._cpu:
-                self._cpu[key] = _CpuModule(self.build_cpu(dtype, extra_flags, isa), self.kernels)
+                self._cpu[key] = _cpu_kernels(self.build_cpu(dtype, extra_flags, isa), self.kernels)
             return self._cpu[key]
 
     def build_cpu(self, dtype: torch.dtype, extra_flags: Sequence[str], isa: str) -> Path:
@@ -451,7 +392,7 @@ class KernelSource:
         levels the host cannot run can still be compile-checked."""
         if isa not in CPU_ISAS:
             raise ValueError(f"isa must be one of {CPU_ISAS}, got {isa!r}")
-        return self._build_cpu(_DTYPE_NAMES[dtype], (*ISA_FLAGS[isa], *extra_flags))
+        return self._build_cpu(DTYPE_NAMES[dtype], (*ISA_FLAGS[isa], *extra_flags))
 
     def _build_cpu(self, dtype_name: str, extra_flags: Tuple[str, ...]) -> Path:
         if not cpu_compiler_available():
@@ -482,22 +423,11 @@ class KernelSource:
         return target
 
 
-class _CudaNamespace:
-    def __init__(self, module, kernels, device_index: int):
-        for name, params in kernels.items():
-            setattr(self, name, _CudaKernel(module.get_function(name), params, device_index))
-
-
-def _check_nvrtc(err, what: str) -> None:
-    from cuda.bindings import nvrtc
-
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise KernelCompileError(f"{what} failed: {err}")
-
-
 @functools.lru_cache(maxsize=None)
-def _cuda_include_dir() -> Optional[str]:
-    """A directory holding cuda_fp16.h for NVRTC, if one can be found."""
+def cuda_include_dir() -> Optional[str]:
+    """A directory holding ``cuda_fp16.h`` and ``cuda_bf16.h`` for NVRTC (the CUDA runtime
+    headers of the ``nvidia-cuda-runtime`` wheel, ``$CUDA_HOME``, ``$CUDA_PATH`` or
+    ``/usr/local/cuda``), if one can be found."""
     candidates = []
     try:
         import nvidia.cuda_runtime  # type: ignore
@@ -517,6 +447,14 @@ def _cuda_include_dir() -> Optional[str]:
             candidates.append(Path(os.environ[env]) / "include")
     candidates.append(Path("/usr/local/cuda/include"))
     for cand in candidates:
-        if (cand / "cuda_fp16.h").exists():
+        if (cand / "cuda_fp16.h").exists() and (cand / "cuda_bf16.h").exists():
             return str(cand)
     return None
+
+
+def cuda_options() -> Tuple[str, ...]:
+    """The NVRTC options of the CUDA build: :data:`CUDA_OPTIONS` and ``-I`` the directory of
+    :func:`cuda_include_dir` (not left to CuPy's search, which misses the headers with CuPy <= 13
+    or an NVRTC newer than the runtime headers)."""
+    include = cuda_include_dir()
+    return CUDA_OPTIONS + ((f"-I{include}",) if include else ())

@@ -12,17 +12,20 @@ dtype, device and tile and sizes the grid:
 
 Tiles: the kernels take the compile-time macros ``SAN_TJ`` (pixels of a row per thread, held in
 the lanes of one ``san_vec``, see ``kernels/san_lanes.h``), ``SAN_CG`` (channels per thread) and
-``SAN_UT`` (taps summed at once). :data:`TILES` says which tile each kernel is compiled and
-launched with on the GPU and on each CPU instruction-set level (:func:`~.kernel_runtime.cpu_isa`);
-a CPU tile's ``pixels`` is :data:`REGISTER`, one SIMD register of the level and dtype, so loads at
-the borders are single masked instructions. On the CPU every distinct (level, tile) is its own
-build of the file (cached like any other flags), so kernels of one file may use different tiles.
-The CUDA build uses the ``.cu`` defaults, which is what CI compiles with NVRTC.
+``SAN_UT`` (taps summed at once). :data:`TILES` says which tile every kernel is compiled and
+launched with on the GPU and on each CPU instruction-set level (:func:`~.kernel_runtime.cpu_isa`),
+and :data:`KERNEL_TILES` the kernels that differ from it (a new kernel needs no entry); a CPU
+tile's ``pixels`` is :data:`REGISTER`, one SIMD register of the level and dtype, so loads at the
+borders are single masked instructions. On the CPU every distinct (level, tile) is its own build
+of the file (cached like any other flags), so kernels of one file may use different tiles. The
+CUDA build uses the ``.cu`` defaults, which is what CI compiles with NVRTC.
+
+Tests change the launch (grid, block, CPU tile) through :func:`set_launch_override`, a process-wide
+setting read when a kernel is bound (``tests/helpers/launch.py`` wraps it in a context manager).
 """
 
-import contextlib
 import threading
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
@@ -31,13 +34,15 @@ from .kernel_runtime import CPU_ISAS, DEFAULT_THREADS, KernelSource, cpu_isa
 __all__ = [
     "CPU_BLOCK",
     "CPU_REGISTER_BYTES",
+    "KERNEL_TILES",
     "MAX_CUDA_BLOCKS",
     "REGISTER",
     "TILES",
     "KernelLauncher",
+    "LaunchOverride",
     "Tile",
     "default_tile",
-    "launch_config",
+    "set_launch_override",
 ]
 
 CPU_BLOCK = 16  # emulated threads per block: one OpenMP task runs a block's threads in order
@@ -60,94 +65,54 @@ class Tile(NamedTuple):
         return (f"-DSAN_TJ={self.pixels}", f"-DSAN_CG={self.channels}", f"-DSAN_UT={self.taps}")
 
 
-_SASA_KERNELS = ("sasa_forward", "sasa_logit_q_backward", "sasa_kv_backward", "sasa_rel_backward")
-_SAN_KERNELS = (
-    "san_subtraction2_forward",
-    "san_subtraction_backward",
-    "san_aggregation_forward",
-    "san_aggregation_input_backward",
-    "san_aggregation_weight_backward",
-)
-
-
-def _tiles(channels: int, pixels: int = REGISTER):
-    return {name: Tile(pixels, channels, 4) for name in _SASA_KERNELS + _SAN_KERNELS}
-
-
-# CUDA or CPU level -> kernel -> tile. AVX-512's 32 vector registers hold 8 channels' sums, AVX2's
-# and SSE2's 16 hold 4.
-TILES: Dict[str, Dict[str, Tile]] = {
-    "cuda": _tiles(4, pixels=1),
-    "avx512": _tiles(8),
-    "avx2": _tiles(4),
-    "portable": _tiles(4),
+# CUDA or CPU level -> the tile of its kernels. AVX-512's 32 vector registers hold 8 channels'
+# sums, AVX2's and SSE2's 16 hold 4.
+TILES: Dict[str, Tile] = {
+    "cuda": Tile(1, 4, 4),
+    "avx512": Tile(REGISTER, 8, 4),
+    "avx2": Tile(REGISTER, 4, 4),
+    "portable": Tile(REGISTER, 4, 4),
 }
+# CUDA or CPU level -> kernel -> its tile, where it differs from TILES.
+KERNEL_TILES: Dict[str, Dict[str, Tile]] = {target: {} for target in TILES}
 assert set(CPU_ISAS) <= set(TILES)
 
 
 def default_tile(target: str, kernel: str, dtype: torch.dtype) -> Tile:
     """The tile ``kernel`` is built with for ``target`` ("cuda" or a CPU level of
-    :data:`~.kernel_runtime.CPU_ISAS`) and ``dtype`` (``Tile(1, 1, 1)`` for an untiled kernel)."""
-    tile = TILES[target].get(kernel, Tile())
+    :data:`~.kernel_runtime.CPU_ISAS`) and ``dtype``."""
+    tile = KERNEL_TILES[target].get(kernel, TILES[target])
     if tile.pixels == REGISTER:
         itemsize = torch.empty((), dtype=dtype).element_size()
         tile = tile._replace(pixels=CPU_REGISTER_BYTES[target] // itemsize)
     return tile
 
 
-class _Override(NamedTuple):
+class LaunchOverride(NamedTuple):
+    """How :func:`set_launch_override` changes every launch (``None``: the kernel's own).
+
+    Attributes:
+        grid, block: launch every kernel with this grid and block size; a grid much smaller
+            than the work makes each thread go round its grid-stride loop.
+        tile: ``(pixels, channels, taps)``, the ``SAN_TJ`` (1 or a power of two up to 32),
+            ``SAN_CG`` and ``SAN_UT`` every CPU kernel is compiled with (``(1, 4, 4)`` runs the
+            CUDA build's code path on the CPU); an entry ``None`` keeps that kernel's own.
+    """
+
     grid: Optional[int] = None
     block: Optional[int] = None
-    tile: Optional[Tile] = None
+    tile: Optional[tuple] = None
 
 
-_override = threading.local()
+_override = LaunchOverride()
 
 
-@contextlib.contextmanager
-def launch_config(
-    grid: Optional[int] = None,
-    block: Optional[int] = None,
-    cpu_pixels_per_thread: Optional[int] = None,
-    cpu_channels_per_thread: Optional[int] = None,
-    cpu_taps_at_once: Optional[int] = None,
-) -> Iterator[None]:
-    """Override how the kernels are launched inside this block (for tests).
-
-    Args:
-        grid, block: launch every kernel with this grid and block size; a grid much smaller than
-            the work makes each thread go round its grid-stride loop.
-        cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once: the ``SAN_TJ`` (1 or a
-            power of two up to 32), ``SAN_CG`` and ``SAN_UT`` tile every CPU kernel is compiled
-            with (``1, 4, 4`` runs the CUDA build's code path on the CPU); a value left ``None``
-            keeps that kernel's own.
-    """
-    tile = (cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once)
-    if all(t is None for t in tile):
-        tile = None
-    previous = current_override()
-    _override.value = _Override(grid, block, tile)
-    try:
-        yield
-    finally:
-        _override.value = previous
-
-
-def current_override() -> _Override:
-    """The launch override in force in this thread (all ``None`` without one)."""
-    return getattr(_override, "value", _Override())
-
-
-@contextlib.contextmanager
-def restored_override(saved: _Override) -> Iterator[None]:
-    """Reinstate an override captured with :func:`current_override` (e.g. for a backward pass
-    that autograd runs in another thread)."""
-    previous = current_override()
-    _override.value = saved
-    try:
-        yield
-    finally:
-        _override.value = previous
+def set_launch_override(override: LaunchOverride) -> LaunchOverride:
+    """Launch every kernel bound from now on as ``override`` says, in every thread; returns the
+    previous override (``LaunchOverride()`` launches normally). For tests."""
+    global _override
+    previous, _override = _override, override
+    return previous
 
 
 class KernelLauncher:
@@ -169,20 +134,20 @@ class KernelLauncher:
         """Launch this file's kernels for storage ``dtype`` on ``device``."""
         if backend not in ("cpu", "cuda"):
             raise ValueError(f"kernels run on 'cpu' or 'cuda', not {backend!r}")
-        return BoundLauncher(self, backend, dtype, device, current_override())
+        return BoundLauncher(self, backend, dtype, device, _override)
 
 
 class BoundLauncher:
     """A :class:`KernelLauncher` for one (backend, dtype, device): ``run(kernel, threads, *args)``."""
 
-    def __init__(self, launcher, backend, dtype, device, override: _Override):
+    def __init__(self, launcher, backend, dtype, device, override: LaunchOverride):
         self._launcher = launcher
         self.backend, self.dtype, self.device = backend, dtype, device
         self._override = override
         self.isa = cpu_isa() if backend == "cpu" else None
 
     def tile(self, kernel: str) -> Tile:
-        """The tile ``kernel`` is compiled with (``Tile(1, 1, 1)`` for an untiled kernel)."""
+        """The tile ``kernel`` is compiled with."""
         tile = default_tile(self.isa or "cuda", kernel, self.dtype)
         if self.backend == "cpu" and self._override.tile is not None:
             tile = Tile(*(o or t for o, t in zip(self._override.tile, tile)))

@@ -7,6 +7,7 @@ runs is :func:`~san_det.layers.ops.local_attention`.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_int, check_odd_int
@@ -19,12 +20,15 @@ class LocalSelfAttention2d(nn.Module):
     """SASA's stand-alone local self-attention layer, a drop-in for a ``k x k`` convolution.
 
     ``q = W_q x``, ``k = W_k x``, ``v = W_v x`` are 1x1 convolutions without bias
-    (``in_channels -> out_channels``); the logits add learned relative embeddings to the keys:
-    inside every head the first half of the head's channels carries a row-offset embedding
-    (depends on the window row ``a`` only) and the second half a column-offset embedding (window
-    column ``b`` only). ``stride > 1`` runs attention at stride 1 followed by an ``s x s`` average
-    pool with stride ``s`` (``ceil_mode``, so the output is ``ceil(H / s) x ceil(W / s)``, the size
-    of the strided ``3x3`` convolution with padding 1 that the layer replaces).
+    (``in_channels -> out_channels``), run as one convolution with ``3 * out_channels`` outputs
+    (:meth:`project`: the three weights concatenated at run time, so that state-dict keys stay
+    ``query.weight``, ``key.weight``, ``value.weight``); the logits add learned relative
+    embeddings to the keys: inside every head the first half of the head's channels carries a
+    row-offset embedding (depends on the window row ``a`` only) and the second half a
+    column-offset embedding (window column ``b`` only). ``stride > 1`` runs attention at stride 1
+    followed by an ``s x s`` average pool with stride ``s`` (``ceil_mode``, so the output is
+    ``ceil(H / s) x ceil(W / s)``, the size of the strided ``3x3`` convolution with padding 1 that
+    the layer replaces).
 
     Initialisation (as in common SASA reimplementations): Kaiming normal (``fan_out``, ReLU) for
     the projections; embeddings ``N(0, 1 / head_dim)``, so that at initialisation ``q . r`` has
@@ -111,12 +115,20 @@ class LocalSelfAttention2d(nn.Module):
         col = self.rel_col.view(heads, half, 1, ks).expand(heads, half, ks, ks)
         return torch.cat([row, col], dim=1).reshape(self.out_channels, ks, ks)
 
+    def project(self, x: torch.Tensor):
+        """``(q, k, v)``, each ``(N, out_channels, H, W)``, from ``x`` ``(N, in_channels, H, W)``
+        by one 1x1 convolution with the three projection weights stacked (one pass over ``x`` and
+        one product in the backward instead of three). Each is made contiguous here, once: the op
+        needs contiguous inputs and would otherwise copy them again in its backward."""
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        return tuple(t.contiguous() for t in F.conv2d(x, weight).chunk(3, dim=1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = self.project(x)
         rel = self.relative_embedding().to(q.dtype)
         out = local_attention(
             q,

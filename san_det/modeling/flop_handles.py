@@ -14,10 +14,22 @@ trace node                    multiply-adds counted
 ``san_det::aggregation``      ``N * C * k^2 * L`` (``L`` output positions)
 ``san_det::subtraction``,     0 (subtractions, no multiplications; fvcore counts no adds)
 ``san_det::subtraction2``
+``san_det::attention_stem``   the stem's attention as the paper writes it, on the image padded
+                              to whole blocks (``P`` pixels, ``C`` channels, ``M`` value
+                              matrices, ``b x b`` blocks): ``P * C_in * (2 + M) * C`` for the
+                              q, k and M value projections, ``P * M * C`` for the value
+                              mixture, ``3 * P * b^2 * C`` for ``q . k``, ``q . r`` and the
+                              weighted values
 ============================  ==============================================================
 
+The stem op computes the same function with fewer multiply-adds (it never forms q, k or the M
+value projections, see :mod:`san_det.layers.ops.attention_stem`); its handle counts the
+formulation, as the paper's tables (and the conv handles, which count zero padding) do, so the
+count does not depend on how the op is computed and equals the count of the tensor-op stem it
+replaced.
+
 ``by_operator()`` names them without the namespace (``local_attention``, ``aggregation``...).
-Everything else (the 1x1 projections, SAN's attention MLP, the attention stem's matmuls) is
+Everything else (the 1x1 projections, SAN's attention MLP, the stem's mixture logits) is
 ordinary aten ops that fvcore counts itself. Counts are multiply-adds ("FLOPs" in fvcore's and
 SAN's tables; SASA's tables count a multiply-add as 2 FLOPs).
 
@@ -35,6 +47,7 @@ from fvcore.nn.jit_handles import get_shape
 __all__ = [
     "ATTENTION_OP_HANDLES",
     "SanDetFlopCountAnalysis",
+    "attention_stem_flop_jit",
     "local_attention_flop_jit",
     "san_aggregation_flop_jit",
 ]
@@ -57,6 +70,20 @@ def san_aggregation_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return n * c * taps * positions
 
 
+def attention_stem_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Multiply-adds of one ``san_det::attention_stem`` (see the table above).
+
+    Inputs: ``x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
+    num_heads, block_size``.
+    """
+    n, c_in, h, w = get_shape(inputs[0])
+    c = get_shape(inputs[1])[0]
+    m = get_shape(inputs[3])[0] // c
+    b = inputs[8].toIValue()
+    pixels = n * (-(-h // b) * b) * (-(-w // b) * b)
+    return pixels * c_in * (2 + m) * c + pixels * m * c + 3 * pixels * b * b * c
+
+
 def _zero_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return 0
 
@@ -66,6 +93,7 @@ ATTENTION_OP_HANDLES = {
     "san_det::aggregation": san_aggregation_flop_jit,
     "san_det::subtraction": _zero_flop_jit,
     "san_det::subtraction2": _zero_flop_jit,
+    "san_det::attention_stem": attention_stem_flop_jit,
 }
 
 

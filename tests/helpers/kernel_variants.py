@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from san_det.layers.kernel_runtime import CPU_ISAS, KernelSource, supported_cpu_isas
-from san_det.layers.launcher import default_tile, launch_config
+from san_det.layers.launcher import default_tile
+
+from .launch import launch_config
 
 __all__ = ["CPU_VARIANTS", "compile_or_skip", "variant_id"]
 

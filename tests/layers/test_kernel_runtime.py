@@ -1,18 +1,31 @@
 """KernelSource: parsing, the g++ + ctypes CPU path (grid-stride emulation, cache, errors),
-NVRTC compilation without a GPU, the CuPy path where a GPU is present; backend selection."""
+NVRTC compilation without a GPU (with CuPy's options; registers per kernel), the CUDA path's
+device, stream and argument handling against a stand-in for CuPy, the CuPy path where a GPU is
+present; backend selection."""
 
+import concurrent.futures
+import contextlib
+import importlib.machinery
 import os
 import platform
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers import backend as backend_mod
-from san_det.layers import kernel_runtime
+from san_det.layers import cpu_toolchain, kernel_runtime
 from san_det.layers.backend import forced_backend, select_backend, use_backend
 from san_det.layers.kernel_runtime import (
     CPU_ISAS,
+    DEFAULT_THREADS,
     KernelCompileError,
     KernelSource,
     _parse_kernels,
@@ -20,6 +33,7 @@ from san_det.layers.kernel_runtime import (
     cpu_isa,
     supported_cpu_isas,
 )
+from tests.helpers.nvrtc import kernel_resources, nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 
@@ -177,7 +191,7 @@ def test_isa_levels(monkeypatch):
     with pytest.raises(ValueError, match="must be one of"):
         cpu_isa()
     # A host with AVX2 but without AVX-512 (whatever this one has).
-    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(cpu_toolchain, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert supported_cpu_isas() == ("portable", "avx2")
     monkeypatch.setenv("SAN_DET_CPU_ISA", "avx512")
     with pytest.raises(ValueError, match="lacks .*avx512f"):
@@ -192,7 +206,7 @@ def test_cpu_builds_per_isa_level_are_cached_apart(toy_source, monkeypatch):
         toy_source.cpu(torch.float32, isa=isa)
     cache = toy_source.path.parent / "cache"
     assert len(list(cache.glob("toy_float_*.so"))) == len(supported_cpu_isas())
-    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(cpu_toolchain, "_host_cpu_flags", lambda: frozenset())
     with pytest.raises(ValueError, match="cannot run 'avx2'"):
         toy_source.cpu(torch.float32, isa="avx2")
     # A level the host cannot run still builds (compile-only checks), each level its own library.
@@ -266,7 +280,7 @@ def test_lane_exp_is_accurate(tmp_path, monkeypatch, isa, dtype, lanes):
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_nvrtc_compiles_without_gpu(toy_source, dtype):
-    assert len(toy_source.nvrtc_compile(dtype, "sm_80")) > 100
+    assert len(nvrtc_compile(toy_source, dtype, "sm_80")) > 100
 
 
 @needs_nvrtc
@@ -274,7 +288,7 @@ def test_nvrtc_compile_error_carries_the_log(tmp_path):
     path = tmp_path / "broken.cu"
     path.write_text("__global__ void f(float* x) { x[0] = undefined_name; }\n")
     with pytest.raises(KernelCompileError, match="undefined_name"):
-        KernelSource(str(path)).nvrtc_compile(torch.float32, "sm_90")
+        nvrtc_compile(KernelSource(str(path)), torch.float32, "sm_90")
 
 
 @needs_cuda
@@ -321,3 +335,158 @@ def test_backend_selection(monkeypatch):
             pass
     assert backend_mod.BACKENDS == ("reference", "cpu", "cuda")
     assert os.environ["SAN_DET_BACKEND"] == "bogus"  # monkeypatch restores it afterwards
+
+
+# ------------------------------------------------------------------------ marshalling and CUDA
+def test_kernel_arguments_on_another_device_are_refused(toy_source):
+    """A tensor not on the kernel's device is an error naming it, before anything is launched."""
+    if not cpu_compiler_available():
+        pytest.skip("no C++ compiler")
+    kernels = toy_source.cpu(torch.float32)
+    y = torch.zeros(4)
+    with pytest.raises(ValueError, match="axpby: x is on meta, the kernel runs on cpu"):
+        kernels.axpby(1, 1, torch.zeros(4, device="meta"), y, torch.zeros(4, dtype=torch.int32),
+                      4, 1.0, 1.0)  # fmt: skip
+    with pytest.raises(TypeError, match="n is a number"):
+        kernels.axpby(1, 1, y, y, y, y, 1.0, 1.0)
+
+
+class _FakeCupy:
+    """Just enough of CuPy to follow the CUDA path without a GPU: which device is current when
+    a module is compiled, a kernel looked up and launched, and what is passed."""
+
+    def __init__(self):
+        self.current = 0
+        self.events = []
+        self.streams_made = 0
+        fake = self
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, self.index
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+
+        class RawModule:
+            def __init__(self, code, options, backend, name_expressions):
+                fake.events.append(("module", fake.current, options, name_expressions))
+
+            def compile(self):
+                fake.events.append(("compile", fake.current))
+
+            def get_function(self, name):
+                fake.events.append(("get_function", fake.current, name))
+                return lambda grid, block, args: fake.events.append(
+                    ("launch", fake.current, name, grid, block, args)
+                )
+
+        class Stream:
+            @staticmethod
+            def from_external(stream):
+                time.sleep(0.01)  # widen the window a racing cache would fall into
+                fake.streams_made += 1
+                return contextlib.nullcontext()
+
+        runtime = types.SimpleNamespace(getDeviceCount=lambda: 2)
+        self.module = types.ModuleType("cupy")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+        compiler = types.SimpleNamespace(_decode_cache_payload=None)  # caches name expressions
+        self.cuda = types.ModuleType("cupy.cuda")
+        self.cuda.__dict__.update(Device=Device, Stream=Stream, ExternalStream=None,
+                                  runtime=runtime, compiler=compiler,
+                                  nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)))  # fmt: skip
+        self.module.cuda = self.cuda
+        self.module.RawModule = RawModule
+
+
+class _FakeTorchStream:
+    def __init__(self, device_index, handle=1234):
+        self.device_index, self.cuda_stream = device_index, handle
+
+    def __cuda_stream__(self):
+        return (0, self.cuda_stream)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake.cuda)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: _FakeTorchStream(index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernel_runtime, "_STREAMS", {})
+    return fake
+
+
+def test_cuda_kernels_are_compiled_looked_up_and_launched_on_their_device(toy_source, fake_cupy):
+    """cuda:1 while device 0 is current: compile, lookup and launch all happen on device 1, with
+    the header directory passed explicitly and every kernel looked up by name."""
+    kernels = toy_source.cuda(torch.float32, torch.device("cuda", 1))
+    assert toy_source.cuda(torch.float32, torch.device("cuda", 1)) is kernels  # compiled once
+    module, compile_, *lookups = fake_cupy.events
+    assert module[:2] == ("module", 1) and compile_ == ("compile", 1)
+    assert module[3] == ("axpby", "fill_block_ids")
+    include = [o[2:] for o in module[2] if o.startswith("-I")]
+    assert len(include) == 1
+    assert all((Path(include[0]) / header).exists() for header in ("cuda_fp16.h", "cuda_bf16.h"))
+    assert sorted(lookups) == [("get_function", 1, "axpby"), ("get_function", 1, "fill_block_ids")]
+    assert fake_cupy.current == 0
+    fake_cupy.events.clear()
+    kernels.axpby(3, 32, 1000, 2000, 3000, 5, 2.5, 0.5)  # raw pointers are accepted as ints
+    ((_, device, name, grid, block, args),) = fake_cupy.events
+    assert (device, name, grid, block) == (1, "axpby", (3,), (32,))
+    assert [type(a) for a in args] == [int, int, int, np.int64, np.float32, np.float64]
+    with pytest.raises(ValueError, match="x is on cpu, the kernel runs on cuda:1"):
+        kernels.axpby(3, 32, torch.zeros(5), 2000, 3000, 5, 2.5, 0.5)
+    assert len(fake_cupy.events) == 1  # nothing launched
+
+
+def test_stream_cache_makes_one_wrapper_per_stream_under_threads(fake_cupy):
+    """The forward and autograd's thread ask for the same stream at once: one CuPy wrapper."""
+    stream = _FakeTorchStream(0, handle=99)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        wrapped = list(pool.map(lambda _: kernel_runtime._cupy_stream(stream), range(16)))
+    assert fake_cupy.streams_made == 1 and all(w is wrapped[0] for w in wrapped)
+
+
+def test_cupy_that_cannot_initialise_is_reported_once_with_the_reference_fallback(fake_cupy):
+    def broken():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    backend_mod.cupy_problem.cache_clear()
+    backend_mod._warn_fallback.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert backend_mod.cupy_problem() is None and backend_mod.can_run("cuda", cuda)
+        backend_mod.cupy_problem.cache_clear()
+        fake_cupy.cuda.runtime.getDeviceCount = broken
+        assert not backend_mod.can_run("cuda", cuda)
+        with pytest.raises(RuntimeError, match="CuPy cannot initialise .*InsufficientDriver"):
+            backend_mod.can_run("cuda", cuda, raise_error=True)
+        with pytest.warns(UserWarning, match="cannot initialise.*slow PyTorch reference"):
+            backend_mod._warn_fallback("cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            backend_mod._warn_fallback("cuda")  # once per process
+    finally:
+        backend_mod.cupy_problem.cache_clear()
+        backend_mod._warn_fallback.cache_clear()
+
+
+# ------------------------------------------------------------------- registers and occupancy
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("filename", ["local_attention.cu", "san_ops.cu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_no_kernel_is_held_to_one_block_per_sm(filename, dtype, arch):
+    """ptxas's register count (NVRTC with CuPy's options): every kernel fits two blocks of
+    DEFAULT_THREADS in an SM's 64K registers, without spilling."""
+    usage = kernel_resources(KernelSource(filename), dtype, arch)
+    assert set(usage) == set(KernelSource(filename).kernels)
+    for name, (registers, spilled) in usage.items():
+        assert registers * DEFAULT_THREADS * 2 <= 65536, (name, registers)
+        assert spilled == 0, (name, spilled)

@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
-from san_det.layers import kernel_runtime
+from san_det.layers import cpu_toolchain
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import CPU_ISAS, KernelSource, cpu_compiler_available
-from san_det.layers.launcher import CPU_REGISTER_BYTES
-from san_det.layers.launcher import TILES as LAUNCHER_TILES
-from san_det.layers.launcher import Tile, default_tile, launch_config
+from san_det.layers.launcher import CPU_REGISTER_BYTES, Tile, default_tile
 from san_det.layers.local_attention import LocalSelfAttention2d
 from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
+from san_det.layers.ops.rel_gradient import rel_grad_per_image
+from tests.helpers.launch import launch_config
+from tests.helpers.nvrtc import nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 
@@ -147,7 +148,8 @@ def test_cuda_tile_is_the_kernel_default():
     defaults = tuple(
         int(source.split(f"#define {name} ")[1].split()[0]) for name in ("SAN_TJ", "SAN_CG")
     )
-    sasa = [tile for name, tile in LAUNCHER_TILES["cuda"].items() if name.startswith("sasa_")]
+    kernels = KernelSource("local_attention.cu").kernels
+    sasa = [default_tile("cuda", name, torch.float32) for name in kernels]
     assert sasa and all(tile[:2] == Tile(*defaults)[:2] for tile in sasa)
 
 
@@ -191,8 +193,9 @@ def test_rel_gradient_kernel_matches_the_cuda_formula():
         n, c, h, w, heads, ks, 1)  # fmt: skip
     want = torch.einsum("nhdij,nhiaj->nhda", q.view(n, heads, c // heads, h, w), dlogit)
     torch.testing.assert_close(got, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
-    bmm = op_kernels._rel_grad_per_image(q, dlogit, heads)
-    torch.testing.assert_close(bmm, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
+    for rows in (0, 2):  # the default chunks (one row each here) and chunks of 2 of the 5 rows
+        bmm = rel_grad_per_image(q, dlogit, heads, rows_per_chunk=rows)
+        torch.testing.assert_close(bmm, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
 
 
 @needs_cxx
@@ -200,7 +203,7 @@ def test_variants_the_host_cannot_run_are_compiled_then_skipped(monkeypatch, tmp
     """On a host without AVX-512 (faked here, whatever this one has) the AVX-512 variant is built
     for every dtype and default tile, then reported as skipped, not silently passed."""
     monkeypatch.setenv("SAN_DET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel_runtime, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(cpu_toolchain, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     with pytest.raises(pytest.skip.Exception, match="cannot run avx512"):
         compile_or_skip(monkeypatch, ("avx512", None), "local_attention.cu")
     assert len(list((tmp_path / "cache").glob("local_attention_*.so"))) == 2  # float, double
@@ -210,7 +213,8 @@ def test_default_cpu_tiles_are_one_register():
     """The default CPU tile of every kernel and level is one SIMD register of pixels (so loads are
     masked single instructions on AVX2 / AVX-512); channels and taps are positive."""
     for isa in CPU_ISAS:
-        for name in LAUNCHER_TILES[isa]:
+        kernels = [*KernelSource("local_attention.cu").kernels, *KernelSource("san_ops.cu").kernels]
+        for name in kernels:
             for dtype in (torch.float32, torch.float64):
                 tile = default_tile(isa, name, dtype)
                 assert tile.pixels * dtype.itemsize == CPU_REGISTER_BYTES[isa]
@@ -319,7 +323,7 @@ def test_kernels_compile_with_nvrtc(dtype, arch):
         "sasa_kv_backward",
         "sasa_rel_backward",
     }
-    cubin = source.nvrtc_compile(dtype, arch)
+    cubin = nvrtc_compile(source, dtype, arch)
     assert len(cubin) > 1000
 
 
@@ -384,6 +388,63 @@ def test_layer_backends_agree_forward_and_backward():
 def _assert_all_close_list(got, want):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11)
+
+
+def _three_projection_layer_output(layer, x):
+    """The layer as it was before the single projection: three 1x1 convolutions, then the op."""
+    q, k, v = (F.conv2d(x, m.weight) for m in (layer.query, layer.key, layer.value))
+    out = local_attention(
+        q, k, v, layer.relative_embedding(),
+        num_heads=layer.num_heads, kernel_size=layer.kernel_size, dilation=layer.dilation,
+    )  # fmt: skip
+    return layer.pool(out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_projection_matches_three_projections(backend, dtype):
+    """The stacked q/k/v convolution gives the output and every gradient of three separate ones
+    (batch of 2, so the chunks of the stacked output are not contiguous)."""
+    if backend == "cpu" and not cpu_compiler_available():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(6, 8, kernel_size=3, num_heads=2, stride=2).to(dtype)
+    x = torch.randn(2, 6, 7, 9, dtype=dtype)
+    grad = torch.randn(2, 8, 4, 5, dtype=dtype)
+    results = []
+    for run in (layer, lambda xi: _three_projection_layer_output(layer, xi)):
+        xi = x.clone().requires_grad_()
+        with use_backend(backend):
+            out = run(xi)
+        results.append([out, *torch.autograd.grad(out, [xi, *layer.parameters()], grad)])
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_checkpoint_of_three_projections_loads_bit_for_bit():
+    """A state dict written before the single projection (keys query/key/value.weight, rel_row,
+    rel_col) loads into the same parameters and gives the output of the three projections."""
+    torch.manual_seed(0)
+    ks, heads, c_in, c = 3, 2, 4, 8
+    old = {
+        "query.weight": torch.randn(c, c_in, 1, 1, dtype=torch.float64),
+        "key.weight": torch.randn(c, c_in, 1, 1, dtype=torch.float64),
+        "value.weight": torch.randn(c, c_in, 1, 1, dtype=torch.float64),
+        "rel_row": torch.randn(c // 2, ks, dtype=torch.float64),
+        "rel_col": torch.randn(c // 2, ks, dtype=torch.float64),
+    }
+    layer = LocalSelfAttention2d(c_in, c, kernel_size=ks, num_heads=heads).double()
+    layer.load_state_dict(old)  # strict: exactly these keys
+    assert set(layer.state_dict()) == set(old)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, old[name]), name
+    x = torch.randn(2, c_in, 5, 6, dtype=torch.float64)
+    with use_backend("reference"):
+        got = layer(x)
+        q, k, v = (F.conv2d(x, old[f"{n}.weight"]) for n in ("query", "key", "value"))
+    want = _naive((2, c, 5, 6, heads, ks, 1), q, k, v, layer.relative_embedding())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_layer_every_parameter_gets_a_gradient_and_empty_batch():

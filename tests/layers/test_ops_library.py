@@ -3,6 +3,7 @@ and backend, the reference backward against autograd, autocast, and the backend 
 backward pass sees it."""
 
 import functools
+import threading
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers import backend as backend_mod
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import cpu_compiler_available
-from san_det.layers.ops import OPS, local_attention, output_size
+from san_det.layers.ops import OPS, local_attention, output_size, subtraction
 from san_det.layers.ops import kernels as ops_kernels
 from san_det.layers.ops import reference
 from san_det.layers.ops.checks import window_geometry
@@ -22,23 +23,31 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 SCHEMAS = {
     "local_attention": "(Tensor q, Tensor k, Tensor v, Tensor? rel, SymInt num_heads, "
-    "SymInt kernel_size, SymInt dilation) -> (Tensor, Tensor)",
+    "SymInt kernel_size, SymInt dilation, str backend=\"auto\") -> (Tensor, Tensor)",
     "subtraction": "(Tensor x, SymInt kernel_size, SymInt stride, SymInt padding, "
-    "SymInt dilation, str pad_mode) -> Tensor",
+    "SymInt dilation, str pad_mode, str backend=\"auto\") -> Tensor",
     "subtraction2": "(Tensor x1, Tensor x2, SymInt kernel_size, SymInt stride, SymInt padding, "
-    "SymInt dilation, str pad_mode) -> Tensor",
+    "SymInt dilation, str pad_mode, str backend=\"auto\") -> Tensor",
     "aggregation": "(Tensor x, Tensor w, SymInt kernel_size, SymInt stride, SymInt padding, "
-    "SymInt dilation, str pad_mode) -> Tensor",
+    "SymInt dilation, str pad_mode, str backend=\"auto\") -> Tensor",
     "local_attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? rel, "
-    "Tensor attn, SymInt num_heads, SymInt kernel_size, SymInt dilation) "
+    "Tensor attn, SymInt num_heads, SymInt kernel_size, SymInt dilation, str backend=\"auto\") "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     "subtraction_backward": "(Tensor grad_out, SymInt height, SymInt width, SymInt kernel_size, "
     "SymInt stride, SymInt padding, SymInt dilation, str pad_mode, SymInt centre_sign, "
-    "SymInt tap_sign) -> Tensor",
+    "SymInt tap_sign, str backend=\"auto\") -> Tensor",
     "aggregation_input_backward": "(Tensor grad_out, Tensor w, SymInt height, SymInt width, "
-    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode) -> Tensor",
+    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, "
+    'str backend="auto") -> Tensor',
     "aggregation_weight_backward": "(Tensor grad_out, Tensor x, SymInt weight_channels, "
-    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode) -> Tensor",
+    "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, "
+    'str backend="auto") -> Tensor',
+    "attention_stem": "(Tensor x, Tensor query_weight, Tensor key_weight, Tensor value_weight, "
+    "Tensor rel_row, Tensor rel_col, Tensor mixture_probs, SymInt num_heads, SymInt block_size) "
+    "-> Tensor",
+    "attention_stem_backward": "(Tensor grad_out, Tensor x, Tensor query_weight, "
+    "Tensor key_weight, Tensor value_weight, Tensor rel_row, Tensor rel_col, "
+    "Tensor mixture_probs, SymInt num_heads, SymInt block_size, bool input_grad) -> Tensor[]",
 }
 
 
@@ -186,6 +195,44 @@ def test_backward_uses_the_backend_of_its_forward(monkeypatch):
     assert calls == ["local_attention_forward", "local_attention_backward"]
 
 
+@needs_cxx
+def test_backward_in_another_thread_runs_on_the_forward_backend(monkeypatch):
+    """The backend reaches the backward as an argument, not as thread-local state: a backward
+    computed in a thread where nothing is forced (as CUDA autograd does) keeps its forward's."""
+    calls = _spy(monkeypatch, ["local_attention_backward", "subtraction_backward"])
+    q, k, v = (_randn(1, 4, 5, 6, dtype=torch.float64, grad=True, seed=s) for s in range(3))
+    grads = {}
+    for backend in ("reference", "cpu"):
+        with use_backend(backend):
+            out = local_attention(q, k, v, num_heads=2, kernel_size=3)
+            taps = subtraction(q, 3, 1, 1, 1, "reflect")
+        loss = out.sum() + taps.square().sum()
+        worker = threading.Thread(
+            target=lambda: grads.__setitem__(backend, torch.autograd.grad(loss, (q, k, v)))
+        )
+        worker.start()
+        worker.join()
+        expected = [] if backend == "reference" else ["local_attention_backward",
+                                                      "subtraction_backward"]  # fmt: skip
+        assert sorted(calls) == expected, backend
+    for a, b in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_entry_points_take_a_backend_argument():
+    q = _randn(1, 4, 5, 6, dtype=torch.float64)
+    with use_backend("cpu" if cpu_compiler_available() else None):
+        out = local_attention(q, q, q, num_heads=2, kernel_size=3, backend="reference")
+    want = reference.local_attention_reference(q, q, q, num_heads=2, kernel_size=3)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        local_attention(q, q, q, num_heads=2, kernel_size=3, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        subtraction(q, 3, backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        torch.ops.san_det.subtraction(q, 3, 1, 0, 1, "zeros", "gpu")
+
+
 def test_automatic_choice_falls_back_to_the_reference_with_a_warning(monkeypatch):
     monkeypatch.delenv("SAN_DET_BACKEND", raising=False)
     monkeypatch.setattr(backend_mod, "cpu_compiler_available", lambda: False)
@@ -215,6 +262,24 @@ def test_automatic_choice_falls_back_to_the_reference_with_a_warning(monkeypatch
         (
             lambda x: torch.ops.san_det.subtraction_backward(x, 5, 5, 3, 1, 1, 1, "zeros", 1, 1),
             "grad_out must end in",
+        ),
+        (
+            lambda x: torch.ops.san_det.local_attention_backward(
+                x, x, x, x, None, torch.zeros(1, 2, 5, 9, 5, device="meta"), 2, 3, 1
+            ),
+            "attn must be on the device of q",
+        ),
+        (
+            lambda x: torch.ops.san_det.aggregation_input_backward(
+                x, torch.zeros(1, 2, 9, 25, device="meta"), 5, 5, 3, 1, 1, 1, "zeros"
+            ),
+            "w must be on the device of grad_out",
+        ),
+        (
+            lambda x: torch.ops.san_det.aggregation(
+                x, torch.zeros(1, 2, 9, 25, device="meta"), 3, 1, 1, 1, "zeros"
+            ),
+            "w must be on the device of x",
         ),
     ],
 )

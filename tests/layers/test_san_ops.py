@@ -11,12 +11,13 @@ from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers.backend import use_backend
 from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
-from san_det.layers.launcher import launch_config
 from san_det.layers.ops import (
     aggregation,
 )
 from san_det.layers.ops import kernels as ops_kernels
 from san_det.layers.ops import neighbourhood, output_size, subtraction, subtraction2
+from tests.helpers.launch import launch_config
+from tests.helpers.nvrtc import nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 
@@ -301,7 +302,7 @@ def test_kernels_compile_with_nvrtc(arch):
         "san_aggregation_weight_backward",
     }
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        cubin = source.nvrtc_compile(dtype, arch)
+        cubin = nvrtc_compile(source, dtype, arch)
         assert len(cubin) > 1000
         for name in source.kernels:
             assert name.encode() in cubin

@@ -61,15 +61,19 @@ def test_sam_aggregation(backend, sa_type):
     assert ops["conv"] > 2 * (32 * 2 + 32 * 8 // 2) * 6 * 5
 
 
-def test_attention_stem_is_counted_by_fvcore():
+@pytest.mark.parametrize("size", [(16, 12), (15, 10)])
+def test_attention_stem_is_counted_by_fvcore(size):
+    """The op is counted as the tensor-op stem it replaced was (on the image padded to whole
+    blocks): the q, k and M value projections, the value mixture, q . k, q . r, the weighted
+    values; the mixture logits are an ordinary matmul outside the op."""
     stem = SpatiallyAwareAttentionStem(3, 16, block_size=4, num_heads=4, num_value_mixtures=3)
-    n, h, w = 1, 16, 12
+    n, (h, w) = 1, size
     ops = count(stem, torch.randn(n, 3, h, w)).by_operator()
-    pixels = n * h * w
-    assert ops["conv"] == pixels * 3 * (16 + 16 + 3 * 16)  # q, k and the 3 value matrices
-    # mixture logits (per window position), value mixing, q . k, q . r and the weighted values
-    assert ops["matmul"] == 4 * 4 * 16 * 3 + pixels * 3 * 16 + 3 * pixels * 16 * 16
-    assert set(ops) == {"conv", "matmul", "batch_norm"}
+    pixels = n * 16 * 12  # padded to multiples of 4
+    projections = pixels * 3 * (16 + 16 + 3 * 16)  # q, k and the 3 value matrices
+    assert ops["attention_stem"] == projections + pixels * 3 * 16 + 3 * pixels * 16 * 16
+    assert ops["matmul"] == 4 * 4 * 16 * 3  # mixture logits (per window position)
+    assert set(ops) == {"attention_stem", "matmul", "batch_norm"}
 
 
 def test_whole_backbone_counts_every_attention_layer():

@@ -16,6 +16,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
+#define __launch_bounds__(...)
 
 struct san_dim3 {
     unsigned int x, y, z;

@@ -86,18 +86,25 @@ __device__ __forceinline__ san_mask sasa_column_mask(int j0, int b, int sign, in
     return san_lanes(lo, hi);
 }
 
+// What the dot-product loops also reduce, in registers, while they store the dots: nothing, the
+// running maximum (the forward's logits) or sum_ab p[ab] * dot[ab] (the backward's weighted sum).
+enum { SASA_NONE = 0, SASA_MAX = 1, SASA_PSUM = 2 };
+
 // For the U taps (a0 + u, b) of one window column: dst[u] = sum_{c < d} x_c * (y_c + rel_c),
 // x_c the tile in channel c, y_c its neighbour (a0 + u, b), rel_c = rel[c, a0 + u, b] (REL) or 0.
 // x points at the tile in channel 0, y at the neighbour row of a0 in channel 0 (in-image lanes
 // `m`), relT at relT[h, a0 * K + b, 0]; channels are HW apart in x and y, rows rowstep apart in y;
 // dst at tap a0 * K + b of the tile (taps W apart). Lanes outside `m` are stored as `fill`.
-template <int U, bool REL>
+// EXTRA: `red` takes the maximum of the stored values (SASA_MAX) or adds p * value, p read at
+// the same tap offsets from `p` (SASA_PSUM).
+template <int U, bool REL, int EXTRA>
 __device__ __forceinline__ void sasa_col_dots(const scalar_t* __restrict__ x,
                                               const scalar_t* __restrict__ y,
                                               const scalar_t* __restrict__ relT,
-                                              acc_t* __restrict__ dst, int64_t HW, int W,
+                                              acc_t* __restrict__ dst,
+                                              const acc_t* __restrict__ p, int64_t HW, int W,
                                               int64_t rowstep, int K, int d, san_mask m,
-                                              san_mask m0, acc_t fill) {
+                                              san_mask m0, acc_t fill, san_vec& red) {
     san_vec s[U];
     SAN_UNROLL for (int u = 0; u < U; ++u) s[u] = san_vbcast((acc_t)0);
     const int64_t relstep = (int64_t)K * d;  // relT rows of taps (a, b) and (a + 1, b)
@@ -112,47 +119,55 @@ __device__ __forceinline__ void sasa_col_dots(const scalar_t* __restrict__ x,
     }
     const int64_t rowtaps = (int64_t)K * W;  // taps (a, b) and (a + 1, b) in the buffer
     SAN_UNROLL for (int u = 0; u < U; ++u) {
-        san_vstore(dst + u * rowtaps, san_vselect(s[u], m, fill), m0);
+        const san_vec value = san_vselect(s[u], m, fill);
+        san_vstore(dst + u * rowtaps, value, m0);
+        if (EXTRA == SASA_MAX) red = san_vmax(red, value);
+        if (EXTRA == SASA_PSUM) red = red + san_vload(p + u * rowtaps, m0) * value;
     }
 }
 
 // sasa_col_dots for `rows` (1 <= rows <= U) taps: the instance with exactly that many sums.
-template <int U, bool REL>
+template <int U, bool REL, int EXTRA>
 __device__ __forceinline__ void sasa_col_dots_upto(int rows, const scalar_t* x, const scalar_t* y,
-                                                   const scalar_t* relT, acc_t* dst, int64_t HW,
-                                                   int W, int64_t rowstep, int K, int d,
-                                                   san_mask m, san_mask m0, acc_t fill) {
+                                                   const scalar_t* relT, acc_t* dst,
+                                                   const acc_t* p, int64_t HW, int W,
+                                                   int64_t rowstep, int K, int d, san_mask m,
+                                                   san_mask m0, acc_t fill, san_vec& red) {
     if constexpr (U > 1) {
         if (rows < U) {
-            sasa_col_dots_upto<U - 1, REL>(rows, x, y, relT, dst, HW, W, rowstep, K, d, m, m0,
-                                           fill);
+            sasa_col_dots_upto<U - 1, REL, EXTRA>(rows, x, y, relT, dst, p, HW, W, rowstep, K, d,
+                                                  m, m0, fill, red);
             return;
         }
     }
-    sasa_col_dots<U, REL>(x, y, relT, dst, HW, W, rowstep, K, d, m, m0, fill);
+    sasa_col_dots<U, REL, EXTRA>(x, y, relT, dst, p, HW, W, rowstep, K, d, m, m0, fill, red);
 }
 
 // dst[ab] = sum_{c < d} x_c * (y_c(neighbour ab) + rel[c, ab]) for the taps of `win` (fill where
 // the neighbour is outside; taps outside `win` are not written). x at the tile in channel 0, y at
-// channel 0, row 0, column j0; dst at tap 0 of the tile (taps W apart); m0: the tile's lanes.
-template <bool REL>
-__device__ __forceinline__ void sasa_window_dots(const scalar_t* x, const scalar_t* y,
-                                                 const scalar_t* relT, acc_t* dst, int64_t HW,
-                                                 const sasa_window& win, int i, int j0, int K,
-                                                 int d, int r, int dil, int W, int hi0,
-                                                 san_mask m0, acc_t fill) {
+// channel 0, row 0, column j0; dst (and p) at tap 0 of the tile (taps W apart); m0: the tile's
+// lanes. Returns the EXTRA reduction (see sasa_col_dots), started from `init`.
+template <bool REL, int EXTRA>
+__device__ __forceinline__ san_vec sasa_window_dots(const scalar_t* x, const scalar_t* y,
+                                                    const scalar_t* relT, acc_t* dst,
+                                                    const acc_t* p, int64_t HW,
+                                                    const sasa_window& win, int i, int j0, int K,
+                                                    int d, int r, int dil, int W, int hi0,
+                                                    san_mask m0, acc_t fill, acc_t init) {
     const int64_t rowstep = (int64_t)dil * W;
+    san_vec red = san_vbcast(init);
     for (int b = win.b_lo; b < win.b_hi; ++b) {
         const int off = (b - r) * dil;
         const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
         for (int a = win.a_lo; a < win.a_hi; a += SAN_UT) {
             const int ab = a * K + b;
             const int rows = win.a_hi - a < SAN_UT ? win.a_hi - a : SAN_UT;
-            sasa_col_dots_upto<SAN_UT, REL>(rows, x, y + (int64_t)(i + (a - r) * dil) * W + off,
-                                            relT + (int64_t)ab * d, dst + ab * W, HW, W, rowstep,
-                                            K, d, m, m0, fill);
+            sasa_col_dots_upto<SAN_UT, REL, EXTRA>(
+                rows, x, y + (int64_t)(i + (a - r) * dil) * W + off, relT + (int64_t)ab * d,
+                dst + ab * W, p + ab * W, HW, W, rowstep, K, d, m, m0, fill, red);
         }
     }
+    return red;
 }
 
 // Stores 0 at every tap of the tile outside `win` (dst at tap 0, taps W apart).
@@ -168,17 +183,25 @@ __device__ __forceinline__ void sasa_zero_outside(acc_t* dst, const sasa_window&
     }
 }
 
+// How a gather finishes the tap weights w it reads before using them (and stores them back):
+// not at all, w * scale (the forward's normalisation) or p * (w - shift) (the logit gradient from
+// the dots gv in w and the probabilities p).
+enum { SASA_AS_IS = 0, SASA_SCALE = 1, SASA_DLOGIT = 2 };
+
 // For G channels g: dst_g = sum_{a, b} w[ab] * (y_g(neighbour ab) + rel[c0 + g, ab]) over the
-// in-image neighbours of the tile at (i, j0); w at tap 0 of the tile in an acc_t buffer (taps W
-// apart), y at channel c0, row 0, column j0, relT at relT[h, 0, c0 - h * d] (REL).
-template <int G, bool REL>
-__device__ __forceinline__ void sasa_gather_taps(const acc_t* __restrict__ w,
+// in-image neighbours of the tile at (i, j0); w (and p) at tap 0 of the tile in an acc_t buffer
+// (taps W apart), y at channel c0, row 0, column j0, relT at relT[h, 0, c0 - h * d] (REL).
+// FINISH (not SASA_AS_IS): w[ab] is first replaced by its finished value (see above, with
+// `scale` or `shift`), which is what the sum uses.
+template <int G, bool REL, int FINISH>
+__device__ __forceinline__ void sasa_gather_taps(acc_t* __restrict__ w,
+                                                 const acc_t* __restrict__ p,
                                                  const scalar_t* __restrict__ y,
                                                  const scalar_t* __restrict__ relT,
                                                  scalar_t* __restrict__ dst, int64_t HW,
                                                  const sasa_window& win, int i, int j0, int K,
                                                  int d, int r, int dil, int W, int hi0,
-                                                 san_mask m0) {
+                                                 san_mask m0, san_vec scale_or_shift) {
     san_vec s[G];
     SAN_UNROLL for (int g = 0; g < G; ++g) s[g] = san_vbcast((acc_t)0);
     for (int b = win.b_lo; b < win.b_hi; ++b) {
@@ -187,7 +210,16 @@ __device__ __forceinline__ void sasa_gather_taps(const acc_t* __restrict__ w,
         const scalar_t* yp = y + (int64_t)(i + (win.a_lo - r) * dil) * W + off;
         for (int a = win.a_lo; a < win.a_hi; ++a, yp += (int64_t)dil * W) {
             const int ab = a * K + b;
-            const san_vec wv = san_vload(w + ab * W, m);
+            san_vec wv;
+            if (FINISH == SASA_AS_IS) {
+                wv = san_vload(w + ab * W, m);
+            } else {
+                // Lanes outside m hold 0 in w (and p): they stay 0.
+                wv = san_vload(w + ab * W, m0);
+                if (FINISH == SASA_SCALE) wv = wv * scale_or_shift;
+                if (FINISH == SASA_DLOGIT) wv = san_vload(p + ab * W, m0) * (wv - scale_or_shift);
+                san_vstore(w + ab * W, wv, m0);
+            }
             SAN_UNROLL for (int g = 0; g < G; ++g) {
                 san_vec yv = san_vload(yp + g * HW, m);
                 if (REL) yv = yv + san_vbcast(TO_ACC(relT[(int64_t)ab * d + g]));
@@ -198,21 +230,32 @@ __device__ __forceinline__ void sasa_gather_taps(const acc_t* __restrict__ w,
     SAN_UNROLL for (int g = 0; g < G; ++g) san_vstore(dst + g * HW, s[g], m0);
 }
 
-// sasa_gather_taps over all d channels of a head: groups of SAN_CG channels, then one at a time.
-template <bool REL>
-__device__ __forceinline__ void sasa_gather_head(const acc_t* w, const scalar_t* y,
+// sasa_gather_taps over all d channels of a head: groups of SAN_CG channels, then one at a time;
+// the first group finishes w (FINISH), the others read the finished weights.
+template <bool REL, int FINISH>
+__device__ __forceinline__ void sasa_gather_head(acc_t* w, const acc_t* p, const scalar_t* y,
                                                  const scalar_t* relT, scalar_t* dst,
                                                  int64_t HW, const sasa_window& win, int i,
                                                  int j0, int K, int d, int r, int dil, int W,
-                                                 int hi0, san_mask m0) {
+                                                 int hi0, san_mask m0, san_vec scale_or_shift) {
     int c = 0;
+    if (d >= SAN_CG) {
+        sasa_gather_taps<SAN_CG, REL, FINISH>(w, p, y, relT, dst, HW, win, i, j0, K, d, r, dil, W,
+                                              hi0, m0, scale_or_shift);
+        c = SAN_CG;
+    } else {
+        sasa_gather_taps<1, REL, FINISH>(w, p, y, relT, dst, HW, win, i, j0, K, d, r, dil, W, hi0,
+                                         m0, scale_or_shift);
+        c = 1;
+    }
     for (; c + SAN_CG <= d; c += SAN_CG) {
-        sasa_gather_taps<SAN_CG, REL>(w, y + c * HW, relT + c, dst + c * HW, HW, win, i, j0, K,
-                                      d, r, dil, W, hi0, m0);
+        sasa_gather_taps<SAN_CG, REL, SASA_AS_IS>(w, p, y + c * HW, relT + c, dst + c * HW, HW,
+                                                  win, i, j0, K, d, r, dil, W, hi0, m0,
+                                                  scale_or_shift);
     }
     for (; c < d; ++c) {
-        sasa_gather_taps<1, REL>(w, y + c * HW, relT + c, dst + c * HW, HW, win, i, j0, K, d, r,
-                                 dil, W, hi0, m0);
+        sasa_gather_taps<1, REL, SASA_AS_IS>(w, p, y + c * HW, relT + c, dst + c * HW, HW, win,
+                                             i, j0, K, d, r, dil, W, hi0, m0, scale_or_shift);
     }
 }
 
@@ -238,10 +281,13 @@ __device__ __forceinline__ sasa_tile sasa_tile_of(int64_t idx, int WT, int H, in
 // sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) go to attn and become the softmax
 // over the in-image neighbours there (max, exp and sum, normalise); then
 // out[c, i, j] = sum_{a, b} attn[i, a, b, j] * v[c, i', j'] for every channel of the head.
-__global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                             const scalar_t* __restrict__ v, const scalar_t* __restrict__ relT,
-                             acc_t* __restrict__ attn, scalar_t* __restrict__ out, int N, int C,
-                             int H, int W, int heads, int K, int dil) {
+// Bounded to 2 blocks per SM: unbounded, the double build takes 168 registers (sm_80) since the
+// logits' running maximum is kept in registers.
+__global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
+    sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                 const scalar_t* __restrict__ v, const scalar_t* __restrict__ relT,
+                 acc_t* __restrict__ attn, scalar_t* __restrict__ out, int N, int C, int H, int W,
+                 int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
@@ -260,16 +306,11 @@ __global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __r
         const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
 
         // Logits (masked lanes hold `lowest`) and their maximum; 0 outside the window.
-        sasa_window_dots<true>(q + chan0 + pix0, k + chan0 + j0, relT_h, a_ptr, HW, win, i, j0, K,
-                               d, r, dil, W, hi0, m0, lowest);
+        const san_vec vmax = sasa_window_dots<true, SASA_MAX>(
+            q + chan0 + pix0, k + chan0 + j0, relT_h, a_ptr, a_ptr, HW, win, i, j0, K, d, r, dil,
+            W, hi0, m0, lowest, lowest);
         sasa_zero_outside(a_ptr, win, K, W, m0);
-        san_vec vmax = san_vbcast(lowest);
-        for (int a = win.a_lo; a < win.a_hi; ++a) {
-            for (int b = win.b_lo; b < win.b_hi; ++b) {
-                vmax = san_vmax(vmax, san_vload(a_ptr + (a * K + b) * W, m0));
-            }
-        }
-        // exp and sum (out-of-image neighbours get probability 0), then normalise.
+        // exp and sum (out-of-image neighbours get probability 0); the gather normalises.
         san_vec total = san_vbcast((acc_t)0);
         for (int b = win.b_lo; b < win.b_hi; ++b) {
             const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
@@ -281,14 +322,9 @@ __global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __r
             }
         }
         const san_vec inv = (acc_t)1 / san_vselect(total, m0, (acc_t)1);
-        for (int a = win.a_lo; a < win.a_hi; ++a) {
-            for (int b = win.b_lo; b < win.b_hi; ++b) {
-                acc_t* p = a_ptr + (a * K + b) * W;
-                san_vstore(p, san_vload(p, m0) * inv, m0);
-            }
-        }
-        sasa_gather_head<false>(a_ptr, v + chan0 + j0, relT_h, out + chan0 + pix0, HW, win, i, j0,
-                                K, d, r, dil, W, hi0, m0);
+        sasa_gather_head<false, SASA_SCALE>(a_ptr, a_ptr, v + chan0 + j0, relT_h,
+                                            out + chan0 + pix0, HW, win, i, j0, K, d, r, dil, W,
+                                            hi0, m0, inv);
     }
 }
 
@@ -296,13 +332,16 @@ __global__ void sasa_forward(const scalar_t* __restrict__ q, const scalar_t* __r
 // gv[ab] = sum_{c in head} grad_out[c, i, j] * v[c, i', j'],
 // dlogit[ab] = p[ab] * (gv[ab] - sum_ab' p[ab'] gv[ab']) (0 for out-of-image neighbours), then
 // grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]).
-__global__ void sasa_logit_q_backward(const scalar_t* __restrict__ grad_out,
-                                      const scalar_t* __restrict__ k,
-                                      const scalar_t* __restrict__ v,
-                                      const scalar_t* __restrict__ relT,
-                                      const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
-                                      scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
-                                      int heads, int K, int dil) {
+// Bounded to 2 blocks per SM: unbounded, the float build takes 167 registers (sm_90), which holds
+// an SM to one 256-thread block.
+__global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
+    sasa_logit_q_backward(const scalar_t* __restrict__ grad_out,
+                          const scalar_t* __restrict__ k,
+                          const scalar_t* __restrict__ v,
+                          const scalar_t* __restrict__ relT,
+                          const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
+                          scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
+                          int heads, int K, int dil) {
     const int64_t HW = (int64_t)H * W;
     const int d = C / heads;
     const int r = K / 2;
@@ -319,26 +358,15 @@ __global__ void sasa_logit_q_backward(const scalar_t* __restrict__ grad_out,
         acc_t* dl_ptr = dlogit + (t.nh * H + i) * KK * W + j0;
         const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
 
-        // gv into dlogit (0 where the neighbour is outside: p is 0 there too).
-        sasa_window_dots<false>(grad_out + chan0 + pix0, v + chan0 + j0, relT, dl_ptr, HW, win, i,
-                                j0, K, d, r, dil, W, hi0, m0, (acc_t)0);
+        // gv into dlogit (0 where the neighbour is outside: p is 0 there too) and
+        // weighted = sum_ab p[ab] gv[ab]; the gather turns gv into dlogit = p * (gv - weighted).
+        const san_vec weighted = sasa_window_dots<false, SASA_PSUM>(
+            grad_out + chan0 + pix0, v + chan0 + j0, relT, dl_ptr, p_ptr, HW, win, i, j0, K, d, r,
+            dil, W, hi0, m0, (acc_t)0, (acc_t)0);
         sasa_zero_outside(dl_ptr, win, K, W, m0);
-        san_vec weighted = san_vbcast((acc_t)0);
-        for (int a = win.a_lo; a < win.a_hi; ++a) {
-            for (int b = win.b_lo; b < win.b_hi; ++b) {
-                const int ab = a * K + b;
-                weighted = weighted + san_vload(p_ptr + ab * W, m0) * san_vload(dl_ptr + ab * W, m0);
-            }
-        }
-        for (int a = win.a_lo; a < win.a_hi; ++a) {
-            for (int b = win.b_lo; b < win.b_hi; ++b) {
-                const int ab = a * K + b;
-                acc_t* dl = dl_ptr + ab * W;
-                san_vstore(dl, san_vload(p_ptr + ab * W, m0) * (san_vload(dl, m0) - weighted), m0);
-            }
-        }
-        sasa_gather_head<true>(dl_ptr, k + chan0 + j0, relT + (int64_t)t.h * KK * d,
-                               grad_q + chan0 + pix0, HW, win, i, j0, K, d, r, dil, W, hi0, m0);
+        sasa_gather_head<true, SASA_DLOGIT>(dl_ptr, p_ptr, k + chan0 + j0,
+                                            relT + (int64_t)t.h * KK * d, grad_q + chan0 + pix0,
+                                            HW, win, i, j0, K, d, r, dil, W, hi0, m0, weighted);
     }
 }
 

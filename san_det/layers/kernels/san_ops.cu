@@ -69,9 +69,9 @@ __device__ __forceinline__ san_row_tile san_row_tile_of(int64_t idx, int rows_pe
                                                         int width) {
     const int WT = (width + SAN_TJ - 1) / SAN_TJ;
     san_row_tile t;
-    const int64_t row = idx / WT;
+    const int64_t row = san_div(idx, WT);
     t.j0 = (int)(idx - row * WT) * SAN_TJ;
-    t.plane = row / rows_per_plane;
+    t.plane = san_div(row, rows_per_plane);
     t.i = (int)(row - t.plane * rows_per_plane);
     t.hi0 = width - t.j0 < SAN_TJ ? width - t.j0 : SAN_TJ;
     return t;
@@ -205,9 +205,9 @@ __device__ __forceinline__ san_agg_tile san_agg_tile_of(int64_t idx, int WT, int
     const san_row_tile rt = san_row_tile_of(idx, rows_per_plane, WT * SAN_TJ);
     t.j0 = rt.j0;
     t.i = rt.i;
-    const int64_t ncw = rt.plane / MG;
+    const int64_t ncw = san_div(rt.plane, MG);
     const int mg = (int)(rt.plane - ncw * MG);
-    t.n = ncw / weight_channels;
+    t.n = san_div(ncw, weight_channels);
     t.cw = (int)(ncw - t.n * weight_channels);
     t.c0 = t.cw + mg * SAN_CG * weight_channels;
     t.cg = M - mg * SAN_CG < SAN_CG ? M - mg * SAN_CG : SAN_CG;
@@ -374,8 +374,8 @@ __global__ void san_aggregation_weight_backward(const scalar_t* __restrict__ gra
         const san_row_tile rt = san_row_tile_of(idx, out_h, out_w);
         const int64_t ncw = rt.plane;
         const int i = rt.i, j0 = rt.j0, hi0 = rt.hi0;
-        const int cw = (int)(ncw % weight_channels);
-        const int64_t n = ncw / weight_channels;
+        const int64_t n = san_div(ncw, weight_channels);
+        const int cw = (int)(ncw - n * weight_channels);
         const san_mask m0 = san_lanes(0, hi0);
         const int64_t pix = (int64_t)i * out_w + j0;
         const int64_t first = n * channels + cw;  // first (n, c) plane of this weight channel

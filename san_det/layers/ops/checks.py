@@ -20,11 +20,13 @@ from ..checks import (
 __all__ = [
     "PAD_MODES",
     "Geometry",
+    "check_aggregation_gradient",
     "check_aggregation_inputs",
     "check_local_attention_gradient",
     "check_local_attention_inputs",
     "check_subtraction2_inputs",
     "check_san_gradient",
+    "check_weight_gradient",
     "output_size",
     "sized_geometry",
     "window_geometry",
@@ -71,6 +73,15 @@ def check_local_attention_gradient(grad_out, q, attn, num_heads, kernel_size) ->
         raise ValueError(
             f"attn must be {accumulation_dtype(q.dtype)} of shape {expected}, got "
             f"{attn.dtype} of shape {tuple(attn.shape)}"
+        )
+    _check_same_device("attn", attn, "q", q)
+
+
+def _check_same_device(name: str, value: torch.Tensor, ref_name: str, ref) -> None:
+    """For tensors whose dtype is checked on its own (the kernels read their pointers)."""
+    if value.device != ref.device:
+        raise ValueError(
+            f"{name} must be on the device of {ref_name} ({ref.device}), got {value.device}"
         )
 
 
@@ -187,3 +198,28 @@ def check_san_gradient(grad_out, name: str, channels_first, *trailing) -> None:
             raise ValueError(f"{name} must share (N, C) with its input, got "
                              f"{tuple(grad_out.shape)}")  # fmt: skip
         check_same_device_and_dtype(name, grad_out, "the input", channels_first)
+
+
+def check_aggregation_gradient(grad_out, w, g: Geometry) -> None:
+    """The tensors of ``aggregation_input_backward``: ``grad_out`` (N, C, Ho, Wo) and ``w``
+    (N, Cw, k*k, Ho*Wo) of its dtype and device, ``Cw`` dividing ``C``."""
+    check_san_gradient(grad_out, "grad_out", None, g.out_height, g.out_width)
+    check_san_gradient(w, "w", None, g.taps, g.positions)
+    n, c = grad_out.shape[:2]
+    if w.shape[0] != n or w.shape[1] < 1 or c % w.shape[1] != 0:
+        raise ValueError(
+            f"w {tuple(w.shape)} does not fit grad_out {tuple(grad_out.shape)}: (N, Cw) with "
+            "Cw dividing C"
+        )
+    check_same_device_and_dtype("w", w, "grad_out", grad_out)
+
+
+def check_weight_gradient(grad_out, x, weight_channels, *window) -> Geometry:
+    """The arguments of ``aggregation_weight_backward``; returns the geometry."""
+    g = window_geometry(x, "x", *window)
+    check_san_gradient(grad_out, "grad_out", x, g.out_height, g.out_width)
+    if weight_channels < 1 or x.shape[1] % weight_channels != 0:
+        raise ValueError(
+            f"weight_channels must divide the channels of x ({x.shape[1]}), got {weight_channels}"
+        )
+    return g

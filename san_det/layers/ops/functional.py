@@ -33,15 +33,25 @@ padding and is then read like any other neighbour (the official kernels read out
   ``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``; ``C`` must be a multiple of
   ``Cw``.
 
-Every op runs on the backend :mod:`san_det.layers.backend` picks; the kernel backends' backward
-passes are gather kernels without atomics (in reflect mode too: a pixel near the border is read
-by its own tap and by its mirror images).
+Every entry point takes ``backend=None``: ``"reference"``, ``"cpu"`` or ``"cuda"``, or ``None``
+for the one :func:`san_det.layers.backend.select_backend` picks (forced with ``use_backend`` or
+``SAN_DET_BACKEND``, else by the device). It is resolved here, once per call, and passed to the
+registered op as its last argument; the op's backward runs on the same backend (NATTEN's
+functional layout). While ``torch.jit`` traces or ``torch.compile`` compiles, ``None`` is passed
+as ``"auto"``: the compiled graph picks the backend each time it runs.
+
+Backward passes use no atomics: the kernels are gathers, the mirrored border strips of reflect
+mode are folded back with slice additions (:mod:`.reflect`), and SASA's ``grad_rel`` is a gather
+kernel (on CUDA: cuBLAS products over chunks of rows, :mod:`.rel_gradient`, except under
+``torch.use_deterministic_algorithms``). So every backward runs in deterministic mode and gives
+the same bits run after run there.
 """
 
 from typing import Optional
 
 import torch
 
+from ..backend import select_backend
 from . import library  # noqa: F401  (registers torch.ops.san_det.*)
 from .checks import (
     check_aggregation_inputs,
@@ -50,10 +60,15 @@ from .checks import (
     window_geometry,
 )
 from .reference import neighbourhood as _neighbourhood
+from .registry import AUTO, resolve_backend
 
 __all__ = ["aggregation", "local_attention", "neighbourhood", "subtraction", "subtraction2"]
 
 _ops = torch.ops.san_det
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _check(check, *args) -> None:
@@ -61,6 +76,13 @@ def _check(check, *args) -> None:
     traced graph calls the op, which checks the real inputs each time it runs."""
     if not torch.jit.is_tracing():
         check(*args)
+
+
+def _backend(backend: Optional[str], tensor: torch.Tensor) -> str:
+    """The backend name the op gets (see the module docstring)."""
+    if _tracing():
+        return AUTO if backend is None else backend
+    return select_backend(tensor) if backend is None else resolve_backend(backend, tensor)
 
 
 def local_attention(
@@ -72,6 +94,7 @@ def local_attention(
     num_heads: int,
     kernel_size: int,
     dilation: int = 1,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Multi-head local self-attention with relative position logits (SASA).
 
@@ -83,6 +106,7 @@ def local_attention(
         num_heads: number of heads; must divide ``C``.
         kernel_size: odd window size ``k``.
         dilation: spacing between window taps.
+        backend: see the module docstring.
 
     Returns:
         ``(N, C, H, W)``: per head, the softmax over in-image neighbours of the logits, applied to
@@ -90,7 +114,8 @@ def local_attention(
         probabilities).
     """
     _check(check_local_attention_inputs, q, k, v, rel, num_heads, kernel_size, dilation)
-    return _ops.local_attention(q, k, v, rel, num_heads, kernel_size, dilation)[0]
+    backend = _backend(backend, q)
+    return _ops.local_attention(q, k, v, rel, num_heads, kernel_size, dilation, backend)[0]
 
 
 def subtraction(
@@ -100,6 +125,8 @@ def subtraction(
     padding: int = 0,
     dilation: int = 1,
     pad_mode: str = "zeros",
+    *,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``out[n, c, t, p] = x[n, c, centre(p)] - x[n, c, tap_t(p)]``.
 
@@ -107,12 +134,14 @@ def subtraction(
         x: (N, C, H, W) floating tensor.
         kernel_size, stride, padding, dilation: window geometry (``kernel_size`` odd).
         pad_mode: "zeros" or "reflect" (see the module docstring).
+        backend: see the module docstring.
 
     Returns:
         (N, C, kernel_size**2, Ho * Wo).
     """
     _check(window_geometry, x, "x", kernel_size, stride, padding, dilation, pad_mode)
-    return _ops.subtraction(x, kernel_size, stride, padding, dilation, pad_mode)
+    window = (kernel_size, stride, padding, dilation, pad_mode)
+    return _ops.subtraction(x, *window, _backend(backend, x))
 
 
 def subtraction2(
@@ -123,6 +152,8 @@ def subtraction2(
     padding: int = 0,
     dilation: int = 1,
     pad_mode: str = "zeros",
+    *,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``out[n, c, t, p] = x1[n, c, centre(p)] - x2[n, c, tap_t(p)]``.
 
@@ -134,7 +165,8 @@ def subtraction2(
         (N, C, kernel_size**2, Ho * Wo).
     """
     _check(check_subtraction2_inputs, x1, x2, kernel_size, stride, padding, dilation, pad_mode)
-    return _ops.subtraction2(x1, x2, kernel_size, stride, padding, dilation, pad_mode)
+    window = (kernel_size, stride, padding, dilation, pad_mode)
+    return _ops.subtraction2(x1, x2, *window, _backend(backend, x1))
 
 
 def aggregation(
@@ -145,6 +177,8 @@ def aggregation(
     padding: int = 0,
     dilation: int = 1,
     pad_mode: str = "zeros",
+    *,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``out[n, c, p] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]``.
 
@@ -157,7 +191,8 @@ def aggregation(
         (N, C, Ho, Wo).
     """
     _check(check_aggregation_inputs, x, w, kernel_size, stride, padding, dilation, pad_mode)
-    return _ops.aggregation(x, w, kernel_size, stride, padding, dilation, pad_mode)
+    window = (kernel_size, stride, padding, dilation, pad_mode)
+    return _ops.aggregation(x, w, *window, _backend(backend, x))
 
 
 def neighbourhood(

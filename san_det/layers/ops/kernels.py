@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from ..launcher import KernelLauncher
 from .checks import Geometry
+from .reflect import reflection_pad_backward
+from .rel_gradient import rel_grad_per_image
 
 __all__ = [
     "aggregation_forward",
@@ -70,24 +72,16 @@ def local_attention_forward(
     return out, attn
 
 
-def _rel_grad_per_image(q: torch.Tensor, dlogit: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(N, C, k*k)``: sum over pixels of ``dlogit[n, h(c), i, ab, j] * q[n, c, i, j]``, as one
-    batched matrix product per image and head (the CUDA path: cuBLAS)."""
-    n, c, h, w = q.shape
-    kk = dlogit.shape[3]
-    dl_planes = dlogit.permute(0, 1, 3, 2, 4).reshape(n * num_heads, kk, h * w)
-    q_heads = q.reshape(n * num_heads, c // num_heads, h * w).to(dlogit.dtype)
-    return torch.bmm(q_heads, dl_planes.transpose(1, 2)).view(n, c, kk)
-
-
 def local_attention_backward(
     backend: str, grad_out, q, k, v, rel, attn, num_heads: int, kernel_size: int, dilation: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_q, grad_k, grad_v, grad_rel)``, as :func:`.reference.local_attention_backward`.
 
-    ``grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]`` is
-    deterministic (no atomics): on the CPU a kernel per (image, channel group, two taps), on the
-    GPU one cuBLAS product per image and head.
+    ``grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]``, summed in
+    float32 (float64 for float64) without atomics: on the CPU, and on the GPU under
+    ``torch.use_deterministic_algorithms(True)`` (cuBLAS would need ``CUBLAS_WORKSPACE_CONFIG``
+    there), a kernel per (image, channel group, two taps); otherwise on the GPU cuBLAS products
+    over chunks of rows (:func:`.rel_gradient.rel_grad_per_image`).
     """
     n, c, h, w = q.shape
     kk = kernel_size * kernel_size
@@ -108,8 +102,8 @@ def local_attention_backward(
     if rel is None:
         grad_rel = q.new_zeros(c, kernel_size, kernel_size)
     else:
-        if backend == "cuda":
-            per_image = _rel_grad_per_image(q, dlogit, num_heads)
+        if backend == "cuda" and not torch.are_deterministic_algorithms_enabled():
+            per_image = rel_grad_per_image(q, dlogit, num_heads)
         else:
             per_image = attn.new_empty(n, c, kk)
             name = "sasa_rel_backward"
@@ -138,12 +132,11 @@ def _kernel_input(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     return x
 
 
-def _input_grad(grad: torch.Tensor, g: Geometry, shape) -> torch.Tensor:
+def _input_grad(grad: torch.Tensor, g: Geometry) -> torch.Tensor:
     """The gradient of the input from that of :func:`_kernel_input`'s result (the mirrored border
-    strips folded back onto the pixels they copy)."""
+    strips folded back onto the pixels they copy, without atomics)."""
     if g.reflect and g.padding > 0:
-        like = grad.new_empty(shape)
-        return torch.ops.aten.reflection_pad2d_backward(grad, like, [g.padding] * 4)
+        return reflection_pad_backward(grad, g.padding)
     return grad
 
 
@@ -172,7 +165,7 @@ def subtraction_backward(backend: str, grad_out, g: Geometry, centre_sign: int, 
         name, _row_threads(run, name, rows, width),
         grad_out, grad_in, rows, *_window_args(g), centre_sign, tap_sign,
     )  # fmt: skip
-    return _input_grad(grad_in, g, (n, c, g.height, g.width))
+    return _input_grad(grad_in, g)
 
 
 def aggregation_forward(backend: str, x, w, g: Geometry) -> torch.Tensor:
@@ -204,7 +197,7 @@ def aggregation_input_backward(backend: str, grad_out, w, g: Geometry) -> torch.
         name, _row_threads(run, name, rows, width),
         grad_out, w, grad_x, n * c * height, c, cw, *_window_args(g),
     )  # fmt: skip
-    return _input_grad(grad_x, g, (n, c, g.height, g.width))
+    return _input_grad(grad_x, g)
 
 
 def aggregation_weight_backward(backend: str, grad_out, x, cw: int, g: Geometry) -> torch.Tensor:

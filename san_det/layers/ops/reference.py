@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import Geometry
+from .reflect import reflection_pad_backward
 
 __all__ = [
     "aggregation_input_backward",
@@ -147,8 +148,7 @@ def _neighbourhood_adjoint(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
     if g.reflect and g.padding > 0:
         p = g.padding
         padded = F.fold(cols, (g.height + 2 * p, g.width + 2 * p), padding=0, **window)
-        template = cols.new_empty(n, c, g.height, g.width)
-        return torch.ops.aten.reflection_pad2d_backward(padded, template, [p, p, p, p])
+        return reflection_pad_backward(padded, p)
     return F.fold(cols, (g.height, g.width), padding=g.padding, **window)
 
 

@@ -1,0 +1,29 @@
+"""Launch overrides for the kernel tests: tiny grids and odd CPU tiles."""
+
+import contextlib
+from typing import Iterator, Optional
+
+from san_det.layers.launcher import LaunchOverride, set_launch_override
+
+__all__ = ["launch_config"]
+
+
+@contextlib.contextmanager
+def launch_config(
+    grid: Optional[int] = None,
+    block: Optional[int] = None,
+    cpu_pixels_per_thread: Optional[int] = None,
+    cpu_channels_per_thread: Optional[int] = None,
+    cpu_taps_at_once: Optional[int] = None,
+) -> Iterator[None]:
+    """Launch the kernels bound inside this block with this grid, block and CPU tile (see
+    :class:`~san_det.layers.launcher.LaunchOverride`), in every thread (a CUDA backward runs in
+    autograd's thread)."""
+    tile = (cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once)
+    if all(t is None for t in tile):
+        tile = None
+    previous = set_launch_override(LaunchOverride(grid, block, tile))
+    try:
+        yield
+    finally:
+        set_launch_override(previous)
