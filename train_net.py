@@ -74,6 +74,7 @@ from san_det.engine import (
 from san_det.engine.checkpoint import CheckpointWriteError, checkpointer_options
 from san_det.engine.interrupt import Interrupted, interruptible
 from san_det.engine.results_files import ResultsWriteError
+from san_det.engine.validate import without_logging
 from san_det.modeling.input_info import check_weights_input
 
 EXIT_BAD_INPUT = 2
@@ -195,7 +196,8 @@ def check_input(args):
         check_dataset_files(cfg, cfg.DATASETS.TEST, training)
         check_detection_classes(cfg, names)  # also loads the config's own COCO jsons
     else:  # reads the folders, checks CLASSIFICATION.NUM_CLASSES against their classes
-        get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)
+        with without_logging():  # the run reads them again, and logs it, once it has started
+            get_classification_dataset_dicts(names, cfg.CLASSIFICATION.NUM_CLASSES)
     return cfg
 
 
