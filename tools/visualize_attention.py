@@ -154,10 +154,10 @@ def run(args) -> str:
     from san_det.config import setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts)
-    model = build_model(cfg)
     if args.list_layers:
-        list_layers(model)
+        list_layers(build_model(cfg))
         return ""
+    # the arguments first: building and loading the model takes seconds and logs
     if not args.layer:
         raise InputError("--layer is required (see --list-layers)")
     pixels = parse_pixels(args.pixels)
@@ -168,6 +168,7 @@ def run(args) -> str:
     if args.max_groups < 1:
         raise InputError(f"--max-groups must be >= 1, got {args.max_groups}")
     check_output_file(args.output)
+    model = build_model(cfg)
     image, rgb = read_image(args.input, cfg.INPUT.FORMAT)
     height, width = image.shape[:2]
     for y, x in pixels:
