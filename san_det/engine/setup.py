@@ -140,11 +140,34 @@ def check_output_dir(path: str, option: str = "OUTPUT_DIR") -> None:
     the message names ``option``, where the path came from.
 
     Leaves nothing behind: folders made for the check are removed again, so a run that fails a
-    later check leaves no empty output folder.
+    later check leaves no empty output folder. Runs started together on one new folder (the
+    machines of one job) each make and remove it: a check that loses its folder to another's
+    clean-up checks again.
     """
     if not path:
         return
     target = os.path.abspath(path)
+    for attempt in range(_OUTPUT_DIR_CHECK_ATTEMPTS):
+        try:
+            _probe_writable(target)
+            return
+        except FileNotFoundError as e:
+            error = e  # a folder made or seen by the probe was removed meanwhile
+        except OSError as e:
+            error = e
+            break
+    raise UserInputError(
+        f"{option} {path!r} cannot be written ({error.strerror or error}: "
+        f"{error.filename or target}); pass another with {option} /some/dir"
+    ) from None
+
+
+_OUTPUT_DIR_CHECK_ATTEMPTS = 5
+
+
+def _probe_writable(target: str) -> None:
+    """Make the missing folders of ``target``, write and delete a file in it, remove the folders
+    it made (those another run has written into meanwhile stay)."""
     created = []
     probe = target
     while not os.path.exists(probe):
@@ -152,18 +175,15 @@ def check_output_dir(path: str, option: str = "OUTPUT_DIR") -> None:
         probe = os.path.dirname(probe)
     try:
         for folder in reversed(created):
-            os.mkdir(folder)
+            os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target, prefix=".write_test_"):
             pass
-    except OSError as e:
-        raise UserInputError(
-            f"{option} {path!r} cannot be written ({e.strerror or e}: {e.filename or probe}); "
-            f"pass another with {option} /some/dir"
-        ) from None
     finally:
         for folder in created:
-            if os.path.isdir(folder):
+            try:
                 os.rmdir(folder)
+            except OSError:
+                pass
 
 
 def merge_cfg(
