@@ -2,7 +2,6 @@
 them; bad input is one line, exit status 2, nothing written."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -28,19 +27,6 @@ MODES = ["RGB", "I;16", "RGBA", "CMYK", "P", "L"]
 
 
 predict_tool = load_script("tools/predict.py")
-
-
-@pytest.fixture(autouse=True)
-def _no_closed_log_streams():
-    """Loggers set up by earlier in-process train_net runs may still write to the closed
-    capture streams of their tests ("--- Logging error ---" on stderr): drop those handlers."""
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
-        for handler in list(lg.handlers):
-            if getattr(getattr(handler, "stream", None), "closed", False):
-                lg.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
