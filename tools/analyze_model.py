@@ -56,7 +56,7 @@ IGNORED_OPS = (
 )  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config to analyze")
     parser.add_argument(
@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.input_size and min(args.input_size) < 1:
         parser.error(f"--input-size must be positive, got {args.input_size}")

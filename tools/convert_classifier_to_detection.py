@@ -13,6 +13,7 @@ Every backbone weight of the detector must come from the checkpoint with the rig
 first mismatch is reported by key. FPN and head weights stay as initialised.
 """
 
+import argparse
 import os
 import sys
 
@@ -69,10 +70,14 @@ def convert(args):
     return out, summary
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    prog = os.path.basename(__file__)
+    return converter_parser(prog, __doc__.split("\n")[0], "the detection config")
+
+
 def main(argv=None) -> int:
     prog = os.path.basename(__file__)
-    parser = converter_parser(prog, __doc__.split("\n")[0], "the detection config")
-    return run_converter(prog, parser.parse_args(argv), convert)
+    return run_converter(prog, argument_parser().parse_args(argv), convert)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ MODEL.PIXEL_MEAN / PIXEL_STD. Both outputs record that input (the detection file
 ``san_det_input``); san_det's trainers refuse to load a file into a model configured otherwise.
 """
 
+import argparse
 import pickle
 import sys
 
@@ -88,10 +89,14 @@ def convert(args):
     return out, f"wrote {len(state)} tensors to {args.output}"
 
 
-def main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = converter_parser(PROG, __doc__.split("\n")[0], "configs/ImageNet/san*.yaml")
     parser.add_argument("--detection-config", default="", help="write detection backbone keys")
-    return run_converter(PROG, parser.parse_args(argv), convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    return run_converter(PROG, argument_parser().parse_args(argv), convert)
 
 
 if __name__ == "__main__":

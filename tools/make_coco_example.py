@@ -20,14 +20,18 @@ from san_det.data.coco_example import write_coco_example
 EXIT_BAD_INPUT = 2
 
 
-def main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder to create")
     parser.add_argument("--num-train", type=int, default=200, help="training images")
     parser.add_argument("--num-val", type=int, default=50, help="validation images")
     parser.add_argument("--image-size", type=int, default=128, help="square image side, pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         paths = write_coco_example(
             args.output, args.num_train, args.num_val, args.image_size, args.seed
