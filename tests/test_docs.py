@@ -144,6 +144,7 @@ def command_problems(argv: List[str]) -> List[str]:
     args = argv[scripts[0] + 1 :]
     parser = load_script(script).argument_parser()
     parser.exit_on_error = False
+    parser.allow_abbrev = False  # a documented flag is written out in full
     try:
         parsed = parser.parse_args(args)
     except (SystemExit, Exception) as e:  # argparse exits on an unknown or missing flag
@@ -213,6 +214,7 @@ def test_command_checks_on_known_cases():
     assert command_problems(["make", "no-such-target"]) == ["no Makefile target 'no-such-target'"]
     assert command_problems(["python", "train_net.py", "--config-file", demo, "--eval-only"]) == []
     assert command_problems(["python", "train_net.py", "--config-file", demo, "--no-flag"])
+    assert command_problems(["python", "train_net.py", "--config-file", demo, "--eval"])
     assert command_problems(["python", "train_net.py", "--config-file", demo, "A.B", "--resume"])
     assert command_problems(["python", "train_net.py", "--config-file", "configs/none.yaml"]) == [
         "config configs/none.yaml does not exist"
