@@ -1,6 +1,6 @@
 # The two commands of the README and the check that needs a CUDA GPU (docs/GPU_CHECK.md). All
 # create/refresh .venv first (seconds when up to date).
-# The CPU behaves like one core here: one OpenMP thread avoids spin-wait overhead (KERNELS.md).
+# The CPU acts as one core here: one OpenMP thread avoids spin-waits (docs/BENCHMARKS.md#threads).
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 

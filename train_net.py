@@ -1,45 +1,11 @@
 #!/usr/bin/env python
-"""Train and evaluate san_det models with Detectron2.
+"""Train and evaluate san_det models with Detectron2: detection, and ImageNet classification for
+configs whose ``MODEL.META_ARCHITECTURE`` is ``ImageClassifier``::
 
-Detection (COCO, or the embedded shapes set)::
-
-    python train_net.py --config-file configs/COCO-Detection/retinanet_sasa50.yaml --num-gpus 8
     python train_net.py --config-file configs/Demo/shapes_retinanet.yaml MODEL.DEVICE cpu
-    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 
-Your own COCO json and image folder: name them in the config, ``DATASETS.COCO_INSTANCES
-[[name, json_file, image_root], ...]`` (README, "Train on your own COCO data");
-``MODEL.RETINANET.NUM_CLASSES`` is checked against their categories.
-
-Classification (ImageNet pretraining) goes through the same script: configs whose
-``MODEL.META_ARCHITECTURE`` is ``ImageClassifier`` use the classification trainer.
-
-Processes: ``--num-gpus N`` starts N data-parallel processes, one per GPU (NCCL). With
-``MODEL.DEVICE cpu``, or on a machine without GPUs, it starts N CPU processes that synchronise
-through gloo; ``--num-processes N`` says the same for CPU runs. ``SOLVER.IMS_PER_BATCH`` is the
-total batch over all processes. On one machine the processes meet on a port the OS picks (any
-number of runs can share a machine); several machines (``--num-machines``, ``--machine-rank``)
-need ``--dist-url tcp://<machine 0>:<port>``. Under ``torchrun`` nothing is spawned: each process
-is one rank of torchrun's job. Workers exit when the launching process dies.
-
-One run per OUTPUT_DIR: a second run (training or ``--eval-only``) into a folder in use is
-refused in one line (exit status 2) before it writes anything; the lock of a killed run is taken
-over. SIGTERM or SIGINT (Ctrl-C) stop training after the current step, with a checkpoint, and
-exit with status 143 / 130; ``--resume`` continues from there. During an evaluation (periodic,
-final, ``--eval-only``) they stop it at once, leaving no partial result file; ``--resume`` runs
-the interrupted evaluation again (``san_det.engine.eval_interrupt``).
-
-Resuming: ``--resume`` continues from the checkpoint that ``OUTPUT_DIR/last_checkpoint`` names
-(checkpoints are written atomically, so that is always a complete one), at the next iteration and
-the same position of the data stream; with ``SEED`` >= 0 a resumed CPU run ends with the same
-weights as an uninterrupted one.
-
-Trailing ``KEY VALUE`` pairs override config entries. Bad input (missing config file or dataset,
-unknown key, unwritable output folder, unreadable image, corrupt or mismatched checkpoint) is
-reported in one line, with exit status 2; a NaN/inf loss stops training with a one-line message
-naming the iteration and the last good checkpoint, exit status 1, and so does a checkpoint or
-results file (``metrics.json``, evaluation results) that cannot be written (disk full), naming
-the file and the cause; results files are written whole or not at all.
+Flags, processes, resume, signals, exit statuses: docs/TRAINING.md (interruptions:
+docs/INTERRUPTIONS.md); your own COCO data: docs/OWN_DATA.md; pretraining: docs/IMAGENET.md.
 """
 
 import logging

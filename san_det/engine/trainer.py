@@ -1,35 +1,8 @@
 """Trainers: detectron2's ``DefaultTrainer`` made crash-safe, reproducible and CPU-parallel.
 
-:class:`RobustTrainer` keeps ``DefaultTrainer``'s loop, hooks, writers and evaluation, and changes:
-
-- DDP through :func:`~san_det.engine.ddp.wrap_ddp`: CPU processes (gloo) work, SyncBN included.
-- Checkpoints hold the optimizer state (detectron2 0.6's ``DefaultTrainer`` leaves it out).
-- Seeds: ``SEED < 0`` is replaced by a random seed shared by all processes; the seed seeds model
-  initialisation, the training data stream (:mod:`san_det.engine.loader`: a pure function of
-  seed and iteration) and each step's RNGs, and is stored in every checkpoint.
-- Checkpoints: :class:`~san_det.engine.checkpoint.SafeCheckpointer` (atomic; strict on resume;
-  never a NaN/inf model), also holding the seed and the model's non-tensor running state
-  (RetinaNet's EMA loss normalizer), so a resumed run continues exactly, and the input format
-  and normalisation (:mod:`san_det.modeling.input_info`, checked when the file is loaded).
-- Reproducible numerics: TorchScript functions run unoptimised in training steps (see
-  :meth:`RobustTrainer.run_step`); on the CPU a resumed run then ends with exactly the weights of
-  an uninterrupted one.
-- ``metrics.json`` stays valid JSON: NaN/inf metrics (COCO AP of an empty area range) are
-  written as ``null`` (:class:`~san_det.engine.metrics_json.FiniteJSONWriter`).
-- NaN/inf: a step whose loss or gradients (with AMP: loss) are not finite (on any process) stops
-  training before the optimizer changes the model, with
-  :class:`~san_det.engine.checkpoint.NonFiniteError` naming the iteration, the losses and the
-  last good checkpoint.
-- SIGTERM / SIGINT (on any process) stop training after the current step with a checkpoint
-  (:class:`~san_det.engine.graceful_stop.StopOnSignalHook`, raising
-  :class:`~san_det.engine.graceful_stop.TrainingStopped`: exit status 143 / 130); during an
-  evaluation they stop it at once, and a resumed run re-runs it
-  (:mod:`~san_det.engine.eval_interrupt`).
-- Resuming with another ``SOLVER.IMS_PER_BATCH``, process count or ``SOLVER.BASE_LR`` than the
-  checkpoint's run is a warning saying what the run continues with
-  (:mod:`~san_det.engine.resume_drift`).
-
-Task trainers subclass it: :class:`san_det.detection.DetectionTrainer`,
+:class:`RobustTrainer` keeps ``DefaultTrainer``'s loop, hooks, writers and evaluation; what it
+changes (DDP on CPU processes, checkpoints, seeds, NaN guard, signals, resume) is described for
+users in docs/TRAINING.md. Task trainers subclass it: :class:`san_det.detection.DetectionTrainer`,
 :class:`san_det.classification.ClassificationTrainer`.
 """
 
