@@ -169,6 +169,39 @@ def command_problems(argv: List[str]) -> List[str]:
     return problems
 
 
+MD_MENTION = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[\w-]+\.md)\b")
+
+
+def files_naming_pages() -> List[Path]:
+    """The files whose text names Markdown pages: the Makefile, CI, scripts, package, pages."""
+    names = [REPO_ROOT / "Makefile", REPO_ROOT / "train_net.py", *DOC_FILES]
+    for folder, pattern in (("tools", "*.py"), ("san_det", "**/*.py"), ("benchmarks", "**/*.py")):
+        names += sorted((REPO_ROOT / folder).glob(pattern))
+    names += sorted((REPO_ROOT / ".ci").glob("*"))
+    return [path for path in names if path.is_file()]
+
+
+def missing_pages(path: Path) -> List[str]:
+    """The ``*.md`` names in ``path``'s text that no file of the repository has: a name with a
+    folder, relative to the repository or to ``path``'s folder; a bare name, any page's name."""
+    page_names = {p.name for p in [README, *REPO_ROOT.glob("docs/**/*.md")]}
+    problems = []
+    for name in MD_MENTION.findall(path.read_text(encoding="utf-8")):
+        if "/" in name:
+            found = (REPO_ROOT / name).is_file() or (path.parent / name).is_file()
+        else:
+            found = name in page_names
+        if not found:
+            problems.append(f"{path.relative_to(REPO_ROOT)} names {name}")
+    return problems
+
+
+def test_pages_named_in_code_and_docs_exist():
+    """A comment, docstring or message naming a page (the Makefile once cited a KERNELS.md that
+    was never there) names one that exists."""
+    assert [p for path in files_naming_pages() for p in missing_pages(path)] == []
+
+
 def doc_id(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT))
 
