@@ -224,6 +224,12 @@ def test_readme_runs_the_commands_it_promises():
     assert any("tools/predict.py" in c for c in commands)
 
 
+def test_readme_lists_every_docs_page():
+    linked = {(README.parent / t.partition("#")[0]).resolve() for _, t in relative_links(README)}
+    pages = {p.resolve() for p in DOC_FILES[1:]}
+    assert sorted(p.name for p in pages - linked) == []
+
+
 def test_readme_is_at_most_200_lines():
     assert len(README.read_text(encoding="utf-8").splitlines()) <= README_MAX_LINES
 
