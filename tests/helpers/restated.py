@@ -70,8 +70,9 @@ def _plain_norm(norm: nn.Module, x: Tensor, level: int = 0) -> Tensor:
     and its shared affine."""
     if isinstance(norm, CycleBatchNormList):
         bn = norm[level]
-        y = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var + bn.eps)[:, None, None]
-        return y * norm.weight[:, None, None] + norm.bias[:, None, None]
+        scale = norm.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = norm.bias - bn.running_mean * scale
+        return x * scale[:, None, None] + shift[:, None, None]
     if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         return (x - norm.running_mean[:, None, None]) * scale[:, None, None] + norm.bias[

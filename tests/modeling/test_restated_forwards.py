@@ -101,7 +101,7 @@ def test_fpn_and_top_block_equal_restated_forward(builder, attention, top, fuse)
     cfg = tiny_san_cfg(PAD_MODE="zeros", BASE_WIDTH=16, SHARE_PLANES=4) if san else tiny_sasa_cfg()
     cfg.MODEL.BACKBONE.NAME = builder
     retina = "retinanet" in builder
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"] if retina else ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = [f"res{i}" for i in ((3, 4, 5) if retina else (2, 3, 4, 5))]
     cfg.MODEL.FPN.ATTENTION = attention
     cfg.MODEL.FPN.ATTENTION_NUM_HEADS = 4
     cfg.MODEL.FPN.FUSE_TYPE = fuse
