@@ -88,8 +88,9 @@ def _plain_norm(norm: nn.Module, x: Tensor, level: int = 0) -> Tensor:
 
 
 def restated_conv_layer(layer: nn.Module, x: Tensor, level: int = 0) -> Tensor:
-    """detectron2's ``Conv2d`` or san_det's ``AttentionConv2d``: op, then norm, then activation
-    (for ``AttentionConv2d`` the op is its attention layer, tested in ``tests/layers``)."""
+    """detectron2's ``Conv2d`` or san_det's ``AttentionConv2d``: op, then norm (for
+    ``AttentionConv2d`` the op is its attention layer, tested in ``tests/layers``). No activation:
+    the callers apply the ReLUs the architectures have."""
     if isinstance(layer, AttentionConv2d):
         y = layer.attention(x)
     else:
@@ -97,8 +98,6 @@ def restated_conv_layer(layer: nn.Module, x: Tensor, level: int = 0) -> Tensor:
                      layer.groups)  # fmt: skip
     if getattr(layer, "norm", None) is not None:
         y = _plain_norm(layer.norm, y, level)
-    if getattr(layer, "activation", None) is not None:
-        y = F.relu(y)  # every activation san_det configures is a ReLU
     return y
 
 
@@ -210,6 +209,6 @@ def restated_attention_head(head: nn.Module, features: List[Tensor]) -> Tuple[Li
                                   (head.bbox_subnet, head.bbox_pred, boxes)):  # fmt: skip
             y = x
             for layer in subnet:
-                y = restated_conv_layer(layer, y, level)
+                y = F.relu(restated_conv_layer(layer, y, level))
             out.append(F.conv2d(y, pred.weight, pred.bias))
     return logits, boxes

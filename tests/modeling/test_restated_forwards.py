@@ -83,20 +83,22 @@ def test_san_equals_restated_forward(overrides):
 
 
 FPN_CASES = [
-    (b, attention, top, fuse)
+    (b, attention, top, fuse, "")
     for b in ("build_sasa_fpn_backbone", "build_retinanet_sasa_fpn_backbone",
               "build_san_fpn_backbone", "build_retinanet_san_fpn_backbone")
     for attention in (False, True)
     for top, fuse in ((("res5", "sum"), ("p5", "avg")) if "retinanet" in b else (("", "sum"),))
-]  # fmt: skip
+] + [("build_retinanet_sasa_fpn_backbone", attention, "res5", "sum", "GN")
+     for attention in (False, True)]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "builder, attention, top, fuse",
+    "builder, attention, top, fuse, norm",
     FPN_CASES,
-    ids=[f"{b}-{'attn' if a else 'conv'}{'-' + t if t else ''}-{f}" for b, a, t, f in FPN_CASES],
-)
-def test_fpn_and_top_block_equal_restated_forward(builder, attention, top, fuse):
+    ids=[f"{b}-{'attn' if a else 'conv'}{'-' + t if t else ''}-{f}{'-' + n if n else ''}"
+         for b, a, t, f, n in FPN_CASES],
+)  # fmt: skip
+def test_fpn_and_top_block_equal_restated_forward(builder, attention, top, fuse, norm):
     san = "san" in builder
     cfg = tiny_san_cfg(PAD_MODE="zeros", BASE_WIDTH=16, SHARE_PLANES=4) if san else tiny_sasa_cfg()
     cfg.MODEL.BACKBONE.NAME = builder
@@ -105,12 +107,16 @@ def test_fpn_and_top_block_equal_restated_forward(builder, attention, top, fuse)
     cfg.MODEL.FPN.ATTENTION = attention
     cfg.MODEL.FPN.ATTENTION_NUM_HEADS = 4
     cfg.MODEL.FPN.FUSE_TYPE = fuse
+    cfg.MODEL.FPN.NORM = norm
     if top:
         cfg.MODEL.FPN.TOP_BLOCK_IN_FEATURE = top
     fpn = _eval64(build_backbone(cfg))
     assert isinstance(fpn, AttentionFPN) == attention
     expected_top = (LastLevelP6P7Attention if attention else LastLevelP6P7) if retina else None
     assert type(fpn.top_block) is (expected_top or LastLevelMaxPool)
+    for name, module in fpn.named_children():
+        if name.startswith(("fpn_lateral", "fpn_output")):
+            assert (module.norm is not None) == bool(norm), name
     x = torch.randn(2, 3, 128, 96, dtype=torch.float64)
     with torch.no_grad():
         expected = restated_fpn(fpn, x)
@@ -130,6 +136,8 @@ def test_attention_head_equals_restated_forward(norm):
     for conv in (head.cls_score, head.bbox_pred):  # predictions of the size of the features
         torch.nn.init.normal_(conv.weight, std=0.5)
     head = _eval64(head)
+    for layer in [*head.cls_subnet, *head.bbox_subnet]:
+        assert (layer.norm is not None) == bool(norm)
     features = [torch.randn(2, 32, s, s + 1, dtype=torch.float64) for s in (12, 6, 3)]
     with torch.no_grad():
         logits, boxes = head(features)
