@@ -33,6 +33,7 @@ __all__ = [
     "restated_top_block",
     "restated_fpn",
     "restated_attention_head",
+    "restated_conv_head",
 ]
 
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, nn.GroupNorm, CycleBatchNormList)
@@ -211,4 +212,23 @@ def restated_attention_head(head: nn.Module, features: List[Tensor]) -> Tuple[Li
             for layer in subnet:
                 y = F.relu(restated_conv_layer(layer, y, level))
             out.append(F.conv2d(y, pred.weight, pred.bias))
+    return logits, boxes
+
+
+def restated_conv_head(head: nn.Module, features: List[Tensor]) -> Tuple[List, List]:
+    """detectron2's RetinaNet head: per level, each subnet's ``relu(norm(conv3x3(x)))`` layers,
+    then the 3x3 class and box predictions."""
+    logits, boxes = [], []
+    for level, x in enumerate(features):
+        for subnet, pred, out in ((head.cls_subnet, head.cls_score, logits),
+                                  (head.bbox_subnet, head.bbox_pred, boxes)):  # fmt: skip
+            y = x
+            for layer in subnet:
+                if isinstance(layer, nn.Conv2d):
+                    y = F.conv2d(y, layer.weight, layer.bias, padding=1)
+                elif isinstance(layer, nn.ReLU):
+                    y = F.relu(y)
+                else:
+                    y = _plain_norm(layer, y, level)
+            out.append(F.conv2d(y, pred.weight, pred.bias, padding=1))
     return logits, boxes

@@ -4,13 +4,14 @@ residual add, a missing ReLU or a wrong level changes the values, not only the s
 
 import pytest
 import torch
-from detectron2.modeling import build_backbone
+from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
-from tests.helpers.modeling import base_cfg, tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.modeling import base_cfg, config_path, tiny_san_cfg, tiny_sasa_cfg
 from tests.helpers.restated import (
     assert_close_f64,
     randomize_norms,
     restated_attention_head,
+    restated_conv_head,
     restated_fpn,
     restated_resnet,
     restated_san,
@@ -146,3 +147,52 @@ def test_attention_head_equals_restated_forward(norm):
         assert logits[level].shape == (2, 2 * 3, *features[level].shape[2:])
         assert_close_f64(logits[level], expected_logits[level], f"logits level {level}")
         assert_close_f64(boxes[level], expected_boxes[level], f"boxes level {level}")
+
+
+class _HeadRan(Exception):
+    pass
+
+
+@pytest.mark.parametrize("head_name", ["RetinaNetHead", "AttentionRetinaNetHead"])
+def test_san_det_retinanet_runs_the_restated_network(head_name):
+    """The whole detector: normalised images -> restated SASA ResNet -> restated attentional FPN
+    -> the head's inputs, in MODEL.RETINANET.IN_FEATURES order -> the restated head's outputs."""
+    cfg = tiny_sasa_cfg(STEM="attention")
+    cfg.merge_from_file(config_path("Base-RetinaNet"))
+    cfg.MODEL.META_ARCHITECTURE = "SanDetRetinaNet"
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_sasa_fpn_backbone"
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.FPN.ATTENTION = True
+    cfg.MODEL.FPN.ATTENTION_NUM_HEADS = 4
+    cfg.MODEL.RETINANET.HEAD_NAME = head_name
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.RETINANET.NORM = "BN"
+    cfg.MODEL.RETINANET.ATTENTION_NUM_HEADS = 4
+    cfg.MODEL.RETINANET.ATTENTION_VALUE_INIT_STD = 0.5
+    model = _eval64(build_model(cfg))
+    for conv in (model.head.cls_score, model.head.bbox_pred):
+        torch.nn.init.normal_(conv.weight, std=0.5)
+    seen = {}
+
+    def capture(_module, args, out):
+        seen.update(inputs=args[0], out=out)
+        raise _HeadRan  # the rest (float32 NMS) is detectron2's
+
+    model.head.register_forward_hook(capture)
+    images = torch.randint(0, 256, (2, 3, 64, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with pytest.raises(_HeadRan):
+            model([{"image": image.to(torch.uint8)} for image in images])
+        x = (images.double() - model.pixel_mean) / model.pixel_std
+        fpn = model.backbone
+        features = restated_fpn(fpn, x, bottom_up=lambda y: restated_resnet(fpn.bottom_up, y))
+        expected_inputs = [features[f] for f in ("p3", "p4", "p5", "p6", "p7")]
+        restated_head = restated_attention_head if "Attention" in head_name else restated_conv_head
+        expected_out = restated_head(model.head, expected_inputs)
+    assert len(seen["inputs"]) == 5
+    for level, (actual, expected) in enumerate(zip(seen["inputs"], expected_inputs)):
+        assert_close_f64(actual, expected, f"head input {level}")
+    for kind, actual_levels, expected_levels in zip(("logits", "boxes"), seen["out"], expected_out):
+        for level, (actual, expected) in enumerate(zip(actual_levels, expected_levels)):
+            assert_close_f64(actual, expected, f"{kind} level {level}")
