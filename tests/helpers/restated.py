@@ -201,34 +201,42 @@ def restated_fpn(fpn: nn.Module, x: Tensor, bottom_up=None) -> Dict[str, Tensor]
     return {name: results[name] for name in sorted(results, key=lambda n: int(n[1:]))}
 
 
-def restated_attention_head(head: nn.Module, features: List[Tensor]) -> Tuple[List, List]:
-    """SASA's RetinaNet head: per level, each subnet's ``relu(norm(attention(x)))`` layers (the
-    norm of level ``l`` for per-level BN), then the 1x1 class and box predictions."""
+def _two_subnets(head: nn.Module, features: List[Tensor], run_subnet, padding: int):
+    """RetinaNet's head shape: per level, ``run_subnet(subnet, x, level)`` for the class and the
+    box subnet, each followed by its prediction conv (``padding`` 1 for 3x3, 0 for 1x1)."""
     logits, boxes = [], []
     for level, x in enumerate(features):
         for subnet, pred, out in ((head.cls_subnet, head.cls_score, logits),
                                   (head.bbox_subnet, head.bbox_pred, boxes)):  # fmt: skip
-            y = x
-            for layer in subnet:
-                y = F.relu(restated_conv_layer(layer, y, level))
-            out.append(F.conv2d(y, pred.weight, pred.bias))
+            y = run_subnet(subnet, x, level)
+            out.append(F.conv2d(y, pred.weight, pred.bias, padding=padding))
     return logits, boxes
+
+
+def restated_attention_head(head: nn.Module, features: List[Tensor]) -> Tuple[List, List]:
+    """SASA's RetinaNet head: per level, each subnet's ``relu(norm(attention(x)))`` layers (the
+    norm of level ``l`` for per-level BN), then the 1x1 class and box predictions."""
+
+    def run(subnet, y, level):
+        for layer in subnet:
+            y = F.relu(restated_conv_layer(layer, y, level))
+        return y
+
+    return _two_subnets(head, features, run, padding=0)
 
 
 def restated_conv_head(head: nn.Module, features: List[Tensor]) -> Tuple[List, List]:
     """detectron2's RetinaNet head: per level, each subnet's ``relu(norm(conv3x3(x)))`` layers,
     then the 3x3 class and box predictions."""
-    logits, boxes = [], []
-    for level, x in enumerate(features):
-        for subnet, pred, out in ((head.cls_subnet, head.cls_score, logits),
-                                  (head.bbox_subnet, head.bbox_pred, boxes)):  # fmt: skip
-            y = x
-            for layer in subnet:
-                if isinstance(layer, nn.Conv2d):
-                    y = F.conv2d(y, layer.weight, layer.bias, padding=1)
-                elif isinstance(layer, nn.ReLU):
-                    y = F.relu(y)
-                else:
-                    y = _plain_norm(layer, y, level)
-            out.append(F.conv2d(y, pred.weight, pred.bias, padding=1))
-    return logits, boxes
+
+    def run(subnet, y, level):
+        for layer in subnet:
+            if isinstance(layer, nn.Conv2d):
+                y = F.conv2d(y, layer.weight, layer.bias, padding=1)
+            elif isinstance(layer, nn.ReLU):
+                y = F.relu(y)
+            else:
+                y = _plain_norm(layer, y, level)
+        return y
+
+    return _two_subnets(head, features, run, padding=1)
