@@ -20,7 +20,13 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 from torch import Tensor, nn
 
-from san_det.modeling import AttentionConv2d, AttentionStem, LastLevelP6P7Attention
+from san_det.modeling import (
+    AttentionConv2d,
+    AttentionRetinaNetHead,
+    AttentionStem,
+    LastLevelP6P7Attention,
+    SANBackbone,
+)
 
 __all__ = [
     "assert_close_f64",
@@ -34,6 +40,7 @@ __all__ = [
     "restated_fpn",
     "restated_attention_head",
     "restated_conv_head",
+    "assert_retinanet_runs_the_restated_network",
 ]
 
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, nn.GroupNorm, CycleBatchNormList)
@@ -74,7 +81,7 @@ def _plain_norm(norm: nn.Module, x: Tensor, level: int = 0) -> Tensor:
         scale = norm.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = norm.bias - bn.running_mean * scale
         return x * scale[:, None, None] + shift[:, None, None]
-    if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+    if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):  # eval: same
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         return (x - norm.running_mean[:, None, None]) * scale[:, None, None] + norm.bias[
             :, None, None
@@ -240,3 +247,47 @@ def restated_conv_head(head: nn.Module, features: List[Tensor]) -> Tuple[List, L
         return y
 
     return _two_subnets(head, features, run, padding=1)
+
+
+class _HeadRan(Exception):
+    pass
+
+
+def assert_retinanet_runs_the_restated_network(model: nn.Module, images: Tensor) -> None:
+    """A float64 RetinaNet in eval mode on ``images`` (``(N, 3, H, W)`` uint8, sides multiples
+    of 32): normalised images -> restated bottom-up -> restated FPN -> the head's inputs, in
+    ``MODEL.RETINANET.IN_FEATURES`` order -> the restated head's outputs. Stops the model's
+    forward after its head (the rest, float32 NMS, is detectron2's)."""
+    seen = {}
+
+    def capture(_module, args, out):
+        seen.update(inputs=args[0], out=out)
+        raise _HeadRan
+
+    handle = model.head.register_forward_hook(capture)
+    try:
+        with torch.no_grad():
+            try:
+                model([{"image": image} for image in images])
+            except _HeadRan:
+                pass
+            x = (images.double() - model.pixel_mean) / model.pixel_std
+            fpn = model.backbone
+            bottom_up = restated_san if isinstance(fpn.bottom_up, SANBackbone) else restated_resnet
+            features = restated_fpn(fpn, x, bottom_up=lambda y: bottom_up(fpn.bottom_up, y))
+            expected_inputs = [features[f] for f in model.head_in_features]
+            restated_head = (
+                restated_attention_head
+                if isinstance(model.head, AttentionRetinaNetHead)
+                else restated_conv_head
+            )
+            expected_out = restated_head(model.head, expected_inputs)
+    finally:
+        handle.remove()
+    assert "inputs" in seen, "the head did not run"
+    assert len(seen["inputs"]) == len(expected_inputs)
+    for level, (actual, expected) in enumerate(zip(seen["inputs"], expected_inputs)):
+        assert_close_f64(actual, expected, f"head input {level}")
+    for kind, actual_levels, expected_levels in zip(("logits", "boxes"), seen["out"], expected_out):
+        for level, (actual, expected) in enumerate(zip(actual_levels, expected_levels)):
+            assert_close_f64(actual, expected, f"{kind} level {level}")

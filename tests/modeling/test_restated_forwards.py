@@ -2,6 +2,8 @@
 plain torch (``tests/helpers/restated.py``), in float64 with random norm statistics: a dropped
 residual add, a missing ReLU or a wrong level changes the values, not only the shapes."""
 
+import os
+
 import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
@@ -9,15 +11,22 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from tests.helpers.modeling import base_cfg, config_path, tiny_san_cfg, tiny_sasa_cfg
 from tests.helpers.restated import (
     assert_close_f64,
+    assert_retinanet_runs_the_restated_network,
     randomize_norms,
     restated_attention_head,
-    restated_conv_head,
     restated_fpn,
     restated_resnet,
     restated_san,
 )
 
 from san_det.modeling import AttentionFPN, AttentionRetinaNetHead, LastLevelP6P7Attention
+
+
+SHIPPED = sorted(
+    os.path.splitext(name)[0]
+    for name in os.listdir(os.path.dirname(config_path("Base-RetinaNet")))
+    if not name.startswith("Base-")
+)
 
 
 def _eval64(model):
@@ -149,10 +158,6 @@ def test_attention_head_equals_restated_forward(norm):
         assert_close_f64(boxes[level], expected_boxes[level], f"boxes level {level}")
 
 
-class _HeadRan(Exception):
-    pass
-
-
 @pytest.mark.parametrize("head_name", ["RetinaNetHead", "AttentionRetinaNetHead"])
 def test_san_det_retinanet_runs_the_restated_network(head_name):
     """The whole detector: normalised images -> restated SASA ResNet -> restated attentional FPN
@@ -173,26 +178,18 @@ def test_san_det_retinanet_runs_the_restated_network(head_name):
     model = _eval64(build_model(cfg))
     for conv in (model.head.cls_score, model.head.bbox_pred):
         torch.nn.init.normal_(conv.weight, std=0.5)
-    seen = {}
-
-    def capture(_module, args, out):
-        seen.update(inputs=args[0], out=out)
-        raise _HeadRan  # the rest (float32 NMS) is detectron2's
-
-    model.head.register_forward_hook(capture)
     images = torch.randint(0, 256, (2, 3, 64, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        with pytest.raises(_HeadRan):
-            model([{"image": image.to(torch.uint8)} for image in images])
-        x = (images.double() - model.pixel_mean) / model.pixel_std
-        fpn = model.backbone
-        features = restated_fpn(fpn, x, bottom_up=lambda y: restated_resnet(fpn.bottom_up, y))
-        expected_inputs = [features[f] for f in ("p3", "p4", "p5", "p6", "p7")]
-        restated_head = restated_attention_head if "Attention" in head_name else restated_conv_head
-        expected_out = restated_head(model.head, expected_inputs)
-    assert len(seen["inputs"]) == 5
-    for level, (actual, expected) in enumerate(zip(seen["inputs"], expected_inputs)):
-        assert_close_f64(actual, expected, f"head input {level}")
-    for kind, actual_levels, expected_levels in zip(("logits", "boxes"), seen["out"], expected_out):
-        for level, (actual, expected) in enumerate(zip(actual_levels, expected_levels)):
-            assert_close_f64(actual, expected, f"{kind} level {level}")
+    assert_retinanet_runs_the_restated_network(model, images.to(torch.uint8))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_detector_runs_the_restated_network(name):
+    """Each shipped COCO config as it is (full widths, its own heads and FPN), one 64 px image
+    (128 px for SAN's reflection padding)."""
+    cfg = base_cfg()
+    cfg.merge_from_file(config_path(name))
+    cfg.MODEL.WEIGHTS = ""
+    model = _eval64(build_model(cfg))
+    size = 128 if cfg.MODEL.BACKBONE.NAME == "build_retinanet_san_fpn_backbone" else 64
+    images = torch.randint(0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(1))
+    assert_retinanet_runs_the_restated_network(model, images.to(torch.uint8))
