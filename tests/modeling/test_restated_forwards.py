@@ -9,6 +9,7 @@ import torch
 from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from tests.helpers.modeling import base_cfg, config_path, tiny_san_cfg, tiny_sasa_cfg
+from tests.helpers.paths import config_path as repo_config
 from tests.helpers.restated import (
     assert_close_f64,
     assert_retinanet_runs_the_restated_network,
@@ -19,14 +20,21 @@ from tests.helpers.restated import (
     restated_san,
 )
 
-from san_det.modeling import AttentionFPN, AttentionRetinaNetHead, LastLevelP6P7Attention
-
-
-SHIPPED = sorted(
-    os.path.splitext(name)[0]
-    for name in os.listdir(os.path.dirname(config_path("Base-RetinaNet")))
-    if not name.startswith("Base-")
+from san_det.modeling import (
+    AttentionFPN,
+    AttentionRetinaNetHead,
+    LastLevelP6P7Attention,
+    SANBackbone,
 )
+
+
+def _shipped(folder):
+    """The leaf configs of ``configs/<folder>`` (``Base-*`` only hold shared keys)."""
+    names = os.listdir(repo_config(folder))
+    return sorted(os.path.splitext(n)[0] for n in names if not n.startswith("Base-"))
+
+
+SHIPPED = _shipped("COCO-Detection")
 
 
 def _eval64(model):
@@ -193,3 +201,26 @@ def test_shipped_detector_runs_the_restated_network(name):
     size = 128 if cfg.MODEL.BACKBONE.NAME == "build_retinanet_san_fpn_backbone" else 64
     images = torch.randint(0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(1))
     assert_retinanet_runs_the_restated_network(model, images.to(torch.uint8))
+
+
+CLASSIFIERS = _shipped("ImageNet")
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_shipped_classifier_equals_restated_forward(name):
+    """Each shipped ImageNet config: restated backbone, global average pool, linear layer."""
+    cfg = base_cfg()
+    cfg.merge_from_file(repo_config("ImageNet", f"{name}.yaml"))
+    cfg.MODEL.WEIGHTS = ""
+    model = _eval64(build_model(cfg))
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)
+    san = isinstance(model.backbone, SANBackbone)
+    size = 128 if san else 64
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model.forward_head(model.forward_features(x))
+        features = (restated_san if san else restated_resnet)(model.backbone, x)
+        pooled = features[model.in_feature].mean(dim=(2, 3))
+        expected = pooled @ model.classifier.weight.T + model.classifier.bias
+    assert logits.shape == (1, cfg.CLASSIFICATION.NUM_CLASSES)
+    assert_close_f64(logits, expected, "logits")
