@@ -132,6 +132,10 @@ def test_a_fresh_stream_starts_with_the_first_batch():
     assert order != list(range(7))
     assert _batches(shuffled, 2) == [order[:3], order[3:6]]
     assert _first_from_iterators(shuffled) == (order[:3], order[:3])
+    with_workers = iter(ResumableTrainLoader(shuffled, num_workers=2))  # batches round-robin
+    second_epoch = _epoch_order(3, 7, epoch=1)
+    expected = [order[:3], order[3:6], [order[6]] + second_epoch[:2]]
+    assert [next(with_workers) for _ in range(3)] == expected
     rank1 = _plain_stream(n=7, batch=2, rank=1, world_size=2)
     assert _first_from_iterators(rank1) == ([order[1], order[3]], [order[1], order[3]])
     grouped = _plain_stream(n=7, batch=2, rank=0, world_size=1, aspect_ratio_grouping=True)
