@@ -159,6 +159,38 @@ def test_official_san_checkpoint_into_detection_backbone():
     )
 
 
+def test_official_san_into_a_detector_puts_every_tensor_under_its_name():
+    """``module.X`` -> ``backbone.bottom_up.X`` for every official tensor but ``fc`` (and the BN
+    counters FrozenBN lacks), values unchanged; the detector's SAN then computes what the
+    converted classifier's does."""
+    official = _official_checkpoint("pairwise", 10, seed=3)
+    src = official["state_dict"]
+    for k, v in src.items():
+        if k.endswith("running_var"):
+            src[k] = v.abs() + 0.5
+    classifier = build_model(_classifier_cfg("pairwise", 10))
+    det_cfg = get_san_det_cfg(config_path("COCO-Detection", "retinanet_san10_pairwise.yaml"))
+    det_cfg.MODEL.DEVICE = "cpu"
+    detector = build_model(det_cfg)
+    target = detector.state_dict()
+    state = convert_official_san_to_detection(official, classifier.state_dict(), target)
+    expected = {"backbone.bottom_up." + k[len("module."):]: v for k, v in src.items()
+                if not k.startswith("module.fc.")}  # fmt: skip
+    expected = {k: v for k, v in expected.items() if k in target or "num_batches" not in k}
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    detector.load_state_dict(state, strict=False)
+    classifier.load_state_dict(
+        convert_official_san_to_classifier(official, classifier.state_dict())
+    )
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = detector.backbone.bottom_up.double().eval()(x.double())["res5"]
+        theirs = classifier.backbone.double().eval()(x.double())["res5"]
+    assert_close_f64(ours, theirs, "res5")
+
+
 def test_official_san_errors_name_the_key():
     model = build_model(_classifier_cfg("pairwise", 10))
     target = model.state_dict()
