@@ -22,6 +22,7 @@ from san_det.classification.convert_san import (
 )
 from tests.helpers.paths import REPO_ROOT, config_path
 from tests.helpers.held_runs import HeldRun
+from tests.helpers.restated import assert_close_f64, restated_san
 from tests.helpers.scripts import child_env, error_lines, load_script
 
 LAYERS = {10: [2, 1, 2, 4, 1], 15: [3, 2, 3, 5, 2], 19: [3, 3, 4, 6, 3]}
@@ -108,6 +109,37 @@ def test_official_san10_checkpoint_loads_into_our_classifier(sa_type):
     torch.testing.assert_close(model.backbone.bn4.running_var, src["module.bn4.running_var"])
 
 
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_converted_classifier_computes_the_official_network(sa_type):
+    """Every official tensor lands under its own name (``module.X`` -> ``backbone.X``,
+    ``module.fc`` -> ``classifier``), and the classifier's logits are the official SAN's forward
+    (restated in plain torch) followed by global average pooling and the official ``fc``."""
+    official = _official_checkpoint(sa_type, 10, seed=1)
+    src = official["state_dict"]
+    for k, v in src.items():  # positive variances, weights of a trained network's scale
+        if k.endswith("running_var"):
+            src[k] = v.abs() + 0.5
+        elif v.dim() in (2, 4):
+            src[k] = v / v[0].numel() ** 0.5
+    model = build_model(_classifier_cfg(sa_type, 10))
+    state = convert_official_san_to_classifier(official, model.state_dict())
+    renamed = {
+        ("classifier." + k[len("module.fc."):]) if k.startswith("module.fc.")
+        else "backbone." + k[len("module."):]: v for k, v in src.items()
+    }  # fmt: skip
+    assert set(state) == set(renamed)
+    for k, v in renamed.items():
+        assert torch.equal(state[k], v), k
+    model.load_state_dict(state, strict=True)
+    model = model.double().eval()
+    x = torch.randn(1, 3, 128, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model.forward_head(model.forward_features(x))
+        pooled = restated_san(model.backbone, x)["res5"].mean(dim=(2, 3))
+        expected = pooled @ src["module.fc.weight"].double().T + src["module.fc.bias"].double()
+    assert_close_f64(logits, expected, "logits")
+
+
 def test_official_san_checkpoint_into_detection_backbone():
     official = _official_checkpoint("pairwise", 10)
     classifier = build_model(_classifier_cfg("pairwise", 10))
@@ -125,6 +157,38 @@ def test_official_san_checkpoint_into_detection_backbone():
         detector.backbone.bottom_up.layer2[1].sam.conv_p.weight,
         official["state_dict"]["module.layer2.1.sam.conv_p.weight"],
     )
+
+
+def test_official_san_into_a_detector_puts_every_tensor_under_its_name():
+    """``module.X`` -> ``backbone.bottom_up.X`` for every official tensor but ``fc`` (and the BN
+    counters FrozenBN lacks), values unchanged; the detector's SAN then computes what the
+    converted classifier's does."""
+    official = _official_checkpoint("pairwise", 10, seed=3)
+    src = official["state_dict"]
+    for k, v in src.items():
+        if k.endswith("running_var"):
+            src[k] = v.abs() + 0.5
+    classifier = build_model(_classifier_cfg("pairwise", 10))
+    det_cfg = get_san_det_cfg(config_path("COCO-Detection", "retinanet_san10_pairwise.yaml"))
+    det_cfg.MODEL.DEVICE = "cpu"
+    detector = build_model(det_cfg)
+    target = detector.state_dict()
+    state = convert_official_san_to_detection(official, classifier.state_dict(), target)
+    expected = {"backbone.bottom_up." + k[len("module."):]: v for k, v in src.items()
+                if not k.startswith("module.fc.")}  # fmt: skip
+    expected = {k: v for k, v in expected.items() if k in target or "num_batches" not in k}
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    detector.load_state_dict(state, strict=False)
+    classifier.load_state_dict(
+        convert_official_san_to_classifier(official, classifier.state_dict())
+    )
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = detector.backbone.bottom_up.double().eval()(x.double())["res5"]
+        theirs = classifier.backbone.double().eval()(x.double())["res5"]
+    assert_close_f64(ours, theirs, "res5")
 
 
 def test_official_san_errors_name_the_key():

@@ -54,6 +54,19 @@ def test_topk_against_numpy():
     assert 50.0 <= r["top1"] < 100.0
 
 
+def test_topk_at_and_beyond_the_class_count():
+    """k = C - 1, C, C + 1 and 3C with C = 7 classes: an image counts for k iff fewer than k
+    logits exceed its label's (so every image for k >= C), counted exactly."""
+    inputs, outputs, logits, labels = _fake_predictions(n=60, classes=7, seed=3)
+    ranks = (logits > logits[np.arange(60), labels][:, None]).sum(axis=1)
+    assert 0 < (ranks == 6).sum() < 60  # some labels have the smallest logit
+    topk = (1, 6, 7, 8, 21)
+    r = _evaluate(ClassificationEvaluator("fake", topk=topk), inputs, outputs)["classification"]
+    for k in topk:
+        assert r[f"top{k}"] == 100.0 * int((ranks < k).sum()) / 60, k
+    assert r["top7"] == r["top8"] == r["top21"] == 100.0 and r["top6"] < 100.0
+
+
 def test_evaluator_errors():
     inputs, outputs, _, _ = _fake_predictions(n=4)
     ev = ClassificationEvaluator("fake")

@@ -3,10 +3,12 @@ another seed, other losses. The data stream is a pure function of (seed, iterati
 
 import numpy as np
 import pytest
+import torch
+from detectron2.data import DatasetCatalog
 
 import san_det  # noqa: F401
 from san_det.detection import DetectionTrainer
-from san_det.engine.loader import DeterministicBatchStream
+from san_det.engine.loader import DeterministicBatchStream, ResumableTrainLoader
 from tests.helpers.coco_files import register_coco_dataset, simple_images
 from tests.helpers.tiny_detection import tiny_retinanet_cfg
 
@@ -105,3 +107,56 @@ def test_skipped_images_are_replaced_deterministically():
     dead = DeterministicBatchStream(dicts, lambda d: None, 1, seed=0, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="none of the 4 training images"):
         dead.load(0, 0)
+
+
+def _epoch_order(seed, n, epoch=0):
+    """The shuffled order of an epoch, restated: ``torch.randperm`` seeded with NumPy's
+    ``SeedSequence([seed, 1 (the epoch stream), epoch])`` (31 bits)."""
+    state = int(np.random.SeedSequence([seed, 1, epoch]).generate_state(1)[0]) >> 1
+    return torch.randperm(n, generator=torch.Generator().manual_seed(state)).tolist()
+
+
+def _first_from_iterators(stream):
+    """The first batch as ``__iter__`` and as :class:`ResumableTrainLoader` give it."""
+    return next(iter(stream)), next(iter(ResumableTrainLoader(stream)))
+
+
+def test_a_fresh_stream_starts_with_the_first_batch():
+    """Position 0 onwards, exactly: the dataset order without shuffling, epoch 0's order with it;
+    rank r of W takes positions r, r + W, ..."""
+    plain = _plain_stream(n=7, batch=3, shuffle=False, rank=0, world_size=1)
+    assert _batches(plain, 3) == [[0, 1, 2], [3, 4, 5], [6, 0, 1]]
+    assert _first_from_iterators(plain) == ([0, 1, 2], [0, 1, 2])
+    order = _epoch_order(3, 7)
+    shuffled = _plain_stream(n=7, batch=3, rank=0, world_size=1)
+    assert order != list(range(7))
+    assert _batches(shuffled, 2) == [order[:3], order[3:6]]
+    assert _first_from_iterators(shuffled) == (order[:3], order[:3])
+    with_workers = iter(ResumableTrainLoader(shuffled, num_workers=2))  # batches round-robin
+    second_epoch = _epoch_order(3, 7, epoch=1)
+    expected = [order[:3], order[3:6], [order[6]] + second_epoch[:2]]
+    assert [next(with_workers) for _ in range(3)] == expected
+    rank1 = _plain_stream(n=7, batch=2, rank=1, world_size=2)
+    assert _first_from_iterators(rank1) == ([order[1], order[3]], [order[1], order[3]])
+    grouped = _plain_stream(n=7, batch=2, rank=0, world_size=1, aspect_ratio_grouping=True)
+    landscape = [i for i in order if i % 3 == 0]  # image i is landscape iff i % 3 == 0
+    portrait = [i for i in order if i % 3 != 0]
+    landscape_first = order.index(landscape[1]) < order.index(portrait[1])
+    first_full = landscape[:2] if landscape_first else portrait[:2]
+    assert _first_from_iterators(grouped) == (first_full, first_full)
+
+
+def test_a_fresh_training_run_trains_on_the_first_batch(dataset):
+    """The images the model gets in iteration 0 of a new run: epoch 0's first IMS_PER_BATCH."""
+    cfg = tiny_retinanet_cfg(str(dataset / "first"), ("det_train",), max_iter=2)
+    cfg.SEED = 5
+    trainer = DetectionTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda _m, args: seen.append([d["image_id"] for d in args[0]])
+    )
+    trainer.train()
+    ids = [d["image_id"] for d in DatasetCatalog.get("det_train")]
+    order = _epoch_order(5, len(ids))
+    assert seen == [[ids[i] for i in order[:2]], [ids[i] for i in order[2:4]]]

@@ -3,15 +3,21 @@ NaN/inf during training (stop with the iteration; the last good checkpoint stays
 
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
+from detectron2.structures import BoxMode
 
 import san_det  # noqa: F401
-from san_det.data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
+from san_det.data.mapper import (
+    RobustDatasetMapper,
+    sanitize_annotations,
+    sanitize_dataset_dicts,
+)
 from san_det.detection import DetectionTrainer
 from san_det.engine import NonFiniteError
 from san_det.errors import CorruptImageError
@@ -135,6 +141,11 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted(tmp_path, caplog):
         "(kept as negatives)"
     ]
     assert len(kept) == 2 and len(kept[0]["annotations"]) == 3 and kept[1]["annotations"] == []
+    assert [(a["bbox"], a["bbox_mode"]) for a in kept[0]["annotations"]] == [
+        ([8.0, 8.0, 20.0, 20.0], BoxMode.XYWH_ABS),  # untouched
+        ([50.0, 50.0, 64.0, 64.0], BoxMode.XYXY_ABS),
+        ([0.0, 4.0, 10.0, 24.0], BoxMode.XYXY_ABS),
+    ]
     assert len(sanitize_dataset_dicts(dicts, filter_empty=True)) == 1
 
     cfg = tiny_retinanet_cfg(str(tmp_path / "out"), ("bad_boxes",))
@@ -144,8 +155,32 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted(tmp_path, caplog):
     boxes_out = out["instances"].gt_boxes.tensor
     assert boxes_out.shape == (3, 4)
     assert float(boxes_out.min()) >= 0 and float(boxes_out.max()) <= 64
+    assert sorted(boxes_out.tolist()) == [[0, 4, 10, 24], [8, 8, 28, 28], [50, 50, 64, 64]]
     assert sorted(out["instances"].gt_classes.tolist()) == [0, 0, 1]
     assert mapper.box_counts["clipped"] == 2 and mapper.box_counts["dropped_degenerate"] == 2
+
+
+def test_sanitized_boxes_are_exactly_their_part_inside_the_image():
+    """Each side is clamped to [0, width] x [0, height]; a box inside stays the same object."""
+    inside = {"bbox": [1.5, 2.0, 3.0, 4.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+    cases = [
+        ([-3.0, -1.0, 20.0, 10.0], BoxMode.XYXY_ABS, [0.0, 0.0, 20.0, 10.0]),
+        ([30.0, 15.0, 45.0, 27.5], BoxMode.XYXY_ABS, [30.0, 15.0, 40.0, 25.0]),
+        ([-5.0, 20.0, 50.0, 10.0], BoxMode.XYWH_ABS, [0.0, 20.0, 40.0, 25.0]),
+        ([39.0, -2.0, 41.0, 0.5], BoxMode.XYXY_ABS, [39.0, 0.0, 40.0, 0.5]),
+    ]
+    annotations = [inside] + [
+        {"bbox": box, "bbox_mode": mode, "category_id": i}
+        for i, (box, mode, _) in enumerate(cases, start=1)
+    ]
+    counts = Counter()
+    kept = sanitize_annotations(annotations, height=25, width=40, counts=counts)
+    assert counts == Counter(clipped=4)
+    assert kept[0] is inside
+    assert [a["bbox"] for a in kept[1:]] == [expected for _, _, expected in cases]
+    assert all(a["bbox_mode"] == BoxMode.XYXY_ABS for a in kept[1:])
+    assert [a["category_id"] for a in kept] == [0, 1, 2, 3, 4]
+    assert annotations[1]["bbox"] == [-3.0, -1.0, 20.0, 10.0]  # the input is not modified
 
 
 # ----------------------------------------------------------------- images without annotations

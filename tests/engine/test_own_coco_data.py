@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import child_env, error_lines
@@ -77,6 +78,12 @@ def test_train_two_processes_then_eval_only_then_resume(workdir):
         (out / "inference/shapes_coco_val/coco_instances_results.json").read_text()
     )
     assert results and {r["category_id"] for r in results} <= {2, 5, 7, 9}  # the json's own ids
+    # detection by detection: the model's class c (instances_predictions.pth) is the json's
+    # c-th id in id order; an untrained model at threshold 0 predicts every class
+    saved = torch.load(out / "inference/shapes_coco_val/instances_predictions.pth")
+    classes = [d["category_id"] for p in saved for d in p["instances"]]
+    assert set(classes) == {0, 1, 2, 3}
+    assert [r["category_id"] for r in results] == [[2, 5, 7, 9][c] for c in classes]
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     final = [m for m in metrics if "bbox/AP" in m][-1]
     assert final["bbox/AP-star"] is None and final["bbox/APl"] is None  # valid JSON, no NaN

@@ -112,6 +112,38 @@ def test_a_16_bit_image_is_predicted_on_its_8_bit_reading(setup, tmp_path):
     torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
 
 
+def test_each_detection_is_named_by_its_own_dataset_category_id(setup, tmp_path, capsys):
+    """The json's ids (2, 5, 7, 9 for the model's classes 0..3), detection by detection, against
+    the model's own predictions (with their boxes and scores): every class occurs, so the whole
+    mapping is checked."""
+    from san_det.config import setup_cfg
+
+    opts = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
+    out = tmp_path / "pred"
+    code, streams = _main(capsys, setup, "--input", str(setup / "images"), "--output", str(out),
+                          "--confidence-threshold", "0", *opts)  # fmt: skip
+    assert code == 0, streams.err
+    index = json.loads((out / "images.json").read_text())
+    results = json.loads((out / "coco_instances_results.json").read_text())
+    cfg = setup_cfg(str(setup / "model.yaml"), opts, check_output=False)
+    model = build_model(cfg).eval()
+    model.load_state_dict(torch.load(cfg.MODEL.WEIGHTS)["model"])
+    predictor, dataset_ids, seen = FilePredictor(cfg, model), [2, 5, 7, 9], set()
+    for image in index["images"]:
+        instances = predictor(image["file_name"])
+        classes = instances.pred_classes.tolist()
+        seen.update(classes)
+        mine = [r for r in results if r["image_id"] == image["id"]]
+        assert [r["category_id"] for r in mine] == [dataset_ids[c] for c in classes]
+        # [x, y, w, h] in pixels of the original image, and the model's scores
+        x0, y0, x1, y1 = instances.pred_boxes.tensor.double().unbind(1)
+        xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1)
+        torch.testing.assert_close(torch.tensor([r["bbox"] for r in mine], dtype=torch.float64),
+                                   xywh, rtol=0, atol=1e-4)  # fmt: skip
+        assert [r["score"] for r in mine] == pytest.approx(instances.scores.tolist(), abs=1e-6)
+    assert seen == {0, 1, 2, 3}
+
+
 def _truncated(folder):
     folder.mkdir()
     noise = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)

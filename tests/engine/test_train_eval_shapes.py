@@ -51,6 +51,35 @@ def test_train_then_coco_eval(tmp_path):
     assert math.isnan(bbox["APl"])
     assert 0.0 <= bbox["AP50"] <= 100.0
     assert (tmp_path / "out" / "inference" / "tshapes_val" / "coco_instances_results.json").exists()
+    results_file = tmp_path / "out" / "inference" / "tshapes_val" / "coco_instances_results.json"
+    expected = _pycocotools_box_ap("tshapes_val", results_file)
+    assert expected["AP"] > 0 and expected["AP50"] > 0  # something to compare
+    for key, value in expected.items():
+        # the same detections and the same definition: only float64 summation order may differ
+        assert bbox[key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), key
+
+
+def _pycocotools_box_ap(dataset: str, results_file) -> dict:
+    """Box AP (percent) of the saved detections, computed from scratch: pycocotools' COCOeval
+    (not the backend training used) against the ground truth written out from the dataset."""
+    import contextlib
+    import io
+    import json
+
+    from detectron2.data.datasets.coco import convert_to_coco_dict
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = convert_to_coco_dict(dataset)
+        gt.createIndex()
+        evaluation = COCOeval(gt, gt.loadRes(json.loads(results_file.read_text())), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    return {n: float("nan") if s < 0 else 100.0 * s for n, s in zip(names, evaluation.stats)}
 
 
 @pytest.mark.slow
