@@ -17,13 +17,6 @@
 // take SAN_CG channels that share one weight channel (c, c + Cw, c + 2 Cw, ...), so a weight
 // read serves SAN_CG channels.
 
-#ifndef SAN_TJ
-#define SAN_TJ 1
-#endif
-#ifndef SAN_CG
-#define SAN_CG 4
-#endif
-
 #include "san_lanes.h"
 
 // Output row whose tap a reads input row r, or -1 when there is none.
@@ -73,9 +66,15 @@ __device__ __forceinline__ san_row_tile san_row_tile_of(int64_t idx, int rows_pe
     t.j0 = (int)(idx - row * WT) * SAN_TJ;
     t.plane = san_div(row, rows_per_plane);
     t.i = (int)(row - t.plane * rows_per_plane);
-    t.hi0 = width - t.j0 < SAN_TJ ? width - t.j0 : SAN_TJ;
+    t.hi0 = san_tile_lanes(width, t.j0);
     return t;
 }
+
+// The window sizes of a subtraction kernel: taps, output positions, the centre tap's row.
+#define SAN_WINDOW_SIZES                                   \
+    const int taps = ksize * ksize;                        \
+    const int64_t positions = (int64_t)out_h * out_w;      \
+    const int centre = ksize / 2
 
 // out[n, c, t, p] = x1[n, c, centre(p)] - x2[n, c, tap_t(p)]. One thread per (n, c, output row,
 // row tile) writes all k * k taps; rows = N * C * Ho.
@@ -84,9 +83,7 @@ __global__ void san_subtraction2_forward(const scalar_t* __restrict__ x1,
                                          scalar_t* __restrict__ out, int64_t rows, int height,
                                          int width, int out_h, int out_w, int ksize, int stride,
                                          int pad, int dil) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int centre = ksize / 2;
+    SAN_WINDOW_SIZES;
     const int WT = (out_w + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, rows * WT) {
         const san_row_tile rt = san_row_tile_of(idx, out_h, out_w);
@@ -128,9 +125,7 @@ __global__ void san_subtraction_backward(const scalar_t* __restrict__ grad_out,
                                          int height, int width, int out_h, int out_w, int ksize,
                                          int stride, int pad, int dil, int centre_sign,
                                          int tap_sign) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int centre = ksize / 2;
+    SAN_WINDOW_SIZES;
     const int WT = (width + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, rows * WT) {
         const san_row_tile rt = san_row_tile_of(idx, height, width);
@@ -210,7 +205,7 @@ __device__ __forceinline__ san_agg_tile san_agg_tile_of(int64_t idx, int WT, int
     t.n = san_div(ncw, weight_channels);
     t.cw = (int)(ncw - t.n * weight_channels);
     t.c0 = t.cw + mg * SAN_CG * weight_channels;
-    t.cg = M - mg * SAN_CG < SAN_CG ? M - mg * SAN_CG : SAN_CG;
+    t.cg = san_group_channels(M, mg);
     return t;
 }
 
@@ -243,20 +238,25 @@ __device__ __forceinline__ void san_aggregate(const scalar_t* __restrict__ x,
     SAN_UNROLL for (int g = 0; g < G; ++g) san_vstore(out + g * chan_step * positions, s[g], m0);
 }
 
+// The sizes of an aggregation kernel whose threads tile rows of `row_width` pixels: taps, output
+// positions, row tiles WT, output channels per weight channel M, and the work items.
+#define SAN_AGGREGATION_SIZES(row_width)                  \
+    const int taps = ksize * ksize;                       \
+    const int64_t positions = (int64_t)out_h * out_w;     \
+    const int WT = ((row_width) + SAN_TJ - 1) / SAN_TJ;   \
+    const int M = channels / weight_channels;             \
+    const int64_t total = rows / M * ((M + SAN_CG - 1) / SAN_CG) * WT
+
 // out[n, c, i, j] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]; rows = N * C * Ho.
 __global__ void san_aggregation_forward(const scalar_t* __restrict__ x,
                                         const scalar_t* __restrict__ weight,
                                         scalar_t* __restrict__ out, int64_t rows, int channels,
                                         int weight_channels, int height, int width, int out_h,
                                         int out_w, int ksize, int stride, int pad, int dil) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int WT = (out_w + SAN_TJ - 1) / SAN_TJ;
-    const int M = channels / weight_channels;
-    const int64_t total = rows / M * ((M + SAN_CG - 1) / SAN_CG) * WT;
+    SAN_AGGREGATION_SIZES(out_w);
     SAN_GRID_LOOP(idx, total) {
         const san_agg_tile t = san_agg_tile_of(idx, WT, out_h, channels, weight_channels);
-        const int hi0 = out_w - t.j0 < SAN_TJ ? out_w - t.j0 : SAN_TJ;
+        const int hi0 = san_tile_lanes(out_w, t.j0);
         const int64_t pix = (int64_t)t.i * out_w + t.j0;
         const scalar_t* xp = x + (t.n * channels + t.c0) * height * width;
         const scalar_t* wp = weight + (t.n * weight_channels + t.cw) * taps * positions + pix;
@@ -333,14 +333,10 @@ __global__ void san_aggregation_input_backward(const scalar_t* __restrict__ grad
                                                int channels, int weight_channels, int height,
                                                int width, int out_h, int out_w, int ksize,
                                                int stride, int pad, int dil) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int WT = (width + SAN_TJ - 1) / SAN_TJ;
-    const int M = channels / weight_channels;
-    const int64_t total = rows / M * ((M + SAN_CG - 1) / SAN_CG) * WT;
+    SAN_AGGREGATION_SIZES(width);
     SAN_GRID_LOOP(idx, total) {
         const san_agg_tile t = san_agg_tile_of(idx, WT, height, channels, weight_channels);
-        const int hi0 = width - t.j0 < SAN_TJ ? width - t.j0 : SAN_TJ;
+        const int hi0 = san_tile_lanes(width, t.j0);
         const scalar_t* g = grad_out + (t.n * channels + t.c0) * positions;
         const scalar_t* wp = weight + (t.n * weight_channels + t.cw) * taps * positions;
         scalar_t* dst = grad_x + (t.n * channels + t.c0) * height * width;
