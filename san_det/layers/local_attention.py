@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int, check_odd_int
+from .checks import check_head_width, check_ints, check_odd_int
 from .ops import local_attention
 
 __all__ = ["LocalSelfAttention2d"]
@@ -60,23 +60,10 @@ class LocalSelfAttention2d(nn.Module):
         dilation: int = 1,
     ):
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("num_heads", num_heads),
-            ("stride", stride),
-            ("dilation", dilation),
-        ):
-            check_int(name, value)
+        check_ints(in_channels=in_channels, out_channels=out_channels, num_heads=num_heads)
+        check_ints(stride=stride, dilation=dilation)
         check_odd_int("kernel_size", kernel_size)
-        if out_channels % num_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must divide out_channels ({out_channels})")
-        head_dim = out_channels // num_heads
-        if head_dim % 2 != 0:
-            raise ValueError(
-                f"out_channels / num_heads must be even (row and column embedding halves), "
-                f"got out_channels={out_channels}, num_heads={num_heads} (head width {head_dim})"
-            )
+        head_dim = check_head_width(out_channels, num_heads)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
