@@ -41,6 +41,19 @@ SASA_STAGE_TYPES = ("attention", "conv")
 _FEATURES = ("stem", "res2", "res3", "res4", "res5")
 
 
+def _conv1x1(in_channels: int, out_channels: int, norm, stride: int = 1) -> Conv2d:
+    """A bias-free 1x1 conv followed by the norm ``norm`` (BottleneckBlock's conv1, conv3 and
+    shortcut)."""
+    return Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=1,
+        stride=stride,
+        bias=False,
+        norm=get_norm(norm, out_channels),
+    )
+
+
 class AttentionBottleneckBlock(CNNBlockBase):
     """ResNet bottleneck (1x1 conv, attention, 1x1 conv) with SASA attention as its 3x3 conv.
 
@@ -68,23 +81,10 @@ class AttentionBottleneckBlock(CNNBlockBase):
     ):
         super().__init__(in_channels, out_channels, stride)
         if in_channels != out_channels:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=False,
-                norm=get_norm(norm, out_channels),
-            )
+            self.shortcut = _conv1x1(in_channels, out_channels, norm, stride)
         else:
             self.shortcut = None
-        self.conv1 = Conv2d(
-            in_channels,
-            bottleneck_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, bottleneck_channels),
-        )
+        self.conv1 = _conv1x1(in_channels, bottleneck_channels, norm)
         self.conv2 = AttentionConv2d(
             bottleneck_channels,
             bottleneck_channels,
@@ -93,13 +93,7 @@ class AttentionBottleneckBlock(CNNBlockBase):
             stride=stride,
             norm=get_norm(norm, bottleneck_channels),
         )
-        self.conv3 = Conv2d(
-            bottleneck_channels,
-            out_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-        )
+        self.conv3 = _conv1x1(bottleneck_channels, out_channels, norm)
         for layer in (self.conv1, self.conv3, self.shortcut):
             if layer is not None:
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
