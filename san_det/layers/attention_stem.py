@@ -68,14 +68,10 @@ class SpatiallyAwareAttentionStem(nn.Module):
         super().__init__()
         check_ints(in_channels=in_channels, out_channels=out_channels, block_size=block_size)
         check_ints(num_heads=num_heads, num_value_mixtures=num_value_mixtures)
-        head_dim = check_head_width(out_channels, num_heads)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.block_size = block_size
-        self.num_heads = num_heads
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.block_size = self.stride = block_size
+        self.num_heads, self.head_dim = num_heads, check_head_width(out_channels, num_heads)
         self.num_value_mixtures = num_value_mixtures
-        self.head_dim = head_dim
-        self.stride = block_size
 
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)

@@ -63,14 +63,9 @@ class LocalSelfAttention2d(nn.Module):
         check_ints(in_channels=in_channels, out_channels=out_channels, num_heads=num_heads)
         check_ints(stride=stride, dilation=dilation)
         check_odd_int("kernel_size", kernel_size)
-        head_dim = check_head_width(out_channels, num_heads)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.num_heads = num_heads
-        self.stride = stride
-        self.dilation = dilation
-        self.head_dim = head_dim
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_heads, self.head_dim = num_heads, check_head_width(out_channels, num_heads)
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
 
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)
