@@ -103,28 +103,17 @@ class AttentionStem(CNNBlockBase):
     """SASA's full-attention stem as a detectron2 stem (``stride`` = ``block_size``).
 
     Wraps :class:`~san_det.layers.attention_stem.SpatiallyAwareAttentionStem` (attention inside
-    ``block_size x block_size`` blocks with spatially-aware values, norm, max pool).
+    ``block_size x block_size`` blocks with spatially-aware values, norm, max pool); ``attention``
+    are its keyword arguments ``block_size``, ``num_heads`` and ``num_value_mixtures``, and
+    ``norm`` names its norm (:func:`detectron2.layers.get_norm`).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 64,
-        *,
-        block_size: int = 4,
-        num_heads: int = 8,
-        num_value_mixtures: int = 4,
-        norm="BN",
-    ):
-        super().__init__(in_channels, out_channels, block_size)
-        self.attention = SpatiallyAwareAttentionStem(
-            in_channels,
-            out_channels,
-            block_size=block_size,
-            num_heads=num_heads,
-            num_value_mixtures=num_value_mixtures,
-            norm_layer=lambda channels: get_norm(norm, channels),
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, *, norm="BN", **attention):
+        stem = SpatiallyAwareAttentionStem(
+            in_channels, out_channels, norm_layer=lambda c: get_norm(norm, c), **attention
         )
+        super().__init__(in_channels, out_channels, stem.block_size)
+        self.attention = stem
 
     def forward(self, x):
         return self.attention(x)
