@@ -36,6 +36,23 @@ __device__ __forceinline__ san_mask san_span(int first, int size, int hi0) {
     return san_lanes(-first, size - first < hi0 ? size - first : hi0);
 }
 
+// With stride 1, every tap t = a * k + b whose output row i reads input row h and whose outputs
+// from column jb = w0 + pad - b * dil on read the tile at column w0: reads(t, i * out_w + jb, m)
+// in that order (b, then a), `m` the tile's lanes with an output column inside the row.
+template <typename Reads>
+__device__ __forceinline__ void san_stride1_readers(int h, int w0, int hi0, int out_h, int out_w,
+                                                    int ksize, int pad, int dil, Reads reads) {
+    for (int b = 0; b < ksize; ++b) {
+        const int jb = w0 + pad - b * dil;
+        const san_mask m = san_span(jb, out_w, hi0);
+        for (int a = 0; a < ksize; ++a) {
+            const int i = san_output_of(h, a, out_h, 1, pad, dil);
+            if (i < 0) continue;
+            reads(a * ksize + b, (int64_t)i * out_w + jb, m);
+        }
+    }
+}
+
 // The output tile at column j0 (lanes t < hi0) at tap column b of input row `row`: column
 // (j0 + t) * stride - pad + b * dil, zero outside the image. `m` is
 // san_span(j0 - pad + b * dil, width, hi0), used with stride 1.
@@ -144,16 +161,10 @@ __global__ void san_subtraction_backward(const scalar_t* __restrict__ grad_out,
                 }
             }
             if (tap_sign) {
-                for (int b = 0; b < ksize; ++b) {
-                    const int jb = w0 + pad - b * dil;
-                    const san_mask m = san_span(jb, out_w, hi0);
-                    for (int a = 0; a < ksize; ++a) {
-                        const int i = san_output_of(h, a, out_h, 1, pad, dil);
-                        if (i < 0) continue;
-                        value = value - san_vload(g + (a * ksize + b) * positions +
-                                                      (int64_t)i * out_w + jb, m);
-                    }
-                }
+                san_stride1_readers(h, w0, hi0, out_h, out_w, ksize, pad, dil,
+                                    [&](int t, int64_t p, san_mask m) {
+                                        value = value - san_vload(g + t * positions + p, m);
+                                    });
             }
         } else {
             for (int t = 0; t < hi0; ++t) {
@@ -287,19 +298,14 @@ __device__ __forceinline__ void san_aggregate_grad(const scalar_t* __restrict__ 
     san_vec s[G];
     SAN_UNROLL for (int c = 0; c < G; ++c) s[c] = san_vbcast((acc_t)0);
     if (stride == 1) {  // output column w + pad - b * dil: consecutive over the tile
-        for (int b = 0; b < ksize; ++b) {
-            const int jb = w0 + pad - b * dil;
-            const san_mask m = san_span(jb, out_w, hi0);
-            for (int a = 0; a < ksize; ++a) {
-                const int i = san_output_of(h, a, out_h, 1, pad, dil);
-                if (i < 0) continue;
-                const int64_t p = (int64_t)i * out_w + jb;
-                const san_vec wv = san_vload(wp + (a * ksize + b) * positions + p, m);
-                SAN_UNROLL for (int c = 0; c < G; ++c) {
-                    s[c] = s[c] + wv * san_vload(g + c * chan_step * positions + p, m);
-                }
-            }
-        }
+        san_stride1_readers(h, w0, hi0, out_h, out_w, ksize, pad, dil,
+                            [&](int t, int64_t p, san_mask m) {
+                                const san_vec wv = san_vload(wp + t * positions + p, m);
+                                SAN_UNROLL for (int c = 0; c < G; ++c) {
+                                    s[c] = s[c] + wv * san_vload(g + c * chan_step * positions + p,
+                                                                 m);
+                                }
+                            });
     } else {
         for (int t = 0; t < hi0; ++t) {
             for (int a = 0; a < ksize; ++a) {
