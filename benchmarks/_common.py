@@ -16,6 +16,7 @@ __all__ = [
     "reset_peak_rss",
     "cpu_name",
     "times_ms",
+    "forward_backward_times",
     "cuda_peak_mb",
     "run_child",
     "ratio_table",
@@ -72,6 +73,25 @@ def times_ms(fn, repeats: int, sync=None):
         wall.append((time.perf_counter() - start) * 1e3)
         cpu.append((time.process_time() - start_cpu) * 1e3)
     return statistics.median(wall), min(wall), statistics.median(cpu)
+
+
+def forward_backward_times(forward, forward_backward, repeats: int, device: str, minimum=False):
+    """A result row's timing fields: the median wall (with ``minimum`` also the fastest) and CPU
+    ms of ``forward`` and of ``forward_backward`` over ``repeats`` calls each, then the 1-minute
+    load average."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    fwd, fwd_min, fwd_cpu = times_ms(forward, repeats, sync)
+    fwd_bwd, fwd_bwd_min, fwd_bwd_cpu = times_ms(forward_backward, repeats, sync)
+    row = {"forward_ms": round(fwd, 3), "forward_backward_ms": round(fwd_bwd, 3)}
+    if minimum:
+        row["forward_min_ms"] = round(fwd_min, 3)
+        row["forward_backward_min_ms"] = round(fwd_bwd_min, 3)
+    row["forward_cpu_ms"] = round(fwd_cpu, 3)
+    row["forward_backward_cpu_ms"] = round(fwd_bwd_cpu, 3)
+    row["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return row
 
 
 def cuda_peak_mb(fn) -> float:

@@ -29,13 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import (  # noqa: E402
-    cuda_peak_mb,
-    op_benchmark_args,
-    report_header,
-    times_ms,
-    write_report,
-)
+import _common as common  # noqa: E402
 
 FOLD_SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 REL_SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
@@ -60,11 +54,11 @@ def _rel_grad_full_copy(q, dlogit, num_heads):
 def _measure(name, fn, device, repeats):
     sync = torch.cuda.synchronize if device == "cuda" else None
     fn()
-    wall, best, cpu = times_ms(fn, repeats, sync)
+    wall, best, cpu = common.times_ms(fn, repeats, sync)
     row = {"case": name, "wall_ms": round(wall, 3), "min_ms": round(best, 3)}
     row["cpu_ms"] = round(cpu, 3)
     if device == "cuda":
-        row["peak_extra_mb"] = round(cuda_peak_mb(fn), 2)
+        row["peak_extra_mb"] = round(common.cuda_peak_mb(fn), 2)
     return row
 
 
@@ -72,7 +66,7 @@ def main():
     from san_det.layers.ops.reflect import reflection_pad_backward
     from san_det.layers.ops.rel_gradient import rel_grad_per_image
 
-    args = op_benchmark_args(__doc__.splitlines()[0], "first shape of each, 3 repeats")
+    args = common.op_benchmark_args(__doc__.splitlines()[0], "first shape of each, 3 repeats")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     repeats = args.repeats or (3 if args.quick else 10)
@@ -82,7 +76,7 @@ def main():
     if args.batch:
         fold_shapes = [(args.batch, *s[1:]) for s in fold_shapes]
         rel_shapes = [(args.batch, *s[1:]) for s in rel_shapes]
-    report = report_header(args, repeats, os.getloadavg())
+    report = common.report_header(args, repeats, os.getloadavg())
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n, c, h, w in fold_shapes:
@@ -104,7 +98,7 @@ def main():
     report["results"] = rows
     report["load_average_1min"][1] = round(os.getloadavg()[0], 2)
     out = args.out or ROOT / "benchmarks" / "results" / f"backward_folds_{args.device}.json"
-    write_report(report, out)
+    common.write_report(report, out)
     print(f"{report['device_name']}, OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, "
           f"load {report['load_average_1min']}")  # fmt: skip
     print("| case | wall ms | min ms | CPU ms | peak extra MB |\n|---|---|---|---|---|")

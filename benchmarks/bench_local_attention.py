@@ -45,19 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import (  # noqa: E402
-    answer_child,
-    cases_to_run,
-    cuda_peak_mb,
-    op_benchmark_args,
-    ratio_table,
-    report_header,
-    reset_peak_rss,
-    status_mb,
-    time_and_memory,
-    times_ms,
-    write_report,
-)
+import _common as common  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 QUICK_SHAPES = [(1, 16, 14, 14)]
@@ -133,27 +121,16 @@ def measure(case: str, backend: str, shape, device: str, repeats: int, what: str
         forward()
         if what == "memory":
             if device == "cuda":
-                return {"peak_mb": round(cuda_peak_mb(forward_backward), 2)}
-            if not reset_peak_rss():
+                return {"peak_mb": round(common.cuda_peak_mb(forward_backward), 2)}
+            if not common.reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-            base = status_mb("VmRSS")
+            base = common.status_mb("VmRSS")
             forward_backward()
-            return {"peak_mb": round(status_mb("VmHWM") - base, 2)}
-        sync = torch.cuda.synchronize if device == "cuda" else None
-        fwd, fwd_min, fwd_cpu = times_ms(forward, repeats, sync)
-        fwd_bwd, fwd_bwd_min, fwd_bwd_cpu = times_ms(forward_backward, repeats, sync)
-    return {
-        "case": case,
-        "backend": backend,
-        "shape": list(shape),
-        "forward_ms": round(fwd, 3),
-        "forward_backward_ms": round(fwd_bwd, 3),
-        "forward_min_ms": round(fwd_min, 3),
-        "forward_backward_min_ms": round(fwd_bwd_min, 3),
-        "forward_cpu_ms": round(fwd_cpu, 3),
-        "forward_backward_cpu_ms": round(fwd_bwd_cpu, 3),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
+            return {"peak_mb": round(common.status_mb("VmHWM") - base, 2)}
+        times = common.forward_backward_times(
+            forward, forward_backward, repeats, device, minimum=True
+        )
+    return {"case": case, "backend": backend, "shape": list(shape), **times}
 
 
 def _rate_table(results, mm) -> str:
@@ -177,15 +154,15 @@ def _rate_table(results, mm) -> str:
 
 
 def main() -> None:
-    args = op_benchmark_args(__doc__.split("\n")[0], "one tiny shape, 2 repeats")
-    if answer_child(args, measure, "case"):
+    args = common.op_benchmark_args(__doc__.split("\n")[0], "one tiny shape, 2 repeats")
+    if common.answer_child(args, measure, "case"):
         return
-    shapes, repeats, backends = cases_to_run(args, SHAPES, QUICK_SHAPES)
+    shapes, repeats, backends = common.cases_to_run(args, SHAPES, QUICK_SHAPES)
 
     def run(case, backend, shape):
         spec = {"case": case, "backend": backend, "shape": list(shape), "repeats": repeats}
         on_gpu = lambda what: measure(case, backend, shape, "cuda", repeats, what)  # noqa: E731
-        return time_and_memory(__file__, spec, args.device, on_gpu)
+        return common.time_and_memory(__file__, spec, args.device, on_gpu)
 
     load_before = os.getloadavg()
     mm = run("mm", "torch", (MM_SIZE,) * 4)
@@ -203,7 +180,7 @@ def main() -> None:
             r["gflops_cpu"] = round(op_flops(r["shape"]) / r["forward_backward_cpu_ms"] / 1e6, 2)
             r["share_of_mm_cpu"] = round(r["gflops_cpu"] / mm["gflops_cpu"], 4)
 
-    report = report_header(args, repeats, load_before)
+    report = common.report_header(args, repeats, load_before)
     report.update(
         kernel_size=KERNEL_SIZE,
         num_heads=HEADS,
@@ -221,14 +198,14 @@ def main() -> None:
     else:
         name = f"local_attention_{args.device}{f'_n{args.batch}' if args.batch else ''}.json"
     out = args.out or ROOT / "benchmarks" / "results" / name
-    write_report(report, out)
+    common.write_report(report, out)
     print(
         f"device {report['device_name']} ({report['cpu_isa']}), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']} (torch threads {report['torch_threads']}), "
         f"float32, k={KERNEL_SIZE}, {HEADS} heads, median of {repeats}, load average "
         f"{report['load_average_1min']}; wrote {out}\n"
     )
-    print(ratio_table(results, "case"))
+    print(common.ratio_table(results, "case"))
     print()
     print(_rate_table(results, mm))
 

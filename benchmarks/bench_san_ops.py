@@ -39,17 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import (  # noqa: E402
-    answer_child,
-    cases_to_run,
-    cuda_peak_mb,
-    op_benchmark_args,
-    ratio_table,
-    report_header,
-    time_and_memory,
-    times_ms,
-    write_report,
-)
+import _common as common  # noqa: E402
 
 SHAPES = [(2, 64, 56, 56), (2, 256, 28, 28)]
 KERNEL_SIZE = 7
@@ -129,33 +119,22 @@ def measure(op: str, backend: str, shape, device: str, repeats: int, what: str) 
         forward, forward_backward = _build(op, shape, device)
         if what == "memory":
             if device == "cuda":
-                peak = cuda_peak_mb(forward_backward)
+                peak = common.cuda_peak_mb(forward_backward)
             else:
                 base = _rss_mb()
                 forward_backward()
                 peak = _maxrss_mb() - base
             return {"peak_mb": round(peak, 2)}
         forward_backward()
-        sync = torch.cuda.synchronize if device == "cuda" else None
-        fwd, _, fwd_cpu = times_ms(forward, repeats, sync)
-        fwd_bwd, _, fwd_bwd_cpu = times_ms(forward_backward, repeats, sync)
-    return {
-        "op": op,
-        "backend": backend,
-        "shape": list(shape),
-        "forward_ms": round(fwd, 3),
-        "forward_backward_ms": round(fwd_bwd, 3),
-        "forward_cpu_ms": round(fwd_cpu, 3),
-        "forward_backward_cpu_ms": round(fwd_bwd_cpu, 3),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
+        times = common.forward_backward_times(forward, forward_backward, repeats, device)
+    return {"op": op, "backend": backend, "shape": list(shape), **times}
 
 
 def main() -> None:
-    args = op_benchmark_args(__doc__.split("\n")[0], "first shape only, 2 repeats")
-    if answer_child(args, measure, "op"):
+    args = common.op_benchmark_args(__doc__.split("\n")[0], "first shape only, 2 repeats")
+    if common.answer_child(args, measure, "op"):
         return
-    shapes, repeats, backends = cases_to_run(args, SHAPES, SHAPES[:1])
+    shapes, repeats, backends = common.cases_to_run(args, SHAPES, SHAPES[:1])
     load_before = os.getloadavg()
     results = []
     for shape in shapes:
@@ -163,9 +142,9 @@ def main() -> None:
             for backend in backends if op != "conv3x3" else ["torch"]:
                 spec = {"op": op, "backend": backend, "shape": list(shape), "repeats": repeats}
                 on_gpu = functools.partial(measure, op, backend, shape, "cuda", repeats)
-                results.append(time_and_memory(__file__, spec, args.device, on_gpu))
+                results.append(common.time_and_memory(__file__, spec, args.device, on_gpu))
 
-    report = report_header(args, repeats, load_before)
+    report = common.report_header(args, repeats, load_before)
     report.update(
         kernel_size=KERNEL_SIZE,
         weight_channels=f"C/{SHARE}",
@@ -174,13 +153,13 @@ def main() -> None:
     )
     suffix = f"_n{args.batch}" if args.batch else ""
     out = args.out or ROOT / "benchmarks" / "results" / f"san_ops_{args.device}{suffix}.json"
-    write_report(report, out)
+    common.write_report(report, out)
     print(
         f"device {report['device_name']} ({report['cpu_isa']}), torch {torch.__version__}, "
         f"OMP_NUM_THREADS={report['OMP_NUM_THREADS']}, repeats {repeats}, load "
         f"{report['load_average_1min']} on {os.cpu_count()} CPUs; wrote {out}\n"
     )
-    print(ratio_table(results, "op"))
+    print(common.ratio_table(results, "op"))
 
 
 if __name__ == "__main__":

@@ -204,6 +204,18 @@ def _usable_box(bbox, image: ImageEntry) -> bool:
     return x1 > x0 and y1 > y0
 
 
+def _reference_problem(ann: dict, key: str, ids, one: str, many: str):
+    """``(kind, text)`` if ``ann[key]`` is missing or not one of ``ids`` (those of the file's
+    ``many``, e.g. "images"; ``one``: "an image"), else ``None``."""
+    value = ann.get(key)
+    if key not in ann:
+        return ("malformed annotations", f"no '{key}'")
+    if not _is_int(value) or int(value) not in ids:
+        text = f"{key} {_show(value)} is not the id of {one} of the file"
+        return (f"annotations of unknown {many}", text)
+    return None
+
+
 def _check_annotations(annotations, images, image_ids, category_ids, problems) -> CocoContent:
     boxed: Set[int] = set()
     num_boxes = 0
@@ -213,19 +225,14 @@ def _check_annotations(annotations, images, image_ids, category_ids, problems) -
         if not isinstance(ann, dict) or ids.get(_int_or_none(ann.get("id"))) != index:
             continue  # reported by _check_ids
         where = _where("annotation", index, ann)
-        found = []
-        image_id = ann.get("image_id")
-        if "image_id" not in ann:
-            found.append(("malformed annotations", "no 'image_id'"))
-        elif not _is_int(image_id) or int(image_id) not in image_ids:
-            text = f"image_id {_show(image_id)} is not the id of an image of the file"
-            found.append(("annotations of unknown images", text))
-        category_id = ann.get("category_id")
-        if "category_id" not in ann:
-            found.append(("malformed annotations", "no 'category_id'"))
-        elif not _is_int(category_id) or int(category_id) not in category_ids:
-            text = f"category_id {_show(category_id)} is not the id of a category of the file"
-            found.append(("annotations of unknown categories", text))
+        found = [
+            p
+            for p in (
+                _reference_problem(ann, "image_id", image_ids, "an image", "images"),
+                _reference_problem(ann, "category_id", category_ids, "a category", "categories"),
+            )
+            if p is not None
+        ]
         bbox_problem = "no 'bbox'" if "bbox" not in ann else _bbox_problem(ann["bbox"])
         if bbox_problem:
             found.append(("malformed boxes", bbox_problem))
@@ -243,9 +250,9 @@ def _check_annotations(annotations, images, image_ids, category_ids, problems) -
             text = f"segmentation {_show(segmentation)} is neither a list of polygons nor an RLE"
             found.append(("malformed annotations", text + " object"))
         problems.extend(Problem(kind, f"{where}: {text}") for kind, text in found)
-        image = images.get(int(image_id)) if not found else None
+        image = images.get(int(ann["image_id"])) if not found else None
         if image is not None and not crowd and _usable_box(ann["bbox"], image):
-            boxed.add(int(image_id))
+            boxed.add(int(ann["image_id"]))
             num_boxes += 1
     return CocoContent(problems, list(images.values()), boxed, num_boxes, without_area)
 

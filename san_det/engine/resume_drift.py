@@ -57,13 +57,7 @@ def resume_drift_warnings(
         )
     old_procs, new_procs = recorded.get("num_processes"), current["num_processes"]
     if old_procs is not None and old_procs != new_procs:
-        lines.append(
-            f"Resuming with {new_procs} process(es) (the checkpoint's run used {old_procs}): "
-            f"{where} with the same total batch SOLVER.IMS_PER_BATCH {new_batch} and data stream, "
-            f"{new_batch // max(new_procs, 1)} images per process (was "
-            f"{(old_batch or new_batch) // max(old_procs, 1)}): batch statistics differ, the "
-            "result is close to but not bit-identical with an uninterrupted run"
-        )
+        lines.append(_process_drift(old_procs, new_procs, old_batch or new_batch, new_batch, where))
     old_lr, new_lr = recorded.get("base_lr"), current["base_lr"]
     if old_lr is not None and old_lr != new_lr:
         if resumed_lr == new_lr:
@@ -79,3 +73,13 @@ def resume_drift_warnings(
             f"{where}; {effect}"
         )
     return lines
+
+
+def _process_drift(old_procs: int, new_procs: int, old_batch: int, new_batch: int, where: str):
+    per_process, was = new_batch // max(new_procs, 1), old_batch // max(old_procs, 1)
+    return (
+        f"Resuming with {new_procs} process(es) (the checkpoint's run used {old_procs}): "
+        f"{where} with the same total batch SOLVER.IMS_PER_BATCH {new_batch} and data stream, "
+        f"{per_process} images per process (was {was}): batch statistics differ, the result is "
+        "close to but not bit-identical with an uninterrupted run"
+    )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.san_det.attention_stem)
-from .checks import check_int
+from .checks import check_head_width, check_ints
 
 __all__ = ["SpatiallyAwareAttentionStem"]
 
@@ -66,29 +66,12 @@ class SpatiallyAwareAttentionStem(nn.Module):
         norm_layer: Optional[Callable[[int], nn.Module]] = nn.BatchNorm2d,
     ):
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("block_size", block_size),
-            ("num_heads", num_heads),
-            ("num_value_mixtures", num_value_mixtures),
-        ):
-            check_int(name, value)
-        if out_channels % num_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must divide out_channels ({out_channels})")
-        head_dim = out_channels // num_heads
-        if head_dim % 2 != 0:
-            raise ValueError(
-                "out_channels / num_heads must be even (row and column embedding halves), got "
-                f"out_channels={out_channels}, num_heads={num_heads} (head width {head_dim})"
-            )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.block_size = block_size
-        self.num_heads = num_heads
+        check_ints(in_channels=in_channels, out_channels=out_channels, block_size=block_size)
+        check_ints(num_heads=num_heads, num_value_mixtures=num_value_mixtures)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.block_size = self.stride = block_size
+        self.num_heads, self.head_dim = num_heads, check_head_width(out_channels, num_heads)
         self.num_value_mixtures = num_value_mixtures
-        self.head_dim = head_dim
-        self.stride = block_size
 
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)

@@ -11,7 +11,9 @@ import torch
 
 __all__ = [
     "check_choice",
+    "check_head_width",
     "check_int",
+    "check_ints",
     "check_odd_int",
     "check_same_device_and_dtype",
     "check_tensor",
@@ -27,6 +29,26 @@ def check_int(name: str, value, minimum: int = 1) -> int:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
+
+
+def check_ints(**values) -> None:
+    """:func:`check_int` (``minimum`` 1) of every keyword argument, in order."""
+    for name, value in values.items():
+        check_int(name, value)
+
+
+def check_head_width(out_channels: int, num_heads: int) -> int:
+    """The head width ``out_channels / num_heads`` of an attention layer, which must be a whole
+    and even number (a head's channels are a row and a column embedding half)."""
+    if out_channels % num_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must divide out_channels ({out_channels})")
+    head_dim = out_channels // num_heads
+    if head_dim % 2 != 0:
+        raise ValueError(
+            "out_channels / num_heads must be even (row and column embedding halves), got "
+            f"out_channels={out_channels}, num_heads={num_heads} (head width {head_dim})"
+        )
+    return head_dim
 
 
 def check_odd_int(name: str, value) -> int:

@@ -86,11 +86,11 @@ DTYPE_NAMES = {
     torch.bfloat16: "bfloat16",
 }
 
-_CUDA_TYPE_PRELUDE = {
-    "double": "typedef double scalar_t;\ntypedef double acc_t;\n"
-    "#define TO_ACC(x) ((acc_t)(x))\n#define FROM_ACC(x) ((scalar_t)(x))\n",
-    "float": "typedef float scalar_t;\ntypedef float acc_t;\n"
-    "#define TO_ACC(x) ((acc_t)(x))\n#define FROM_ACC(x) ((scalar_t)(x))\n",
+# The element types and conversions of each dtype's build (the CPU's: float and double only).
+_PLAIN_CONVERSIONS = "#define TO_ACC(x) ((acc_t)(x))\n#define FROM_ACC(x) ((scalar_t)(x))\n"
+_TYPE_PRELUDE = {
+    "double": "typedef double scalar_t;\ntypedef double acc_t;\n" + _PLAIN_CONVERSIONS,
+    "float": "typedef float scalar_t;\ntypedef float acc_t;\n" + _PLAIN_CONVERSIONS,
     "half": "#include <cuda_fp16.h>\ntypedef __half scalar_t;\ntypedef float acc_t;\n"
     "#define TO_ACC(x) __half2float(x)\n#define FROM_ACC(x) __float2half(x)\n",
     "bfloat16": "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 scalar_t;\ntypedef float acc_t;\n"
@@ -203,35 +203,30 @@ class _Kernel:
 
 
 class _Kernels:
-    """The kernels of one compiled source, as attributes ``name(grid, block, *args)``."""
+    """The kernels of one compiled source, as attributes ``name(grid, block, *args)``;
+    ``launcher(name)`` gives each its ``launch(grid, block, converted values)``."""
 
-    def __init__(self, kernels: Dict[str, _Kernel]):
-        self.__dict__.update(kernels)
+    def __init__(self, kernels: Dict[str, list], device: torch.device, convert: dict, launcher):
+        for name, params in kernels.items():
+            setattr(self, name, _Kernel(name, params, device, convert, launcher(name)))
 
 
 def _cpu_kernels(library_path: Path, kernels: Dict[str, list]) -> _Kernels:
     lib = ctypes.CDLL(str(library_path))
-    device = torch.device("cpu")
 
-    def kernel(name, params):
+    def launcher(name):
         fn = getattr(lib, f"san_launch_{name}")
         fn.restype = None
+        return lambda grid, block, values: fn(ctypes.c_int(grid), ctypes.c_int(block), *values)
 
-        def launch(grid, block, values):
-            fn(ctypes.c_int(grid), ctypes.c_int(block), *values)
-
-        return _Kernel(name, params, device, _CPU_ARGUMENTS, launch)
-
-    return _Kernels({name: kernel(name, params) for name, params in kernels.items()})
+    return _Kernels(kernels, torch.device("cpu"), _CPU_ARGUMENTS, launcher)
 
 
 def _cuda_kernels(module, kernels: Dict[str, list], index: int) -> _Kernels:
     """Look the kernels up in ``module`` (call inside ``cupy.cuda.Device(index)``)."""
     import cupy
 
-    device = torch.device("cuda", index)
-
-    def kernel(name, params):
+    def launcher(name):
         fn = module.get_function(name)
 
         def launch(grid, block, values):
@@ -240,9 +235,9 @@ def _cuda_kernels(module, kernels: Dict[str, list], index: int) -> _Kernels:
             with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(index)):
                 fn((grid,), (block,), tuple(values))
 
-        return _Kernel(name, params, device, _CUDA_ARGUMENTS, launch)
+        return launch
 
-    return _Kernels({name: kernel(name, params) for name, params in kernels.items()})
+    return _Kernels(kernels, torch.device("cuda", index), _CUDA_ARGUMENTS, launcher)
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,20 +293,17 @@ class KernelSource:
     # ---------------------------------------------------------------- CUDA
     def cuda_source(self, dtype_name: str) -> str:
         """The full CUDA translation unit for one storage dtype."""
-        return _CUDA_COMMON_PRELUDE + _CUDA_TYPE_PRELUDE[dtype_name] + self.source
+        return _CUDA_COMMON_PRELUDE + _TYPE_PRELUDE[dtype_name] + self.source
 
     def cuda(self, dtype: torch.dtype, device: torch.device) -> _Kernels:
         """Compiled kernels for ``dtype`` on a CUDA ``device`` (compiled once per process and
         device, found in CuPy's disk cache by later processes)."""
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = (DTYPE_NAMES[dtype], index)
-        kernels = self._cuda.get(key)
-        if kernels is None:
-            with self._lock:
-                kernels = self._cuda.get(key)
-                if kernels is None:
-                    kernels = self._cuda[key] = self._build_cuda(key[0], index)
-        return kernels
+        with self._lock:
+            if key not in self._cuda:
+                self._cuda[key] = self._build_cuda(key[0], index)
+            return self._cuda[key]
 
     def _build_cuda(self, dtype_name: str, index: int) -> _Kernels:
         import cupy
@@ -338,11 +330,8 @@ class KernelSource:
             raise ValueError("the CPU path computes in float32 or float64 only")
         parts = [
             '#include "cpu_prelude.h"',
-            f"typedef {dtype_name} scalar_t;",
-            f"typedef {dtype_name} acc_t;",
+            _TYPE_PRELUDE[dtype_name],
             f"#define SAN_ACC_BYTES {8 if dtype_name == 'double' else 4}",
-            "#define TO_ACC(x) ((acc_t)(x))",
-            "#define FROM_ACC(x) ((scalar_t)(x))",
             self.source,
         ]
         for name, params in self.kernels.items():
@@ -401,8 +390,7 @@ class KernelSource:
         prelude = (KERNEL_DIR / "cpu_prelude.h").read_text()
         flags = [*CPU_BASE_FLAGS, *extra_flags]
         cxx = cpu_compiler()
-        digest = hashlib.sha256("\0".join([source, prelude, cxx, *flags]).encode()).hexdigest()
-        digest = digest[:20]
+        digest = hashlib.sha256("\0".join([source, prelude, cxx, *flags]).encode()).hexdigest()[:20]
         target = _cache_dir() / f"{self.path.stem}_{dtype_name}_{digest}.so"
         if target.exists():
             return target

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int, check_odd_int
+from .checks import check_head_width, check_ints, check_odd_int
 from .ops import local_attention
 
 __all__ = ["LocalSelfAttention2d"]
@@ -60,30 +60,12 @@ class LocalSelfAttention2d(nn.Module):
         dilation: int = 1,
     ):
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("num_heads", num_heads),
-            ("stride", stride),
-            ("dilation", dilation),
-        ):
-            check_int(name, value)
+        check_ints(in_channels=in_channels, out_channels=out_channels, num_heads=num_heads)
+        check_ints(stride=stride, dilation=dilation)
         check_odd_int("kernel_size", kernel_size)
-        if out_channels % num_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must divide out_channels ({out_channels})")
-        head_dim = out_channels // num_heads
-        if head_dim % 2 != 0:
-            raise ValueError(
-                f"out_channels / num_heads must be even (row and column embedding halves), "
-                f"got out_channels={out_channels}, num_heads={num_heads} (head width {head_dim})"
-            )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.num_heads = num_heads
-        self.stride = stride
-        self.dilation = dilation
-        self.head_dim = head_dim
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_heads, self.head_dim = num_heads, check_head_width(out_channels, num_heads)
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
 
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)

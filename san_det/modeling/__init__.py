@@ -7,6 +7,7 @@ Importing this package registers in detectron2's ``BACKBONE_REGISTRY``: ``build_
 :data:`RETINANET_HEAD_REGISTRY`: ``RetinaNetHead`` or ``AttentionRetinaNetHead``).
 """
 
+from . import fpn
 from .attention_conv import AttentionConv2d
 from .config import add_backbone_config
 from .fpn import (
@@ -46,14 +47,7 @@ __all__ = [
     "SANBackbone",
     "build_san_net",
     "build_san_backbone",
-    "FPN_BACKBONES",
-    "AttentionFPN",
-    "LastLevelP6P7Attention",
-    "build_fpn_on",
-    "build_sasa_fpn_backbone",
-    "build_retinanet_sasa_fpn_backbone",
-    "build_san_fpn_backbone",
-    "build_retinanet_san_fpn_backbone",
+    *fpn.__all__,
     "RETINANET_HEAD_REGISTRY",
     "AttentionRetinaNetHead",
     "build_retinanet_head",

@@ -42,9 +42,10 @@ class AttentionConv2d(nn.Module):
     """``LocalSelfAttention2d`` followed by an optional norm and activation.
 
     Args:
-        in_channels, out_channels, kernel_size, num_heads, stride: as for
-            :class:`~san_det.layers.local_attention.LocalSelfAttention2d` (``stride > 1`` is
-            attention at stride 1 followed by an ``s x s`` average pool).
+        in_channels, out_channels, ``*args``, ``**kwargs``: the arguments of
+            :class:`~san_det.layers.local_attention.LocalSelfAttention2d` (``kernel_size``,
+            ``num_heads``, ``stride``: ``stride > 1`` is attention at stride 1 followed by an
+            ``s x s`` average pool), as detectron2's ``Conv2d`` takes those of ``nn.Conv2d``.
         norm: a normalisation module over ``out_channels`` or ``None``.
         activation: a callable applied last, or ``None``.
 
@@ -59,19 +60,17 @@ class AttentionConv2d(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int = 7,
-        num_heads: int = 8,
-        stride: int = 1,
+        *args,
         norm: Optional[nn.Module] = None,
         activation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        **kwargs,
     ):
         super().__init__()
-        self.attention = LocalSelfAttention2d(
-            in_channels, out_channels, kernel_size=kernel_size, num_heads=num_heads, stride=stride
-        )
+        self.attention = LocalSelfAttention2d(in_channels, out_channels, *args, **kwargs)
         self.norm = norm
         self.activation = activation
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stride = self.attention.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.attention(x)

@@ -41,6 +41,19 @@ SASA_STAGE_TYPES = ("attention", "conv")
 _FEATURES = ("stem", "res2", "res3", "res4", "res5")
 
 
+def _conv1x1(in_channels: int, out_channels: int, norm, stride: int = 1) -> Conv2d:
+    """A bias-free 1x1 conv followed by the norm ``norm`` (BottleneckBlock's conv1, conv3 and
+    shortcut)."""
+    return Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=1,
+        stride=stride,
+        bias=False,
+        norm=get_norm(norm, out_channels),
+    )
+
+
 class AttentionBottleneckBlock(CNNBlockBase):
     """ResNet bottleneck (1x1 conv, attention, 1x1 conv) with SASA attention as its 3x3 conv.
 
@@ -68,23 +81,10 @@ class AttentionBottleneckBlock(CNNBlockBase):
     ):
         super().__init__(in_channels, out_channels, stride)
         if in_channels != out_channels:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=False,
-                norm=get_norm(norm, out_channels),
-            )
+            self.shortcut = _conv1x1(in_channels, out_channels, norm, stride)
         else:
             self.shortcut = None
-        self.conv1 = Conv2d(
-            in_channels,
-            bottleneck_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, bottleneck_channels),
-        )
+        self.conv1 = _conv1x1(in_channels, bottleneck_channels, norm)
         self.conv2 = AttentionConv2d(
             bottleneck_channels,
             bottleneck_channels,
@@ -93,13 +93,7 @@ class AttentionBottleneckBlock(CNNBlockBase):
             stride=stride,
             norm=get_norm(norm, bottleneck_channels),
         )
-        self.conv3 = Conv2d(
-            bottleneck_channels,
-            out_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-        )
+        self.conv3 = _conv1x1(bottleneck_channels, out_channels, norm)
         for layer in (self.conv1, self.conv3, self.shortcut):
             if layer is not None:
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
@@ -109,28 +103,17 @@ class AttentionStem(CNNBlockBase):
     """SASA's full-attention stem as a detectron2 stem (``stride`` = ``block_size``).
 
     Wraps :class:`~san_det.layers.attention_stem.SpatiallyAwareAttentionStem` (attention inside
-    ``block_size x block_size`` blocks with spatially-aware values, norm, max pool).
+    ``block_size x block_size`` blocks with spatially-aware values, norm, max pool); ``attention``
+    are its keyword arguments ``block_size``, ``num_heads`` and ``num_value_mixtures``, and
+    ``norm`` names its norm (:func:`detectron2.layers.get_norm`).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 64,
-        *,
-        block_size: int = 4,
-        num_heads: int = 8,
-        num_value_mixtures: int = 4,
-        norm="BN",
-    ):
-        super().__init__(in_channels, out_channels, block_size)
-        self.attention = SpatiallyAwareAttentionStem(
-            in_channels,
-            out_channels,
-            block_size=block_size,
-            num_heads=num_heads,
-            num_value_mixtures=num_value_mixtures,
-            norm_layer=lambda channels: get_norm(norm, channels),
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, *, norm="BN", **attention):
+        stem = SpatiallyAwareAttentionStem(
+            in_channels, out_channels, norm_layer=lambda c: get_norm(norm, c), **attention
         )
+        super().__init__(in_channels, out_channels, stem.block_size)
+        self.attention = stem
 
     def forward(self, x):
         return self.attention(x)

@@ -150,3 +150,10 @@ class HeldRun:
 
     def output(self) -> str:
         return self.log.read_text()
+
+    def assert_only_line(self, prefix: str, expected: str) -> None:
+        """Of the output's lines, ``expected`` is the only one starting with ``prefix``, and there
+        is no traceback."""
+        lines = [line for line in self.output().splitlines() if line.startswith(prefix)]
+        assert lines == [expected], self.output()[-3000:]
+        assert "Traceback" not in self.output()

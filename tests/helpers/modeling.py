@@ -28,34 +28,26 @@ def base_cfg():
     return cfg
 
 
-def tiny_sasa_cfg(**sasa):
-    """A narrow SASA-26 (widths 16..128, 4 heads of even width) for quick forward/backward."""
+def _narrow_cfg(section: str, sizes: dict, overrides: dict):
+    """base_cfg() with ``sizes``, all four stages as outputs and ``overrides`` (keyword arguments of
+    the caller) set in ``cfg.MODEL.<section>``, and 32 FPN channels."""
     cfg = base_cfg()
-    s = cfg.MODEL.SASA
-    s.DEPTH = 26
-    s.STEM_OUT_CHANNELS = 16
-    s.STEM_NUM_HEADS = 4
-    s.RES2_OUT_CHANNELS = 32
-    s.WIDTH_PER_GROUP = 16
-    s.NUM_HEADS = 4
-    s.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    for key, value in sasa.items():
-        setattr(s, key, value)
+    outputs = {"OUT_FEATURES": ["res2", "res3", "res4", "res5"]}
+    for key, value in {**sizes, **outputs, **overrides}.items():
+        setattr(cfg.MODEL[section], key, value)
     cfg.MODEL.FPN.OUT_CHANNELS = 32
     return cfg
+
+
+def tiny_sasa_cfg(**sasa):
+    """A narrow SASA-26 (widths 16..128, 4 heads of even width) for quick forward/backward."""
+    sizes = dict(DEPTH=26, STEM_OUT_CHANNELS=16, STEM_NUM_HEADS=4, RES2_OUT_CHANNELS=32)
+    return _narrow_cfg("SASA", {**sizes, "WIDTH_PER_GROUP": 16, "NUM_HEADS": 4}, sasa)
 
 
 def tiny_san_cfg(**san):
     """A narrow SAN10 (base width 32) for quick forward/backward."""
-    cfg = base_cfg()
-    s = cfg.MODEL.SAN
-    s.DEPTH = 10
-    s.BASE_WIDTH = 32
-    s.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    for key, value in san.items():
-        setattr(s, key, value)
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    return cfg
+    return _narrow_cfg("SAN", {"DEPTH": 10, "BASE_WIDTH": 32}, san)
 
 
 def detection_inputs(size, num_images=2, num_classes=80):

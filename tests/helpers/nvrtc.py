@@ -11,7 +11,7 @@ same options.
 
 import io
 import re
-from typing import Dict, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -22,7 +22,7 @@ from san_det.layers.kernel_runtime import (
     cuda_options,
 )
 
-__all__ = ["cupy_options", "kernel_resources", "nvrtc_compile"]
+__all__ = ["compile_kernel_file", "cupy_options", "kernel_resources", "nvrtc_compile"]
 
 
 def cupy_options(arch: str) -> Tuple[str, ...]:
@@ -57,6 +57,18 @@ def nvrtc_compile(
         raise KernelCompileError(f"NVRTC failed on {source.path.name} ({dtype}, {arch}):\n{error}")
     assert set(mapping) == set(source.kernels), mapping
     return cubin
+
+
+def compile_kernel_file(
+    filename: str, kernels: Sequence[str], dtypes: Sequence[torch.dtype], arch: str
+) -> Tuple[KernelSource, List[bytes]]:
+    """The source of ``filename``, checked to define exactly ``kernels``, and its cubin for each
+    of ``dtypes`` (checked to be more than 1000 bytes)."""
+    source = KernelSource(filename)
+    assert set(source.kernels) == set(kernels)
+    cubins = [nvrtc_compile(source, dtype, arch) for dtype in dtypes]
+    assert all(len(cubin) > 1000 for cubin in cubins)
+    return source, cubins
 
 
 def kernel_resources(source: KernelSource, dtype: torch.dtype, arch: str) -> Dict[str, Tuple]:

@@ -55,11 +55,8 @@ def tiny_retinanet_cfg(output_dir: str, train: Sequence[str] = (), max_iter: int
     cfg = get_san_det_cfg()
     cfg.merge_from_file(BASE_RETINANET)
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 50
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 8
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 16
-    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 4
-    cfg.MODEL.RESNETS.NORM = "BN"
+    sizes = dict(DEPTH=50, STEM_OUT_CHANNELS=8, RES2_OUT_CHANNELS=16, WIDTH_PER_GROUP=4)
+    cfg.MODEL.RESNETS.update(sizes, NORM="BN")
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.FPN.OUT_CHANNELS = 16
     cfg.MODEL.RETINANET.NUM_CONVS = 1

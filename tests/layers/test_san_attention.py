@@ -169,6 +169,20 @@ def test_forward_matches_official_statement(case, pad_mode, stride):
     torch.testing.assert_close(got, _oracle(m, x), rtol=0, atol=1e-12)
 
 
+def _outputs_and_gradients(m, x, backends):
+    """Per backend: ``y = m(x)`` and the gradients of ``sum(y ** 2)`` for ``x`` and every
+    parameter of ``m``."""
+    results = []
+    for backend in backends:
+        xb = x.clone().requires_grad_()
+        m.zero_grad()
+        with use_backend(backend):
+            y = m(xb)
+            y.square().sum().backward()
+        results.append([y.detach(), xb.grad, *[p.grad.clone() for p in m.parameters()]])
+    return results
+
+
 @pytest.mark.skipif(not cpu_compiler_available(), reason="no C++ compiler")
 @pytest.mark.parametrize("case", ALL, ids=_ids)
 def test_reference_and_cpu_backends_agree(case):
@@ -176,15 +190,7 @@ def test_reference_and_cpu_backends_agree(case):
     torch.manual_seed(2)
     m = SAM(sa_type, 8, 4, 16, 4, 3, 1, 2, relation=relation).double()
     x = torch.randn(2, 8, 7, 6, dtype=torch.float64)
-    results = []
-    for backend in ("reference", "cpu"):
-        xb = x.clone().requires_grad_()
-        m.zero_grad()
-        with use_backend(backend):
-            y = m(xb)
-            y.square().sum().backward()
-        grads = [p.grad.clone() for p in m.parameters()]
-        results.append([y.detach(), xb.grad, *grads])
+    results = _outputs_and_gradients(m, x, ("reference", "cpu"))
     for ref, cpu in zip(*results):
         torch.testing.assert_close(cpu, ref, rtol=1e-10, atol=1e-10)
 
@@ -196,14 +202,7 @@ def test_cuda_backend_matches_reference_and_runs_under_autocast(case):
     torch.manual_seed(3)
     m = SAM(sa_type, 16, 4, 16, 4, 7, relation=relation).double().cuda()
     x = torch.randn(2, 16, 9, 11, dtype=torch.float64, device="cuda")
-    results = []
-    for backend in ("reference", "cuda"):
-        xb = x.clone().requires_grad_()
-        m.zero_grad()
-        with use_backend(backend):
-            y = m(xb)
-            y.square().sum().backward()
-        results.append([y.detach(), xb.grad, *[p.grad.clone() for p in m.parameters()]])
+    results = _outputs_and_gradients(m, x, ("reference", "cuda"))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
     m.float()

@@ -24,17 +24,31 @@
 // gradients of the neighbours (sasa_kv_backward) take a group of SAN_CG channels per thread; the
 // others take the whole head and loop over its channel groups.
 
-#ifndef SAN_TJ
-#define SAN_TJ 1
-#endif
-#ifndef SAN_CG
-#define SAN_CG 4
-#endif
 #ifndef SAN_UT
 #define SAN_UT 4
 #endif
 
 #include "san_lanes.h"
+
+// The sizes a SASA kernel derives from its arguments (C, H, W, heads, K): pixels per plane HW,
+// head width d, window radius r and taps KK, row tiles WT of SAN_TJ pixels.
+#define SASA_SIZES                            \
+    const int64_t HW = (int64_t)H * W;        \
+    const int d = C / heads;                  \
+    const int r = K / 2;                      \
+    const int KK = K * K;                     \
+    const int WT = (W + SAN_TJ - 1) / SAN_TJ
+
+// The tile of thread `idx` of a kernel over (n, head, i, row tile), after SASA_SIZES: t, its row
+// i, first column j0, its hi0 pixels and their mask m0, the offsets of pixel (i, j0) and of the
+// head's first channel.
+#define SASA_TILE(idx)                                         \
+    const sasa_tile t = sasa_tile_of(idx, WT, H, heads);       \
+    const int i = t.i, j0 = t.j0;                              \
+    const int hi0 = san_tile_lanes(W, j0);                     \
+    const san_mask m0 = san_lanes(0, hi0);                     \
+    const int64_t pix0 = (int64_t)i * W + j0;                  \
+    const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW
 
 // The lanes of the tile at column j0 whose neighbour at column offset `off` is inside a row of W
 // pixels (hi0 = min(SAN_TJ, W - j0) lanes are pixels of the row at all), as a range [lo, hi).
@@ -288,19 +302,10 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
                  const scalar_t* __restrict__ v, const scalar_t* __restrict__ relT,
                  acc_t* __restrict__ attn, scalar_t* __restrict__ out, int N, int C, int H, int W,
                  int heads, int K, int dil) {
-    const int64_t HW = (int64_t)H * W;
-    const int d = C / heads;
-    const int r = K / 2;
-    const int KK = K * K;
-    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SASA_SIZES;
     const acc_t lowest = san_lowest();
     SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        const sasa_tile t = sasa_tile_of(idx, WT, H, heads);
-        const int i = t.i, j0 = t.j0;
-        const int hi0 = W - j0 < SAN_TJ ? W - j0 : SAN_TJ;
-        const san_mask m0 = san_lanes(0, hi0);
-        const int64_t pix0 = (int64_t)i * W + j0;
-        const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW;
+        SASA_TILE(idx);
         const scalar_t* relT_h = relT + (int64_t)t.h * KK * d;
         acc_t* a_ptr = attn + (t.nh * H + i) * KK * W + j0;
         const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
@@ -342,18 +347,9 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
                           const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
                           scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
                           int heads, int K, int dil) {
-    const int64_t HW = (int64_t)H * W;
-    const int d = C / heads;
-    const int r = K / 2;
-    const int KK = K * K;
-    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SASA_SIZES;
     SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        const sasa_tile t = sasa_tile_of(idx, WT, H, heads);
-        const int i = t.i, j0 = t.j0;
-        const int hi0 = W - j0 < SAN_TJ ? W - j0 : SAN_TJ;
-        const san_mask m0 = san_lanes(0, hi0);
-        const int64_t pix0 = (int64_t)i * W + j0;
-        const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW;
+        SASA_TILE(idx);
         const acc_t* p_ptr = attn + (t.nh * H + i) * KK * W + j0;
         acc_t* dl_ptr = dlogit + (t.nh * H + i) * KK * W + j0;
         const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
@@ -419,11 +415,7 @@ __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
                                  const acc_t* __restrict__ dlogit, scalar_t* __restrict__ grad_k,
                                  scalar_t* __restrict__ grad_v, int N, int C, int H, int W,
                                  int heads, int K, int dil) {
-    const int64_t HW = (int64_t)H * W;
-    const int d = C / heads;
-    const int r = K / 2;
-    const int KK = K * K;
-    const int WT = (W + SAN_TJ - 1) / SAN_TJ;
+    SASA_SIZES;
     const int G = (d + SAN_CG - 1) / SAN_CG;
     SAN_GRID_LOOP(idx, (int64_t)N * heads * G * H * WT) {
         const int64_t rowid = san_div(idx, WT);  // ((n * heads + h) * G + grp) * H + i
@@ -434,10 +426,10 @@ __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
         const int grp = (int)(nhg - nh * G);
         const int64_t n = san_div(nh, heads);
         const int h = (int)(nh - n * heads);
-        const int hi0 = W - j0 < SAN_TJ ? W - j0 : SAN_TJ;
+        const int hi0 = san_tile_lanes(W, j0);
         const san_mask m0 = san_lanes(0, hi0);
         const int c0 = h * d + grp * SAN_CG;  // first channel of the group
-        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;
+        const int cg = san_group_channels(d, grp);
         const int64_t chan0 = (n * C + c0) * HW;
         const acc_t* p = attn + nh * H * KK * W;
         const acc_t* dl = dlogit + nh * H * KK * W;
@@ -511,7 +503,7 @@ __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
         const int64_t n = san_div(nh, heads);
         const int h = (int)(nh - n * heads);
         const int c0 = h * d + grp * SAN_CG;
-        const int cg = d - grp * SAN_CG < SAN_CG ? d - grp * SAN_CG : SAN_CG;
+        const int cg = san_group_channels(d, grp);
         const acc_t* dl = dlogit + nh * H * KK * W + (int64_t)ab * W;
         const scalar_t* qc = q + (n * C + c0) * HW;
         acc_t* dst = grad_rel + (n * C + c0) * KK + ab;

@@ -1,7 +1,7 @@
 // Lane vectors: SAN_TJ consecutive pixels of one image row, handled by one kernel thread; and the
 // grid-stride loop every kernel file shares.
 //
-// Kernels that include this file (after defining their default SAN_TJ) are written once over
+// Kernels that include this file are written once over
 // `san_vec`, a vector of SAN_TJ acc_t lanes, and `san_mask`, a set of lanes:
 //
 // - On the GPU SAN_TJ is 1: `san_vec` is acc_t, `san_mask` a bool and every function below is the
@@ -17,6 +17,24 @@
 // in the other lanes and never touches their memory, a masked store leaves it alone, so a mask
 // may describe a row's border where the vector would reach outside the image or the tensor.
 // Masks are meant to be built once and used for many loads.
+
+// The tile macros' defaults (the launcher passes -DSAN_TJ=... -DSAN_CG=...): one pixel and four
+// channels per thread.
+#ifndef SAN_TJ
+#define SAN_TJ 1
+#endif
+#ifndef SAN_CG
+#define SAN_CG 4
+#endif
+
+// The lanes of a tile starting at column j0 that are pixels of a row of `width` (SAN_TJ but at
+// the row's end), and the channels of group `grp` of SAN_CG channels among `channels`.
+__device__ __forceinline__ int san_tile_lanes(int width, int j0) {
+    return width - j0 < SAN_TJ ? width - j0 : SAN_TJ;
+}
+__device__ __forceinline__ int san_group_channels(int channels, int grp) {
+    return channels - grp * SAN_CG < SAN_CG ? channels - grp * SAN_CG : SAN_CG;
+}
 
 // A grid-stride loop over `total` work items (the structure every kernel here has: see
 // kernel_runtime.py for how the CPU build runs the grid).
@@ -118,27 +136,25 @@ static inline san_mask san_lanes(int lo, int hi) {
     hi = san_clamp_lane(hi);
     return ((1u << hi) - 1u) & ~((1u << lo) - 1u);  // hi <= 16
 }
+// The float (_ps) or double (_pd) form of an AVX-512 intrinsic, and its mask and register types.
 #if SAN_ACC_BYTES == 4
-static inline san_vec san_vload(const acc_t* p, san_mask m) {
-    return (san_vec)_mm512_maskz_loadu_ps((__mmask16)m, p);
-}
-static inline void san_vstore(acc_t* p, san_vec x, san_mask m) {
-    _mm512_mask_storeu_ps(p, (__mmask16)m, (__m512)x);
-}
-static inline san_vec san_vselect(san_vec x, san_mask m, acc_t fill) {
-    return (san_vec)_mm512_mask_mov_ps(_mm512_set1_ps(fill), (__mmask16)m, (__m512)x);
-}
+#define SAN_512(op) op##_ps
+typedef __mmask16 san_kmask;
+typedef __m512 san_m512;
 #else
+#define SAN_512(op) op##_pd
+typedef __mmask8 san_kmask;
+typedef __m512d san_m512;
+#endif
 static inline san_vec san_vload(const acc_t* p, san_mask m) {
-    return (san_vec)_mm512_maskz_loadu_pd((__mmask8)m, p);
+    return (san_vec)SAN_512(_mm512_maskz_loadu)((san_kmask)m, p);
 }
 static inline void san_vstore(acc_t* p, san_vec x, san_mask m) {
-    _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)x);
+    SAN_512(_mm512_mask_storeu)(p, (san_kmask)m, (san_m512)x);
 }
 static inline san_vec san_vselect(san_vec x, san_mask m, acc_t fill) {
-    return (san_vec)_mm512_mask_mov_pd(_mm512_set1_pd(fill), (__mmask8)m, (__m512d)x);
+    return (san_vec)SAN_512(_mm512_mask_mov)(SAN_512(_mm512_set1)(fill), (san_kmask)m, (san_m512)x);
 }
-#endif
 
 #elif defined(__AVX2__) && SAN_VBYTES == 32
 

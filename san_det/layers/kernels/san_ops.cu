@@ -17,13 +17,6 @@
 // take SAN_CG channels that share one weight channel (c, c + Cw, c + 2 Cw, ...), so a weight
 // read serves SAN_CG channels.
 
-#ifndef SAN_TJ
-#define SAN_TJ 1
-#endif
-#ifndef SAN_CG
-#define SAN_CG 4
-#endif
-
 #include "san_lanes.h"
 
 // Output row whose tap a reads input row r, or -1 when there is none.
@@ -41,6 +34,23 @@ __device__ __forceinline__ int san_output_of(int r, int a, int out_size, int str
 // The lanes t < hi0 with 0 <= first + t < size (first + t: a column of consecutive lanes).
 __device__ __forceinline__ san_mask san_span(int first, int size, int hi0) {
     return san_lanes(-first, size - first < hi0 ? size - first : hi0);
+}
+
+// With stride 1, every tap t = a * k + b whose output row i reads input row h and whose outputs
+// from column jb = w0 + pad - b * dil on read the tile at column w0: reads(t, i * out_w + jb, m)
+// in that order (b, then a), `m` the tile's lanes with an output column inside the row.
+template <typename Reads>
+__device__ __forceinline__ void san_stride1_readers(int h, int w0, int hi0, int out_h, int out_w,
+                                                    int ksize, int pad, int dil, Reads reads) {
+    for (int b = 0; b < ksize; ++b) {
+        const int jb = w0 + pad - b * dil;
+        const san_mask m = san_span(jb, out_w, hi0);
+        for (int a = 0; a < ksize; ++a) {
+            const int i = san_output_of(h, a, out_h, 1, pad, dil);
+            if (i < 0) continue;
+            reads(a * ksize + b, (int64_t)i * out_w + jb, m);
+        }
+    }
 }
 
 // The output tile at column j0 (lanes t < hi0) at tap column b of input row `row`: column
@@ -73,9 +83,15 @@ __device__ __forceinline__ san_row_tile san_row_tile_of(int64_t idx, int rows_pe
     t.j0 = (int)(idx - row * WT) * SAN_TJ;
     t.plane = san_div(row, rows_per_plane);
     t.i = (int)(row - t.plane * rows_per_plane);
-    t.hi0 = width - t.j0 < SAN_TJ ? width - t.j0 : SAN_TJ;
+    t.hi0 = san_tile_lanes(width, t.j0);
     return t;
 }
+
+// The window sizes of a subtraction kernel: taps, output positions, the centre tap's row.
+#define SAN_WINDOW_SIZES                                   \
+    const int taps = ksize * ksize;                        \
+    const int64_t positions = (int64_t)out_h * out_w;      \
+    const int centre = ksize / 2
 
 // out[n, c, t, p] = x1[n, c, centre(p)] - x2[n, c, tap_t(p)]. One thread per (n, c, output row,
 // row tile) writes all k * k taps; rows = N * C * Ho.
@@ -84,9 +100,7 @@ __global__ void san_subtraction2_forward(const scalar_t* __restrict__ x1,
                                          scalar_t* __restrict__ out, int64_t rows, int height,
                                          int width, int out_h, int out_w, int ksize, int stride,
                                          int pad, int dil) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int centre = ksize / 2;
+    SAN_WINDOW_SIZES;
     const int WT = (out_w + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, rows * WT) {
         const san_row_tile rt = san_row_tile_of(idx, out_h, out_w);
@@ -128,9 +142,7 @@ __global__ void san_subtraction_backward(const scalar_t* __restrict__ grad_out,
                                          int height, int width, int out_h, int out_w, int ksize,
                                          int stride, int pad, int dil, int centre_sign,
                                          int tap_sign) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int centre = ksize / 2;
+    SAN_WINDOW_SIZES;
     const int WT = (width + SAN_TJ - 1) / SAN_TJ;
     SAN_GRID_LOOP(idx, rows * WT) {
         const san_row_tile rt = san_row_tile_of(idx, height, width);
@@ -149,16 +161,10 @@ __global__ void san_subtraction_backward(const scalar_t* __restrict__ grad_out,
                 }
             }
             if (tap_sign) {
-                for (int b = 0; b < ksize; ++b) {
-                    const int jb = w0 + pad - b * dil;
-                    const san_mask m = san_span(jb, out_w, hi0);
-                    for (int a = 0; a < ksize; ++a) {
-                        const int i = san_output_of(h, a, out_h, 1, pad, dil);
-                        if (i < 0) continue;
-                        value = value - san_vload(g + (a * ksize + b) * positions +
-                                                      (int64_t)i * out_w + jb, m);
-                    }
-                }
+                san_stride1_readers(h, w0, hi0, out_h, out_w, ksize, pad, dil,
+                                    [&](int t, int64_t p, san_mask m) {
+                                        value = value - san_vload(g + t * positions + p, m);
+                                    });
             }
         } else {
             for (int t = 0; t < hi0; ++t) {
@@ -210,7 +216,7 @@ __device__ __forceinline__ san_agg_tile san_agg_tile_of(int64_t idx, int WT, int
     t.n = san_div(ncw, weight_channels);
     t.cw = (int)(ncw - t.n * weight_channels);
     t.c0 = t.cw + mg * SAN_CG * weight_channels;
-    t.cg = M - mg * SAN_CG < SAN_CG ? M - mg * SAN_CG : SAN_CG;
+    t.cg = san_group_channels(M, mg);
     return t;
 }
 
@@ -243,20 +249,25 @@ __device__ __forceinline__ void san_aggregate(const scalar_t* __restrict__ x,
     SAN_UNROLL for (int g = 0; g < G; ++g) san_vstore(out + g * chan_step * positions, s[g], m0);
 }
 
+// The sizes of an aggregation kernel whose threads tile rows of `row_width` pixels: taps, output
+// positions, row tiles WT, output channels per weight channel M, and the work items.
+#define SAN_AGGREGATION_SIZES(row_width)                  \
+    const int taps = ksize * ksize;                       \
+    const int64_t positions = (int64_t)out_h * out_w;     \
+    const int WT = ((row_width) + SAN_TJ - 1) / SAN_TJ;   \
+    const int M = channels / weight_channels;             \
+    const int64_t total = rows / M * ((M + SAN_CG - 1) / SAN_CG) * WT
+
 // out[n, c, i, j] = sum_t w[n, c % Cw, t, p] * x[n, c, tap_t(p)]; rows = N * C * Ho.
 __global__ void san_aggregation_forward(const scalar_t* __restrict__ x,
                                         const scalar_t* __restrict__ weight,
                                         scalar_t* __restrict__ out, int64_t rows, int channels,
                                         int weight_channels, int height, int width, int out_h,
                                         int out_w, int ksize, int stride, int pad, int dil) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int WT = (out_w + SAN_TJ - 1) / SAN_TJ;
-    const int M = channels / weight_channels;
-    const int64_t total = rows / M * ((M + SAN_CG - 1) / SAN_CG) * WT;
+    SAN_AGGREGATION_SIZES(out_w);
     SAN_GRID_LOOP(idx, total) {
         const san_agg_tile t = san_agg_tile_of(idx, WT, out_h, channels, weight_channels);
-        const int hi0 = out_w - t.j0 < SAN_TJ ? out_w - t.j0 : SAN_TJ;
+        const int hi0 = san_tile_lanes(out_w, t.j0);
         const int64_t pix = (int64_t)t.i * out_w + t.j0;
         const scalar_t* xp = x + (t.n * channels + t.c0) * height * width;
         const scalar_t* wp = weight + (t.n * weight_channels + t.cw) * taps * positions + pix;
@@ -287,19 +298,14 @@ __device__ __forceinline__ void san_aggregate_grad(const scalar_t* __restrict__ 
     san_vec s[G];
     SAN_UNROLL for (int c = 0; c < G; ++c) s[c] = san_vbcast((acc_t)0);
     if (stride == 1) {  // output column w + pad - b * dil: consecutive over the tile
-        for (int b = 0; b < ksize; ++b) {
-            const int jb = w0 + pad - b * dil;
-            const san_mask m = san_span(jb, out_w, hi0);
-            for (int a = 0; a < ksize; ++a) {
-                const int i = san_output_of(h, a, out_h, 1, pad, dil);
-                if (i < 0) continue;
-                const int64_t p = (int64_t)i * out_w + jb;
-                const san_vec wv = san_vload(wp + (a * ksize + b) * positions + p, m);
-                SAN_UNROLL for (int c = 0; c < G; ++c) {
-                    s[c] = s[c] + wv * san_vload(g + c * chan_step * positions + p, m);
-                }
-            }
-        }
+        san_stride1_readers(h, w0, hi0, out_h, out_w, ksize, pad, dil,
+                            [&](int t, int64_t p, san_mask m) {
+                                const san_vec wv = san_vload(wp + t * positions + p, m);
+                                SAN_UNROLL for (int c = 0; c < G; ++c) {
+                                    s[c] = s[c] + wv * san_vload(g + c * chan_step * positions + p,
+                                                                 m);
+                                }
+                            });
     } else {
         for (int t = 0; t < hi0; ++t) {
             for (int a = 0; a < ksize; ++a) {
@@ -333,14 +339,10 @@ __global__ void san_aggregation_input_backward(const scalar_t* __restrict__ grad
                                                int channels, int weight_channels, int height,
                                                int width, int out_h, int out_w, int ksize,
                                                int stride, int pad, int dil) {
-    const int taps = ksize * ksize;
-    const int64_t positions = (int64_t)out_h * out_w;
-    const int WT = (width + SAN_TJ - 1) / SAN_TJ;
-    const int M = channels / weight_channels;
-    const int64_t total = rows / M * ((M + SAN_CG - 1) / SAN_CG) * WT;
+    SAN_AGGREGATION_SIZES(width);
     SAN_GRID_LOOP(idx, total) {
         const san_agg_tile t = san_agg_tile_of(idx, WT, height, channels, weight_channels);
-        const int hi0 = width - t.j0 < SAN_TJ ? width - t.j0 : SAN_TJ;
+        const int hi0 = san_tile_lanes(width, t.j0);
         const scalar_t* g = grad_out + (t.n * channels + t.c0) * positions;
         const scalar_t* wp = weight + (t.n * weight_channels + t.cw) * taps * positions;
         scalar_t* dst = grad_x + (t.n * channels + t.c0) * height * width;

@@ -305,28 +305,22 @@ def fake(x, query_weight, key_weight, value_weight, rel_row, *others):
     return x.new_empty(n, query_weight.shape[0], h, w)
 
 
-def backward_impl(
-    grad_out: Tensor,
-    x: Tensor,
-    query_weight: Tensor,
-    key_weight: Tensor,
-    value_weight: Tensor,
-    rel_row: Tensor,
-    rel_col: Tensor,
-    mixture_probs: Tensor,
-    num_heads: int,
-    block_size: int,
-    input_grad: bool,
-) -> List[Tensor]:
+def backward_impl(grad_out: Tensor, *args) -> List[Tensor]:
     """``torch.ops.san_det.attention_stem_backward``: the gradients of :func:`impl`'s seven
-    tensor inputs (zeros for ``x`` unless ``input_grad``)."""
-    inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
+    tensor inputs (zeros for ``x`` unless ``input_grad``); ``args`` are :func:`impl`'s arguments,
+    then ``input_grad`` (:data:`BACKWARD_SCHEMA`)."""
+    *inputs, num_heads, block_size, input_grad = args
     grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
     return [g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
 def backward_fake(grad_out, *inputs_and_geometry):
     return [t.new_empty(t.shape) for t in inputs_and_geometry[:7]]
+
+
+# The schema of :func:`backward_impl`: ``grad_out``, the arguments of :func:`impl`, ``input_grad``.
+_FORWARD_ARGUMENTS = torch.library.infer_schema(impl, mutates_args=()).split(" -> ")[0][1:-1]
+BACKWARD_SCHEMA = f"(Tensor grad_out, {_FORWARD_ARGUMENTS}, bool input_grad) -> Tensor[]"
 
 
 def setup_context(ctx, inputs, output):

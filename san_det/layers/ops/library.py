@@ -48,7 +48,7 @@ from .checks import (
     sized_geometry,
     window_geometry,
 )
-from .registry import OpSpec, prepared, register_op, resolve_backend
+from .registry import AUTO, OpSpec, prepared, register_op, resolve_backend
 
 __all__ = ["OPS", "OP_TABLE"]
 
@@ -150,90 +150,80 @@ def _local_attention_grads(ctx, grad_out, _grad_attn):
 
 
 # ----------------------------------------------------------------------------------- SAN ops
-# The SAN ops' trailing arguments: window (kernel_size, stride, padding, dilation, pad_mode),
-# then the backend.
+# The SAN ops' schemas are written out (their implementations take the window as ``*args``): each
+# has its tensors and sizes, the window (kernel_size, stride, padding, dilation, pad_mode), and
+# the backend last.
+_WINDOW = "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode"
 _NOT_DIFFERENTIABLE = (None,) * 6
 
 
-def _subtraction2_impl(x1: Tensor, x2: Tensor, g, backend: str) -> Tensor:
-    backend = resolve_backend(backend, x1)
+def _san_schema(*arguments: str) -> str:
+    return "(" + ", ".join(arguments) + ', str backend="auto") -> Tensor'
+
+
+def _split(args, count: int, backend: str):
+    """``args`` (the ``count`` arguments after an op's tensors and sizes, then the backend unless it
+    is left to its default or given by keyword) as ``(*those, backend)``."""
+    return (*args[:count], args[count] if len(args) > count else backend)
+
+
+def _dispatch(backend: str, like: Tensor, reference_op, kernel_op, tensors, *args) -> Tensor:
+    """``reference_op(*tensors, *args)`` or, on a kernel backend, ``kernel_op(backend, *tensors,
+    *args)`` on the prepared tensors, returned in ``like``'s dtype."""
+    backend = resolve_backend(backend, like)
     if backend == "reference":
-        return reference.subtraction2_reference(x1, x2, g)
-    storage = x1.dtype
-    x1, x2 = prepared(backend, storage, x1, x2)
-    return kernels.subtraction2_forward(backend, x1, x2, g).to(storage)
+        return reference_op(*tensors, *args)
+    storage = like.dtype
+    return kernel_op(backend, *prepared(backend, storage, *tensors), *args).to(storage)
 
 
 def _taps_like(x: Tensor, g) -> Tensor:
     return x.new_empty(x.shape[0], x.shape[1], g.taps, g.positions)
 
 
-def _subtraction(
-    x: Tensor,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    pad_mode: str,
-    backend: str = "auto",
-) -> Tensor:
-    g = window_geometry(x, "x", kernel_size, stride, padding, dilation, pad_mode)
-    return _subtraction2_impl(x, x, g, backend)
+def _subtraction(x: Tensor, *args, backend=AUTO) -> Tensor:
+    *window, backend = _split(args, 5, backend)
+    return _subtraction2_impl(x, x, window_geometry(x, "x", *window), backend)
 
 
-def _subtraction_fake(x, kernel_size, stride, padding, dilation, pad_mode, backend="auto"):
-    return _taps_like(x, window_geometry(x, "x", kernel_size, stride, padding, dilation, pad_mode))
+def _subtraction_fake(x, *args, backend=AUTO):
+    return _taps_like(x, window_geometry(x, "x", *args[:5]))
 
 
-def _subtraction2(
-    x1: Tensor,
-    x2: Tensor,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    pad_mode: str,
-    backend: str = "auto",
-) -> Tensor:
-    g = check_subtraction2_inputs(x1, x2, kernel_size, stride, padding, dilation, pad_mode)
-    return _subtraction2_impl(x1, x2, g, backend)
+def _subtraction2(x1: Tensor, x2: Tensor, *args, backend=AUTO) -> Tensor:
+    *window, backend = _split(args, 5, backend)
+    return _subtraction2_impl(x1, x2, check_subtraction2_inputs(x1, x2, *window), backend)
 
 
-def _subtraction2_fake(x1, x2, kernel_size, stride, padding, dilation, pad_mode, backend="auto"):
-    window = (kernel_size, stride, padding, dilation, pad_mode)
-    return _taps_like(x1, check_subtraction2_inputs(x1, x2, *window))
+def _subtraction2_impl(x1: Tensor, x2: Tensor, g, backend: str) -> Tensor:
+    reference_op, kernel_op = reference.subtraction2_reference, kernels.subtraction2_forward
+    return _dispatch(backend, x1, reference_op, kernel_op, (x1, x2), g)
 
 
-def _subtraction_backward(
-    grad_out: Tensor,
-    height: int,
-    width: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    pad_mode: str,
-    centre_sign: int,
-    tap_sign: int,
-    backend: str = "auto",
-) -> Tensor:
-    """Gradient of ``centre_sign * x[centre] - tap_sign * x[tap]`` for an input ``height x
-    width``; ``subtraction`` has signs (1, 1), ``subtraction2`` (1, 0) for x1 and (0, 1) for x2."""
-    window = (kernel_size, stride, padding, dilation, pad_mode)
+def _subtraction2_fake(x1, x2, *args, backend=AUTO):
+    return _taps_like(x1, check_subtraction2_inputs(x1, x2, *args[:5]))
+
+
+def _subtraction_backward_geometry(grad_out: Tensor, height: int, width: int, *window):
     g = sized_geometry(height, width, "the input", *window)
     check_san_gradient(grad_out, "grad_out", None, g.taps, g.positions)
-    backend = resolve_backend(backend, grad_out)
-    if backend == "reference":
-        return reference.subtraction_backward(grad_out, g, centre_sign, tap_sign)
-    storage = grad_out.dtype
-    (grad_out,) = prepared(backend, storage, grad_out)
-    return kernels.subtraction_backward(backend, grad_out, g, centre_sign, tap_sign).to(storage)
+    return g
 
 
-def _subtraction_backward_fake(grad_out, height, width, kernel_size, stride, padding, dilation,
-                               pad_mode, centre_sign, tap_sign, backend="auto"):  # fmt: skip
-    g = sized_geometry(height, width, "the input", kernel_size, stride, padding, dilation, pad_mode)
-    check_san_gradient(grad_out, "grad_out", None, g.taps, g.positions)
+def _subtraction_backward(grad_out: Tensor, height: int, width: int, *args, backend=AUTO):
+    """Gradient of ``centre_sign * x[centre] - tap_sign * x[tap]`` for an input ``height x
+    width``; ``subtraction`` has signs (1, 1), ``subtraction2`` (1, 0) for x1 and (0, 1) for x2.
+    ``args``: the window, ``centre_sign``, ``tap_sign``, the backend."""
+    *window, centre_sign, tap_sign, backend = _split(args, 7, backend)
+    g = _subtraction_backward_geometry(grad_out, height, width, *window)
+    reference_op, kernel_op = reference.subtraction_backward, kernels.subtraction_backward
+    return _dispatch(
+        backend, grad_out, reference_op, kernel_op, (grad_out,), g, centre_sign, tap_sign
+    )
+
+
+def _subtraction_backward_fake(grad_out, height, width, *args, backend=AUTO):
+    _subtraction_backward_geometry(grad_out, height, width, *args[:5])
     return grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], height, width)
 
 
@@ -267,86 +257,51 @@ def _subtraction2_grads(ctx, grad_out):
     return (grad1, grad2) + _NOT_DIFFERENTIABLE
 
 
-def _aggregation(
-    x: Tensor,
-    w: Tensor,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    pad_mode: str,
-    backend: str = "auto",
-) -> Tensor:
-    g = check_aggregation_inputs(x, w, kernel_size, stride, padding, dilation, pad_mode)
-    backend = resolve_backend(backend, x)
-    if backend == "reference":
-        return reference.aggregation_reference(x, w, g)
-    storage = x.dtype
-    x, w = prepared(backend, storage, x, w)
-    return kernels.aggregation_forward(backend, x, w, g).to(storage)
+def _aggregation(x: Tensor, w: Tensor, *args, backend=AUTO) -> Tensor:
+    *window, backend = _split(args, 5, backend)
+    g = check_aggregation_inputs(x, w, *window)
+    reference_op, kernel_op = reference.aggregation_reference, kernels.aggregation_forward
+    return _dispatch(backend, x, reference_op, kernel_op, (x, w), g)
 
 
-def _aggregation_fake(x, w, kernel_size, stride, padding, dilation, pad_mode, backend="auto"):
-    g = check_aggregation_inputs(x, w, kernel_size, stride, padding, dilation, pad_mode)
+def _aggregation_fake(x, w, *args, backend=AUTO):
+    g = check_aggregation_inputs(x, w, *args[:5])
     return x.new_empty(x.shape[0], x.shape[1], g.out_height, g.out_width)
 
 
-def _aggregation_input_backward(
-    grad_out: Tensor,
-    w: Tensor,
-    height: int,
-    width: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    pad_mode: str,
-    backend: str = "auto",
-) -> Tensor:
+def _aggregation_input_geometry(grad_out: Tensor, w: Tensor, height: int, width: int, *window):
+    g = sized_geometry(height, width, "x", *window)
+    check_aggregation_gradient(grad_out, w, g)
+    return g
+
+
+def _aggregation_input_backward(grad_out: Tensor, w: Tensor, height: int, width: int, *args,
+                                backend=AUTO):  # fmt: skip
     """Gradient of ``aggregation`` with respect to ``x`` (N, C, height, width)."""
-    g = sized_geometry(height, width, "x", kernel_size, stride, padding, dilation, pad_mode)
-    check_aggregation_gradient(grad_out, w, g)
-    backend = resolve_backend(backend, grad_out)
-    if backend == "reference":
-        return reference.aggregation_input_backward(grad_out, w, g)
-    storage = grad_out.dtype
-    grad_out, w = prepared(backend, storage, grad_out, w)
-    return kernels.aggregation_input_backward(backend, grad_out, w, g).to(storage)
+    *window, backend = _split(args, 5, backend)
+    g = _aggregation_input_geometry(grad_out, w, height, width, *window)
+    reference_op = reference.aggregation_input_backward
+    kernel_op = kernels.aggregation_input_backward
+    return _dispatch(backend, grad_out, reference_op, kernel_op, (grad_out, w), g)
 
 
-def _aggregation_input_backward_fake(grad_out, w, height, width, kernel_size, stride, padding,
-                                     dilation, pad_mode, backend="auto"):  # fmt: skip
-    g = sized_geometry(height, width, "x", kernel_size, stride, padding, dilation, pad_mode)
-    check_aggregation_gradient(grad_out, w, g)
+def _aggregation_input_backward_fake(grad_out, w, height, width, *args, backend=AUTO):
+    _aggregation_input_geometry(grad_out, w, height, width, *args[:5])
     return grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], height, width)
 
 
-def _aggregation_weight_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight_channels: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    pad_mode: str,
-    backend: str = "auto",
-) -> Tensor:
+def _aggregation_weight_backward(grad_out: Tensor, x: Tensor, weight_channels: int, *args,
+                                 backend=AUTO):  # fmt: skip
     """Gradient of ``aggregation`` with respect to ``w`` (N, weight_channels, k*k, Ho*Wo)."""
-    window = (kernel_size, stride, padding, dilation, pad_mode)
+    *window, backend = _split(args, 5, backend)
     g = check_weight_gradient(grad_out, x, weight_channels, *window)
-    backend = resolve_backend(backend, x)
-    if backend == "reference":
-        return reference.aggregation_weight_backward(grad_out, x, weight_channels, g)
-    storage = x.dtype
-    grad_out, x = prepared(backend, storage, grad_out, x)
-    return kernels.aggregation_weight_backward(backend, grad_out, x, weight_channels, g).to(storage)
+    reference_op = reference.aggregation_weight_backward
+    kernel_op = kernels.aggregation_weight_backward
+    return _dispatch(backend, x, reference_op, kernel_op, (grad_out, x), weight_channels, g)
 
 
-def _aggregation_weight_backward_fake(grad_out, x, weight_channels, kernel_size, stride, padding,
-                                      dilation, pad_mode, backend="auto"):  # fmt: skip
-    window = (kernel_size, stride, padding, dilation, pad_mode)
-    g = check_weight_gradient(grad_out, x, weight_channels, *window)
+def _aggregation_weight_backward_fake(grad_out, x, weight_channels, *args, backend=AUTO):
+    g = check_weight_gradient(grad_out, x, weight_channels, *args[:5])
     return x.new_empty(x.shape[0], weight_channels, g.taps, g.positions)
 
 
@@ -365,21 +320,28 @@ def _aggregation_grads(ctx, grad_out):
 # Every op of the namespace, backward ops before the forward ops whose autograd calls them.
 OP_TABLE = (
     OpSpec("local_attention_backward", _local_attention_backward, _local_attention_backward_fake),
-    OpSpec("subtraction_backward", _subtraction_backward, _subtraction_backward_fake),
+    OpSpec("subtraction_backward", _subtraction_backward, _subtraction_backward_fake,
+           schema=_san_schema("Tensor grad_out, SymInt height, SymInt width", _WINDOW,
+                              "SymInt centre_sign, SymInt tap_sign")),
     OpSpec("aggregation_input_backward", _aggregation_input_backward,
-           _aggregation_input_backward_fake),
+           _aggregation_input_backward_fake,
+           schema=_san_schema("Tensor grad_out, Tensor w, SymInt height, SymInt width", _WINDOW)),
     OpSpec("aggregation_weight_backward", _aggregation_weight_backward,
-           _aggregation_weight_backward_fake),
+           _aggregation_weight_backward_fake,
+           schema=_san_schema("Tensor grad_out, Tensor x, SymInt weight_channels", _WINDOW)),
     OpSpec("local_attention", _local_attention, _local_attention_fake, _local_attention_grads,
            _setup_local_attention, autocast=True),
     OpSpec("subtraction", _subtraction, _subtraction_fake, _subtraction_grads,
-           _window_setup(1, save=False), autocast=True),
+           _window_setup(1, save=False), autocast=True, schema=_san_schema("Tensor x", _WINDOW)),
     OpSpec("subtraction2", _subtraction2, _subtraction2_fake, _subtraction2_grads,
-           _window_setup(2, save=False), autocast=True),
+           _window_setup(2, save=False), autocast=True,
+           schema=_san_schema("Tensor x1, Tensor x2", _WINDOW)),
     OpSpec("aggregation", _aggregation, _aggregation_fake, _aggregation_grads,
-           _window_setup(2, save=True), autocast=True),
+           _window_setup(2, save=True), autocast=True,
+           schema=_san_schema("Tensor x, Tensor w", _WINDOW)),
     # plain tensor operations: no backend argument, any device
-    OpSpec("attention_stem_backward", stem.backward_impl, stem.backward_fake, device_types=None),
+    OpSpec("attention_stem_backward", stem.backward_impl, stem.backward_fake, device_types=None,
+           schema=stem.BACKWARD_SCHEMA),
     OpSpec("attention_stem", stem.impl, stem.fake, stem.grads, stem.setup_context,
            device_types=None),
 )  # fmt: skip

@@ -1,9 +1,10 @@
 """How an op of the table in :mod:`.library` becomes ``torch.ops.san_det.<name>``.
 
 An :class:`OpSpec` is everything about one op: its implementation (whose annotations are the
-schema), its fake (shape-only) implementation, its autograd formula if it has one, whether
-autocast casts its inputs, and the devices it runs on. :func:`register_op` turns a spec into a ``torch.library.custom_op``
-with all of that; adding an op is adding one spec to :data:`.library.OP_TABLE` (the kernels it
+schema, unless the spec writes the schema out), its fake (shape-only) implementation, its autograd
+formula if it has one, whether autocast casts its inputs, and the devices it runs on.
+:func:`register_op` turns a spec into a ``torch.library.custom_op`` with all of that; adding an op
+is adding one spec to :data:`.library.OP_TABLE` (the kernels it
 launches need no list: a kernel file's kernels are found in its source).
 
 The backend (``reference``, ``cpu`` or ``cuda``) is an argument of every op that has backends, the
@@ -46,6 +47,8 @@ class OpSpec(NamedTuple):
             convolutions; float64 inputs stay float64).
         device_types: the devices ``impl`` runs on; ``None`` for any device (an op of plain
             tensor operations).
+        schema: the schema written out (``"(Tensor x, ...) -> Tensor"``), for an ``impl`` that
+            takes some of its arguments as ``*args``; ``None``: from ``impl``'s annotations.
     """
 
     name: str
@@ -55,12 +58,17 @@ class OpSpec(NamedTuple):
     setup_context: Optional[Callable] = None
     autocast: bool = False
     device_types: Optional[Tuple[str, ...]] = DEVICE_TYPES
+    schema: Optional[str] = None
 
 
 def register_op(spec: OpSpec):
     """Register ``spec`` as ``torch.ops.san_det.<name>``; returns the custom op."""
     op = torch.library.custom_op(
-        f"san_det::{spec.name}", spec.impl, mutates_args=(), device_types=spec.device_types
+        f"san_det::{spec.name}",
+        spec.impl,
+        mutates_args=(),
+        device_types=spec.device_types,
+        schema=spec.schema,
     )
     op.register_fake(spec.fake)
     if spec.backward is not None:
