@@ -13,6 +13,7 @@ from typing import List, Optional
 from tests.helpers.paths import REPO_ROOT
 
 ALLOWED = {"compat.py", "_san_det_compat_hook.py"}
+SETTERS = ("setattr", "delattr")
 
 
 def _checked_files(root: Path) -> List[Path]:
@@ -41,11 +42,11 @@ def module_assignments(source: str, filename: str = "<source>") -> List[str]:
             targets = [t for target in node.targets for t in ast.walk(target)]
         elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
             targets = list(ast.walk(node.target))
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("setattr", "delattr"):
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in SETTERS:
             if node.args and _root_name(node.args[0]) in imported:
                 found.append((node.lineno, ast.unparse(node)))
         for target in targets:
-            stored = isinstance(target, ast.Attribute) and isinstance(target.ctx, (ast.Store, ast.Del))
+            stored = isinstance(target, ast.Attribute) and not isinstance(target.ctx, ast.Load)
             if stored and _root_name(target) in imported:
                 found.append((node.lineno, ast.unparse(target)))
     return [f"{filename}:{line}: {target}" for line, target in sorted(found)]

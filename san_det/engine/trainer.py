@@ -169,9 +169,9 @@ class _SeedState:
 
 class _ModelRunningState:
     """Checkpointable with the Python-number running state of a model that ``state_dict`` misses:
-    the EMA loss normalizer of detectron2's dense detectors (``DenseDetector``: RetinaNet, FCOS;
-    ``loss_normalizer``).
-    Without it a resumed RetinaNet restarts the EMA at its initial value and trains differently.
+    the EMA loss normalizer (``loss_normalizer``) of detectron2's dense detectors
+    (``DenseDetector``: RetinaNet, FCOS). Without it a resumed RetinaNet restarts the EMA at its
+    initial value and trains differently.
 
     In multi-process runs each process has its own EMA (of its own images' foreground anchors).
     :meth:`gather` (every process, after every step) collects all of them, so that the checkpoint,
@@ -288,7 +288,8 @@ class RobustTrainer(DefaultTrainer):
     @classmethod
     def build_step_trainer(cls, cfg, model, data_loader, optimizer):
         """detectron2's step trainer with the NaN/inf guard (:mod:`~san_det.engine.step_guard`):
-        :class:`GuardedAMPTrainer` with ``SOLVER.AMP.ENABLED``, else :class:`GuardedSimpleTrainer`."""
+        :class:`GuardedAMPTrainer` with ``SOLVER.AMP.ENABLED``, else :class:`GuardedSimpleTrainer`.
+        """
         step_trainer = GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
         return step_trainer(model, data_loader, optimizer)
 
