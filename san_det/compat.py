@@ -1,52 +1,45 @@
 """Run detectron2 0.6 as published on PyPI (``pb1-detectron2``) on today's Python stack.
 
-That package's Python sources equal upstream detectron2 v0.6, but its sdist has no C++ sources, so
-it installs without ``detectron2._C``, and v0.6 predates current Python, torch, Pillow, numpy and
-setuptools. This module patches exactly those gaps, and nothing where a full upstream detectron2
-(its compiled ``_C`` exists) is installed; the one exception is ``pkg_resources``, which upstream
-main still imports too.
+That package's Python sources equal upstream detectron2 v0.6, but its sdist has no C++ sources (no
+``detectron2._C``), and v0.6 predates current Python, torch, Pillow, numpy and setuptools. This
+module patches exactly those gaps, and nothing where a full upstream detectron2 (with ``_C``) is
+installed, except ``pkg_resources``, which upstream main still imports too. It is also the one
+place where san_det assigns into detectron2's modules (:func:`set_local_process_group`).
 
-When ``detectron2`` is imported (patches applied before its submodules load):
+When ``detectron2`` is imported (before its submodules load):
 
-- ``detectron2._C``: a stand-in module. What detection with RetinaNet needs imports and runs; the
-  ops that really need the extension (deformable conv, rotated boxes) raise
-  :class:`ExtensionUnavailableError` naming the op when used, and so does the ``torch.ops`` op
-  ``detectron2::nms_rotated``. ``collect_env_info`` (called by ``default_setup``) gets the version
-  queries it asks for.
-- Pillow >= 10 removed ``Image.LINEAR`` / ``Image.CUBIC`` / ``Image.ANTIALIAS`` (v0.6 uses
-  ``Image.LINEAR`` as a default argument at import time): aliased to the current names.
-- numpy >= 1.24 removed ``np.int``, ``np.float``, ``np.bool``, ``np.str``, ``np.object`` (used by
-  v0.6's data loader, masks and evaluators): re-added as the builtins they always were.
-- torch warns that ``torch.jit.script`` (used by v0.6 at import) is deprecated: silenced.
+- ``detectron2._C``: a stand-in. What detection with RetinaNet needs imports and runs; the ops that
+  need the extension (deformable conv, rotated boxes), and the ``torch.ops`` op
+  ``detectron2::nms_rotated``, raise :class:`ExtensionUnavailableError` naming the op when used.
+  ``collect_env_info`` (called by ``default_setup``) gets the version queries it asks for.
+- Pillow >= 10 removed ``Image.LINEAR`` / ``CUBIC`` / ``ANTIALIAS`` (v0.6 uses ``Image.LINEAR`` as
+  a default argument at import time), numpy >= 1.24 ``np.int``, ``np.float``, ``np.bool``,
+  ``np.str``, ``np.object`` (v0.6's data loader, masks, evaluators): aliased to what they were.
+- torch's warning that ``torch.jit.script`` (used by v0.6 at import) is deprecated: silenced.
 - setuptools >= 81 removed ``pkg_resources`` (imported by ``detectron2.model_zoo``, also upstream
   main's): a minimal stand-in providing ``resource_filename``, whichever detectron2 is installed.
 
 When the module concerned is imported:
 
-- ``detectron2.export.api`` imports ``caffe2``, which PyTorch no longer ships, and so breaks
-  ``import detectron2.export``, ``detectron2.utils.analysis`` and the TorchScript helpers: without
-  caffe2 it is replaced by a stand-in whose Caffe2 exporters raise :class:`Caffe2UnavailableError`.
-- ``detectron2.data.common.MapDataset`` retries a sample its mapper skipped with
-  ``random.sample(<set>, k=1)``, a TypeError since Python 3.11: it samples from the set as a list
-  (as upstream detectron2 now does).
+- ``detectron2.export.api`` imports ``caffe2``, which PyTorch no longer ships (breaking
+  ``detectron2.export``, ``detectron2.utils.analysis`` and the TorchScript helpers): without caffe2
+  a stand-in whose Caffe2 exporters raise :class:`Caffe2UnavailableError`.
+- ``detectron2.data.common.MapDataset`` retries a skipped sample with ``random.sample(<set>, k=1)``,
+  a TypeError since Python 3.11: it samples from the set as a list (as upstream now does).
 - ``detectron2.engine.hooks.LRScheduler`` saves and restores only schedulers derived from
-  ``torch.optim.lr_scheduler._LRScheduler``, which torch's own schedulers no longer are: it
-  accepts any ``torch.optim.lr_scheduler.LRScheduler``.
-- ``detectron2.evaluation``'s fast COCO evaluator (``COCOeval_opt``) needs ``_C``: replaced by
+  ``torch.optim.lr_scheduler._LRScheduler``, which torch's own no longer are: it accepts any
+  ``torch.optim.lr_scheduler.LRScheduler``.
+- ``detectron2.evaluation``'s fast COCO evaluator (``COCOeval_opt``) needs ``_C``:
   faster-coco-eval's ``COCOeval_faster`` for boxes and masks (same numbers, C++), pycocotools'
-  ``COCOeval`` for keypoints and where faster-coco-eval is not installed
-  (:func:`coco_eval_backend`).
+  ``COCOeval`` for keypoints and where faster-coco-eval is missing (:func:`coco_eval_backend`).
 - ``detectron2.model_zoo.get_config`` / ``get_config_file``: v0.6 from PyPI packages no model-zoo
-  configs; they say so (:class:`ModelZooConfigsUnavailableError`) instead of "not available in
-  Model Zoo".
+  configs; they say so (:class:`ModelZooConfigsUnavailableError`), not "not available in Model Zoo".
 
-How the patches are applied, whichever of detectron2 and san_det a script imports first:
-:func:`install_import_hook` puts a finder on ``sys.meta_path`` that runs each patch right after its
-module executes. The san_det distribution installs ``san_det_compat.pth``, which calls it at
-interpreter start (through the top-level ``_san_det_compat_hook``, which loads this file alone,
-without san_det's package); ``import san_det`` calls :func:`apply`, which installs it too and
-patches any module already imported. This file therefore imports only the standard library at
-module level.
+How, whichever of detectron2 and san_det is imported first: :func:`install_import_hook` puts a
+finder on ``sys.meta_path`` that runs each patch right after its module executes;
+``san_det_compat.pth`` calls it at interpreter start (through ``_san_det_compat_hook``, which
+loads this file alone, hence only standard-library imports at module level), and ``import
+san_det`` calls :func:`apply`, which installs it too and patches modules already imported.
 """
 
 import functools
@@ -70,10 +63,12 @@ __all__ = [
     "coco_eval_backend",
     "install_import_hook",
     "is_applied",
+    "set_local_process_group",
 ]
 
 logger = logging.getLogger(__name__)
 
+_PILLOW_ALIASES = {"LINEAR": "BILINEAR", "CUBIC": "BICUBIC", "ANTIALIAS": "LANCZOS"}
 _NUMPY_ALIASES = {"int": int, "float": float, "bool": bool, "str": str, "object": object}
 _INSTALL_HINT = "install upstream detectron2 from its git repository to use them (see the README)"
 
@@ -104,14 +99,8 @@ def _detectron2_spec():
 
 
 def _has_extension(spec) -> bool:
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return (
-        importlib.machinery.PathFinder.find_spec(
-            "detectron2._C", list(spec.submodule_search_locations)
-        )
-        is not None
-    )
+    paths = list(spec.submodule_search_locations or ()) if spec is not None else []
+    return bool(paths and importlib.machinery.PathFinder.find_spec("detectron2._C", paths))
 
 
 DETECTRON2_INSTALLED = _detectron2_spec() is not None
@@ -175,25 +164,17 @@ def _register_missing_torch_ops() -> None:
     _torch_op_library = library
 
 
-def _patch_pillow() -> None:
+def _restore_removed_aliases() -> None:
+    import numpy as np
     from PIL import Image
 
-    replacements = {"LINEAR": "BILINEAR", "CUBIC": "BICUBIC", "ANTIALIAS": "LANCZOS"}
-    for old, new in replacements.items():
-        if not hasattr(Image, old):
-            setattr(Image, old, getattr(Image, new))
-
-
-def _patch_numpy() -> None:
-    import numpy as np
-
+    aliases = [(Image, old, getattr(Image, new)) for old, new in _PILLOW_ALIASES.items()]
+    aliases += [(np, name, value) for name, value in _NUMPY_ALIASES.items()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy warns about np.str/np.object while probing
-        for name, value in _NUMPY_ALIASES.items():
-            try:
-                getattr(np, name)
-            except AttributeError:
-                setattr(np, name, value)
+        for module, name, value in aliases:
+            if not hasattr(module, name):
+                setattr(module, name, value)
 
 
 def _install_pkg_resources_standin() -> None:
@@ -216,11 +197,8 @@ def _patch_detectron2(detectron2) -> None:
     if not _SHIM:
         return
     # detectron2 0.6 scripts a few functions at import; torch 2.14 warns on each one.
-    warnings.filterwarnings(
-        "ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning
-    )
-    _patch_pillow()
-    _patch_numpy()
+    warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", FutureWarning)
+    _restore_removed_aliases()
     _install_missing_extension(detectron2)
     _register_missing_torch_ops()
     logger.debug("san_det.compat: patched detectron2 0.6 (no C++ extension) for this stack")
@@ -272,14 +250,12 @@ def _patch_engine_hooks(hooks) -> None:
 @functools.lru_cache(maxsize=None)
 def _fast_coco_eval_class():
     """detectron2's ``COCOeval_opt`` without ``_C``: faster-coco-eval's, else pycocotools'."""
+    from pycocotools.cocoeval import COCOeval
+
     try:
         from faster_coco_eval import COCOeval_faster
     except ImportError:
-        from pycocotools.cocoeval import COCOeval
-
         return COCOeval
-
-    from pycocotools.cocoeval import COCOeval
 
     class FasterCOCOeval(COCOeval_faster):
         """faster-coco-eval's ``COCOeval_faster`` (C++ ``evaluate``/``accumulate``, the numbers of
@@ -344,15 +320,21 @@ def _caffe2_export_standin(module) -> None:
         fail.__name__ = fail.__qualname__ = name
         return fail
 
-    module.__all__ = [
-        "add_export_config",
-        "export_caffe2_model",
-        "Caffe2Model",
-        "export_onnx_model",
-        "Caffe2Tracer",
-    ]
+    module.__all__ = "add_export_config export_caffe2_model Caffe2Model export_onnx_model".split()
+    module.__all__.append("Caffe2Tracer")
     for name in module.__all__:
         setattr(module, name, unavailable(name))
+
+
+def set_local_process_group(group) -> None:
+    """Make ``group`` (this machine's ranks) the group of detectron2's ``comm.get_local_rank()``
+    / ``get_local_size()``: v0.6 has no setter, and upstream main's ``create_local_process_group``
+    assumes the same number of processes on every machine (torchrun need not)."""
+    from detectron2.utils import comm
+
+    if comm._LOCAL_PROCESS_GROUP is not None:
+        raise RuntimeError("detectron2's local process group is already set in a fresh worker")
+    comm._LOCAL_PROCESS_GROUP = group
 
 
 # ------------------------------------------------------------------------- import hook
@@ -403,12 +385,9 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _StandInLoader(importlib.abc.Loader):
+class _StandInLoader(importlib.abc.Loader):  # the default create_module: a plain module
     def __init__(self, fill):
         self._fill = fill
-
-    def create_module(self, spec):
-        return None
 
     def exec_module(self, module):
         module.__doc__ = "san_det.compat stand-in: " + (self._fill.__doc__ or "")
@@ -427,13 +406,9 @@ class _Detectron2ImportHook(importlib.abc.MetaPathFinder):
         patch = _patches().get(fullname)
         if patch is None or fullname in _patched:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
+        others = (f for f in sys.meta_path if f is not self and hasattr(f, "find_spec"))
+        spec = next(filter(None, (f.find_spec(fullname, path, target) for f in others)), None)
+        if spec is None:
             return None
         if spec.loader is not None:
             spec.loader = _PatchingLoader(spec.loader, fullname, patch)
@@ -441,10 +416,8 @@ class _Detectron2ImportHook(importlib.abc.MetaPathFinder):
 
 
 def install_import_hook():
-    """Patch each detectron2 module this installation needs right after it is imported.
-
-    Returns the hook (a ``sys.meta_path`` finder), or None when detectron2 is not installed.
-    """
+    """Patch each detectron2 module this installation needs right after it is imported; returns
+    the hook (a ``sys.meta_path`` finder), or None when detectron2 is not installed."""
     if not DETECTRON2_INSTALLED:
         return None
     hook = next((f for f in sys.meta_path if isinstance(f, _Detectron2ImportHook)), None)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
+from .. import compat
 from .parent_watch import exit_with_parent
 from .stop_signals import StopSignals, exit_status
 
@@ -229,13 +230,11 @@ def _init_process_group(
 def _set_local_process_group(machine_of_rank: Sequence[int], machine_rank: int) -> None:
     """The group of ranks on this machine, as detectron2's comm.get_local_rank() expects.
     Every process creates every machine's group, in the same order."""
-    if comm._LOCAL_PROCESS_GROUP is not None:
-        raise RuntimeError("comm._LOCAL_PROCESS_GROUP is already set in a fresh worker")
     for machine in sorted(set(machine_of_rank)):
         ranks = [r for r, m in enumerate(machine_of_rank) if m == machine]
         group = dist.new_group(ranks)
         if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+            compat.set_local_process_group(group)
 
 
 def _run_main(main_func: Callable, args: tuple):

@@ -11,13 +11,13 @@ import logging
 import weakref
 
 import torch
-import torch.distributed as dist
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import DefaultTrainer
 from detectron2.engine import hooks as d2_hooks
+from detectron2.modeling.meta_arch import DenseDetector
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
+from detectron2.utils.logger import setup_logger
 
 from ..modeling.input_info import INPUT_INFO_KEY, InputInfo, input_info_from_cfg
 from .checkpoint import (
@@ -39,6 +39,7 @@ from .loader import DeterministicBatchStream, ResumableTrainLoader, mix_seed
 from .metrics_json import FiniteJSONWriter
 from .results_files import ResultsWriteError
 from .resume_drift import RUN_SHAPE_KEY, resume_drift_warnings, run_shape
+from .step_guard import GuardedAMPTrainer, GuardedSimpleTrainer
 from .validate import validate_config
 
 __all__ = [
@@ -109,80 +110,16 @@ class _ReportedErrorsWithoutTraceback(logging.Filter):
         return True
 
 
-logging.getLogger("detectron2.engine.train_loop").addFilter(_ReportedErrorsWithoutTraceback())
-
-
-class _FiniteStepGuard:
-    """Mixin for detectron2's ``SimpleTrainer`` / ``AMPTrainer``: refuses the optimizer step of a
-    step whose loss (or, without AMP, gradient) is not finite, raising :class:`NonFiniteError`.
-
-    The check runs where both trainers' ``run_step`` write the step's metrics: after ``backward``
-    (so DDP's gradient all-reduce has completed on every process) and before the optimizer step.
-    All processes agree on the outcome, so all stop. Under AMP the gradients are scaled and an
-    overflow is routine (the grad scaler skips that step and lowers its scale), so only the losses
-    are checked there.
-    """
-
-    check_gradients = True
-
-    def _write_metrics(self, loss_dict, data_time, *args, **kwargs):
-        self._check_finite(loss_dict)
-        super()._write_metrics(loss_dict, data_time, *args, **kwargs)
-
-    def _check_finite(self, loss_dict) -> None:
-        values = [v.detach() for v in loss_dict.values()]
-        device = values[0].device
-        loss_ok = torch.stack([torch.isfinite(v).all() for v in values]).all()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_ok = torch.ones((), dtype=torch.bool, device=device)
-        if grads and self.check_gradients:
-            norms = torch.stack([n.float().to(device) for n in torch._foreach_norm(grads)])
-            grad_ok = torch.isfinite(norms.sum())
-        flags = torch.stack([loss_ok, grad_ok]).float()
-        if comm.get_world_size() > 1:  # every process must stop at the same step
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        loss_ok, grad_ok = (bool(x) for x in flags.tolist())  # the only host sync
-        if loss_ok and grad_ok:
-            return
-        where = " on at least one process" if comm.get_world_size() > 1 else ""
-        losses = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(loss_dict, values))
-        raise NonFiniteError(
-            f"non-finite {'gradient' if loss_ok else 'loss'} at iteration {self.iter}{where} "
-            f"(losses here: {losses}); training stopped before the optimizer step"
-        )
-
-
-class GuardedSimpleTrainer(_FiniteStepGuard, SimpleTrainer):
-    """``SimpleTrainer`` that refuses a step with a non-finite loss or gradient."""
-
-
-class GuardedAMPTrainer(_FiniteStepGuard, AMPTrainer):
-    """``AMPTrainer`` that refuses a step with a non-finite loss."""
-
-    check_gradients = False
-
-
 @contextlib.contextmanager
-def _robust_trainer_parts(build_checkpointer):
-    """Within the context, ``DefaultTrainer.__init__`` builds san_det's parts where it names
-    detectron2's classes instead of calling a method a subclass could override: the DDP wrapper
-    (:func:`~san_det.engine.ddp.wrap_ddp`: CPU processes too), the step trainer
-    (:class:`GuardedSimpleTrainer` / :class:`GuardedAMPTrainer`) and the checkpointer
-    (``build_checkpointer(model)``)."""
-    parts = {
-        "create_ddp_model": wrap_ddp,
-        "SimpleTrainer": GuardedSimpleTrainer,
-        "AMPTrainer": GuardedAMPTrainer,
-        "DetectionCheckpointer": lambda model, save_dir, **kwargs: build_checkpointer(model),
-    }
-    originals = {name: getattr(d2_defaults, name) for name in parts}
-    for name, part in parts.items():
-        setattr(d2_defaults, name, part)
+def _reported_errors_without_traceback():
+    """Within the context, detectron2's training loop logs :data:`REPORTED_ERRORS` in one line."""
+    train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+    log_filter = _ReportedErrorsWithoutTraceback()
+    train_loop_logger.addFilter(log_filter)
     try:
         yield
     finally:
-        for name, original in originals.items():
-            setattr(d2_defaults, name, original)
+        train_loop_logger.removeFilter(log_filter)
 
 
 class _SeedState:
@@ -205,8 +142,9 @@ class _SeedState:
 
 class _ModelRunningState:
     """Checkpointable with the Python-number running state of a model that ``state_dict`` misses:
-    the EMA loss normalizer of detectron2's dense detectors (RetinaNet, FCOS: ``loss_normalizer``).
-    Without it a resumed RetinaNet restarts the EMA at its initial value and trains differently.
+    the EMA loss normalizer (``loss_normalizer``) of detectron2's dense detectors
+    (``DenseDetector``: RetinaNet, FCOS). Without it a resumed RetinaNet restarts the EMA at its
+    initial value and trains differently.
 
     In multi-process runs each process has its own EMA (of its own images' foreground anchors).
     :meth:`gather` (every process, after every step) collects all of them, so that the checkpoint,
@@ -224,7 +162,7 @@ class _ModelRunningState:
 
     def _modules(self):
         for name, module in self._model.named_modules():
-            if hasattr(module, "_ema_update"):
+            if isinstance(module, DenseDetector):
                 yield name, module
 
     def _local_state(self):
@@ -264,11 +202,26 @@ class RobustTrainer(DefaultTrainer):
     :class:`ResumableTrainLoader` (exact resume) or any iterable."""
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__'s steps, each part built by a method a subclass may override
+        # (detectron2 names its classes there); it sets the same attributes.
+        super(DefaultTrainer, self).__init__()  # TrainerBase
         cfg = resolve_seed(cfg)
         self.seed = cfg.SEED
         seed_all_rng(self.seed + comm.get_rank())  # as detectron2's default_setup
-        with _robust_trainer_parts(lambda model: self.build_checkpointer(cfg, model)):
-            super().__init__(cfg)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # as DefaultTrainer: setup_logger was not called for detectron2
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(cfg, model)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     #: ``probe(model, cfg, world_size=, eval_only=)``: runs the smallest inputs of a config
     #: through its model built on the meta device (:meth:`check_config`); None: no probe.
@@ -298,6 +251,20 @@ class RobustTrainer(DefaultTrainer):
             checkpointer_cls=cls.checkpointer_cls,
             resume=resume,
         )
+
+    @classmethod
+    def build_ddp_model(cls, cfg, model):
+        """The model wrapped for data parallelism (:func:`~san_det.engine.ddp.wrap_ddp`: CPU
+        processes too); the model itself with one process. Called after the optimizer is built."""
+        return wrap_ddp(model, broadcast_buffers=False)  # DefaultTrainer's arguments
+
+    @classmethod
+    def build_step_trainer(cls, cfg, model, data_loader, optimizer):
+        """detectron2's step trainer with the NaN/inf guard (:mod:`~san_det.engine.step_guard`):
+        :class:`GuardedAMPTrainer` with ``SOLVER.AMP.ENABLED``, else :class:`GuardedSimpleTrainer`.
+        """
+        step_trainer = GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
+        return step_trainer(model, data_loader, optimizer)
 
     def build_checkpointer(self, cfg, model) -> SafeCheckpointer:
         """The checkpointer of the trainer's state (model, optimizer, scheduler, seed)."""
@@ -345,7 +312,8 @@ class RobustTrainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        # TrainerBase's: upstream DefaultTrainer's also loads "_trainer", requiring it.
+        super(DefaultTrainer, self).load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
@@ -375,7 +343,8 @@ class RobustTrainer(DefaultTrainer):
             loader.seed = self.seed
             loader.set_start_iter(self.start_iter)
         try:
-            results = super().train()
+            with _reported_errors_without_traceback():
+                results = super().train()
         except EvaluationInterrupted as e:
             raise evaluation_interrupted(self, e) from None
         if results is None and comm.is_main_process():
