@@ -31,13 +31,13 @@ from san_det.engine import (
     NonFiniteError,
     OutputDirLock,
     UserInputError,
-    check_eval_weights,
     is_primary_launcher,
     launch,
     torchrun_environment,
     validate_datasets,
 )
 from san_det.engine.checkpoint import CheckpointWriteError, checkpointer_options
+from san_det.engine.checkpoint_rules import choose_checkpoint
 from san_det.engine.interrupt import Interrupted, interruptible
 from san_det.engine.results_files import ResultsWriteError
 from san_det.engine.validate import without_logging
@@ -67,11 +67,7 @@ def evaluate(cfg, trainer_cls, resume: bool):
     checkpointer = trainer_cls.checkpointer_cls(
         model, save_dir=cfg.OUTPUT_DIR, **checkpointer_options(cfg)
     )
-    if resume and checkpointer.has_checkpoint():
-        path = checkpointer.get_checkpoint_file()
-    else:
-        path = cfg.MODEL.WEIGHTS
-    checkpointer.load(path, checkpointables=[], strict=True)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume, purpose="eval")
     res = trainer_cls.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, res)
@@ -147,8 +143,8 @@ def check_input(args):
             f"{torch.cuda.device_count()} GPU(s) are visible; add `MODEL.DEVICE cpu` for CPU "
             "processes"
         )
-    if args.eval_only:
-        check_eval_weights(cfg, args.resume)
+    if args.eval_only:  # trained weights to evaluate: MODEL.WEIGHTS or (--resume) the last
+        choose_checkpoint(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, resume=args.resume, purpose="eval")
     check_weights_input(cfg)  # MODEL.WEIGHTS recording another input normalisation
     trainer_cls = trainer_class(cfg)
     trainer_cls.check_config(

@@ -3,7 +3,7 @@
 They live at the bottom of the package (no imports) so that every layer can raise them.
 """
 
-__all__ = ["CorruptImageError", "DatasetError", "UserInputError"]
+__all__ = ["CheckpointError", "CorruptImageError", "DatasetError", "UserInputError"]
 
 
 class UserInputError(ValueError):
@@ -16,3 +16,8 @@ class DatasetError(UserInputError):
 
 class CorruptImageError(DatasetError):
     """An image file cannot be read (missing, truncated, not an image); the message names it."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into: the one error of
+    checkpoint loading (docs/CHECKPOINTS.md); the message names the file or the first key."""

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Turn a san_det classifier checkpoint into a detection initialisation (backbone keys only).
 
-Detection configs load classifier checkpoints directly when the trainer uses
-``san_det.classification.ClassifierCheckpointer``; this tool writes a file that any detectron2
+Detection configs load classifier checkpoints directly (the detection trainer's checkpointer
+maps their keys); this tool writes a file that any detectron2
 checkpointer loads, with the keys checked against the detector now::
 
     python tools/convert_classifier_to_detection.py \\
@@ -18,16 +18,18 @@ import os
 import sys
 
 import san_det  # noqa: F401  (patches detectron2 0.6 where needed)
-from detectron2.modeling import build_model
 
 from san_det.classification import is_classification_config
-from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY, CheckpointMismatchError
+from san_det.classification.checkpoint import (
+    CLASSIFIER_INFO_KEY,
+    classifier_to_detection_state_dict,
+    is_classifier_checkpoint,
+)
 from san_det.classification.convert_cli import converter_parser, run_converter
 from san_det.config import setup_cfg
-from san_det.detection import DetectorCheckpointer
-from san_det.engine.checkpoint import CheckpointError
+from san_det.engine.checkpoint_rules import read_checkpoint
 from san_det.engine.validate import build_model_on_meta
-from san_det.errors import UserInputError
+from san_det.errors import CheckpointError, UserInputError
 from san_det.modeling.input_info import INPUT_INFO_KEY, recorded_input_info
 
 
@@ -35,8 +37,8 @@ def convert(args):
     """Read, check and convert; returns ``(checkpoint to write, summary line)``.
 
     Raises:
-        UserInputError: bad config (a classification config too), an unreadable checkpoint.
-        CheckpointMismatchError: not a classifier checkpoint, or not one for this detector.
+        UserInputError: bad config (a classification config too); a CheckpointError: an
+            unreadable file, not a classifier checkpoint, or not one for this detector.
     """
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"], check_output=False)
     if is_classification_config(cfg):
@@ -45,18 +47,14 @@ def convert(args):
             f"META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE}): give the detection config whose "
             "backbone the classifier initialises (configs/COCO-Detection/retinanet_sasa50.yaml)"
         )
-    build_model_on_meta(cfg)  # a config the constructors refuse: one line naming the key
-    model = build_model(cfg)
-    checkpointer = DetectorCheckpointer(  # the output records the input info, checked on use
-        model, require_classifier=True, trusted=cfg.MODEL.WEIGHTS_TRUSTED, allow_input_mismatch=True
-    )
-    try:
-        checkpoint = checkpointer.load(args.input, checkpointables=[])  # all but "model"
-    except CheckpointError as e:
-        if isinstance(e.__cause__, CheckpointMismatchError):
-            raise e.__cause__ from None
-        raise
-    state, report = checkpointer.classifier_state, checkpointer.classifier_report
+    model = build_model_on_meta(cfg)  # keys and shapes only; a bad config: one line
+    checkpoint = read_checkpoint(args.input, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
+    if not is_classifier_checkpoint(checkpoint):
+        raise CheckpointError(
+            "not a classifier checkpoint (neither san_det classifier info nor only "
+            "backbone.* and classifier.* keys)"
+        )
+    state, report = classifier_to_detection_state_dict(checkpoint["model"], model.state_dict())
     out = {"model": state, "__author__": "san_det classifier"}
     if CLASSIFIER_INFO_KEY in checkpoint:
         out["classifier_info"] = checkpoint[CLASSIFIER_INFO_KEY]

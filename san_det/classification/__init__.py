@@ -10,7 +10,6 @@ The datasets themselves live in :mod:`san_det.data` (:mod:`~san_det.data.image_f
 from ..data.embedded_digits import register_embedded_digits
 from ..data.image_folder import register_imagenet
 from .checkpoint import (
-    CheckpointMismatchError,
     ClassifierCheckpointer,
     classifier_to_detection_state_dict,
     load_classifier_into_detector,
@@ -21,7 +20,6 @@ from .evaluator import ClassificationEvaluator
 from .trainer import ClassificationTrainer
 
 __all__ = [
-    "CheckpointMismatchError",
     "ClassificationEvaluator",
     "ClassificationTrainer",
     "ClassifierCheckpointer",

@@ -8,35 +8,40 @@ checks the result against the detector: every backbone tensor must be provided w
 shape, so only FPN and head weights remain missing. A checkpoint from another architecture fails
 with an error naming the first key (or shape) that does not match.
 
-:class:`ClassifierCheckpointer` (a ``DetectionCheckpointer``) does this automatically whenever a
-classifier checkpoint is loaded into a model that is not a classifier, so a pretrained classifier
-given as ``MODEL.WEIGHTS`` to a detection config just works. Classifier checkpoints are recognised
-by the ``"san_det_classifier"`` entry that :class:`ClassifierInfo` adds to every checkpoint the
+:func:`map_classifier_checkpoint` is that mapping as one of the checkpoint rules
+(:mod:`san_det.engine.checkpoint_rules`): :class:`ClassifierCheckpointer` (a
+:class:`~san_det.engine.checkpoint.SafeCheckpointer`) applies it whenever a classifier checkpoint is
+loaded into a model that is not a classifier, so a pretrained classifier given as
+``MODEL.WEIGHTS`` to a detection config just works. Classifier checkpoints are recognised by the
+``"san_det_classifier"`` entry that :class:`ClassifierInfo` adds to every checkpoint the
 classification trainer writes (input format and normalisation, checked against the detector's),
 or by holding only ``backbone.*`` and ``classifier.*`` keys. A normalisation that differs from
 the detector's is a warning here and an error in the trainers' checkpointer
-(:mod:`san_det.modeling.input_info`).
+(``DetectorCheckpointer``; :mod:`san_det.modeling.input_info`). Every failure is a
+:class:`~san_det.errors.CheckpointError` naming the key.
 """
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
+from ..engine.checkpoint import SafeCheckpointer
+from ..engine.checkpoint_rules import LoadRequest, read_checkpoint
 from ..engine.ddp import unwrap_model
+from ..errors import CheckpointError
 from ..modeling.input_info import (
     InputInfo,
     check_checkpoint_input,
     input_info_from_cfg,
+    recorded_input_info,
     register_input_info_key,
 )
 from .classifier import ImageClassifier
 
 __all__ = [
     "CLASSIFIER_INFO_KEY",
-    "CheckpointMismatchError",
     "ClassifierInfo",
     "ClassifierCheckpointer",
     "classifier_info_from_cfg",
@@ -44,15 +49,12 @@ __all__ = [
     "detection_backbone_prefix",
     "is_classifier_checkpoint",
     "load_classifier_into_detector",
+    "map_classifier_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_INFO_KEY = "san_det_classifier"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model it is loaded into; the message names the key."""
 
 
 def classifier_info_from_cfg(cfg) -> Dict:
@@ -93,7 +95,7 @@ def detection_backbone_prefix(target_keys) -> str:
         return "backbone.bottom_up."
     if any(k.startswith("backbone.") for k in keys):
         return "backbone."
-    raise CheckpointMismatchError(
+    raise CheckpointError(
         "the target model has no 'backbone.' submodule to load classifier weights into"
     )
 
@@ -117,7 +119,7 @@ def classifier_to_detection_state_dict(
         keys outside the backbone, i.e. FPN and heads, which stay as initialised).
 
     Raises:
-        CheckpointMismatchError: a backbone key of the checkpoint has no counterpart in the
+        CheckpointError: a backbone key of the checkpoint has no counterpart in the
             detector, a shape differs, or a detector backbone weight is not in the checkpoint;
             the message names the first such key.
     """
@@ -136,7 +138,7 @@ def classifier_to_detection_state_dict(
             unmatched.append((key, new_key))
             continue
         if _shape(value) != _shape(target_state[new_key]):
-            raise CheckpointMismatchError(
+            raise CheckpointError(
                 f"checkpoint key {key!r} has shape {_shape(value)} but the model's {new_key!r} "
                 f"has shape {_shape(target_state[new_key])}: the checkpoint is from another "
                 "architecture or configuration (depth, width, kernel size, heads?)"
@@ -144,7 +146,7 @@ def classifier_to_detection_state_dict(
         out[new_key] = value
     if unmatched:
         key, new_key = unmatched[0]
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"checkpoint key {key!r} has no counterpart {new_key!r} in the model "
             f"({len(unmatched)} unmatched backbone keys): the checkpoint is from another "
             "architecture or configuration"
@@ -155,7 +157,7 @@ def classifier_to_detection_state_dict(
         if k.startswith(prefix) and k not in out and not k.endswith("num_batches_tracked")
     ]
     if missing:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"the model's backbone weight {missing[0]!r} is not in the checkpoint "
             f"({len(missing)} missing backbone keys): the checkpoint is from another architecture "
             "or configuration"
@@ -164,67 +166,59 @@ def classifier_to_detection_state_dict(
     return out, {"dropped": dropped, "not_in_checkpoint": not_loaded}
 
 
-def _check_normalisation(info: Optional[Mapping], model: torch.nn.Module, path: str) -> None:
-    """A warning when the classifier's inputs differ from the model's (a ``SafeCheckpointer``,
-    the trainers' checkpointer, raises instead unless told otherwise)."""
-    check_checkpoint_input(info, model, path, allow_mismatch=True, log=logger)
+def map_classifier_checkpoint(
+    checkpoint: Dict, model: torch.nn.Module, request: LoadRequest
+) -> Dict:
+    """Checkpoint rule: a classifier checkpoint loaded into a model that is not a classifier
+    becomes the detector-keyed backbone tensors (:func:`classifier_to_detection_state_dict`);
+    other checkpoints pass unchanged.
 
-
-class ClassifierCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that loads classifier checkpoints into detectors' backbones.
-
-    Loading into an ``ImageClassifier`` (resuming, evaluating) is unchanged.
-
-    Args:
-        require_classifier: refuse (:class:`CheckpointMismatchError`) a checkpoint that is not a
-            classifier's, instead of loading it as detectron2 does.
-
-    Attributes:
-        classifier_state, classifier_report: after a ``load`` that converted a classifier
-            checkpoint, the detector-keyed backbone tensors and the report of
-            :func:`classifier_to_detection_state_dict`; None otherwise.
+    Raises:
+        CheckpointError: the classifier's backbone does not fit the model's (naming the key).
     """
+    model = unwrap_model(model)
+    if isinstance(model, ImageClassifier) or not is_classifier_checkpoint(checkpoint):
+        return checkpoint
+    try:
+        state, report = classifier_to_detection_state_dict(checkpoint["model"], model.state_dict())
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {request.path} does not fit the model: {e}") from e
+    request.log.info(
+        f"Loading a classifier checkpoint into the detector's backbone: {len(state)} tensors; "
+        f"classifier keys dropped: {report['dropped']}"
+    )
+    return {**checkpoint, "model": state, "matching_heuristics": False}
 
-    def __init__(self, *args, require_classifier: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.require_classifier = require_classifier
-        self.classifier_state = self.classifier_report = None
 
-    def _load_model(self, checkpoint):
-        model = unwrap_model(self.model)
-        self.classifier_state = self.classifier_report = None
-        if not isinstance(model, ImageClassifier) and is_classifier_checkpoint(checkpoint):
-            checkpoint["model"], report = classifier_to_detection_state_dict(
-                checkpoint["model"], model.state_dict()
-            )
-            checkpoint["matching_heuristics"] = False
-            self.classifier_state, self.classifier_report = checkpoint["model"], report
-            self.logger.info(
-                f"Loading a classifier checkpoint into the detector's backbone: "
-                f"{len(checkpoint['model'])} tensors; classifier keys dropped: "
-                f"{report['dropped']}"
-            )
-            if not hasattr(self, "allow_input_mismatch"):  # else a SafeCheckpointer checked it
-                path = getattr(self, "_loading", "") or "the classifier checkpoint"
-                _check_normalisation(checkpoint.get(CLASSIFIER_INFO_KEY), model, path)
-        elif self.require_classifier:
-            raise CheckpointMismatchError(
-                "not a classifier checkpoint (neither san_det classifier info nor only "
-                "backbone.* and classifier.* keys)"
-            )
-        return super()._load_model(checkpoint)
+class ClassifierCheckpointer(SafeCheckpointer):
+    """:class:`~san_det.engine.checkpoint.SafeCheckpointer` that also loads classifier
+    checkpoints into detectors' backbones (:func:`map_classifier_checkpoint`); loading into an
+    ``ImageClassifier`` (resuming, evaluating) is unchanged. Another recorded normalisation is a
+    warning unless ``allow_input_mismatch=False`` (the trainers' ``DetectorCheckpointer``)."""
+
+    checks = SafeCheckpointer.checks + (map_classifier_checkpoint,)
+    allow_input_mismatch_default = True
 
 
 def load_classifier_into_detector(model: torch.nn.Module, path: str) -> Dict[str, List[str]]:
-    """Load the classifier checkpoint at ``path`` into ``model``'s backbone; returns the report.
+    """Load the classifier checkpoint at ``path`` into ``model``'s backbone; returns the report
+    of :func:`classifier_to_detection_state_dict`. Another recorded normalisation is a warning.
 
     Raises:
-        CheckpointMismatchError: the file is not a classifier checkpoint, or see
-            :func:`classifier_to_detection_state_dict`; the message starts with ``path``.
+        CheckpointError: the file is unreadable or not a classifier checkpoint, or see
+            :func:`classifier_to_detection_state_dict`; the message names ``path``.
     """
-    checkpointer = ClassifierCheckpointer(model, require_classifier=True)
+    checkpoint = read_checkpoint(path)
+    model = unwrap_model(model)
     try:
-        checkpointer.load(path, checkpointables=[])
-    except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{path}: {e}") from e
-    return checkpointer.classifier_report
+        if not is_classifier_checkpoint(checkpoint):
+            raise CheckpointError(
+                "not a classifier checkpoint (neither san_det classifier info nor only "
+                "backbone.* and classifier.* keys)"
+            )
+        state, report = classifier_to_detection_state_dict(checkpoint["model"], model.state_dict())
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    check_checkpoint_input(recorded_input_info(checkpoint), model, path, True, log=logger)
+    model.load_state_dict(state, strict=False)
+    return report

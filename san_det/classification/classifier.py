@@ -15,10 +15,13 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..modeling.architecture import architecture_keys
+
 __all__ = ["ImageClassifier"]
 
 
 @META_ARCH_REGISTRY.register()
+@architecture_keys()  # its backbone records the keys its weights depend on
 class ImageClassifier(nn.Module):
     """Backbone -> global average pool of one feature map -> dropout -> ``Linear(C, classes)``.
 

@@ -5,7 +5,7 @@ overrides; the paths checked before any work; one line on stderr for every failu
 Exit status: 0 written; 2 bad input (a :class:`~san_det.errors.UserInputError`: missing or
 unreadable input, ``--output`` naming the input file itself (also through a link), an output that
 cannot be written, a bad config; or a checkpoint that does not fit the model,
-:class:`~san_det.classification.checkpoint.CheckpointMismatchError`, naming the key), nothing
+:class:`~san_det.errors.CheckpointError`, naming the key and the input), nothing
 written; 1 the output could not be written (disk full); 143 / 130 stopped by SIGTERM / SIGINT.
 The output is written atomically (:func:`~san_det.utils.atomic.atomic_write`): whatever stops the
 tool, there is no partial file under its name.
@@ -19,9 +19,8 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from ..engine.interrupt import Interrupted, interruptible
-from ..errors import UserInputError
+from ..errors import CheckpointError, UserInputError
 from ..utils.atomic import atomic_write, os_error_in
-from .checkpoint import CheckpointMismatchError
 
 __all__ = ["converter_parser", "run_converter"]
 
@@ -66,10 +65,10 @@ def run_converter(prog: str, args: argparse.Namespace, convert: Convert) -> int:
             with atomic_write(args.output) as f:
                 torch.save(checkpoint, f)
     except UserInputError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except CheckpointMismatchError as e:
-        print(f"{prog}: error: {args.input}: {one_line(e)}", file=sys.stderr)
+        message = one_line(e)
+        if isinstance(e, CheckpointError) and args.input not in message:  # names the key only
+            message = f"{args.input}: {message}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)

@@ -11,7 +11,8 @@ wrapped in ``DataParallel`` / ``DistributedDataParallel``, so keys read ``module
     module.fc.*    ->  classifier.*           (dropped for detection)
 
 Every key is checked against the target model: an official key with no counterpart, a model key
-the checkpoint lacks, or a shape that differs raises :class:`CheckpointMismatchError` naming it.
+the checkpoint lacks, or a shape that differs raises :class:`~san_det.errors.CheckpointError`
+naming it.
 The official models read RGB images normalised with ImageNet's mean and std
 (:data:`OFFICIAL_SAN_INPUT`); use the same ``INPUT.FORMAT`` / ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``.
 """
@@ -21,7 +22,8 @@ from typing import Dict, Mapping
 
 import torch
 
-from .checkpoint import CheckpointMismatchError, classifier_to_detection_state_dict
+from ..errors import CheckpointError
+from .checkpoint import classifier_to_detection_state_dict
 
 __all__ = [
     "OFFICIAL_SAN_INPUT",
@@ -44,10 +46,10 @@ def official_san_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     """The state dict inside an official checkpoint (``{"state_dict": ...}`` or a bare one)."""
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping) or not state:
-        raise CheckpointMismatchError("the official SAN checkpoint holds no state dict")
+        raise CheckpointError("the official SAN checkpoint holds no state dict")
     bad = [k for k, v in state.items() if not torch.is_tensor(v)]
     if bad:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"entry {bad[0]!r} of the SAN checkpoint is not a tensor: not an official SAN "
             "state dict (expected {'state_dict': {'module.conv_in.weight': ...}})"
         )
@@ -74,18 +76,18 @@ def convert_official_san_to_classifier(
             (e.g. configs/ImageNet/san10_pairwise.yaml); keys and shapes are checked against it.
 
     Raises:
-        CheckpointMismatchError: naming the first unmatched key or mismatched shape.
+        CheckpointError: naming the first unmatched key or mismatched shape.
     """
     mapped: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}
     for key, value in official_san_state_dict(checkpoint).items():
         ours = official_san_key_to_classifier_key(key)
         if ours in mapped:
-            raise CheckpointMismatchError(f"keys {origin[ours]!r} and {key!r} both map to {ours!r}")
+            raise CheckpointError(f"keys {origin[ours]!r} and {key!r} both map to {ours!r}")
         mapped[ours], origin[ours] = value, key
     unmatched = [k for k in mapped if k not in target_state]
     if unmatched:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"official key {origin[unmatched[0]]!r} has no counterpart {unmatched[0]!r} in the "
             f"model ({len(unmatched)} unmatched keys): wrong SAN depth / sa_type for this config, "
             "or not an official SAN checkpoint"
@@ -97,13 +99,13 @@ def convert_official_san_to_classifier(
                 out[key] = torch.zeros_like(ref)
                 continue
             missing = [k for k in target_state if k not in mapped]
-            raise CheckpointMismatchError(
+            raise CheckpointError(
                 f"the model's {key!r} is not in the official checkpoint ({len(missing)} missing "
                 "keys): wrong SAN depth / sa_type for this config"
             )
         value = mapped[key]
         if tuple(value.shape) != tuple(ref.shape):
-            raise CheckpointMismatchError(
+            raise CheckpointError(
                 f"official key {origin[key]!r} has shape {tuple(value.shape)} but the model's "
                 f"{key!r} has shape {tuple(ref.shape)}: wrong SAN depth / sa_type / kernels / "
                 "NUM_CLASSES for this config"

@@ -36,6 +36,8 @@ from PIL import Image
 
 from ..data.coco_instances import is_config_coco_dataset
 from ..data.mapper import IMAGE_EXTENSIONS, read_image_robust
+from ..engine.checkpoint import checkpointer_options
+from ..engine.checkpoint_rules import choose_checkpoint
 from ..engine.setup import check_output_dir
 from ..errors import UserInputError
 from ..utils.atomic import temporary_name
@@ -165,15 +167,9 @@ def load_detector(cfg) -> torch.nn.Module:
     Raises:
         UserInputError: ``MODEL.WEIGHTS`` is empty, or does not fit the model (names the key).
     """
-    if not cfg.MODEL.WEIGHTS:
-        raise UserInputError(
-            "MODEL.WEIGHTS is empty: give the trained model, e.g. MODEL.WEIGHTS "
-            "output/model_final.pth"
-        )
+    choice = choose_checkpoint(cfg.MODEL.WEIGHTS, "", resume=False, purpose="predict")
     model = build_model(cfg)
-    allow = cfg.MODEL.get("WEIGHTS_ALLOW_INPUT_MISMATCH", False)
-    checkpointer = DetectorCheckpointer(model, allow_input_mismatch=allow)
-    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[], strict=True)
+    DetectorCheckpointer(model, **checkpointer_options(cfg)).load_chosen(choice)
     return model.eval()
 
 

@@ -15,7 +15,6 @@ from detectron2.evaluation import COCOEvaluator
 from .. import compat
 from ..classification.checkpoint import ClassifierCheckpointer
 from ..data.mapper import RobustDatasetMapper, sanitize_dataset_dicts
-from ..engine.checkpoint import SafeCheckpointer
 from ..engine.stop_signals import shield_loader_workers
 from ..engine.trainer import RobustTrainer, build_resumable_train_loader
 from .coco_evaluation import COCOEvaluatorNoDetectionsIsZero
@@ -27,8 +26,13 @@ __all__ = ["DetectionTrainer", "DetectorCheckpointer", "build_coco_evaluator"]
 logger = logging.getLogger(__name__)
 
 
-class DetectorCheckpointer(SafeCheckpointer, ClassifierCheckpointer):
-    """:class:`SafeCheckpointer` that also converts classifier checkpoints for detectors."""
+class DetectorCheckpointer(ClassifierCheckpointer):
+    """The detection trainer's checkpointer: a
+    :class:`~san_det.engine.checkpoint.SafeCheckpointer` that also loads classifier checkpoints
+    into detectors' backbones; another recorded input normalisation is an error unless
+    ``MODEL.WEIGHTS_ALLOW_INPUT_MISMATCH``."""
+
+    allow_input_mismatch_default = False
 
 
 def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:

@@ -9,7 +9,8 @@ from .graceful_stop import StopOnSignalHook, TrainingStopped
 from .launch import is_primary_launcher, launch, torchrun_environment
 from .loader import DeterministicBatchStream, ResumableTrainLoader
 from .output_lock import OutputDirInUseError, OutputDirLock
-from .setup import check_eval_weights, validate_datasets
+from .checkpoint_rules import choose_checkpoint
+from .setup import validate_datasets
 from .trainer import RobustTrainer, build_resumable_train_loader
 from .validate import validate_config
 
@@ -28,7 +29,7 @@ __all__ = [
     "UserInputError",
     "add_engine_config",
     "build_resumable_train_loader",
-    "check_eval_weights",
+    "choose_checkpoint",
     "is_primary_launcher",
     "launch",
     "torchrun_environment",

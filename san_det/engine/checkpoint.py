@@ -19,7 +19,8 @@
 - Write errors (disk full, quota, file size limit): :class:`CheckpointWriteError`, one line with
   the path and the cause; the temporary file is removed and ``last_checkpoint`` still names the
   previous complete checkpoint.
-- Clear load errors (:class:`CheckpointError`, naming the file): an unreadable or truncated file;
+- Clear load errors (:class:`~san_det.errors.CheckpointError`, the one error of loading, naming
+  the file): an unreadable or truncated file;
   when resuming (or when ``strict``), any tensor of the model missing from the checkpoint, any
   checkpoint tensor the model lacks, any shape mismatch, naming the first such key. Loading
   ``MODEL.WEIGHTS`` (fine-tuning) allows missing and unexpected keys, reported in one summary, but
@@ -27,24 +28,39 @@
   ``allow_shape_mismatch``.
 - Input checks: a checkpoint that records the input format / normalisation its weights expect
   (:mod:`san_det.modeling.input_info`) must match the model's, unless ``allow_input_mismatch``.
+
+Which file a run loads is decided by :func:`~.checkpoint_rules.choose_checkpoint` alone
+(:meth:`SafeCheckpointer.resume_or_load`); the rules are the functions of
+:mod:`.checkpoint_rules`, applied in :meth:`SafeCheckpointer.load` only: the checkpointer keeps no
+state of one load for the next (docs/CHECKPOINTS.md).
 """
 
 import errno
 import logging
 import os
-import pickle
-import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.file_io import PathManager
-from fvcore.common.checkpoint import _filter_reused_missing_keys
 
-from ..modeling.architecture import architecture_config, architecture_differences
-from ..modeling.input_info import InputMismatchError, check_checkpoint_input, recorded_input_info
+from ..errors import CheckpointError
+from ..modeling.architecture import architecture_config
 from ..utils.atomic import atomic_write, os_error_in, remove_orphaned_temporaries
-from .errors import UserInputError
+from .checkpoint_rules import (
+    ARCHITECTURE_KEY,
+    Check,
+    CheckpointChoice,
+    LoadRequest,
+    LoadRules,
+    check_fit,
+    check_input_normalisation,
+    check_model_entry,
+    choose_checkpoint,
+    first_line,
+    first_non_finite,
+    is_local,
+    read_checkpoint,
+)
 
 __all__ = [
     "ARCHITECTURE_KEY",
@@ -57,17 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: The checkpoint entry holding the model's architecture-defining config keys.
-ARCHITECTURE_KEY = "architecture"
-
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-_WEIGHTS_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
-
-
-class CheckpointError(UserInputError):
-    """A checkpoint cannot be read, or does not fit the model; the message names the file."""
 
 
 class CheckpointWriteError(OSError):
@@ -97,27 +102,8 @@ def checkpointer_options(cfg) -> Dict[str, Any]:
     }
 
 
-def _first_line(error: BaseException) -> str:
-    text = _ANSI_ESCAPE.sub("", str(error)).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _with_model_key(loaded: Any) -> Dict[str, Any]:
-    """As ``DetectionCheckpointer._load_file``: a bare state dict becomes ``{"model": ...}``."""
-    return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
-
-
 class NonFiniteError(FloatingPointError):
     """Training produced NaN/inf (loss, gradients or weights); the message names the iteration."""
-
-
-def first_non_finite(state: Dict[str, Any]) -> Optional[str]:
-    """The first key of ``state`` whose floating-point tensor holds a NaN or inf, or None."""
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if not bool(torch.isfinite(value).all()):
-                return key
-    return None
 
 
 class SafeCheckpointer(DetectionCheckpointer):
@@ -129,7 +115,8 @@ class SafeCheckpointer(DetectionCheckpointer):
             whose shape differs from the model's (logged) instead of raising.
         allow_input_mismatch: load a checkpoint that records another input format or
             normalisation than the model's (:mod:`san_det.modeling.input_info`) with a warning
-            instead of raising :class:`~san_det.modeling.input_info.InputMismatchError`.
+            instead of raising :class:`~san_det.modeling.input_info.InputMismatchError`
+            (None: the class's :attr:`allow_input_mismatch_default`).
         architecture: the model's architecture-defining config keys
             (:func:`~san_det.modeling.architecture.architecture_config`): written into every
             checkpoint and compared with the one a loaded checkpoint records. None: neither.
@@ -137,7 +124,15 @@ class SafeCheckpointer(DetectionCheckpointer):
             Python object (can run code: only for files from a trusted source).
         memory_map: memory-map ``.pth`` files instead of reading them (for checks that load a
             checkpoint into a model on the meta device: tensors are never read).
+
+    Attributes:
+        checks: the rules applied, in order, to a checkpoint before its tensors are loaded
+            (``check(checkpoint, model, request) -> checkpoint``, :mod:`.checkpoint_rules`); a
+            subclass extends the tuple (the classifier-to-detector key mapping).
     """
+
+    checks: Tuple[Check, ...] = (check_model_entry, check_input_normalisation)
+    allow_input_mismatch_default = False
 
     def __init__(
         self,
@@ -145,27 +140,28 @@ class SafeCheckpointer(DetectionCheckpointer):
         save_dir="",
         *,
         allow_shape_mismatch: bool = False,
-        allow_input_mismatch: bool = False,
+        allow_input_mismatch: Optional[bool] = None,
         architecture: Optional[Dict[str, Any]] = None,
         trusted: bool = False,
         memory_map: bool = False,
         **kwargs,
     ):
         super().__init__(model, save_dir, **kwargs)
-        self.memory_map = memory_map
-        self.allow_shape_mismatch = allow_shape_mismatch
-        self.allow_input_mismatch = allow_input_mismatch
-        self.architecture = dict(architecture) if architecture is not None else None
+        if allow_input_mismatch is None:
+            allow_input_mismatch = self.allow_input_mismatch_default
+        self.rules = LoadRules(
+            architecture=dict(architecture) if architecture is not None else None,
+            allow_shape_mismatch=bool(allow_shape_mismatch),
+            allow_input_mismatch=bool(allow_input_mismatch),
+        )
         self.trusted = bool(trusted)
-        self._strict = False
-        self._loading = ""
-        self._architecture_note = ""
-        if self.save_to_disk and self._is_local(save_dir):
+        self.memory_map = memory_map
+        if self.save_to_disk and is_local(save_dir):
             self._remove_stale_temporaries()
 
-    @staticmethod
-    def _is_local(path: str) -> bool:
-        return bool(path) and "://" not in path
+    @property
+    def architecture(self) -> Optional[Dict[str, Any]]:
+        return self.rules.architecture
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temporary files of saves whose process died (killed while writing)."""
@@ -187,7 +183,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
             code = errno.errorcode.get(cause.errno, cause.errno)
             raise CheckpointWriteError(
-                f"cannot write {path}: {cause.strerror or _first_line(cause)} ({code}); it was "
+                f"cannot write {path}: {cause.strerror or first_line(cause)} ({code}); it was "
                 f"not written, the last complete checkpoint is {last}",
                 cause.errno,
                 path,
@@ -212,7 +208,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             )
         if self.architecture is not None:
             kwargs = {ARCHITECTURE_KEY: dict(self.architecture), **kwargs}
-        if not self._is_local(self.save_dir):
+        if not is_local(self.save_dir):
             return super().save(name, **kwargs)
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
@@ -227,179 +223,81 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if not self._is_local(self.save_dir):
+        if not is_local(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
         path = os.path.join(self.save_dir, "last_checkpoint")
         self._write_atomic(path, lambda f: f.write(last_filename_basename.encode()))
 
     # ---------------------------------------------------------------------------------- loading
-    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
-        """Resume (strictly) from ``last_checkpoint`` if ``resume`` and it exists, else load the
-        model weights of ``path`` for fine-tuning (see the class docstring)."""
-        if resume and self.has_checkpoint():
-            last = self.get_checkpoint_file()
-            if not os.path.isfile(last) and self._is_local(last):
-                raise CheckpointError(
-                    f"{os.path.join(self.save_dir, 'last_checkpoint')} names {last}, which does "
-                    "not exist; delete last_checkpoint to start over or restore the file"
-                )
-            return self.load(last, strict=True)
-        return self.load(path, checkpointables=[])
+    def resume_or_load(
+        self, path: str, *, resume: bool = True, purpose: str = "train"
+    ) -> Dict[str, Any]:
+        """Load what :func:`~.checkpoint_rules.choose_checkpoint` chooses for ``path``
+        (``MODEL.WEIGHTS``), this checkpointer's folder, ``resume`` and ``purpose`` (``"train"``,
+        ``"eval"``, ``"predict"``): resuming strictly from ``last_checkpoint``, else ``path``
+        (fine-tuning when training)."""
+        choice = choose_checkpoint(path, self.save_dir, resume=resume, purpose=purpose)
+        return self.load_chosen(choice)
+
+    def load_chosen(self, choice: CheckpointChoice) -> Dict[str, Any]:
+        """Load ``choice`` (:func:`~.checkpoint_rules.choose_checkpoint`): with the other
+        checkpointables when it resumes, else the model only."""
+        checkpointables = None if choice.resume else []
+        return self.load(choice.path, checkpointables, strict=choice.strict)
 
     def load(
         self, path: str, checkpointables: Optional[List[str]] = None, *, strict: bool = None
     ) -> Dict[str, Any]:
-        """``DetectionCheckpointer.load`` with :class:`CheckpointError` naming ``path``.
+        """Read ``path``, apply :attr:`checks`, load the tensors, apply
+        :func:`~.checkpoint_rules.check_fit`, then the other ``checkpointables`` (all if None).
 
         Args:
             strict: every model tensor must be in the checkpoint with the same shape and vice
                 versa; default: True when also loading the other checkpointables (resuming).
+
+        Returns:
+            The checkpoint's other entries (as ``Checkpointer.load``).
+
+        Raises:
+            CheckpointError: naming ``path`` (the model may hold some of its tensors then).
         """
         if not path:
-            return super().load(path, checkpointables)
-        if self._is_local(path) and not os.path.isfile(path):
+            return super().load(path, checkpointables)  # "Initializing model from scratch"
+        if is_local(path) and not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file not found: {path}")
-        self._strict = (checkpointables is None) if strict is None else strict
-        self._loading = path
+        self.logger.info(f"[Checkpointer] Loading from {path} ...")
+        local = path if os.path.isfile(path) else self.path_manager.get_local_path(path)
+        request = LoadRequest(
+            path,
+            strict=(checkpointables is None) if strict is None else strict,
+            rules=self.rules,
+            log=self.logger,
+        )
+        checkpoint = self._load_file(local)
+        for check in self.checks:
+            checkpoint = check(checkpoint, self.model, request)
+        heuristics = checkpoint.get("matching_heuristics", False)  # keys renamed in loading
+        given = None if heuristics else list(checkpoint["model"])
         try:
-            return super().load(path, checkpointables)
-        except (CheckpointError, InputMismatchError):
+            incompatible = self._load_model(checkpoint)
+        except CheckpointError:
             raise
-        except (ValueError, KeyError) as e:  # raised by a model-loading converter
+        except (ValueError, KeyError) as e:  # raised by detectron2's converters of other formats
             raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from e
-        finally:
-            self._strict = False
-            self._loading = ""
-            self._architecture_note = ""
-
-    def _read_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith((".pkl", ".pyth")):
-            return super()._load_file(filename)
-        if self.memory_map and self._is_local(filename):
-            try:
-                loaded = torch.load(
-                    filename, map_location="cpu", mmap=True, weights_only=not self.trusted
-                )
-            except Exception:  # a legacy (non-zip) file cannot be mapped: read it as below
-                pass
-            else:
-                return _with_model_key(loaded)
-        if self.trusted:
-            with PathManager.open(filename, "rb") as f:
-                return _with_model_key(
-                    torch.load(f, map_location=torch.device("cpu"), weights_only=False)
-                )
-        return super()._load_file(filename)
-
-    def _load_file(self, filename: str) -> Dict[str, Any]:
-        try:
-            checkpoint = self._read_file(filename)
-        except pickle.UnpicklingError as e:
-            found = _UNSUPPORTED_GLOBAL.search(str(e))
-            if found is None:  # e.g. "Unsupported operand": not a pickle torch can read
-                found_error = _WEIGHTS_UNPICKLER_ERROR.search(_ANSI_ESCAPE.sub("", str(e)))
-                reason = found_error.group(1) if found_error else _first_line(e)
-                raise CheckpointError(
-                    f"cannot read checkpoint {filename} (truncated or corrupt file?): "
-                    f"{type(e).__name__}: {reason}"
-                ) from e
-            raise CheckpointError(
-                f"checkpoint {filename} is a valid pickle but holds Python objects besides "
-                f"tensors ({found.group(1)}), which torch.load refuses by default (weights_only) "
-                "because unpickling them can run code: if you trust the file, set "
-                "MODEL.WEIGHTS_TRUSTED True to load it"
-            ) from e
-        except Exception as e:  # torch.load / pickle: many exception types for a corrupt file
-            raise CheckpointError(
-                f"cannot read checkpoint {filename} (truncated or corrupt file?): "
-                f"{type(e).__name__}: {_first_line(e)}"
-            ) from e
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-            raise CheckpointError(f"{filename} is not a model checkpoint (no 'model' state dict)")
-        self._check_architecture(filename, checkpoint.get(ARCHITECTURE_KEY))
+        check_fit(checkpoint, incompatible, self.model, request, given)
+        self._log_incompatible_keys(incompatible)
+        for key in self.checkpointables if checkpointables is None else checkpointables:
+            if key in checkpoint:
+                self.logger.info(f"Loading {key} from {path} ...")
+                self.checkpointables[key].load_state_dict(checkpoint.pop(key))
         return checkpoint
 
-    def _check_architecture(self, filename: str, recorded: Any) -> None:
-        """Compare the architecture recorded in a checkpoint with the model's (class docstring):
-        a warning when fine-tuning; when strict, :meth:`_load_model` raises."""
-        self._architecture_note = ""
-        if self.architecture is None or not isinstance(recorded, dict):
-            return
-        differences = architecture_differences(
-            recorded, self.architecture, fine_tune=not self._strict
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """:func:`~.checkpoint_rules.read_checkpoint` (detectron2's reader for ``.pkl`` and
+        ``.pyth``)."""
+        return read_checkpoint(
+            filename,
+            trusted=self.trusted,
+            memory_map=self.memory_map,
+            read_other=super()._load_file,
         )
-        listed = "; ".join(f"{k} {old!r} there, {new!r} here" for k, old, new in differences)
-        if listed and not self._strict:
-            self.logger.warning(
-                f"{filename} was trained with other backbone settings ({listed}): its weights "
-                "initialise a differently configured network"
-            )
-        self._architecture_note = listed
-
-    def _load_model(self, checkpoint: Any):
-        path = self._loading or "<checkpoint>"
-        info = recorded_input_info(checkpoint)
-        check_checkpoint_input(info, self.model, path, self.allow_input_mismatch)
-        passed = []  # the keys that reach load_state_dict (after renaming, shape checks)
-        load_state_dict = self.model.load_state_dict
-
-        def recording(state_dict, *args, **kwargs):
-            passed.extend(state_dict.keys())
-            return load_state_dict(state_dict, *args, **kwargs)
-
-        self.model.load_state_dict = recording
-        try:
-            incompatible = super()._load_model(checkpoint)
-        finally:
-            del self.model.load_state_dict
-        model_keys = list(self.model.state_dict().keys())
-        shapes = {k: (ckpt, ours) for k, ckpt, ours in incompatible.incorrect_shapes}
-        missing = set(_filter_reused_missing_keys(self.model, incompatible.missing_keys))
-        unexpected = list(incompatible.unexpected_keys)
-        problems = []
-        for key in model_keys:
-            if key in shapes:
-                ckpt, ours = shapes[key]
-                problems.append((key, f"shape {ckpt} in the checkpoint, {ours} in the model"))
-            elif key in missing and (self._strict or not shapes):
-                problems.append((key, "in the model but not in the checkpoint"))
-        problems += [(key, "in the checkpoint but not in the model") for key in unexpected]
-        counts = (
-            f"{len(shapes)} with another shape, {len(missing)} missing from the checkpoint, "
-            f"{len(unexpected)} not in the model"
-        )
-        loaded = len(set(model_keys) & set(passed))
-        note = self._architecture_note if self._strict else ""
-        if self._strict and problems:
-            key, what = problems[0]
-            made_by = f"; its recorded config differs: {note}" if note else ""
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model (another architecture or config?): "
-                f"first mismatched key {key!r}: {what}; {counts}{made_by}"
-            )
-        if note:
-            raise CheckpointError(
-                f"checkpoint {path} was made by another architecture: {note}; its tensors fit, "
-                "but compute something else in this model: load it with the config it was made "
-                "with (config.yaml in its output folder)"
-            )
-        if loaded <= 0 and model_keys:
-            key, what = problems[0] if problems else (model_keys[0], "not in the checkpoint")
-            raise CheckpointError(
-                f"checkpoint {path} has no tensor in common with the model (another "
-                f"architecture?): first mismatched key {key!r}: {what}; {counts}"
-            )
-        if shapes and not self.allow_shape_mismatch:
-            key, (ckpt, ours) = next(iter(shapes.items()))
-            raise CheckpointError(
-                f"checkpoint {path}: first mismatched key {key!r} has shape {ckpt} in the "
-                f"checkpoint but {ours} in the model ({len(shapes)} such tensors); set "
-                "MODEL.WEIGHTS_ALLOW_SHAPE_MISMATCH True to keep those tensors' initial values"
-            )
-        if missing or unexpected or shapes:
-            self.logger.warning(
-                f"Loaded {loaded} of {len(model_keys)} model tensors from {path}: {counts}"
-                + (f"; first missing {sorted(missing)[0]!r}" if missing else "")
-                + (f"; first unexpected {unexpected[0]!r}" if unexpected else "")
-            )
-        return incompatible

@@ -18,7 +18,6 @@ from ..data.preparers import prepare_dataset
 from .errors import UserInputError
 
 __all__ = [
-    "check_eval_weights",
     "merge_cfg",
     "validate_datasets",
     "check_output_dir",
@@ -114,25 +113,6 @@ def _check_weights_file(weights: str) -> None:
         )
     if not os.path.isfile(weights):
         raise UserInputError(f"MODEL.WEIGHTS file not found: {weights}")
-
-
-def check_eval_weights(cfg: CfgNode, resume: bool) -> None:
-    """``--eval-only`` evaluates trained weights: ``MODEL.WEIGHTS`` or, with ``--resume``, the
-    checkpoint that ``OUTPUT_DIR/last_checkpoint`` names.
-
-    Raises:
-        UserInputError: neither is there (an evaluation of random weights is never wanted).
-    """
-    if cfg.MODEL.WEIGHTS:
-        return
-    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-    if resume and os.path.isfile(last):
-        return
-    where = f"; {last} does not exist" if resume else ""
-    raise UserInputError(
-        "--eval-only needs trained weights: pass MODEL.WEIGHTS path/to/model_final.pth, or "
-        f"--resume to evaluate the last checkpoint in OUTPUT_DIR{where}"
-    )
 
 
 def check_output_dir(path: str, option: str = "OUTPUT_DIR") -> None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..layers import use_backend
 from .checkpoint import checkpointer_options
+from .checkpoint_rules import choose_checkpoint
 from .errors import UserInputError
 
 __all__ = [
@@ -137,9 +138,8 @@ def run_probe(model: nn.Module, training: bool, forward: Callable[[], None], wha
 
 def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, eval_only: bool):
     """Load the checkpoint a run will load into ``model`` (built on the meta device) the way the
-    run loads it: with ``--eval-only`` strictly ``OUTPUT_DIR``'s last checkpoint (``resume``) or
-    ``MODEL.WEIGHTS``; in training ``checkpointer.resume_or_load(MODEL.WEIGHTS, resume=resume)``.
-    Remote files are not checked here.
+    run loads it: the file :func:`~.checkpoint_rules.choose_checkpoint` chooses, loaded by
+    ``checkpointer_cls``. Remote files are not checked here.
 
     Raises:
         UserInputError: what loading would raise (unreadable or untrusted file, another
@@ -153,17 +153,15 @@ def check_checkpoint(model: nn.Module, cfg, checkpointer_cls, *, resume: bool, e
         if isinstance(buffer, torch.Tensor) and buffer.is_meta:  # the input check reads them
             values = torch.tensor(cfg.MODEL[key], dtype=torch.float32).view(-1, 1, 1)
             model.register_buffer(name, values, persistent=False)
-    has_last = resume and checker.has_checkpoint()
-    path = checker.get_checkpoint_file() if has_last else cfg.MODEL.WEIGHTS
+    purpose = "eval" if eval_only else "train"
+    choice = choose_checkpoint(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, resume=resume, purpose=purpose)
+    path = choice.path
     if not path or "://" in path:
         return
     try:
         with warnings.catch_warnings(), without_logging():
             warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
-            if eval_only:
-                checker.load(path, checkpointables=[], strict=True)
-            else:
-                checker.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+            checker.load_chosen(choice)
     except UserInputError:  # CheckpointError, InputMismatchError
         raise
     except Exception as e:  # e.g. a loader that reads tensor values: not checkable on meta

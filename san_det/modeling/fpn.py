@@ -24,6 +24,7 @@ from torch import nn
 
 from san_det.layers.checks import check_odd_int
 
+from .architecture import architecture_keys_of, register_architecture_keys
 from .attention_conv import AttentionConv2d, check_attention_width
 from .san_net import build_san_net
 from .sasa_resnet import build_sasa_resnet
@@ -231,6 +232,7 @@ def _register_fpn_backbone(name: str) -> Callable[[Any, ShapeSpec], FPN]:
     build.__name__ = build.__qualname__ = name
     build.__doc__ = description
     BACKBONE_REGISTRY.register(build)
+    register_architecture_keys(name, [*architecture_keys_of(build_bottom_up), "MODEL.FPN"])
     return build
 
 

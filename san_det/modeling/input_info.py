@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from ..errors import UserInputError
+from ..errors import CheckpointError
 
 __all__ = [
     "INPUT_INFO_KEY",
@@ -46,8 +46,9 @@ _CONFIG_KEYS = {
 }
 
 
-class InputMismatchError(UserInputError):
-    """The checkpoint's weights expect other inputs than the model is configured for."""
+class InputMismatchError(CheckpointError):
+    """The checkpoint's weights expect other inputs than the model is configured for (a
+    :class:`~san_det.errors.CheckpointError`)."""
 
 
 def register_input_info_key(key: str) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from san_det.layers.checks import check_odd_int
 
+from .architecture import RETINANET_ARCHITECTURE_KEYS, architecture_keys
 from .attention_conv import AttentionConv2d, check_attention_width
 from .fpn import AttentionFPN
 
@@ -179,6 +180,7 @@ def _head_class(cfg):
 
 
 @META_ARCH_REGISTRY.register()
+@architecture_keys(*RETINANET_ARCHITECTURE_KEYS)
 class SanDetRetinaNet(RetinaNet):
     """detectron2's ``RetinaNet`` with the head picked by ``MODEL.RETINANET.HEAD_NAME``.
 

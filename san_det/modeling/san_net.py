@@ -31,6 +31,7 @@ from san_det.layers.checks import check_int
 from san_det.layers.san_attention import PAIRWISE_RELATIONS, PATCHWISE_RELATIONS, SAM
 from san_det.layers.ops import PAD_MODES
 
+from .architecture import architecture_keys
 from .norms import check_norm, make_norm
 
 __all__ = [
@@ -217,6 +218,7 @@ class SANBackbone(Backbone):
         return self
 
 
+@architecture_keys("MODEL.SAN")
 def build_san_net(cfg, input_shape: ShapeSpec) -> SANBackbone:
     """Build the SAN described by ``cfg.MODEL.SAN`` (validated, errors name the config key)."""
     s = cfg.MODEL.SAN
@@ -285,6 +287,7 @@ def _check_san_config(s) -> Tuple[Optional[str], List[int], str]:
 
 
 @BACKBONE_REGISTRY.register()
+@architecture_keys("MODEL.SAN")
 def build_san_backbone(cfg, input_shape: ShapeSpec) -> SANBackbone:
     """SAN backbone from ``cfg.MODEL.SAN`` (outputs ``MODEL.SAN.OUT_FEATURES``)."""
     return build_san_net(cfg, input_shape)

@@ -21,6 +21,7 @@ from torch import nn
 from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 from san_det.layers.checks import check_odd_int
 
+from .architecture import architecture_keys
 from .attention_conv import AttentionConv2d, check_attention_width
 from .norms import check_norm
 
@@ -148,6 +149,7 @@ def _stage_types(cfg) -> List[str]:
     return types
 
 
+@architecture_keys("MODEL.SASA")
 def build_sasa_resnet(cfg, input_shape: ShapeSpec) -> SASAResNet:
     """Build the SASA ResNet described by ``cfg.MODEL.SASA`` (validated, errors name the key).
 
@@ -246,6 +248,7 @@ def _build_stages(s, stage_types: List[str], norm: str) -> List[List[CNNBlockBas
 
 
 @BACKBONE_REGISTRY.register()
+@architecture_keys("MODEL.SASA")
 def build_sasa_backbone(cfg, input_shape: ShapeSpec) -> SASAResNet:
     """SASA ResNet backbone from ``cfg.MODEL.SASA`` (outputs ``MODEL.SASA.OUT_FEATURES``)."""
     return build_sasa_resnet(cfg, input_shape)

@@ -10,7 +10,6 @@ from detectron2.modeling import build_model
 
 from san_det.classification.checkpoint import (
     CLASSIFIER_INFO_KEY,
-    CheckpointMismatchError,
     ClassifierCheckpointer,
     ClassifierInfo,
     classifier_info_from_cfg,
@@ -20,6 +19,7 @@ from san_det.classification.checkpoint import (
     load_classifier_into_detector,
 )
 from san_det.config import get_san_det_cfg
+from san_det.errors import CheckpointError
 from tests.helpers.classification import tiny_san_cfg, tiny_sasa_cfg
 from tests.helpers.paths import config_path
 from tests.helpers.scripts import load_script
@@ -140,7 +140,7 @@ def test_checkpoint_from_another_architecture_names_the_key(tmp_path):
     san_cfg = tiny_san_cfg()
     _, path = _save_classifier(san_cfg, tmp_path)
     detector = build_model(_detection_cfg("retinanet_sasa26.yaml", tiny_sasa_cfg(), "SASA"))
-    with pytest.raises(CheckpointMismatchError, match=r"'backbone\.conv_in\.weight'.*another"):
+    with pytest.raises(CheckpointError, match=r"'backbone\.conv_in\.weight'.*another"):
         ClassifierCheckpointer(detector).resume_or_load(path, resume=False)
 
 
@@ -148,11 +148,11 @@ def test_checkpoint_of_another_depth_or_width_names_the_key(tmp_path):
     _, path = _save_classifier(tiny_sasa_cfg(), tmp_path)
     deeper = tiny_sasa_cfg(**{"MODEL.SASA.DEPTH": 38})
     detector = build_model(_detection_cfg("retinanet_sasa38.yaml", deeper, "SASA"))
-    with pytest.raises(CheckpointMismatchError, match=r"backbone\.bottom_up\.res2\.1\..*not in"):
+    with pytest.raises(CheckpointError, match=r"backbone\.bottom_up\.res2\.1\..*not in"):
         load_classifier_into_detector(detector, path)
     wider = tiny_sasa_cfg(**{"MODEL.SASA.WIDTH_PER_GROUP": 8})
     detector = build_model(_detection_cfg("retinanet_sasa26.yaml", wider, "SASA"))
-    with pytest.raises(CheckpointMismatchError, match=r"shape \(.*\) but the model's"):
+    with pytest.raises(CheckpointError, match=r"shape \(.*\) but the model's"):
         load_classifier_into_detector(detector, path)
 
 
@@ -161,7 +161,7 @@ def test_remap_rules_on_key_lists():
     plain_target = {"backbone.a.weight": torch.zeros(2), "head.w": 0}
     assert detection_backbone_prefix(fpn_target) == "backbone.bottom_up."
     assert detection_backbone_prefix(plain_target) == "backbone."
-    with pytest.raises(CheckpointMismatchError, match="no 'backbone.'"):
+    with pytest.raises(CheckpointError, match="no 'backbone.'"):
         detection_backbone_prefix({"head.w": 0})
     src = {
         "backbone.a.weight": torch.ones(2),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from san_det.classification.checkpoint import CheckpointMismatchError
+from san_det.errors import CheckpointError
 from san_det.config import get_san_det_cfg
 from san_det.classification.convert_san import (
     convert_official_san_to_classifier,
@@ -196,23 +196,23 @@ def test_official_san_errors_name_the_key():
     target = model.state_dict()
     extra = _official_checkpoint("pairwise", 10)
     extra["state_dict"]["module.layer9.0.sam.conv1.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatchError, match=r"'module\.layer9\.0\.sam\.conv1\.weight'"):
+    with pytest.raises(CheckpointError, match=r"'module\.layer9\.0\.sam\.conv1\.weight'"):
         convert_official_san_to_classifier(extra, target)
     missing = _official_checkpoint("pairwise", 10)
     del missing["state_dict"]["module.layer1.0.sam.conv_p.bias"]
-    with pytest.raises(CheckpointMismatchError, match=r"'backbone\.layer1\.0\.sam\.conv_p\.bias'"):
+    with pytest.raises(CheckpointError, match=r"'backbone\.layer1\.0\.sam\.conv_p\.bias'"):
         convert_official_san_to_classifier(missing, target)
     pattern = r"'module\.layer0\.0\.sam\.conv_w\.0\.\w+' has"
-    with pytest.raises(CheckpointMismatchError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         # patchwise checkpoint into a pairwise model
         convert_official_san_to_classifier(_official_checkpoint("patchwise", 10), target)
-    with pytest.raises(CheckpointMismatchError, match=r"'module\.fc\.weight' has shape"):
+    with pytest.raises(CheckpointError, match=r"'module\.fc\.weight' has shape"):
         wrong = _official_checkpoint("pairwise", 10)
         wrong["state_dict"]["module.fc.weight"] = torch.zeros(10, 2048)
         convert_official_san_to_classifier(wrong, target)
-    with pytest.raises(CheckpointMismatchError, match=r"'module\.layer0\.2\..*no counterpart"):
+    with pytest.raises(CheckpointError, match=r"'module\.layer0\.2\..*no counterpart"):
         convert_official_san_to_classifier(_official_checkpoint("pairwise", 15), target)
-    with pytest.raises(CheckpointMismatchError, match="not a tensor"):
+    with pytest.raises(CheckpointError, match="not a tensor"):
         convert_official_san_to_classifier({"state_dict": {"module.fc.weight": "x"}}, target)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from san_det.config import get_san_det_cfg
 from san_det.detection import DetectionTrainer
+from san_det.modeling.architecture import architecture_keys
 
 from .coco_files import register_coco_dataset, simple_images
 from .paths import config_path
@@ -80,6 +81,7 @@ def tiny_test_net_cfg(
 
 
 @META_ARCH_REGISTRY.register()
+@architecture_keys("MODEL.RETINANET.NUM_CLASSES")
 class TinyTestNet(nn.Module):
     """conv3x3(3->8) -> norm -> ReLU -> global mean -> linear: classifies the first box's class.
 
