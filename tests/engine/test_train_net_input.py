@@ -73,6 +73,7 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
     assert_one_line_error(proc, "MODEL.BOGUS_KEY", str(cfg))
 
 
+@pytest.mark.slow
 def test_missing_coco_names_expected_path(tmp_path):
     proc = run_train_net(
         "--config-file",
@@ -105,6 +106,7 @@ def test_cuda_device_without_gpu(tmp_path, capsys):
     assert_one_line_error(proc, "MODEL.DEVICE", "cpu")
 
 
+@pytest.mark.slow
 def test_missing_config_file_from_the_shell(tmp_path):
     proc = run_train_net("--config-file", "configs/no_such.yaml", "OUTPUT_DIR", str(tmp_path / "o"))
     assert_one_line_error(proc, "config file not found", "no_such.yaml")
