@@ -352,6 +352,7 @@ def _tool_in_process(capsys, name, *args):
     return CliResult(load_script(f"tools/{name}").main(list(args)), capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_analyze_model_bad_input_is_one_line(capsys):
     tool = "analyze_model.py"
 
@@ -368,6 +369,7 @@ def test_analyze_model_bad_input_is_one_line(capsys):
     assert_one_line_error(proc, "cannot take the input", "MODEL.SAN.PAD_MODE", script=tool)
 
 
+@pytest.mark.slow
 def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
     tool = "convert_classifier_to_detection.py"
     weights = tmp_path / "w.pth"
