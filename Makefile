@@ -9,8 +9,8 @@ export OMP_NUM_THREADS ?= 1
 setup:
 	@bash tools/setup_env.sh
 
-# test: every test but those marked slow (multi-process runs, trainings and evaluations,
-# torch.compile, train_net run as a child process), in <= 5 minutes on 2 CPUs.
+# test: every test but those marked slow (multi-process runs, trainings, torch.compile and kernel
+# builds, scripts and Python run in child processes): about 3 minutes on 2 CPUs.
 # test-all: the whole suite (CI, .ci/run).
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
