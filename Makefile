@@ -4,12 +4,18 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test demo gpu-check
+.PHONY: setup test test-all demo gpu-check
 
 setup:
 	@bash tools/setup_env.sh
 
+# test: every test but those marked slow (multi-process runs, trainings, torch.compile and kernel
+# builds, scripts and Python run in child processes): about 3 minutes on 2 CPUs.
+# test-all: the whole suite (CI, .ci/run).
 test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: setup
 	$(PY) -m pytest -q tests
 
 demo: setup

@@ -5,9 +5,13 @@ module imports detectron2. Tests marked ``cuda`` (``tests.helpers.skips.needs_cu
 and reported as skipped, where no CUDA device is available. Logging handlers left writing to a
 closed stream (a tool run in-process under ``capsys`` calls ``logging.basicConfig`` or detectron2's
 ``setup_logger``) are dropped before each test, so a later test's stderr holds no logging error.
+A test not marked ``slow`` fails where it starts a script of :data:`SLOW_SCRIPTS` in a child
+process: such a run is slow by nature, and ``make test`` leaves out only the tests marked slow.
 """
 
 import logging
+import os
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +19,10 @@ import torch
 import san_det  # noqa: F401
 
 pytest_plugins = ["pytester"]  # tests/test_helpers.py checks this conftest's cuda skip
+
+#: the scripts whose run in a child process only a test marked ``slow`` may start
+SLOW_SCRIPTS = ("train_net.py",)
+UNGUARDED_POPEN = subprocess.Popen
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,3 +44,33 @@ def _drop_handlers_of_closed_streams():
             if getattr(getattr(handler, "stream", None), "closed", False):
                 logger.removeHandler(handler)
     yield
+
+
+def _file_names(args) -> set:
+    """The file names among the words of a command (``args`` as ``subprocess.Popen`` takes it)."""
+    if isinstance(args, (str, bytes)):
+        words = args.split()
+    elif isinstance(args, os.PathLike):
+        words = [args]
+    else:
+        words = list(args)
+    return {os.path.basename(os.fsdecode(w)) for w in words}
+
+
+@pytest.fixture(autouse=True)
+def _script_runs_are_marked_slow(request, monkeypatch):
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    class GuardedPopen(UNGUARDED_POPEN):
+        def __init__(self, args, *rest, **kwargs):
+            for script in SLOW_SCRIPTS:
+                if script in _file_names(args):
+                    pytest.fail(
+                        f"{request.node.nodeid} runs {script} in a child process: mark it "
+                        "@pytest.mark.slow (`make test` leaves out only the tests marked slow)",
+                        pytrace=False,
+                    )
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", GuardedPopen)

@@ -258,6 +258,7 @@ def test_tool_end_to_end_on_demo_model(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_tool_command_line_help():
     """The script runs as a command (imports, argument parser)."""
     result = subprocess.run(

@@ -226,6 +226,7 @@ def _python(code: str, **env):
     return run.stdout
 
 
+@pytest.mark.slow
 @needs_shim
 def test_detectron2_imported_before_san_det_is_patched():
     """A tutorial-style script: detectron2 first (san_det_compat.pth installs the hook)."""
@@ -243,6 +244,7 @@ def test_detectron2_imported_before_san_det_is_patched():
     assert "applied: True True" in out
 
 
+@pytest.mark.slow
 def test_san_det_first_then_detectron2_still_works():
     out = _python("""
         import san_det
@@ -267,6 +269,7 @@ def _fake_full_detectron2(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_nothing_is_patched_under_a_full_detectron2(tmp_path):
     out = _python(
         """
@@ -322,6 +325,7 @@ def test_installs_carry_the_import_hook(tmp_path, kind):
         assert {"_san_det_compat_hook.py", "san_det/compat.py"} <= files
 
 
+@pytest.mark.slow
 @needs_shim
 def test_regular_install_patches_detectron2_imported_first(tmp_path):
     """The wheel unpacked as a site directory (its .pth processed), this checkout's not seen."""

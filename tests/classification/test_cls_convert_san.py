@@ -306,6 +306,7 @@ def test_a_converted_backbone_in_a_model_normalising_otherwise_is_refused(
     assert "expect other inputs" in caplog.text and "Loading them anyway" in caplog.text
 
 
+@pytest.mark.slow
 def test_train_net_refuses_it_in_one_line_before_writing(converted_detection_backbone, tmp_path):
     import subprocess
     import sys

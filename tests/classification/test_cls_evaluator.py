@@ -96,6 +96,7 @@ def _worker(rank, world, port, result_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_equals_single_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

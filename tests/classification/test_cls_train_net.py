@@ -9,6 +9,7 @@ from tests.helpers.classification import DEMO_CONFIG
 from tests.helpers.scripts import load_script
 
 
+@pytest.mark.slow
 def test_train_net_trains_and_evaluates_a_classifier(digits32, tmp_path):
     """The CPU demo config (its SASA model), for a few iterations on a temporary copy."""
     train, val, _ = digits32

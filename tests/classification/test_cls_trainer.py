@@ -4,12 +4,15 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from san_det.classification import ClassificationTrainer
 from san_det.classification.checkpoint import CLASSIFIER_INFO_KEY
 from tests.helpers.classification import tiny_resnet_cfg
+
+pytestmark = pytest.mark.slow
 
 
 def _train(cfg):

@@ -268,6 +268,7 @@ _DRIVER = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_train_net_on_a_full_disk_reports_one_line(tmp_path):
     """A file size limit (what a user without root can set) makes the checkpoint write fail."""
     driver = tmp_path / "driver.py"

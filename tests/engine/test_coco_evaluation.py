@@ -168,6 +168,7 @@ print("AP", e.stats[0])
 """
 
 
+@pytest.mark.slow
 @needs_shim
 def test_pycocotools_is_the_fallback_without_faster_coco_eval():
     run = subprocess.run(

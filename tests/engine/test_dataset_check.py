@@ -13,6 +13,8 @@ from PIL import Image
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import assert_one_line_error, child_env
 
+pytestmark = pytest.mark.slow
+
 CONFIG = str(REPO_ROOT / "configs/Demo/own_coco_example.yaml")
 TRAIN_JSON = "datasets/shapes_coco/annotations/instances_train.json"
 VAL_JSON = "datasets/shapes_coco/annotations/instances_val.json"

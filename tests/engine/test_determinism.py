@@ -30,6 +30,7 @@ def _losses(root, name, seed, workers, iters=4):
     return [v for v, _ in trainer.storage.history("total_loss").values()]
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_with_and_without_workers(dataset):
     first = _losses(dataset, "a", seed=11, workers=2)
     again = _losses(dataset, "b", seed=11, workers=2)

@@ -143,6 +143,7 @@ def _assert_close(a, b, keys=None, atol=1e-6, rtol=1e-5):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_twice_the_batch(runs):
     two, one, one_small, init = runs
     assert two["world"] == 2
@@ -155,6 +156,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(runs):
     assert diff > 1e-4, diff
 
 
+@pytest.mark.slow
 def test_syncbn_across_processes_equals_bn_on_the_whole_batch(runs):
     two, one, _, _ = runs
     assert two["norm_types"]["SyncBN"] == "CPUSyncBatchNorm"
@@ -168,6 +170,7 @@ def test_syncbn_across_processes_equals_bn_on_the_whole_batch(runs):
     assert (local["norm.running_var"] - full["norm.running_var"]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_nan_on_one_process_stops_every_process(runs):
     two = runs[0]
     message = two["nan_error"]  # rank 0's: its own loss was finite
@@ -175,6 +178,7 @@ def test_nan_on_one_process_stops_every_process(runs):
     assert "non-finite loss at iteration 1 on at least one process" in message
 
 
+@pytest.mark.slow
 def test_two_process_retinanet_resumes_exactly(runs):
     """Each rank resumes with its own RetinaNet loss normaliser (an EMA of its own images'
     foreground anchors), so the resumed run ends with the uninterrupted run's weights."""
@@ -228,6 +232,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_train_net_runs_two_cpu_processes(tmp_path):
     """train_net.py --num-processes 2: RetinaNet trains in two gloo processes to the end."""
     folder = tmp_path / "data"

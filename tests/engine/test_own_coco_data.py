@@ -13,6 +13,8 @@ import torch
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import child_env, error_lines
 
+pytestmark = pytest.mark.slow
+
 CONFIG = str(REPO_ROOT / "configs/Demo/own_coco_example.yaml")
 FAST = [
     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2",
@@ -61,7 +63,6 @@ def test_num_classes_mismatch_is_one_line_before_anything_is_written(workdir, nu
     assert not (workdir / "bad").exists()
 
 
-@pytest.mark.slow
 def test_train_two_processes_then_eval_only_then_resume(workdir):
     out = workdir / "out"
     proc = _train_net(

@@ -58,6 +58,7 @@ def _main(capsys, setup, *args):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_as_a_user(setup, tmp_path):
     out = tmp_path / "pred"
     proc = subprocess.run(

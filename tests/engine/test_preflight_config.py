@@ -14,6 +14,8 @@ from PIL import Image
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scripts import assert_one_line_error, child_env
 
+pytestmark = pytest.mark.slow
+
 SHAPES_CONFIG = str(REPO_ROOT / "configs/Demo/shapes_retinanet.yaml")
 
 

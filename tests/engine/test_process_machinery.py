@@ -133,6 +133,7 @@ _SHIELDED_LOADER = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_shielded_loader_workers_ignore_stop_signals_and_do_not_block_exit():
     proc = subprocess.run(
         [sys.executable, "-c", _SHIELDED_LOADER, str(STOP_SIGNALS)],
@@ -171,6 +172,7 @@ _HOLDER = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path, caplog):
     out = tmp_path / "out"
     holder = subprocess.Popen(
@@ -198,6 +200,7 @@ def _hold_inherited_lock(rank, lock, ready_dir):
     time.sleep(600)
 
 
+@pytest.mark.slow
 def test_spawned_workers_hold_the_launchers_lock(tmp_path):
     """The folder stays locked while a worker lives, even after the launcher let go of it."""
     out, ready = tmp_path / "out", tmp_path / "ready"

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.scripts import child_env
 
 _CHILD = """
@@ -27,6 +29,7 @@ with EventStorage(0) as storage:
 """
 
 
+@pytest.mark.slow
 def test_a_failed_append_leaves_whole_lines(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"iteration": -1, "note": "an earlier run"}) + "\n")

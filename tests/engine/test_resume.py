@@ -89,6 +89,7 @@ def _weights(path):
     return torch.load(path, map_location="cpu")["model"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_give_the_uninterrupted_weights(tmp_path):
     _write_inputs(tmp_path)
     straight, killed = tmp_path / "straight", tmp_path / "killed"

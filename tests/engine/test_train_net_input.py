@@ -73,6 +73,7 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
     assert_one_line_error(proc, "MODEL.BOGUS_KEY", str(cfg))
 
 
+@pytest.mark.slow
 def test_missing_coco_names_expected_path(tmp_path):
     proc = run_train_net(
         "--config-file",
@@ -105,6 +106,7 @@ def test_cuda_device_without_gpu(tmp_path, capsys):
     assert_one_line_error(proc, "MODEL.DEVICE", "cpu")
 
 
+@pytest.mark.slow
 def test_missing_config_file_from_the_shell(tmp_path):
     proc = run_train_net("--config-file", "configs/no_such.yaml", "OUTPUT_DIR", str(tmp_path / "o"))
     assert_one_line_error(proc, "config file not found", "no_such.yaml")
@@ -350,6 +352,7 @@ def _tool_in_process(capsys, name, *args):
     return CliResult(load_script(f"tools/{name}").main(list(args)), capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_analyze_model_bad_input_is_one_line(capsys):
     tool = "analyze_model.py"
 
@@ -366,6 +369,7 @@ def test_analyze_model_bad_input_is_one_line(capsys):
     assert_one_line_error(proc, "cannot take the input", "MODEL.SAN.PAD_MODE", script=tool)
 
 
+@pytest.mark.slow
 def test_convert_classifier_tool_bad_input_is_one_line(tmp_path, capsys):
     tool = "convert_classifier_to_detection.py"
     weights = tmp_path / "w.pth"

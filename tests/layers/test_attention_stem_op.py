@@ -157,6 +157,7 @@ def test_gradcheck_of_the_op():
     assert torch.autograd.gradcheck(lambda *t: torch.ops.san_det.attention_stem(*t, 2, 4), args[:7])
 
 
+@pytest.mark.slow
 def test_compiled_and_exported_stem_match_eager():
     stem = _stem(torch.float32).eval()
     x = torch.randn(2, 3, 10, 9)
@@ -171,6 +172,7 @@ def test_compiled_and_exported_stem_match_eager():
         torch.testing.assert_close(exported.module()(x), want, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.slow
 def test_compiled_training_step_matches_eager():
     stem = _stem(torch.float32).train()
     x = torch.randn(2, 3, 8, 9)

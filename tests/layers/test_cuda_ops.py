@@ -237,6 +237,7 @@ def _all_ops(q, k, v, rel, x1, x2, wt):
     return sasa.tanh(), taps.sigmoid(), aggregation(x2 + 1, wt * taps[:, :SAN_CW], *reflect)
 
 
+@pytest.mark.slow
 @needs_cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_cuda_torch_compile(mode, own_inductor_cache):

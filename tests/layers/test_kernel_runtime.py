@@ -241,6 +241,7 @@ __global__ void lane_exp(const scalar_t* __restrict__ x, scalar_t* __restrict__ 
 """
 
 
+@pytest.mark.slow
 @needs_cxx
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -478,6 +479,7 @@ def test_cupy_that_cannot_initialise_is_reported_once_with_the_reference_fallbac
 
 
 # ------------------------------------------------------------------- registers and occupancy
+@pytest.mark.slow
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("filename", ["local_attention.cu", "san_ops.cu"])

@@ -198,6 +198,7 @@ def test_rel_gradient_kernel_matches_the_cuda_formula():
         torch.testing.assert_close(bmm, want.reshape(n, c, ks * ks), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_variants_the_host_cannot_run_are_compiled_then_skipped(monkeypatch, tmp_path):
     """On a host without AVX-512 (faked here, whatever this one has) the AVX-512 variant is built
@@ -311,6 +312,7 @@ def test_empty_inputs_give_empty_outputs(backend, shape):
 
 
 # --------------------------------------------------------------------------------------- NVRTC
+@pytest.mark.slow
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

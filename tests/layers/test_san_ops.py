@@ -289,6 +289,7 @@ def test_bad_input_raises_value_error():
 
 
 # ------------------------------------------------------------------------------------ NVRTC
+@pytest.mark.slow
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_with_nvrtc(arch):

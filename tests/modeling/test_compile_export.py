@@ -21,6 +21,8 @@ from san_det.layers import SAM, LocalSelfAttention2d, local_attention, use_backe
 from san_det.layers.kernel_runtime import cpu_compiler_available
 from san_det.modeling.sasa_resnet import AttentionBottleneckBlock
 
+pytestmark = pytest.mark.slow
+
 BACKENDS = ["reference"] + (["cpu"] if cpu_compiler_available() else [])
 
 

@@ -73,6 +73,7 @@ def test_atomic_write_refuses_a_reading_mode(tmp_path):
     assert _listing(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_keeps_the_old_file_and_the_next_run_removes_the_orphan(tmp_path):
     path = tmp_path / "last_checkpoint"
     path.write_text("model_0000001.pth")
