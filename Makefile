@@ -1,5 +1,5 @@
-# The two commands of the README and the check that needs a CUDA GPU (docs/GPU_CHECK.md). All
-# create/refresh .venv first (seconds when up to date).
+# The README's commands (the test tiers, the demo) and the check that needs a CUDA GPU
+# (docs/GPU_CHECK.md). All create/refresh .venv first (seconds when up to date).
 # The CPU acts as one core here: one OpenMP thread avoids spin-waits (docs/BENCHMARKS.md#threads).
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
