@@ -3,8 +3,8 @@
 That package's Python sources equal upstream detectron2 v0.6, but its sdist has no C++ sources (no
 ``detectron2._C``), and v0.6 predates current Python, torch, Pillow, numpy and setuptools. This
 module patches exactly those gaps, and nothing where a full upstream detectron2 (with ``_C``) is
-installed, except ``pkg_resources``, which upstream main still imports too. It is also the one
-place where san_det assigns into detectron2's modules (:func:`set_local_process_group`).
+installed, except ``pkg_resources`` and ``torch.jit.script``'s warning (upstream main has both
+too). It is also the one place where san_det assigns into detectron2's modules.
 
 When ``detectron2`` is imported (before its submodules load):
 
@@ -15,7 +15,7 @@ When ``detectron2`` is imported (before its submodules load):
 - Pillow >= 10 removed ``Image.LINEAR`` / ``CUBIC`` / ``ANTIALIAS`` (v0.6 uses ``Image.LINEAR`` as
   a default argument at import time), numpy >= 1.24 ``np.int``, ``np.float``, ``np.bool``,
   ``np.str``, ``np.object`` (v0.6's data loader, masks, evaluators): aliased to what they were.
-- torch's warning that ``torch.jit.script`` (used by v0.6 at import) is deprecated: silenced.
+- torch's warning that ``torch.jit.script`` (detectron2 uses it at import) is deprecated: silenced.
 - setuptools >= 81 removed ``pkg_resources`` (imported by ``detectron2.model_zoo``, also upstream
   main's): a minimal stand-in providing ``resource_filename``, whichever detectron2 is installed.
 
@@ -194,10 +194,10 @@ def _install_pkg_resources_standin() -> None:
 
 def _patch_detectron2(detectron2) -> None:
     _install_pkg_resources_standin()
+    # detectron2 scripts a few functions at import; torch 2.14 warns on each one.
+    warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", FutureWarning)
     if not _SHIM:
         return
-    # detectron2 0.6 scripts a few functions at import; torch 2.14 warns on each one.
-    warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", FutureWarning)
     _restore_removed_aliases()
     _install_missing_extension(detectron2)
     _register_missing_torch_ops()
