@@ -47,7 +47,7 @@ def nvrtc_compile(
     try:
         from cupy.cuda import compiler
     except ImportError:
-        return _compile_with_cuda_bindings(code, source.path.name, options)
+        return _compile_with_cuda_bindings(code, source.path.name, options, log)
     program = compiler._NVRTCProgram(
         code, source.path.name, (), (), name_expressions=tuple(source.kernels), method="cubin"
     )
@@ -92,7 +92,9 @@ def kernel_resources(source: KernelSource, dtype: torch.dtype, arch: str) -> Dic
     return {name: tuple(value) for name, value in usage.items()}
 
 
-def _compile_with_cuda_bindings(code: str, name: str, options) -> bytes:
+def _compile_with_cuda_bindings(code: str, name: str, options, log=None) -> bytes:
+    """Without CuPy: the same compile through ``cuda.bindings.nvrtc``; NVRTC's log (ptxas's
+    report with ``--ptxas-options=-v``) is written to ``log`` as CuPy's compiler does."""
     from cuda.bindings import nvrtc
 
     err, prog = nvrtc.nvrtcCreateProgram(code.encode(), name.encode(), 0, [], [])
@@ -100,11 +102,14 @@ def _compile_with_cuda_bindings(code: str, name: str, options) -> bytes:
     try:
         encoded = [o.encode() for o in options]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(encoded), encoded)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        program_log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, program_log)
+        program_log = program_log.rstrip(b"\0 ").decode(errors="replace")
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            raise KernelCompileError(f"NVRTC failed on {name}:\n{log.decode(errors='replace')}")
+            raise KernelCompileError(f"NVRTC failed on {name}:\n{program_log}")
+        if log is not None:
+            log.write(program_log)
         _, size = nvrtc.nvrtcGetCUBINSize(prog)
         cubin = b" " * size
         nvrtc.nvrtcGetCUBIN(prog, cubin)
