@@ -10,7 +10,6 @@ from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant
 
 import san_det  # noqa: F401  (patches before anything imports detectron2)
 from san_det.layers.backend import use_backend
-from san_det.layers.kernel_runtime import KernelSource, cpu_compiler_available
 from san_det.layers.ops import (
     aggregation,
 )
