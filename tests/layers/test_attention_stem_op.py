@@ -122,7 +122,7 @@ def test_schema():
     assert schema == (
         "san_det::attention_stem(Tensor x, Tensor query_weight, Tensor key_weight, "
         "Tensor value_weight, Tensor rel_row, Tensor rel_col, Tensor mixture_probs, "
-        "SymInt num_heads, SymInt block_size) -> Tensor"
+        'SymInt num_heads, SymInt block_size, str backend="auto") -> Tensor'
     )
 
 

@@ -43,11 +43,12 @@ SCHEMAS = {
     "SymInt kernel_size, SymInt stride, SymInt padding, SymInt dilation, str pad_mode, "
     'str backend="auto") -> Tensor',
     "attention_stem": "(Tensor x, Tensor query_weight, Tensor key_weight, Tensor value_weight, "
-    "Tensor rel_row, Tensor rel_col, Tensor mixture_probs, SymInt num_heads, SymInt block_size) "
-    "-> Tensor",
+    "Tensor rel_row, Tensor rel_col, Tensor mixture_probs, SymInt num_heads, SymInt block_size, "
+    'str backend="auto") -> Tensor',
     "attention_stem_backward": "(Tensor grad_out, Tensor x, Tensor query_weight, "
     "Tensor key_weight, Tensor value_weight, Tensor rel_row, Tensor rel_col, "
-    "Tensor mixture_probs, SymInt num_heads, SymInt block_size, bool input_grad) -> Tensor[]",
+    "Tensor mixture_probs, SymInt num_heads, SymInt block_size, bool input_grad, "
+    'str backend="auto") -> Tensor[]',
 }
 
 

@@ -30,6 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+from .kernels import STEM_LIMITS, stem_fits_kernels
+from .registry import AUTO, prepared, resolve_backend
+
 __all__ = ["CHUNK_BLOCKS"]
 
 #: blocks per chunk: the chunk's logits (``CHUNK_BLOCKS * heads * b^4`` values) stay in cache.
@@ -264,10 +268,36 @@ def _backward(
     return [grad_x] + [g.contiguous() for g in grads]
 
 
+# ------------------------------------------------------------------------------------ backends
+def _backend(backend: str, x: Tensor, wq: Tensor, num_heads: int, b: int) -> str:
+    """The backend a call runs on: the kernels (``cpu``, ``cuda``) where they take the geometry
+    (:func:`.kernels.stem_fits_kernels`), else the tensor operations (``reference``), which take
+    any; a kernel backend named for a geometry they do not take is an error."""
+    resolved = resolve_backend(backend, x)
+    if resolved == "reference" or stem_fits_kernels(x.shape[1], wq.shape[0], num_heads, b):
+        return resolved
+    if backend != AUTO:
+        raise ValueError(
+            f"attention_stem: the {resolved} kernels take block_size <= {STEM_LIMITS[0]}, "
+            f"C_in <= {STEM_LIMITS[1]} and b*b * head width <= {STEM_LIMITS[2]}; use "
+            "backend='reference' (tensor operations) for this stem"
+        )
+    return "reference"
+
+
+def _kernel_inputs(backend, x, weights, num_heads: int, b: int):
+    """The image as the kernels read it and the derived ``qk (heads, C_in, F)``, ``w_eff``."""
+    (x,) = prepared(backend, x.dtype, x)
+    weights = _as(_compute_dtype(x.dtype), *weights)
+    ar, w_eff = _derived(*weights, num_heads, b)
+    return x, weights, ar.transpose(0, 1).contiguous(), w_eff
+
+
 # ------------------------------------------------------------------------------ the op table
 # The implementation, fake implementation and autograd of ``san_det::attention_stem`` and of its
 # backward op ``san_det::attention_stem_backward``; their entries in :data:`.library.OP_TABLE`
-# register them (no backend argument: plain tensor operations, any device).
+# register them. Backends: ``reference`` (the chunked tensor operations above, any device and
+# geometry), ``cpu`` and ``cuda`` (kernels/attention_stem.cu).
 def impl(
     x: Tensor,
     query_weight: Tensor,
@@ -278,6 +308,7 @@ def impl(
     mixture_probs: Tensor,
     num_heads: int,
     block_size: int,
+    backend: str = "auto",
 ) -> Tensor:
     """``torch.ops.san_det.attention_stem``: blockwise multi-head attention of SASA's stem, before
     its norm and pool.
@@ -289,28 +320,57 @@ def impl(
         rel_row, rel_col: ``(C / 2, 2b - 1)`` relative row / column embeddings.
         mixture_probs: ``(b*b, M)`` mixture weights ``p(a, b, m)`` of each block position.
         num_heads: heads (``C / num_heads`` even); block_size: ``b``.
+        backend: ``reference``, ``cpu``, ``cuda`` or ``auto`` (see :func:`_backend`).
 
     Returns:
         ``(N, C, H, W)``.
     """
     _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
     weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
-    return _forward(x, *weights, num_heads, block_size).to(x.dtype)
+    backend = _backend(backend, x, query_weight, num_heads, block_size)
+    if backend == "reference":
+        return _forward(x, *weights, num_heads, block_size).to(x.dtype)
+    image, _, qk, w_eff = _kernel_inputs(backend, x, weights, num_heads, block_size)
+    out = kernels.attention_stem_forward(backend, image, qk, w_eff, num_heads, block_size)
+    return out.to(x.dtype)
 
 
-def fake(x, query_weight, key_weight, value_weight, rel_row, *others):
-    num_heads, block_size = others[-2:]
+def fake(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs, num_heads,
+         block_size, backend="auto"):  # fmt: skip
     _check(x, query_weight, value_weight, rel_row, num_heads, block_size)
     n, _, h, w = x.shape
     return x.new_empty(n, query_weight.shape[0], h, w)
 
 
-def backward_impl(grad_out: Tensor, *args) -> List[Tensor]:
+def backward_impl(
+    grad_out: Tensor,
+    x: Tensor,
+    query_weight: Tensor,
+    key_weight: Tensor,
+    value_weight: Tensor,
+    rel_row: Tensor,
+    rel_col: Tensor,
+    mixture_probs: Tensor,
+    num_heads: int,
+    block_size: int,
+    input_grad: bool,
+    backend: str = "auto",
+) -> List[Tensor]:
     """``torch.ops.san_det.attention_stem_backward``: the gradients of :func:`impl`'s seven
-    tensor inputs (zeros for ``x`` unless ``input_grad``); ``args`` are :func:`impl`'s arguments,
-    then ``input_grad`` (:data:`BACKWARD_SCHEMA`)."""
-    *inputs, num_heads, block_size, input_grad = args
-    grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
+    tensor inputs (zeros for ``x`` unless ``input_grad``)."""
+    inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
+    backend = _backend(backend, x, query_weight, num_heads, block_size)
+    if backend == "reference":
+        grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
+    else:
+        image, weights, qk, w_eff = _kernel_inputs(backend, x, inputs[1:], num_heads, block_size)
+        (grad_out,) = prepared(backend, x.dtype, grad_out)
+        grad_qk, grad_w_eff, grad_x = kernels.attention_stem_backward(
+            backend, grad_out, image, qk, w_eff, num_heads, block_size, input_grad
+        )
+        grad_ar = grad_qk.transpose(0, 1)
+        grads = _derived_backward(grad_ar, grad_w_eff, *weights, num_heads, block_size)
+        grads = [grad_x if input_grad else torch.zeros_like(x), *grads]
     return [g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
@@ -318,20 +378,16 @@ def backward_fake(grad_out, *inputs_and_geometry):
     return [t.new_empty(t.shape) for t in inputs_and_geometry[:7]]
 
 
-# The schema of :func:`backward_impl`: ``grad_out``, the arguments of :func:`impl`, ``input_grad``.
-_FORWARD_ARGUMENTS = torch.library.infer_schema(impl, mutates_args=()).split(" -> ")[0][1:-1]
-BACKWARD_SCHEMA = f"(Tensor grad_out, {_FORWARD_ARGUMENTS}, bool input_grad) -> Tensor[]"
-
-
 def setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])
-    ctx.geometry = inputs[7:]
+    ctx.geometry = inputs[7:9]
+    ctx.backend = _backend(inputs[9], inputs[0], inputs[1], *ctx.geometry)
 
 
 def grads(ctx, grad_out):
     # An image rarely needs its gradient: the backward pass then skips the input's terms.
     input_grad = ctx.needs_input_grad[0]
     grads = torch.ops.san_det.attention_stem_backward(
-        grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad
+        grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad, ctx.backend
     )
-    return (grads[0] if input_grad else None, *grads[1:], None, None)
+    return (grads[0] if input_grad else None, *grads[1:], None, None, None)

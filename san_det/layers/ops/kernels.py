@@ -16,17 +16,22 @@ from .reflect import reflection_pad_backward
 from .rel_gradient import rel_grad_per_image
 
 __all__ = [
+    "STEM_LIMITS",
     "aggregation_forward",
     "aggregation_input_backward",
     "aggregation_weight_backward",
+    "attention_stem_backward",
+    "attention_stem_forward",
     "local_attention_backward",
     "local_attention_forward",
+    "stem_fits_kernels",
     "subtraction2_forward",
     "subtraction_backward",
 ]
 
 _LOCAL_ATTENTION = KernelLauncher("local_attention.cu")
 _SAN_OPS = KernelLauncher("san_ops.cu")
+_ATTENTION_STEM = KernelLauncher("attention_stem.cu")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -213,3 +218,64 @@ def aggregation_weight_backward(backend: str, grad_out, x, cw: int, g: Geometry)
         grad_out, _kernel_input(x, g), grad_w, rows, c, cw, *_window_args(g),
     )  # fmt: skip
     return grad_w
+
+
+# ------------------------------------------------------------------------------- attention stem
+# The kernels (kernels/attention_stem.cu) take the stem's derived matrices (see
+# :mod:`.attention_stem`): ``qk (heads, C_in, F)`` and ``w_eff (b*b, C_in, C)`` in the
+# accumulation dtype. A thread holds a tile's blocks in arrays of fixed size, hence the limits.
+#: ``(block size, input channels, b*b * head width)`` the kernels take at most.
+STEM_LIMITS = (4, 4, 256)
+# The backward's threads each add into their own part of the weight gradients: at most this many
+# parts (CPU: per OpenMP block of emulated threads; CUDA: enough threads to fill a GPU).
+_STEM_PARTS = {"cpu": 16, "cuda": 8192}  # CPU: times the threads
+
+
+def stem_fits_kernels(c_in: int, channels: int, num_heads: int, block_size: int) -> bool:
+    """Whether the stem kernels take this geometry (:data:`STEM_LIMITS`)."""
+    max_b, max_c_in, max_values = STEM_LIMITS
+    head_dim = channels // num_heads
+    return block_size <= max_b and c_in <= max_c_in and block_size**2 * head_dim <= max_values
+
+
+def _stem_tiles(run, kernel: str, x: torch.Tensor, block_size: int) -> int:
+    n, _, h, w = x.shape
+    blocks_h, blocks_w = -(-h // block_size), -(-w // block_size)
+    return n * blocks_h * -(-blocks_w // run.tile(kernel).pixels)
+
+
+def attention_stem_forward(backend: str, x, qk, w_eff, num_heads: int, block_size: int):
+    """The stem's attention output ``(N, C, H, W)`` from the image ``x (N, C_in, H, W)``."""
+    n, c_in, h, w = x.shape
+    c = w_eff.shape[2]
+    out = x.new_empty(n, c, h, w)
+    run = _ATTENTION_STEM.bind(backend, x.dtype, x.device)
+    name = "stem_forward"
+    tiles = _stem_tiles(run, name, x, block_size)
+    run(name, tiles, x, qk, w_eff, out, n, c_in, h, w, c, num_heads, block_size)
+    return out
+
+
+def attention_stem_backward(
+    backend: str, grad_out, x, qk, w_eff, num_heads: int, block_size: int, input_grad: bool
+):
+    """``(grad_qk, grad_w_eff, grad_x)`` (``grad_x`` None unless ``input_grad``)."""
+    n, c_in, h, w = x.shape
+    c = w_eff.shape[2]
+    run = _ATTENTION_STEM.bind(backend, x.dtype, x.device)
+    name = "stem_backward"
+    lanes = run.tile(name).pixels
+    tiles = _stem_tiles(run, name, x, block_size)
+    max_parts = _STEM_PARTS[backend] * (torch.get_num_threads() if backend == "cpu" else 1)
+    per_part = -(-tiles // max_parts)
+    parts = -(-tiles // per_part)
+    part_qk = qk.new_zeros(parts, *qk.shape, lanes)
+    part_w = w_eff.new_zeros(parts, *w_eff.shape, lanes)
+    grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
+    run(
+        name, parts,
+        x, grad_out, qk, w_eff, part_qk, part_w, grad_x,
+        n, c_in, h, w, c, num_heads, block_size, per_part, int(input_grad),
+    )  # fmt: skip
+    grad_qk, grad_w = part_qk.sum(dim=(0, -1)), part_w.sum(dim=(0, -1))
+    return grad_qk, grad_w, (grad_x if input_grad else None)
