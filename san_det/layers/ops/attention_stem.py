@@ -16,12 +16,15 @@ With so few input channels the projections never need to exist at full resolutio
   ``W_eff(j) = sum_m p(j, m) W_V^m`` gives ``b*b`` effective ``C x C_in`` value matrices and the
   ``M`` value projections are never formed.
 
-The op works block-row by block-row in chunks of about :data:`CHUNK_BLOCKS` blocks, so the
-``(heads, b*b, b*b)`` logits exist for one chunk at a time; the backward pass recomputes them
-from the saved input (three channels) instead of keeping them. Padded keys (image sides that are
-not multiples of ``b``) are masked with ``-inf``, as in the reference.
-
-Plain tensor operations on any device; float64 computes in float64, other dtypes in float32.
+Backends. ``reference``: plain tensor operations on any device, block-row by block-row in chunks
+of about :data:`CHUNK_BLOCKS` blocks, so the ``(heads, b*b, b*b)`` logits exist for one chunk at a
+time. ``cpu`` and ``cuda``: the kernels of ``kernels/attention_stem.cu`` (:mod:`.kernels`), which
+hold a block's logits in registers and never form more than the output, for the geometries of
+:data:`.kernels.STEM_LIMITS` (the papers' stem: ``b = 4``, three input channels, 8 channels per
+head); ``auto`` takes the reference for others. Both backward passes recompute the logits from the
+saved input (three channels) instead of keeping them. Padded keys (image sides that are not
+multiples of ``b``) are masked, as in the module's reference. float64 computes in float64, other
+dtypes in float32.
 """
 
 from typing import List, Tuple

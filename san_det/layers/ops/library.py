@@ -14,10 +14,11 @@ one node per op call instead of Python code. :data:`OP_TABLE` lists them, one
 - ``aggregation(x, w, kernel_size, ...)``, backward ``aggregation_input_backward`` and
   ``aggregation_weight_backward``;
 - ``attention_stem(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
-  num_heads, block_size)``, backward ``attention_stem_backward`` (:mod:`.attention_stem`).
+  num_heads, block_size)``, backward ``attention_stem_backward`` (:mod:`.attention_stem`; its
+  ``reference`` backend, tensor operations, runs on any device).
 
-Every op but the stem's ends in ``backend: str = "auto"`` (see :mod:`.registry`: the entry
-points of :mod:`.functional` pass the resolved name, a forward passes its own to its backward).
+Every op ends in ``backend: str = "auto"`` (see :mod:`.registry`: the entry points of
+:mod:`.functional` pass the resolved name, a forward passes its own to its backward).
 
 ``local_attention`` also returns the attention probabilities ``attn`` (N, heads, H, k*k, W: the
 k*k taps of an image row together, as the kernels read them) in the accumulation dtype (float64
@@ -339,7 +340,7 @@ OP_TABLE = (
     OpSpec("aggregation", _aggregation, _aggregation_fake, _aggregation_grads,
            _window_setup(2, save=True), autocast=True,
            schema=_san_schema("Tensor x, Tensor w", _WINDOW)),
-    # plain tensor operations: no backend argument, any device
+    # any device: the reference backend is plain tensor operations
     OpSpec("attention_stem_backward", stem.backward_impl, stem.backward_fake, device_types=None),
     OpSpec("attention_stem", stem.impl, stem.fake, stem.grads, stem.setup_context,
            device_types=None),

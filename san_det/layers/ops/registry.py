@@ -8,8 +8,8 @@ is adding one spec to :data:`.library.OP_TABLE` (the kernels it
 launches need no list: a kernel file's kernels are found in its source).
 
 The backend (``reference``, ``cpu`` or ``cuda``) is an argument of every op that has backends, the
-last one, ``backend: str = "auto"``; an op of plain tensor operations (the attention stem) has none
-and runs on any device (``device_types=None``). The entry points of :mod:`.functional` resolve it
+last one, ``backend: str = "auto"``; an op whose ``reference`` backend is plain tensor operations
+(the attention stem) may run on any device (``device_types=None``). The entry points of :mod:`.functional` resolve it
 once (:func:`~san_det.layers.backend.select_backend`: forced, from the environment, or from the
 device) and pass the name down; a forward op hands the name it ran with to its backward op as an
 argument, so a backward computed in another thread (CUDA autograd) uses its forward's backend
