@@ -7,6 +7,8 @@ detection crop), float32, training mode:
   ``MaxPool2d(3, stride 2, padding 1)`` (ResNet's stem; output S/4 x S/4);
 - ``attention stem``: ``SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8)``, its
   attention by the registered op ``san_det::attention_stem``; output S/4 x S/4;
+- ``attention stem (op reference backend)``: the same module with the op's ``reference`` backend
+  (its chunked tensor operations, the op before it had kernels);
 - ``attention stem (tensor ops)``: the same module's ``forward_reference`` (the readable
   reference the op replaced; sizes up to ``--reference-max-size`` only, it is slow and large);
 - ``BatchNorm + 4x4 max pool``: the attention stem's norm and pool alone, on its full-resolution
@@ -42,7 +44,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import cpu_name, reset_peak_rss, run_child, status_mb, write_report  # noqa: E402
 
-CASES = ("conv stem", "attention stem", "attention stem (tensor ops)", "BatchNorm + 4x4 max pool")
+CASES = (
+    "conv stem",
+    "attention stem",
+    "attention stem (op reference backend)",
+    "attention stem (tensor ops)",
+    "BatchNorm + 4x4 max pool",
+)
 
 
 def _case(name: str, batch: int, size: int):
@@ -64,7 +72,19 @@ def _case(name: str, batch: int, size: int):
         ).train()
         return module, module, x
     stem = SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8).train()
+    if name == "attention stem (op reference backend)":
+        return stem, _on_reference_backend(stem), x
     return stem, (stem if name == "attention stem" else stem.forward_reference), x
+
+
+def _on_reference_backend(stem):
+    from san_det.layers.backend import use_backend
+
+    def forward(x):
+        with use_backend("reference"):  # the backward runs on the backend its forward ran on
+            return stem(x)
+
+    return forward
 
 
 def _passes(module, forward, x):
