@@ -6,10 +6,11 @@ affine maps ``y -> y * scale_c + shift_c``. Such a map commutes with a max pool 
 ``scale_c >= 0``; where ``scale_c < 0`` the max of its image is at the *min* of ``y``. So
 :func:`norm_max_pool` pools ``y`` itself (its max, the max of ``-y`` where the scale is negative,
 the window's first pixel where it is zero, as the unfused pool of a constant picks) and applies
-the affine map at pooled resolution. What the backward keeps is ``y`` (training statistics only;
-BatchNorm keeps it too) and the pooled int64 argmax, not the normalised tensor nor max pool's
-copy of it; the training-mode backward allocates one full-resolution tensor, the gradient of
-``y`` (closed form below).
+the affine map at pooled resolution. What the backward keeps is ``y`` (batch statistics only;
+BatchNorm keeps it too) and the argmax as its position inside the window (int8 for windows of
+up to 127 pixels, pooled resolution), not the normalised tensor nor max pool's copy of it nor
+its int64 indices. The backward allocates one full-resolution tensor, the gradient of ``y``
+(closed form below), and builds the int64 scatter indices in chunks of channels.
 
 Used where it is exact (:func:`can_fuse_norm_max_pool`): a norm of type exactly
 ``nn.BatchNorm2d`` (training or eval, any ``track_running_stats``/``affine``/``momentum``, also
@@ -23,7 +24,9 @@ Results equal the unfused ``pool(norm(y))`` up to float rounding, and the runnin
 are updated as ``nn.BatchNorm2d`` updates them (``torch.batch_norm_update_stats``, BatchNorm's
 own statistics kernel). Ties: where several pixels of a window hold the same normalised value
 (equal ``y``, or distinct ``y`` that round to one normalised value) the two paths may route the
-gradient to different ones of those pixels; the forward values are the same.
+gradient to different ones of those pixels; the forward values agree up to rounding. Where some
+scale is negative or zero the forward makes one temporary full-resolution copy, ``y * sign``
+(none while every scale is positive, e.g. BatchNorm's initial weights).
 
 Training-mode backward (``n = N * H * W`` values per channel, ``G`` the pooled output gradient
 scattered to the argmax pixels, ``yhat = (y - mean) * invstd``)::
@@ -158,10 +161,58 @@ def _pool_by_sign(
     return values, index
 
 
-def _scatter_add(grad_x: torch.Tensor, index: torch.Tensor, pooled: torch.Tensor) -> None:
-    """``grad_x[n, c].flat[index[n, c, i, j]] += pooled[n, c, i, j]`` in place (``grad_x``
-    contiguous; the windows do not overlap, so no index repeats within a plane)."""
-    grad_x.flatten(2).scatter_add_(2, index.flatten(2), pooled.flatten(2))
+def _window_offsets(index: torch.Tensor, width: int, window: Tuple[int, int]) -> torch.Tensor:
+    """``F.max_pool2d``'s flat index ``row * W + col`` -> the position inside the window,
+    ``(row % kh) * kw + col % kw``, in the smallest integer dtype that holds ``kh * kw``
+    (int8 for the stem's 4 x 4): what the backward keeps of the argmax."""
+    kh, kw = window
+    dtype = next(t for t in (torch.int8, torch.int16, torch.int32) if kh * kw <= torch.iinfo(t).max)
+    return ((index // width % kh) * kw + index % width % kw).to(dtype)
+
+
+def _pixels(offsets: torch.Tensor, window: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Window offsets ``(..., Ho, Wo)`` -> the argmax pixels' ``(row, col)``, int64, same shape."""
+    kh, kw = window
+    ho, wo = offsets.shape[-2:]
+    cols = offsets.long()
+    rows = torch.div(cols, kw, rounding_mode="floor")
+    rows.add_(torch.arange(0, ho * kh, kh, device=offsets.device)[:, None])
+    cols.remainder_(kw).add_(torch.arange(0, wo * kw, kw, device=offsets.device))
+    return rows, cols
+
+
+def _gather(x: torch.Tensor, offsets: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` (any strides) at the argmax pixels: ``(N, C, Ho, Wo)``."""
+    n, c = x.shape[:2]
+    rows, cols = _pixels(offsets, window)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return x[batch, channel, rows, cols]
+
+
+def _scatter_add(
+    grad_x: torch.Tensor,
+    offsets: torch.Tensor,
+    window: Tuple[int, int],
+    grad: torch.Tensor,
+    factor: Optional[torch.Tensor] = None,
+) -> None:
+    """``grad_x[n, c, argmax pixel of (i, j)] += grad[n, c, i, j] * factor[c]`` in place
+    (``grad_x`` contiguous, the windows do not overlap). In chunks of images and channels of
+    about a 16th of ``grad`` each, so that the int64 indices and the scaled gradient exist for
+    one chunk at a time (this runs while ``x`` and ``grad_x`` are both alive: the peak)."""
+    n, c, h, w = grad_x.shape
+    per_channel = grad.shape[2] * grad.shape[3]
+    group = min(c, max(1, grad.numel() // 16 // per_channel))
+    for b in range(n):
+        for c0 in range(0, c, group):
+            chunk = slice(c0, c0 + group)
+            rows, cols = _pixels(offsets[b, chunk], window)
+            src = grad[b, chunk] if factor is None else grad[b, chunk] * factor[chunk, None, None]
+            planes = grad_x[b, chunk].view(-1, h * w)
+            index = rows.mul_(w).add_(cols).view(len(planes), -1)
+            del cols
+            planes.scatter_add_(1, index, src.reshape(len(planes), -1))
 
 
 class _SignedMaxPool(torch.autograd.Function):
@@ -172,16 +223,16 @@ class _SignedMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, window):
         values, index = _pool_by_sign(x, scale, window)
-        ctx.save_for_backward(index)
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(_window_offsets(index, x.shape[3], window))
+        ctx.x_shape, ctx.window = x.shape, window
         return values
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
+        (offsets,) = ctx.saved_tensors
         grad_x = grad.new_zeros(ctx.x_shape)
-        _scatter_add(grad_x, index, grad)
+        _scatter_add(grad_x, offsets, ctx.window, grad)
         return grad_x, None, None
 
 
@@ -195,16 +246,19 @@ class _BatchNormMaxPool(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         values, index = _pool_by_sign(x, scale, window)
-        ctx.save_for_backward(x, index, values, weight, mean, invstd)
+        ctx.save_for_backward(x, _window_offsets(index, x.shape[3], window), weight, mean, invstd)
+        ctx.window = window
         return values * scale[:, None, None] + shift[:, None, None]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, index, values, weight, mean, invstd = ctx.saved_tensors
+        x, offsets, weight, mean, invstd = ctx.saved_tensors
         c = (slice(None), None, None)  # (C,) -> (C, 1, 1)
         sum_g = grad.sum((0, 2, 3))
-        sum_g_yhat = (grad * ((values - mean[c]) * invstd[c])).sum((0, 2, 3))
+        yhat = (_gather(x, offsets, ctx.window) - mean[c]) * invstd[c]  # at the argmax pixels
+        sum_g_yhat = (grad * yhat).sum((0, 2, 3))
+        del yhat
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             n = x.numel() // x.shape[1]
@@ -213,7 +267,7 @@ class _BatchNormMaxPool(torch.autograd.Function):
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
             torch.sub(x, mean[c], out=grad_x).mul_((-k * invstd * sum_g_yhat / n)[c])
             grad_x.add_((-k * sum_g / n)[c])
-            _scatter_add(grad_x, index, grad * k[c])
+            _scatter_add(grad_x, offsets, ctx.window, grad, k)
         if ctx.needs_input_grad[1]:
             grad_weight = sum_g_yhat
         if ctx.needs_input_grad[2]:

@@ -122,6 +122,16 @@ def test_running_statistics_over_several_steps(name):
     assert int(fused.num_batches_tracked) == 6
 
 
+@pytest.mark.parametrize("window", [(3, 2), (12, 12)], ids=["3x2", "12x12"])
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_other_windows(name, window):
+    """A rectangular window, and one of more than 127 pixels (int16 window offsets)."""
+    norm, pool = _norm(name, torch.float64), nn.MaxPool2d(window, window, ceil_mode=True)
+    y = _input((2, C, 25, 14), torch.float64)
+    assert can_fuse_norm_max_pool(y, norm, pool)
+    _assert_same(_step(norm, pool, y, True), _step(norm, pool, y, False), torch.float64)
+
+
 def test_floor_mode_pool_on_block_multiples():
     """``nn.MaxPool2d(b, b)`` (ceil_mode off) is fused where the sides are block multiples."""
     norm, pool, y = (
