@@ -7,18 +7,18 @@ affine maps ``y -> y * scale_c + shift_c``. Such a map commutes with a max pool 
 :func:`norm_max_pool` pools ``y`` itself (its max, the max of ``-y`` where the scale is negative,
 the window's first pixel where it is zero, as the unfused pool of a constant picks) and applies
 the affine map at pooled resolution. What the backward keeps is ``y`` (batch statistics only;
-BatchNorm keeps it too) and the argmax as its position inside the window (int8 for windows of
-up to 127 pixels, pooled resolution), not the normalised tensor nor max pool's copy of it nor
-its int64 indices. The backward allocates one full-resolution tensor, the gradient of ``y``
+BatchNorm keeps it too) and the argmax as its offset from the window's first pixel (int16 for
+4 x 4 windows, pooled resolution), not the normalised tensor nor max pool's copy of it nor its
+int64 indices. The backward allocates one full-resolution tensor, the gradient of ``y``
 (closed form below), and builds the int64 scatter indices in chunks of channels.
 
 Used where it is exact (:func:`can_fuse_norm_max_pool`): a norm of type exactly
 ``nn.BatchNorm2d`` (training or eval, any ``track_running_stats``/``affine``/``momentum``, also
 ``None``) or ``FrozenBatchNorm2d``, and an ``nn.MaxPool2d`` with ``stride == kernel_size``, no
 padding and no dilation, on float32/float64 tensors of the norm's dtype. Anything else
-(GroupNorm, SyncBatchNorm, subclasses, ``nn.Identity``, other pools, other dtypes, tracing with
-``torch.jit.trace`` or compiling with ``torch.compile``/``torch.export``, which see the plain
-modules) runs the modules unfused, unchanged.
+(GroupNorm, SyncBatchNorm, subclasses, ``nn.Identity``, other pools, other dtypes, modules with
+hooks, tracing with ``torch.jit.trace`` or compiling with ``torch.compile``/``torch.export``,
+which see the plain modules) runs the modules unfused, unchanged.
 
 Results equal the unfused ``pool(norm(y))`` up to float rounding, and the running statistics
 are updated as ``nn.BatchNorm2d`` updates them (``torch.batch_norm_update_stats``, BatchNorm's
@@ -58,13 +58,26 @@ def _frozen_batch_norm_type() -> Optional[type]:
     return getattr(module, "FrozenBatchNorm2d", None)
 
 
+def _pair(value) -> Tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling the modules would run hooks (theirs or global ones): the fused path does
+    not call them, so it is not taken then."""
+    hooks = nn.modules.module
+    global_hooks = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks)
+    global_hooks += (hooks._global_backward_hooks, hooks._global_backward_pre_hooks)
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(global_hooks) or any(getattr(m, name, None) for m in modules for name in own)
+
+
 def _window(pool: nn.Module) -> Optional[Tuple[int, int]]:
     """``(kh, kw)`` of an ``nn.MaxPool2d`` with non-overlapping windows, else ``None``."""
     if type(pool) is not nn.MaxPool2d or pool.return_indices:
         return None
-    pair = nn.modules.utils._pair
-    kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
-    if kernel != stride or pair(pool.padding) != (0, 0) or pair(pool.dilation) != (1, 1):
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    if kernel != stride or _pair(pool.padding) != (0, 0) or _pair(pool.dilation) != (1, 1):
         return None
     return kernel
 
@@ -74,7 +87,7 @@ def can_fuse_norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) ->
     window = _window(pool)
     if window is None or x.dim() != 4 or x.dtype not in _DTYPES or x.numel() == 0:
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _has_hooks(norm, pool):
         return False
     if not pool.ceil_mode and (x.shape[2] % window[0] or x.shape[3] % window[1]):
         return False  # floor mode drops the last rows/columns; not covered
@@ -161,33 +174,32 @@ def _pool_by_sign(
     return values, index
 
 
-def _window_offsets(index: torch.Tensor, width: int, window: Tuple[int, int]) -> torch.Tensor:
-    """``F.max_pool2d``'s flat index ``row * W + col`` -> the position inside the window,
-    ``(row % kh) * kw + col % kw``, in the smallest integer dtype that holds ``kh * kw``
-    (int8 for the stem's 4 x 4): what the backward keeps of the argmax."""
-    kh, kw = window
-    dtype = next(t for t in (torch.int8, torch.int16, torch.int32) if kh * kw <= torch.iinfo(t).max)
-    return ((index // width % kh) * kw + index % width % kw).to(dtype)
+def _window_starts(shape: torch.Size, window: Tuple[int, int], device) -> torch.Tensor:
+    """Flat index ``row * W + col`` of each window's first pixel: int64 ``(Ho, Wo)`` for an
+    input of ``shape`` ``(N, C, H, W)``."""
+    (kh, kw), (h, w) = window, shape[2:]
+    rows = torch.arange(0, h, kh, device=device)[:, None] * w
+    return rows + torch.arange(0, w, kw, device=device)[None, :]
 
 
-def _pixels(offsets: torch.Tensor, window: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Window offsets ``(..., Ho, Wo)`` -> the argmax pixels' ``(row, col)``, int64, same shape."""
-    kh, kw = window
-    ho, wo = offsets.shape[-2:]
-    cols = offsets.long()
-    rows = torch.div(cols, kw, rounding_mode="floor")
-    rows.add_(torch.arange(0, ho * kh, kh, device=offsets.device)[:, None])
-    cols.remainder_(kw).add_(torch.arange(0, wo * kw, kw, device=offsets.device))
-    return rows, cols
+def _window_offsets(index: torch.Tensor, shape: torch.Size, window: Tuple[int, int]):
+    """``F.max_pool2d``'s flat index ``row * W + col`` -> its offset from the window's first
+    pixel, in the smallest integer dtype that holds ``(kh - 1) * W + kw - 1`` (int16 for 4 x 4
+    windows up to W = 10922): what the backward keeps of the argmax."""
+    (kh, kw), width = window, shape[3]
+    largest = (kh - 1) * width + kw - 1
+    dtype = next(t for t in (torch.int8, torch.int16, torch.int32) if largest <= torch.iinfo(t).max)
+    return (index - _window_starts(shape, window, index.device)).to(dtype)
 
 
-def _gather(x: torch.Tensor, offsets: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
-    """``x`` ``(N, C, H, W)`` (any strides) at the argmax pixels: ``(N, C, Ho, Wo)``."""
-    n, c = x.shape[:2]
-    rows, cols = _pixels(offsets, window)
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` at the flat plane indices ``index`` ``(N, C, Ho, Wo)``."""
+    if x.stride(2) == x.shape[3] * x.stride(3):  # the H x W planes are views (also NHWC)
+        return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    n, c, _, w = x.shape
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
-    return x[batch, channel, rows, cols]
+    return x[batch, channel, torch.div(index, w, rounding_mode="floor"), index % w]
 
 
 def _scatter_add(
@@ -202,16 +214,14 @@ def _scatter_add(
     about a 16th of ``grad`` each, so that the int64 indices and the scaled gradient exist for
     one chunk at a time (this runs while ``x`` and ``grad_x`` are both alive: the peak)."""
     n, c, h, w = grad_x.shape
-    per_channel = grad.shape[2] * grad.shape[3]
-    group = min(c, max(1, grad.numel() // 16 // per_channel))
+    starts = _window_starts(grad_x.shape, window, grad_x.device)
+    group = min(c, max(1, grad.numel() // 16 // starts.numel()))
     for b in range(n):
         for c0 in range(0, c, group):
             chunk = slice(c0, c0 + group)
-            rows, cols = _pixels(offsets[b, chunk], window)
-            src = grad[b, chunk] if factor is None else grad[b, chunk] * factor[chunk, None, None]
             planes = grad_x[b, chunk].view(-1, h * w)
-            index = rows.mul_(w).add_(cols).view(len(planes), -1)
-            del cols
+            index = offsets[b, chunk].long().add_(starts).view(len(planes), -1)
+            src = grad[b, chunk] if factor is None else grad[b, chunk] * factor[chunk, None, None]
             planes.scatter_add_(1, index, src.reshape(len(planes), -1))
 
 
@@ -223,7 +233,7 @@ class _SignedMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, window):
         values, index = _pool_by_sign(x, scale, window)
-        ctx.save_for_backward(_window_offsets(index, x.shape[3], window))
+        ctx.save_for_backward(_window_offsets(index, x.shape, window))
         ctx.x_shape, ctx.window = x.shape, window
         return values
 
@@ -246,7 +256,7 @@ class _BatchNormMaxPool(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         values, index = _pool_by_sign(x, scale, window)
-        ctx.save_for_backward(x, _window_offsets(index, x.shape[3], window), weight, mean, invstd)
+        ctx.save_for_backward(x, _window_offsets(index, x.shape, window), weight, mean, invstd)
         ctx.window = window
         return values * scale[:, None, None] + shift[:, None, None]
 
@@ -256,7 +266,9 @@ class _BatchNormMaxPool(torch.autograd.Function):
         x, offsets, weight, mean, invstd = ctx.saved_tensors
         c = (slice(None), None, None)  # (C,) -> (C, 1, 1)
         sum_g = grad.sum((0, 2, 3))
-        yhat = (_gather(x, offsets, ctx.window) - mean[c]) * invstd[c]  # at the argmax pixels
+        index = offsets.long().add_(_window_starts(x.shape, ctx.window, x.device))
+        yhat = (_gather(x, index) - mean[c]) * invstd[c]  # at the argmax pixels
+        del index
         sum_g_yhat = (grad * yhat).sum((0, 2, 3))
         del yhat
         grad_x = grad_weight = grad_bias = None

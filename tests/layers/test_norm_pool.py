@@ -290,6 +290,26 @@ def test_other_pools_and_inputs_run_unfused(pool, y):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("where", ["norm_forward", "pool_forward_pre", "global_forward"])
+def test_modules_with_hooks_run_unfused(where):
+    """Hooks on the norm or the pool (or global ones) still run."""
+    norm, pool, y = _norm("train", torch.float64), _pool(4), _input((2, C, 9, 7), torch.float64)
+    calls = []
+    if where == "norm_forward":
+        handle = norm.register_forward_hook(lambda *args: calls.append(where))
+    elif where == "pool_forward_pre":
+        handle = pool.register_forward_pre_hook(lambda *args: calls.append(where))
+    else:
+        handle = nn.modules.module.register_module_forward_hook(lambda *a: calls.append(where))
+    try:
+        assert not can_fuse_norm_max_pool(y, norm, pool)
+        norm_max_pool(y, norm, pool)
+        assert calls and calls[0] == where
+    finally:
+        handle.remove()
+    assert can_fuse_norm_max_pool(y, norm, pool)
+
+
 def _stem(dtype, seed=0):
     torch.manual_seed(seed)
     stem = SpatiallyAwareAttentionStem(3, 8, num_heads=2, num_value_mixtures=3).to(dtype)
