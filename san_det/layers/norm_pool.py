@@ -14,19 +14,22 @@ int64 indices. The backward allocates one full-resolution tensor, the gradient o
 
 Used where it is exact (:func:`can_fuse_norm_max_pool`): a norm of type exactly
 ``nn.BatchNorm2d`` (training or eval, any ``track_running_stats``/``affine``/``momentum``, also
-``None``) or ``FrozenBatchNorm2d``, and an ``nn.MaxPool2d`` with ``stride == kernel_size``, no
-padding and no dilation, on float32/float64 tensors of the norm's dtype. Anything else
-(GroupNorm, SyncBatchNorm, subclasses, ``nn.Identity``, other pools, other dtypes, modules with
-hooks, tracing with ``torch.jit.trace`` or compiling with ``torch.compile``/``torch.export``,
-which see the plain modules) runs the modules unfused, unchanged.
+``None``), ``nn.SyncBatchNorm`` with running statistics (eval) or ``FrozenBatchNorm2d``, and an
+``nn.MaxPool2d`` with ``stride == kernel_size``, no padding and no dilation, on float32/float64
+tensors of the norm's dtype. With running statistics the norm module itself runs on the pooled
+tensor (it is elementwise then), so the values are bitwise the unfused ones. Anything else
+(GroupNorm, SyncBatchNorm with batch statistics, subclasses, ``nn.Identity``, other pools,
+other dtypes, modules with hooks, tracing with ``torch.jit.trace`` or compiling with
+``torch.compile``/``torch.export``, which see the plain modules) runs the modules unfused,
+unchanged.
 
-Results equal the unfused ``pool(norm(y))`` up to float rounding, and the running statistics
-are updated as ``nn.BatchNorm2d`` updates them (``torch.batch_norm_update_stats``, BatchNorm's
-own statistics kernel). Ties: where several pixels of a window hold the same normalised value
-(equal ``y``, or distinct ``y`` that round to one normalised value) the two paths may route the
-gradient to different ones of those pixels; the forward values agree up to rounding. Where some
-scale is negative or zero the forward makes one temporary full-resolution copy, ``y * sign``
-(none while every scale is positive, e.g. BatchNorm's initial weights).
+With batch statistics the results equal the unfused ones up to float rounding, and the running
+statistics are updated as ``nn.BatchNorm2d`` updates them (``torch.batch_norm_update_stats``,
+BatchNorm's own statistics kernel). Ties: where several pixels of a window hold the same
+normalised value (equal ``y``, or distinct ``y`` that round to one normalised value) the two
+paths may route the gradient to different ones of those pixels; the forward values agree up to
+rounding. Where some scale is negative or zero the forward makes one temporary full-resolution
+copy, ``y * sign`` (none while every scale is positive, e.g. BatchNorm's initial weights).
 
 Training-mode backward (``n = N * H * W`` values per channel, ``G`` the pooled output gradient
 scattered to the argmax pixels, ``yhat = (y - mean) * invstd``)::
@@ -91,12 +94,14 @@ def can_fuse_norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) ->
         return False
     if not pool.ceil_mode and (x.shape[2] % window[0] or x.shape[3] % window[1]):
         return False  # floor mode drops the last rows/columns; not covered
-    if type(norm) is nn.BatchNorm2d:
+    if type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
         if norm.num_features != x.shape[1]:
             return False
         tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
-        if _uses_batch_statistics(norm) and x.numel() // x.shape[1] < 2:
-            return False  # nn.BatchNorm2d raises its error for this
+        if _uses_batch_statistics(norm) and (
+            type(norm) is nn.SyncBatchNorm or x.numel() // x.shape[1] < 2
+        ):
+            return False  # SyncBatchNorm's synchronised statistics; BatchNorm's error
     elif type(norm) is _frozen_batch_norm_type():
         tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
     else:
@@ -123,16 +128,12 @@ def norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> torch.Te
     if type(norm) is nn.BatchNorm2d and _uses_batch_statistics(norm):
         mean, invstd = _batch_statistics(x, norm)
         return _BatchNormMaxPool.apply(x, norm.weight, norm.bias, mean, invstd, window)
-    # Running statistics: the affine map by autograd (gradients of weight/bias where they
-    # are parameters), the pool by _SignedMaxPool.
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    pooled = _SignedMaxPool.apply(x, scale.detach(), window)
-    return pooled * scale[:, None, None] + shift[:, None, None]
+    # Running statistics: the norm is elementwise, so it runs as itself on the pooled tensor
+    # (the same arithmetic as unfused, bitwise; autograd gives the weight/bias gradients).
+    with torch.no_grad():
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        scale = scale if norm.weight is None else scale * norm.weight
+    return norm(_SignedMaxPool.apply(x, scale, window))
 
 
 def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:

@@ -34,13 +34,15 @@ NORMS = {
     "eval_no_running_stats": ("bn", dict(track_running_stats=False), False),
     "eval_no_affine": ("bn", dict(affine=False), False),
     "frozen": ("frozen", {}, True),
+    "sync_eval": ("sync", {}, False),
 }
 
 
 def _norm(name, dtype, seed=0):
     kind, kwargs, training = NORMS[name]
     gen = torch.Generator().manual_seed(seed)
-    norm = FrozenBatchNorm2d(C) if kind == "frozen" else nn.BatchNorm2d(C, **kwargs)
+    types = {"frozen": FrozenBatchNorm2d, "sync": nn.SyncBatchNorm, "bn": nn.BatchNorm2d}
+    norm = types[kind](C, **kwargs)
     with torch.no_grad():
         if norm.weight is not None:
             norm.weight.copy_(torch.tensor(WEIGHT))
@@ -99,6 +101,9 @@ def test_matches_unfused(name, size, block, dtype):
     want = _step(norm, pool, y, fused=False)
     got = _step(norm, pool, y, fused=True)
     _assert_same(got, want, dtype)
+    if norm.running_mean is not None and not NORMS[name][2] or name == "frozen":
+        # running statistics: the norm itself on the pooled tensor, bitwise the unfused values
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     # every gradient is exercised, also the weight's at a zero weight (its window's first pixel)
     for key, grad in want[1].items():
         assert grad.abs().max() > 0, key
@@ -248,7 +253,7 @@ class _SubclassBatchNorm(nn.BatchNorm2d):
         nn.GroupNorm(2, C),
         nn.Identity(),
         _SubclassBatchNorm(C),
-        nn.SyncBatchNorm(C),
+        nn.SyncBatchNorm(C),  # in training mode: synchronised batch statistics
         nn.BatchNorm2d(C + 1),
         nn.InstanceNorm2d(C, affine=True),
     ],
