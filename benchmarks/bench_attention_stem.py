@@ -9,10 +9,16 @@ detection crop), float32, training mode:
   attention by the registered op ``san_det::attention_stem``; output S/4 x S/4;
 - ``attention stem (op reference backend)``: the same module with the op's ``reference`` backend
   (its chunked tensor operations, the op before it had kernels);
+- ``attention stem (unfused norm + pool)``: the same module with ``pool(norm(attention(x)))``
+  as separate modules (what ``forward`` did before :mod:`san_det.layers.norm_pool`);
 - ``attention stem (tensor ops)``: the same module's ``forward_reference`` (the readable
-  reference the op replaced; sizes up to ``--reference-max-size`` only, it is slow and large);
-- ``BatchNorm + 4x4 max pool``: the attention stem's norm and pool alone, on its full-resolution
-  output (what any implementation of the paper's stem pays after the attention).
+  reference the op replaced, norm and pool unfused; sizes up to ``--reference-max-size`` only,
+  it is slow and large);
+- ``BatchNorm + 4x4 max pool``: the attention stem's norm and pool alone, as the two modules, on
+  its full-resolution output (what a plain implementation of the paper's stem pays after the
+  attention);
+- ``fused BatchNorm + 4x4 max pool``: the same through
+  :func:`~san_det.layers.norm_pool.norm_max_pool` (what the stem's ``forward`` runs).
 
 Forward (``torch.no_grad``) and forward+backward (gradients of the input and every parameter),
 the cases interleaved round by round in this process: medians of wall time and process CPU
@@ -48,8 +54,10 @@ CASES = (
     "conv stem",
     "attention stem",
     "attention stem (op reference backend)",
+    "attention stem (unfused norm + pool)",
     "attention stem (tensor ops)",
     "BatchNorm + 4x4 max pool",
+    "fused BatchNorm + 4x4 max pool",
 )
 
 
@@ -57,11 +65,14 @@ def _case(name: str, batch: int, size: int):
     """``(module, forward, input)`` of one case."""
     import san_det  # noqa: F401
     from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
+    from san_det.layers.norm_pool import norm_max_pool
 
     torch.manual_seed(0)
-    if name == "BatchNorm + 4x4 max pool":
-        module = nn.Sequential(nn.BatchNorm2d(64), nn.MaxPool2d(4, 4)).train()
-        return module, module, torch.randn(batch, 64, size, size, requires_grad=True)
+    if name.endswith("BatchNorm + 4x4 max pool"):
+        norm, pool = nn.BatchNorm2d(64), nn.MaxPool2d(4, 4)
+        module = nn.Sequential(norm, pool).train()
+        forward = (lambda t: norm_max_pool(t, norm, pool)) if name.startswith("fused") else module
+        return module, forward, torch.randn(batch, 64, size, size, requires_grad=True)
     x = torch.randn(batch, 3, size, size, requires_grad=True)
     if name == "conv stem":
         module = nn.Sequential(
@@ -72,9 +83,13 @@ def _case(name: str, batch: int, size: int):
         ).train()
         return module, module, x
     stem = SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8).train()
-    if name == "attention stem (op reference backend)":
-        return stem, _on_reference_backend(stem), x
-    return stem, (stem if name == "attention stem" else stem.forward_reference), x
+    forward = {
+        "attention stem": stem,
+        "attention stem (op reference backend)": _on_reference_backend(stem),
+        "attention stem (unfused norm + pool)": lambda t: stem.pool(stem.norm(stem.attention(t))),
+        "attention stem (tensor ops)": stem.forward_reference,
+    }[name]
+    return stem, forward, x
 
 
 def _on_reference_backend(stem):

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.san_det.attention_stem)
 from .checks import check_head_width, check_ints
+from .norm_pool import norm_max_pool
 
 __all__ = ["SpatiallyAwareAttentionStem"]
 
@@ -151,10 +152,13 @@ class SpatiallyAwareAttentionStem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.norm(self.attention(x)))
+        """``pool(norm(attention(x)))``; the norm and the pool fused (no full-resolution
+        normalised tensor) where :func:`~san_det.layers.norm_pool.norm_max_pool` can."""
+        return norm_max_pool(self.attention(x), self.norm, self.pool)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` by :meth:`attention_reference` (plain tensor operations)."""
+        """:meth:`forward` by :meth:`attention_reference` (plain tensor operations) and the
+        unfused ``self.pool(self.norm(...))``."""
         return self.pool(self.norm(self.attention_reference(x)))
 
     def attention_reference(self, x: torch.Tensor) -> torch.Tensor:

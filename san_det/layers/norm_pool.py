@@ -1,0 +1,288 @@
+"""A per-channel affine norm followed by a non-overlapping max pool, fused: ``pool(norm(y))``
+without the full-resolution normalised tensor.
+
+BatchNorm (batch or running statistics) and detectron2's ``FrozenBatchNorm2d`` are per-channel
+affine maps ``y -> y * scale_c + shift_c``. Such a map commutes with a max pool where
+``scale_c >= 0``; where ``scale_c < 0`` the max of its image is at the *min* of ``y``. So
+:func:`norm_max_pool` pools ``y`` itself (its max, the max of ``-y`` where the scale is negative,
+the window's first pixel where it is zero, as the unfused pool of a constant picks) and applies
+the affine map at pooled resolution. What the backward keeps is ``y`` (batch statistics only;
+BatchNorm keeps it too) and the argmax as its offset from the window's first pixel (int16 for
+4 x 4 windows, pooled resolution), not the normalised tensor nor max pool's copy of it nor its
+int64 indices. The backward allocates one full-resolution tensor, the gradient of ``y``
+(closed form below), and builds the int64 scatter indices in chunks of channels.
+
+Used where it is exact (:func:`can_fuse_norm_max_pool`): a norm of type exactly
+``nn.BatchNorm2d`` (training or eval, any ``track_running_stats``/``affine``/``momentum``, also
+``None``), ``nn.SyncBatchNorm`` with running statistics (eval) or ``FrozenBatchNorm2d``, and an
+``nn.MaxPool2d`` with ``stride == kernel_size``, no padding and no dilation, on float32/float64
+tensors of the norm's dtype. With running statistics the norm module itself runs on the pooled
+tensor (it is elementwise then), so the values are bitwise the unfused ones. Anything else
+(GroupNorm, SyncBatchNorm with batch statistics, subclasses, ``nn.Identity``, other pools,
+other dtypes, modules with hooks, tracing with ``torch.jit.trace`` or compiling with
+``torch.compile``/``torch.export``, which see the plain modules) runs the modules unfused,
+unchanged.
+
+With batch statistics the results equal the unfused ones up to float rounding, and the running
+statistics are updated as ``nn.BatchNorm2d`` updates them (``torch.batch_norm_update_stats``,
+BatchNorm's own statistics kernel). Ties: where several pixels of a window hold the same
+normalised value (equal ``y``, or distinct ``y`` that round to one normalised value) the two
+paths may route the gradient to different ones of those pixels; the forward values agree up to
+rounding. Where some scale is negative or zero the forward makes one temporary full-resolution
+copy, ``y * sign`` (none while every scale is positive, e.g. BatchNorm's initial weights).
+
+Training-mode backward (``n = N * H * W`` values per channel, ``G`` the pooled output gradient
+scattered to the argmax pixels, ``yhat = (y - mean) * invstd``)::
+
+    grad_y = invstd * w * (G - mean(G) - yhat * mean(G * yhat))
+    mean(G) = sum(g) / n,  mean(G * yhat) = sum(g * yhat[argmax]) / n      (pooled resolution)
+    grad_w = sum(g * yhat[argmax]),  grad_b = sum(g)
+
+so ``grad_y = A_c + B_c * (y - mean_c)`` plus ``invstd * w * g`` added at the argmax pixels.
+"""
+
+import sys
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["can_fuse_norm_max_pool", "norm_max_pool"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _frozen_batch_norm_type() -> Optional[type]:
+    """detectron2's ``FrozenBatchNorm2d`` if detectron2 is loaded (a module of that type exists
+    only then); ``san_det.layers`` does not need detectron2 otherwise."""
+    module = sys.modules.get("detectron2.layers.batch_norm")
+    return getattr(module, "FrozenBatchNorm2d", None)
+
+
+def _pair(value) -> Tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling the modules would run hooks (theirs or global ones): the fused path does
+    not call them, so it is not taken then."""
+    hooks = nn.modules.module
+    global_hooks = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks)
+    global_hooks += (hooks._global_backward_hooks, hooks._global_backward_pre_hooks)
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(global_hooks) or any(getattr(m, name, None) for m in modules for name in own)
+
+
+def _window(pool: nn.Module) -> Optional[Tuple[int, int]]:
+    """``(kh, kw)`` of an ``nn.MaxPool2d`` with non-overlapping windows, else ``None``."""
+    if type(pool) is not nn.MaxPool2d or pool.return_indices:
+        return None
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    if kernel != stride or _pair(pool.padding) != (0, 0) or _pair(pool.dilation) != (1, 1):
+        return None
+    return kernel
+
+
+def can_fuse_norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> bool:
+    """Whether :func:`norm_max_pool` computes ``pool(norm(x))`` fused (see the module's doc)."""
+    window = _window(pool)
+    if window is None or x.dim() != 4 or x.dtype not in _DTYPES or x.numel() == 0:
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _has_hooks(norm, pool):
+        return False
+    if not pool.ceil_mode and (x.shape[2] % window[0] or x.shape[3] % window[1]):
+        return False  # floor mode drops the last rows/columns; not covered
+    if type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        if norm.num_features != x.shape[1]:
+            return False
+        tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+        if _uses_batch_statistics(norm) and (
+            type(norm) is nn.SyncBatchNorm or x.numel() // x.shape[1] < 2
+        ):
+            return False  # SyncBatchNorm's synchronised statistics; BatchNorm's error
+    elif type(norm) is _frozen_batch_norm_type():
+        tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+    else:
+        return False
+    if any(t is not None and t.shape != (x.shape[1],) for t in tensors):
+        return False
+    return all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in tensors)
+
+
+def norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> torch.Tensor:
+    """``pool(norm(x))``, fused where :func:`can_fuse_norm_max_pool` says it is exact.
+
+    Args:
+        x: ``(N, C, H, W)``.
+        norm: the norm module (its running statistics are updated as its own forward would).
+        pool: an ``nn.MaxPool2d`` (or anything else: then unfused).
+
+    Returns:
+        ``(N, C, Ho, Wo)``, ``Ho = ceil(H / kh)`` with ``ceil_mode`` (``H / kh`` otherwise).
+    """
+    if not can_fuse_norm_max_pool(x, norm, pool):
+        return pool(norm(x))
+    window = _window(pool)
+    if type(norm) is nn.BatchNorm2d and _uses_batch_statistics(norm):
+        mean, invstd = _batch_statistics(x, norm)
+        return _BatchNormMaxPool.apply(x, norm.weight, norm.bias, mean, invstd, window)
+    # Running statistics: the norm is elementwise, so it runs as itself on the pooled tensor
+    # (the same arithmetic as unfused, bitwise; autograd gives the weight/bias gradients).
+    with torch.no_grad():
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        scale = scale if norm.weight is None else scale * norm.weight
+    return norm(_SignedMaxPool.apply(x, scale, window))
+
+
+def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or (norm.running_mean is None and norm.running_var is None)
+
+
+def _batch_statistics(x: torch.Tensor, norm: nn.BatchNorm2d) -> Tuple[torch.Tensor, ...]:
+    """Per-channel batch ``mean`` and ``invstd`` (biased variance), ``(C,)`` each; updates the
+    running statistics and ``num_batches_tracked`` exactly as ``nn.BatchNorm2d.forward``."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    update = norm.training and norm.track_running_stats
+    if update and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else factor
+    running = (norm.running_mean, norm.running_var) if update else (None, None)
+    with torch.no_grad():
+        # BatchNorm's statistics kernel: mean, biased var; running_var gets the unbiased one.
+        mean, var = torch.batch_norm_update_stats(x.detach(), *running, factor)
+        return mean, torch.rsqrt(var + norm.eps)
+
+
+def _pool_by_sign(
+    x: torch.Tensor, scale: torch.Tensor, window: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per channel ``c``: the window max of ``x`` where ``scale_c > 0``, the min where
+    ``scale_c < 0``, the window's first pixel where ``scale_c == 0``; ``(values, index)``, both
+    ``(N, C, Ho, Wo)``, ``index`` into the ``H * W`` plane as ``F.max_pool2d``'s (ceil-mode
+    windows)."""
+    sign = scale.sign()
+    if bool((sign > 0).all()):
+        return F.max_pool2d(x, window, window, ceil_mode=True, return_indices=True)
+    # The only full-resolution temporary; max pool finds the first of a window of zeros first.
+    signed = x * sign[:, None, None]
+    pooled, index = F.max_pool2d(signed, window, window, ceil_mode=True, return_indices=True)
+    del signed
+    first = x[:, :, :: window[0], :: window[1]]
+    sign = sign[:, None, None]
+    values = torch.where(sign < 0, -pooled, torch.where(sign == 0, first, pooled))
+    return values, index
+
+
+def _window_starts(shape: torch.Size, window: Tuple[int, int], device) -> torch.Tensor:
+    """Flat index ``row * W + col`` of each window's first pixel: int64 ``(Ho, Wo)`` for an
+    input of ``shape`` ``(N, C, H, W)``."""
+    (kh, kw), (h, w) = window, shape[2:]
+    rows = torch.arange(0, h, kh, device=device)[:, None] * w
+    return rows + torch.arange(0, w, kw, device=device)[None, :]
+
+
+def _window_offsets(index: torch.Tensor, shape: torch.Size, window: Tuple[int, int]):
+    """``F.max_pool2d``'s flat index ``row * W + col`` -> its offset from the window's first
+    pixel, in the smallest integer dtype that holds ``(kh - 1) * W + kw - 1`` (int16 for 4 x 4
+    windows up to W = 10922): what the backward keeps of the argmax."""
+    (kh, kw), width = window, shape[3]
+    largest = (kh - 1) * width + kw - 1
+    dtype = next(t for t in (torch.int8, torch.int16, torch.int32) if largest <= torch.iinfo(t).max)
+    return (index - _window_starts(shape, window, index.device)).to(dtype)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` at the flat plane indices ``index`` ``(N, C, Ho, Wo)``."""
+    if x.stride(2) == x.shape[3] * x.stride(3):  # the H x W planes are views (also NHWC)
+        return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    n, c, _, w = x.shape
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return x[batch, channel, torch.div(index, w, rounding_mode="floor"), index % w]
+
+
+def _scatter_add(
+    grad_x: torch.Tensor,
+    offsets: torch.Tensor,
+    window: Tuple[int, int],
+    grad: torch.Tensor,
+    factor: Optional[torch.Tensor] = None,
+) -> None:
+    """``grad_x[n, c, argmax pixel of (i, j)] += grad[n, c, i, j] * factor[c]`` in place
+    (``grad_x`` contiguous, the windows do not overlap). In chunks of images and channels of
+    about a 16th of ``grad`` each, so that the int64 indices and the scaled gradient exist for
+    one chunk at a time (this runs while ``x`` and ``grad_x`` are both alive: the peak)."""
+    n, c, h, w = grad_x.shape
+    starts = _window_starts(grad_x.shape, window, grad_x.device)
+    group = min(c, max(1, grad.numel() // 16 // starts.numel()))
+    for b in range(n):
+        for c0 in range(0, c, group):
+            chunk = slice(c0, c0 + group)
+            planes = grad_x[b, chunk].view(-1, h * w)
+            index = offsets[b, chunk].long().add_(starts).view(len(planes), -1)
+            src = grad[b, chunk] if factor is None else grad[b, chunk] * factor[chunk, None, None]
+            planes.scatter_add_(1, index, src.reshape(len(planes), -1))
+
+
+class _SignedMaxPool(torch.autograd.Function):
+    """:func:`_pool_by_sign`'s values ``(x (N, C, H, W), scale (C,), window)`` -> ``(N, C, Ho,
+    Wo)``, differentiable in ``x``: the gradient is the pooled one placed at the argmax pixels
+    (``x`` is not saved, only the index)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, window):
+        values, index = _pool_by_sign(x, scale, window)
+        ctx.save_for_backward(_window_offsets(index, x.shape, window))
+        ctx.x_shape, ctx.window = x.shape, window
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        grad_x = grad.new_zeros(ctx.x_shape)
+        _scatter_add(grad_x, offsets, ctx.window, grad)
+        return grad_x, None, None
+
+
+class _BatchNormMaxPool(torch.autograd.Function):
+    """Training-mode BatchNorm then max pool: ``(x, weight, bias, mean, invstd, window)`` ->
+    ``(N, C, Ho, Wo)``; ``mean``/``invstd`` are the batch statistics of ``x`` (constants to
+    autograd: the closed-form backward differentiates through them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, window):
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        values, index = _pool_by_sign(x, scale, window)
+        ctx.save_for_backward(x, _window_offsets(index, x.shape, window), weight, mean, invstd)
+        ctx.window = window
+        return values * scale[:, None, None] + shift[:, None, None]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, offsets, weight, mean, invstd = ctx.saved_tensors
+        c = (slice(None), None, None)  # (C,) -> (C, 1, 1)
+        sum_g = grad.sum((0, 2, 3))
+        index = offsets.long().add_(_window_starts(x.shape, ctx.window, x.device))
+        yhat = (_gather(x, index) - mean[c]) * invstd[c]  # at the argmax pixels
+        del index
+        sum_g_yhat = (grad * yhat).sum((0, 2, 3))
+        del yhat
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            n = x.numel() // x.shape[1]
+            k = invstd if weight is None else invstd * weight  # d out / d yhat * invstd
+            # The per-pixel terms: -k * mean(G) - k * invstd * mean(G * yhat) * (x - mean).
+            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
+            torch.sub(x, mean[c], out=grad_x).mul_((-k * invstd * sum_g_yhat / n)[c])
+            grad_x.add_((-k * sum_g / n)[c])
+            _scatter_add(grad_x, offsets, ctx.window, grad, k)
+        if ctx.needs_input_grad[1]:
+            grad_weight = sum_g_yhat
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_g
+        return grad_x, grad_weight, grad_bias, None, None, None
