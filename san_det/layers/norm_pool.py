@@ -68,11 +68,11 @@ def _pair(value) -> Tuple[int, int]:
 def _has_hooks(*modules: nn.Module) -> bool:
     """Whether calling the modules would run hooks (theirs or global ones): the fused path does
     not call them, so it is not taken then."""
-    hooks = nn.modules.module
-    global_hooks = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks)
-    global_hooks += (hooks._global_backward_hooks, hooks._global_backward_pre_hooks)
-    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(global_hooks) or any(getattr(m, name, None) for m in modules for name in own)
+    # torch keeps hooks in dicts it does not document: read defensively (a torch without one of
+    # these names has no such hooks to miss).
+    kinds = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+    global_hooks = (getattr(nn.modules.module, f"_global_{kind}", None) for kind in kinds)
+    return any(global_hooks) or any(getattr(m, f"_{kind}", None) for m in modules for kind in kinds)
 
 
 def _window(pool: nn.Module) -> Optional[Tuple[int, int]]:
