@@ -14,7 +14,7 @@ from san_det.layers.kernel_runtime import KernelSource
 from san_det.layers.ops.kernels import STEM_LIMITS
 from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
 from tests.helpers.launch import launch_config
-from tests.helpers.skips import needs_cxx, needs_nvrtc
+from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
@@ -138,3 +138,25 @@ def test_cuda_source_compiles_within_its_launch_bounds(dtype, arch):
     assert set(usage) == {"stem_forward", "stem_backward"} == set(source.kernels)
     for name, (registers, _spilled) in usage.items():
         assert registers * DEFAULT_THREADS <= 65536, (name, registers)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_cuda_kernels_match_the_tensor_ops(case, dtype):
+    tensors, geometry = _op_inputs(case, dtype)
+    tensors = [t.cuda() for t in tensors]
+    got = [t.cpu() for t in _run("cuda", tensors, geometry)]
+    want = [t.cpu() for t in _run("reference", tensors, geometry)]
+    _assert_match(got, want, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_kernels_in_half_precision(dtype):
+    """Half-precision storage, float32 arithmetic: close to the float32 result."""
+    tensors, geometry = _op_inputs(CASES[0], torch.float32)
+    want = _run("reference", [t.cuda() for t in tensors], geometry)
+    got = _run("cuda", [t.cuda().to(dtype) for t in tensors], geometry)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2, msg=f"output/gradient {i}")
