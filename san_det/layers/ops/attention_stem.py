@@ -345,23 +345,13 @@ def fake(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_pr
     return x.new_empty(n, query_weight.shape[0], h, w)
 
 
-def backward_impl(
-    grad_out: Tensor,
-    x: Tensor,
-    query_weight: Tensor,
-    key_weight: Tensor,
-    value_weight: Tensor,
-    rel_row: Tensor,
-    rel_col: Tensor,
-    mixture_probs: Tensor,
-    num_heads: int,
-    block_size: int,
-    input_grad: bool,
-    backend: str = "auto",
-) -> List[Tensor]:
-    """``torch.ops.san_det.attention_stem_backward``: the gradients of :func:`impl`'s seven
-    tensor inputs (zeros for ``x`` unless ``input_grad``)."""
-    inputs = (x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
+def backward_impl(grad_out: Tensor, *args, backend: str = AUTO) -> List[Tensor]:
+    """``torch.ops.san_det.attention_stem_backward`` (:data:`BACKWARD_SCHEMA`): the gradients of
+    :func:`impl`'s seven tensor inputs (zeros for ``x`` unless ``input_grad``); ``args`` are
+    :func:`impl`'s arguments but the backend, then ``input_grad`` and the backend."""
+    *inputs, num_heads, block_size, input_grad = args[:10]
+    backend = args[10] if len(args) > 10 else backend
+    x, query_weight = inputs[:2]
     backend = _backend(backend, x, query_weight, num_heads, block_size)
     if backend == "reference":
         grads = _backward(grad_out, *inputs, num_heads, block_size, input_grad)
@@ -377,8 +367,17 @@ def backward_impl(
     return [g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
-def backward_fake(grad_out, *inputs_and_geometry):
+def backward_fake(grad_out, *inputs_and_geometry, backend=AUTO):
     return [t.new_empty(t.shape) for t in inputs_and_geometry[:7]]
+
+
+# The schema of :func:`backward_impl`: ``grad_out``, :func:`impl`'s arguments but the backend,
+# ``input_grad``, the backend.
+_FORWARD_ARGUMENTS = torch.library.infer_schema(impl, mutates_args=()).split(" -> ")[0][1:-1]
+_TENSORS_AND_GEOMETRY, _BACKEND = _FORWARD_ARGUMENTS.rsplit(", ", 1)
+BACKWARD_SCHEMA = (
+    f"(Tensor grad_out, {_TENSORS_AND_GEOMETRY}, bool input_grad, {_BACKEND}) -> Tensor[]"
+)
 
 
 def setup_context(ctx, inputs, output):

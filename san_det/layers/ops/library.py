@@ -341,7 +341,8 @@ OP_TABLE = (
            _window_setup(2, save=True), autocast=True,
            schema=_san_schema("Tensor x, Tensor w", _WINDOW)),
     # any device: the reference backend is plain tensor operations
-    OpSpec("attention_stem_backward", stem.backward_impl, stem.backward_fake, device_types=None),
+    OpSpec("attention_stem_backward", stem.backward_impl, stem.backward_fake, device_types=None,
+           schema=stem.BACKWARD_SCHEMA),
     OpSpec("attention_stem", stem.impl, stem.fake, stem.grads, stem.setup_context,
            device_types=None),
 )  # fmt: skip
