@@ -450,6 +450,9 @@ __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
 // Gradient of rel, per image: grad_rel[n, c, ab] = sum_{i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]
 // (the caller sums over n); one thread per (n, head, channel group of SAN_CG, pair of taps): the
 // two taps' rows of dlogit are neighbours in memory and each q read serves both.
+#ifndef SASA_REL_PREFETCH
+#define SASA_REL_PREFETCH 2
+#endif
 template <int G, int T>
 __device__ __forceinline__ void sasa_rel_sums(const acc_t* __restrict__ dl,
                                               const scalar_t* __restrict__ q,
@@ -462,6 +465,11 @@ __device__ __forceinline__ void sasa_rel_sums(const acc_t* __restrict__ dl,
     for (int i = 0; i < H; ++i) {
         const acc_t* dl_row = dl + (int64_t)i * KK * W;
         const scalar_t* q_row = q + (int64_t)i * W;
+        // The taps' rows a few image rows on (KK * W apart: too far for the hardware's
+        // prefetchers), so their loads do not wait for memory.
+        for (int o = 0; o < T * W; o += 64 / (int)sizeof(acc_t)) {
+            san_prefetch(dl_row + SASA_REL_PREFETCH * KK * W + o);
+        }
         for (int j0 = 0; j0 < W; j0 += SAN_TJ) {
             const san_mask m = san_lanes(0, W - j0);
             san_vec dlv[T];
