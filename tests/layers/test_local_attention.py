@@ -168,10 +168,12 @@ def test_cpu_kernels_match_reference_float32(geometry, cpu_variant):
     "cpu_variant", CPU_VARIANTS[: len(CPU_ISAS)], ids=variant_id, indirect=True
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_kernels_larger_image(dtype, cpu_variant):
-    """An image several tiles wide and tall with 4 channels per head: inner tiles (all lanes of
-    every tap inside), both borders and a partial last tile in one run."""
-    geometry = (1, 16, 13, 37, 4, 7, 1)
+@pytest.mark.parametrize("channels", [16, 32])
+def test_cpu_kernels_larger_image(dtype, channels, cpu_variant):
+    """An image several tiles wide and tall with 4 or 8 channels per head: inner tiles (all lanes
+    of every tap inside), both borders and a partial last tile in one run; the k/v gradient
+    recomputes the logit gradients where a head is one channel group and reads them otherwise."""
+    geometry = (1, channels, 13, 37, 4, 7, 1)
     q, k, v, rel = _inputs(geometry, dtype=dtype)
     want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
     got = _run("cpu", geometry, q, k, v, rel)

@@ -93,16 +93,24 @@ def local_attention_backward(
     run = _LOCAL_ATTENTION.bind(backend, q.dtype, q.device)
     shape = (n, c, h, w, num_heads, kernel_size, dilation)
     rel_t = _rel_by_tap(q, rel, num_heads, kernel_size)
-    dlogit = torch.empty_like(attn)
+    # dlogit (like attn) and psum = sum_ab p gv per pixel (N, heads, H, W; dlogit = p (gv - psum))
+    # in one allocation: a second, small one between the large ones made glibc return and fault
+    # in the 10 MB of dlogit again on every call (2-3 ms at N2 C64 56x56).
+    scratch = attn.new_empty(attn.numel() + n * num_heads * h * w)
+    dlogit = scratch[: attn.numel()].view(attn.shape)
+    psum = scratch[attn.numel() :].view(n, num_heads, h, w)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     rows = n * num_heads * h
     name = "sasa_logit_q_backward"
-    run(name, _row_threads(run, name, rows, w), grad_out, k, v, rel_t, attn, dlogit, grad_q, *shape)
+    run(
+        name, _row_threads(run, name, rows, w),
+        grad_out, k, v, rel_t, attn, dlogit, psum, grad_q, *shape,
+    )  # fmt: skip
     name = "sasa_kv_backward"
     rows = n * num_heads * _channel_groups(run, name, c // num_heads) * h
     run(
         name, _row_threads(run, name, rows, w),
-        q, grad_out, attn, dlogit, grad_k, grad_v, *shape,
+        q, v, grad_out, attn, dlogit, psum, grad_k, grad_v, *shape,
     )  # fmt: skip
     if rel is None:
         grad_rel = q.new_zeros(c, kernel_size, kernel_size)
