@@ -506,8 +506,8 @@ __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
 }
 
 // Gradient of rel, per image: grad_rel[n, c, ab] = sum_{i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]
-// (the caller sums over n); one thread per (n, head, channel group of SAN_CG, pair of taps): the
-// two taps' rows of dlogit are neighbours in memory and each q read serves both.
+// (the caller sums over n); one thread per (n, head, channel group of SAN_CG, chunk of SAN_UT
+// taps): the taps' rows of dlogit are neighbours in memory and each q read serves all of them.
 #ifndef SASA_REL_PREFETCH
 #define SASA_REL_PREFETCH 2
 #endif
@@ -553,6 +553,20 @@ __device__ __forceinline__ void sasa_rel_group(const acc_t* dl, const scalar_t* 
     }
 }
 
+// sasa_rel_group for `taps` (1 <= taps <= T) taps: the instance with exactly that many sums.
+template <int T>
+__device__ __forceinline__ void sasa_rel_upto(int taps, const acc_t* dl, const scalar_t* q,
+                                              acc_t* dst, int cg, int64_t HW, int H, int W,
+                                              int KK) {
+    if constexpr (T > 1) {
+        if (taps < T) {
+            sasa_rel_upto<T - 1>(taps, dl, q, dst, cg, HW, H, W, KK);
+            return;
+        }
+    }
+    sasa_rel_group<T>(dl, q, dst, cg, HW, H, W, KK);
+}
+
 __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
                                   const acc_t* __restrict__ dlogit, acc_t* __restrict__ grad_rel,
                                   int N, int C, int H, int W, int heads, int K, int dil) {
@@ -560,10 +574,10 @@ __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
     const int d = C / heads;
     const int KK = K * K;
     const int G = (d + SAN_CG - 1) / SAN_CG;
-    const int pairs = (KK + 1) / 2;
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * pairs) {
-        const int64_t nhg = san_div(idx, pairs);  // (n * heads + h) * G + grp
-        const int ab = 2 * (int)(idx - nhg * pairs);
+    const int chunks = (KK + SAN_UT - 1) / SAN_UT;
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * chunks) {
+        const int64_t nhg = san_div(idx, chunks);  // (n * heads + h) * G + grp
+        const int ab = SAN_UT * (int)(idx - nhg * chunks);
         const int64_t nh = san_div(nhg, G);
         const int grp = (int)(nhg - nh * G);
         const int64_t n = san_div(nh, heads);
@@ -573,10 +587,7 @@ __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
         const acc_t* dl = dlogit + nh * H * KK * W + (int64_t)ab * W;
         const scalar_t* qc = q + (n * C + c0) * HW;
         acc_t* dst = grad_rel + (n * C + c0) * KK + ab;
-        if (ab + 1 < KK) {
-            sasa_rel_group<2>(dl, qc, dst, cg, HW, H, W, KK);
-        } else {
-            sasa_rel_group<1>(dl, qc, dst, cg, HW, H, W, KK);
-        }
+        const int taps = KK - ab < SAN_UT ? KK - ab : SAN_UT;
+        sasa_rel_upto<SAN_UT>(taps, dl, qc, dst, cg, HW, H, W, KK);
     }
 }

@@ -120,8 +120,8 @@ def local_attention_backward(
         else:
             per_image = attn.new_empty(n, c, kk)
             name = "sasa_rel_backward"
-            pairs = (kk + 1) // 2  # one thread per two taps
-            threads = n * num_heads * _channel_groups(run, name, c // num_heads) * pairs
+            chunks = -(-kk // run.tile(name).taps)  # one thread per tile.taps taps
+            threads = n * num_heads * _channel_groups(run, name, c // num_heads) * chunks
             run(name, threads, q, dlogit, per_image, *shape)
         grad_rel = per_image.sum(dim=0).reshape(c, kernel_size, kernel_size).to(q.dtype)
     return grad_q, grad_k, grad_v, grad_rel
