@@ -9,7 +9,8 @@
 // (heads, K*K, d) (zeros when there is none); attn and dlogit are acc_t buffers
 // (N, heads, H, K*K, W): the K*K taps of an image row are one block, so a tile reads its own
 // probabilities, and the sources' ones in the backward gather, from a few contiguous blocks
-// rather than from K*K planes far apart. Heads are contiguous
+// rather than from K*K planes far apart; psum (N, heads, H, W) is the per-pixel
+// sum_ab p[ab] * (grad_out . v)[ab] of the backward. Heads are contiguous
 // channel groups of d = C / heads channels. Neighbour (a, b) of pixel (i, j) is
 // (i + (a - r) * dil, j + (b - r) * dil) with r = K / 2; neighbours outside the image are masked:
 // their probability and logit gradient are exactly 0.

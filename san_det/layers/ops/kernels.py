@@ -85,8 +85,8 @@ def local_attention_backward(
     ``grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]``, summed in
     float32 (float64 for float64) without atomics: on the CPU, and on the GPU under
     ``torch.use_deterministic_algorithms(True)`` (cuBLAS would need ``CUBLAS_WORKSPACE_CONFIG``
-    there), a kernel per (image, channel group, two taps); otherwise on the GPU cuBLAS products
-    over chunks of rows (:func:`.rel_gradient.rel_grad_per_image`).
+    there), a kernel per (image, channel group, group of taps); otherwise on the GPU cuBLAS
+    products over chunks of rows (:func:`.rel_gradient.rel_grad_per_image`).
     """
     n, c, h, w = q.shape
     kk = kernel_size * kernel_size
