@@ -22,7 +22,6 @@ from tests.helpers.launch import launch_config
 from tests.helpers.nvrtc import compile_kernel_file
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
-
 # (N, C, H, W, heads, kernel_size, dilation): odd sizes, 1x1, H and W < kernel_size, dilation
 # larger than the image, one head, one channel per head, W not a multiple of the CPU tile.
 GEOMETRIES = [
@@ -168,10 +167,12 @@ def test_cpu_kernels_match_reference_float32(geometry, cpu_variant):
     "cpu_variant", CPU_VARIANTS[: len(CPU_ISAS)], ids=variant_id, indirect=True
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_kernels_larger_image(dtype, cpu_variant):
-    """An image several tiles wide and tall with 4 channels per head: inner tiles (all lanes of
-    every tap inside), both borders and a partial last tile in one run."""
-    geometry = (1, 16, 13, 37, 4, 7, 1)
+@pytest.mark.parametrize("channels", [16, 32])
+def test_cpu_kernels_larger_image(dtype, channels, cpu_variant):
+    """An image several tiles wide and tall with 4 or 8 channels per head: inner tiles (all lanes
+    of every tap inside), both borders and a partial last tile in one run; the k/v gradient
+    recomputes the logit gradients where a head is one channel group and reads them otherwise."""
+    geometry = (1, channels, 13, 37, 4, 7, 1)
     q, k, v, rel = _inputs(geometry, dtype=dtype)
     want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
     got = _run("cpu", geometry, q, k, v, rel)
@@ -207,7 +208,14 @@ def test_variants_the_host_cannot_run_are_compiled_then_skipped(monkeypatch, tmp
     monkeypatch.setattr(cpu_toolchain, "_host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     with pytest.raises(pytest.skip.Exception, match="cannot run avx512"):
         compile_or_skip(monkeypatch, ("avx512", None), "local_attention.cu")
-    assert len(list((tmp_path / "cache").glob("local_attention_*.so"))) == 2  # float, double
+    # One library per dtype and distinct default tile of the file's kernels.
+    kernels = KernelSource("local_attention.cu").kernels
+    builds = {
+        (dt, default_tile("avx512", k, dt))
+        for k in kernels
+        for dt in (torch.float32, torch.float64)
+    }
+    assert len(list((tmp_path / "cache").glob("local_attention_*.so"))) == len(builds)
 
 
 def test_default_cpu_tiles_are_one_register():

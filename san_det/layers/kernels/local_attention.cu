@@ -9,7 +9,8 @@
 // (heads, K*K, d) (zeros when there is none); attn and dlogit are acc_t buffers
 // (N, heads, H, K*K, W): the K*K taps of an image row are one block, so a tile reads its own
 // probabilities, and the sources' ones in the backward gather, from a few contiguous blocks
-// rather than from K*K planes far apart. Heads are contiguous
+// rather than from K*K planes far apart; psum (N, heads, H, W) is the per-pixel
+// sum_ab p[ab] * (grad_out . v)[ab] of the backward. Heads are contiguous
 // channel groups of d = C / heads channels. Neighbour (a, b) of pixel (i, j) is
 // (i + (a - r) * dil, j + (b - r) * dil) with r = K / 2; neighbours outside the image are masked:
 // their probability and logit gradient are exactly 0.
@@ -335,7 +336,8 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
 
 // Gradient of the logits and of q. One thread per (n, head, i, row tile):
 // gv[ab] = sum_{c in head} grad_out[c, i, j] * v[c, i', j'],
-// dlogit[ab] = p[ab] * (gv[ab] - sum_ab' p[ab'] gv[ab']) (0 for out-of-image neighbours), then
+// dlogit[ab] = p[ab] * (gv[ab] - psum) (0 for out-of-image neighbours) with the per-pixel
+// psum = sum_ab' p[ab'] gv[ab'] (stored to psum, (N, heads, H, W)), then
 // grad_q[c, i, j] = sum_ab dlogit[ab, i, j] * (k[c, i', j'] + rel[c, a, b]).
 // Bounded to 2 blocks per SM: unbounded, the float build takes 167 registers (sm_90), which holds
 // an SM to one 256-thread block.
@@ -345,8 +347,8 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
                           const scalar_t* __restrict__ v,
                           const scalar_t* __restrict__ relT,
                           const acc_t* __restrict__ attn, acc_t* __restrict__ dlogit,
-                          scalar_t* __restrict__ grad_q, int N, int C, int H, int W,
-                          int heads, int K, int dil) {
+                          acc_t* __restrict__ psum, scalar_t* __restrict__ grad_q, int N, int C,
+                          int H, int W, int heads, int K, int dil) {
     SASA_SIZES;
     SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
         SASA_TILE(idx);
@@ -359,6 +361,7 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
         const san_vec weighted = sasa_window_dots<false, SASA_PSUM>(
             grad_out + chan0 + pix0, v + chan0 + j0, relT, dl_ptr, p_ptr, HW, win, i, j0, K, d, r,
             dil, W, hi0, m0, (acc_t)0, (acc_t)0);
+        san_vstore(psum + t.nh * HW + pix0, weighted, m0);
         sasa_zero_outside(dl_ptr, win, K, W, m0);
         sasa_gather_head<true, SASA_DLOGIT>(dl_ptr, p_ptr, k + chan0 + j0,
                                             relT + (int64_t)t.h * KK * d, grad_q + chan0 + pix0,
@@ -407,12 +410,64 @@ __device__ __forceinline__ void sasa_gather_kv(const acc_t* __restrict__ p,
     }
 }
 
+// sasa_gather_kv for a head of exactly G channels (all of them in one thread), recomputing the
+// logit gradient of each source instead of reading it: dlogit[s, ab, u] = p[s, ab, u] *
+// (gv - psum[s, u]), gv = sum_{c in head} grad_out[c, s, u] * v[c, i, j] (the tile's values are
+// the sources' neighbours ab), with the grad_out loads grad_v needs anyway. The (H, K*K, W)
+// logit-gradient buffer is then read by the rel gradient only. p and ps (psum) point at the
+// head's buffers, v, q, g, gk, gv at its channel 0, pixel 0.
+template <int G>
+__device__ __forceinline__ void sasa_gather_kv_recompute(const acc_t* __restrict__ p,
+                                                         const acc_t* __restrict__ ps,
+                                                         const scalar_t* __restrict__ v,
+                                                         const scalar_t* __restrict__ q,
+                                                         const scalar_t* __restrict__ g,
+                                                         scalar_t* __restrict__ gk,
+                                                         scalar_t* __restrict__ gv, int64_t HW,
+                                                         const sasa_window& win, int i, int j0,
+                                                         int K, int r, int dil, int W, int hi0,
+                                                         san_mask m0) {
+    const int64_t pix0 = (int64_t)i * W + j0;
+    san_vec sk[G], sv[G], vt[G];
+    SAN_UNROLL for (int c = 0; c < G; ++c) {
+        sk[c] = sv[c] = san_vbcast((acc_t)0);
+        vt[c] = san_vload(v + c * HW + pix0, m0);
+    }
+    for (int a = win.a_lo; a < win.a_hi; ++a) {
+        const int si = i - (a - r) * dil;  // the source row of window row a
+        for (int b = win.b_lo; b < win.b_hi; ++b) {
+            const int off = -(b - r) * dil;
+            const san_mask m = sasa_column_mask(j0, b, -1, W, hi0, r, dil);
+            const int64_t src = (int64_t)si * W + j0 + off;
+            const int64_t tap = ((int64_t)si * K * K + a * K + b) * W + j0 + off;
+            const san_vec pv = san_vload(p + tap, m);
+            san_vec dots = san_vbcast((acc_t)0);
+            SAN_UNROLL for (int c = 0; c < G; ++c) {
+                const san_vec gc = san_vload(g + c * HW + src, m);
+                dots = dots + gc * vt[c];
+                sv[c] = sv[c] + pv * gc;
+            }
+            const san_vec dlv = pv * (dots - san_vload(ps + src, m));
+            SAN_UNROLL for (int c = 0; c < G; ++c) {
+                sk[c] = sk[c] + dlv * san_vload(q + c * HW + src, m);
+            }
+        }
+    }
+    SAN_UNROLL for (int c = 0; c < G; ++c) {
+        san_vstore(gk + c * HW + pix0, sk[c], m0);
+        san_vstore(gv + c * HW + pix0, sv[c], m0);
+    }
+}
+
 // Gradients of k and v; one thread per (n, head, channel group of SAN_CG, i, row tile), no
-// atomics (see sasa_gather_kv).
+// atomics (see sasa_gather_kv). A head of exactly SAN_CG channels recomputes the logit gradients
+// from p, grad_out, v and psum (sasa_gather_kv_recompute); wider heads read dlogit.
 __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
+                                 const scalar_t* __restrict__ v,
                                  const scalar_t* __restrict__ grad_out,
                                  const acc_t* __restrict__ attn,
-                                 const acc_t* __restrict__ dlogit, scalar_t* __restrict__ grad_k,
+                                 const acc_t* __restrict__ dlogit,
+                                 const acc_t* __restrict__ psum, scalar_t* __restrict__ grad_k,
                                  scalar_t* __restrict__ grad_v, int N, int C, int H, int W,
                                  int heads, int K, int dil) {
     SASA_SIZES;
@@ -434,7 +489,11 @@ __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
         const acc_t* p = attn + nh * H * KK * W;
         const acc_t* dl = dlogit + nh * H * KK * W;
         const sasa_window win = sasa_window_of(i, j0, hi0, -1, H, W, K, r, dil);
-        if (cg == SAN_CG) {
+        if (d == SAN_CG) {
+            sasa_gather_kv_recompute<SAN_CG>(p, psum + nh * HW, v + chan0, q + chan0,
+                                             grad_out + chan0, grad_k + chan0, grad_v + chan0,
+                                             HW, win, i, j0, K, r, dil, W, hi0, m0);
+        } else if (cg == SAN_CG) {
             sasa_gather_kv<SAN_CG>(p, dl, q + chan0, grad_out + chan0, grad_k + chan0,
                                    grad_v + chan0, HW, win, i, j0, K, r, dil, W, hi0, m0);
         } else {
@@ -448,8 +507,11 @@ __global__ void sasa_kv_backward(const scalar_t* __restrict__ q,
 }
 
 // Gradient of rel, per image: grad_rel[n, c, ab] = sum_{i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]
-// (the caller sums over n); one thread per (n, head, channel group of SAN_CG, pair of taps): the
-// two taps' rows of dlogit are neighbours in memory and each q read serves both.
+// (the caller sums over n); one thread per (n, head, channel group of SAN_CG, chunk of SAN_UT
+// taps): the taps' rows of dlogit are neighbours in memory and each q read serves all of them.
+#ifndef SASA_REL_PREFETCH
+#define SASA_REL_PREFETCH 2
+#endif
 template <int G, int T>
 __device__ __forceinline__ void sasa_rel_sums(const acc_t* __restrict__ dl,
                                               const scalar_t* __restrict__ q,
@@ -462,6 +524,11 @@ __device__ __forceinline__ void sasa_rel_sums(const acc_t* __restrict__ dl,
     for (int i = 0; i < H; ++i) {
         const acc_t* dl_row = dl + (int64_t)i * KK * W;
         const scalar_t* q_row = q + (int64_t)i * W;
+        // The taps' rows a few image rows on (KK * W apart: too far for the hardware's
+        // prefetchers), so their loads do not wait for memory.
+        for (int o = 0; o < T * W; o += 64 / (int)sizeof(acc_t)) {
+            san_prefetch(dl_row + SASA_REL_PREFETCH * KK * W + o);
+        }
         for (int j0 = 0; j0 < W; j0 += SAN_TJ) {
             const san_mask m = san_lanes(0, W - j0);
             san_vec dlv[T];
@@ -487,6 +554,20 @@ __device__ __forceinline__ void sasa_rel_group(const acc_t* dl, const scalar_t* 
     }
 }
 
+// sasa_rel_group for `taps` (1 <= taps <= T) taps: the instance with exactly that many sums.
+template <int T>
+__device__ __forceinline__ void sasa_rel_upto(int taps, const acc_t* dl, const scalar_t* q,
+                                              acc_t* dst, int cg, int64_t HW, int H, int W,
+                                              int KK) {
+    if constexpr (T > 1) {
+        if (taps < T) {
+            sasa_rel_upto<T - 1>(taps, dl, q, dst, cg, HW, H, W, KK);
+            return;
+        }
+    }
+    sasa_rel_group<T>(dl, q, dst, cg, HW, H, W, KK);
+}
+
 __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
                                   const acc_t* __restrict__ dlogit, acc_t* __restrict__ grad_rel,
                                   int N, int C, int H, int W, int heads, int K, int dil) {
@@ -494,10 +575,10 @@ __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
     const int d = C / heads;
     const int KK = K * K;
     const int G = (d + SAN_CG - 1) / SAN_CG;
-    const int pairs = (KK + 1) / 2;
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * pairs) {
-        const int64_t nhg = san_div(idx, pairs);  // (n * heads + h) * G + grp
-        const int ab = 2 * (int)(idx - nhg * pairs);
+    const int chunks = (KK + SAN_UT - 1) / SAN_UT;
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * G * chunks) {
+        const int64_t nhg = san_div(idx, chunks);  // (n * heads + h) * G + grp
+        const int ab = SAN_UT * (int)(idx - nhg * chunks);
         const int64_t nh = san_div(nhg, G);
         const int grp = (int)(nhg - nh * G);
         const int64_t n = san_div(nh, heads);
@@ -507,10 +588,7 @@ __global__ void sasa_rel_backward(const scalar_t* __restrict__ q,
         const acc_t* dl = dlogit + nh * H * KK * W + (int64_t)ab * W;
         const scalar_t* qc = q + (n * C + c0) * HW;
         acc_t* dst = grad_rel + (n * C + c0) * KK + ab;
-        if (ab + 1 < KK) {
-            sasa_rel_group<2>(dl, qc, dst, cg, HW, H, W, KK);
-        } else {
-            sasa_rel_group<1>(dl, qc, dst, cg, HW, H, W, KK);
-        }
+        const int taps = KK - ab < SAN_UT ? KK - ab : SAN_UT;
+        sasa_rel_upto<SAN_UT>(taps, dl, qc, dst, cg, HW, H, W, KK);
     }
 }

@@ -86,6 +86,8 @@ __device__ __forceinline__ san_vec san_vselect(san_vec x, san_mask m, acc_t fill
 }
 __device__ __forceinline__ san_vec san_vmax(san_vec a, san_vec b) { return a > b ? a : b; }
 __device__ __forceinline__ san_vec san_vexp(san_vec x) { return exp(x); }
+// A hint that the line at p will be read soon: nothing on the GPU.
+__device__ __forceinline__ void san_prefetch(const void*) {}
 __device__ __forceinline__ acc_t san_vsum(san_vec x) { return x; }
 // Lane t (0 here) of x, and x with lane t replaced by `value`.
 __device__ __forceinline__ acc_t san_vget(san_vec x, int) { return x; }
@@ -216,6 +218,9 @@ static inline san_vec san_vselect(san_vec x, san_mask m, acc_t fill) {
 #endif
 
 static inline san_vec san_vmax(san_vec a, san_vec b) { return a > b ? a : b; }
+// A hint that the cache line at p will be read soon (it may lie outside any buffer: a prefetch
+// never faults).
+static inline void san_prefetch(const void* p) { __builtin_prefetch(p); }
 
 static inline acc_t san_vget(san_vec x, int t) { return x[t]; }
 static inline san_vec san_vset(san_vec x, int t, acc_t value) {

@@ -85,24 +85,32 @@ def local_attention_backward(
     ``grad_rel[c, a, b] = sum_{n, i, j} dlogit[n, h(c), i, ab, j] * q[n, c, i, j]``, summed in
     float32 (float64 for float64) without atomics: on the CPU, and on the GPU under
     ``torch.use_deterministic_algorithms(True)`` (cuBLAS would need ``CUBLAS_WORKSPACE_CONFIG``
-    there), a kernel per (image, channel group, two taps); otherwise on the GPU cuBLAS products
-    over chunks of rows (:func:`.rel_gradient.rel_grad_per_image`).
+    there), a kernel per (image, channel group, group of taps); otherwise on the GPU cuBLAS
+    products over chunks of rows (:func:`.rel_gradient.rel_grad_per_image`).
     """
     n, c, h, w = q.shape
     kk = kernel_size * kernel_size
     run = _LOCAL_ATTENTION.bind(backend, q.dtype, q.device)
     shape = (n, c, h, w, num_heads, kernel_size, dilation)
     rel_t = _rel_by_tap(q, rel, num_heads, kernel_size)
-    dlogit = torch.empty_like(attn)
+    # dlogit (like attn) and psum = sum_ab p gv per pixel (N, heads, H, W; dlogit = p (gv - psum))
+    # in one allocation: a second, small one between the large ones made glibc return and fault
+    # in the 10 MB of dlogit again on every call (2-3 ms at N2 C64 56x56).
+    scratch = attn.new_empty(attn.numel() + n * num_heads * h * w)
+    dlogit = scratch[: attn.numel()].view(attn.shape)
+    psum = scratch[attn.numel() :].view(n, num_heads, h, w)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     rows = n * num_heads * h
     name = "sasa_logit_q_backward"
-    run(name, _row_threads(run, name, rows, w), grad_out, k, v, rel_t, attn, dlogit, grad_q, *shape)
+    run(
+        name, _row_threads(run, name, rows, w),
+        grad_out, k, v, rel_t, attn, dlogit, psum, grad_q, *shape,
+    )  # fmt: skip
     name = "sasa_kv_backward"
     rows = n * num_heads * _channel_groups(run, name, c // num_heads) * h
     run(
         name, _row_threads(run, name, rows, w),
-        q, grad_out, attn, dlogit, grad_k, grad_v, *shape,
+        q, v, grad_out, attn, dlogit, psum, grad_k, grad_v, *shape,
     )  # fmt: skip
     if rel is None:
         grad_rel = q.new_zeros(c, kernel_size, kernel_size)
@@ -112,8 +120,8 @@ def local_attention_backward(
         else:
             per_image = attn.new_empty(n, c, kk)
             name = "sasa_rel_backward"
-            pairs = (kk + 1) // 2  # one thread per two taps
-            threads = n * num_heads * _channel_groups(run, name, c // num_heads) * pairs
+            chunks = -(-kk // run.tile(name).taps)  # one thread per tile.taps taps
+            threads = n * num_heads * _channel_groups(run, name, c // num_heads) * chunks
             run(name, threads, q, dlogit, per_image, *shape)
         grad_rel = per_image.sum(dim=0).reshape(c, kernel_size, kernel_size).to(q.dtype)
     return grad_q, grad_k, grad_v, grad_rel
