@@ -177,9 +177,16 @@ __device__ __forceinline__ void stem_probs(const san_vec* X, const acc_t* __rest
         P[j] = l;
         top = san_vmax(top, l);
     }
+    // Keys more than 40 (float; 80 in double) below the largest logit get probability 0: less
+    // than a rounding error in any sum, while their tiny probabilities would make denormal numbers
+    // (100 times slower on x86) in every product. Image-scale inputs (pixels in 0..255) give
+    // logits far apart, so most keys are such keys.
+    const san_vec cutoff = top - (acc_t)(sizeof(acc_t) == 8 ? 80 : 40);
     san_vec sum = san_vbcast((acc_t)0);
     for (int j = 0; j < BB; ++j) {
-        P[j] = san_vselect(san_vexp(P[j] - top), t.valid[j], (acc_t)0);
+        const san_vec e = san_vexp(P[j] - top);
+        P[j] = P[j] < cutoff ? san_vbcast((acc_t)0) : e;
+        P[j] = san_vselect(P[j], t.valid[j], (acc_t)0);
         sum = sum + P[j];
     }
     // A lane with an image pixel has sum >= 1 (its largest term is exp(0)); a lane without one
