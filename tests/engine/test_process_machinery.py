@@ -103,6 +103,48 @@ def test_stop_signals_forward_to_child_processes():
         child.wait()
 
 
+# A worker interrupted during an evaluation (interruptible inside the training loop's StopSignals
+# block), whose copy of the signal forwarded by the launcher arrives only after the training loop
+# has ended its block (the launcher was slow to run): that copy must not end the clean-up. Loads
+# interrupt.py and stop_signals.py as a package of their own (stdlib only, no torch import).
+_FORWARDED_LATE = textwrap.dedent("""
+    import importlib, os, signal, sys, time, types
+    package = types.ModuleType("engine")
+    package.__path__ = [sys.argv[1]]
+    sys.modules["engine"] = package
+    interrupt = importlib.import_module("engine.interrupt")
+    stop_signals = importlib.import_module("engine.stop_signals")
+    signum = getattr(signal, sys.argv[2])
+
+    training_loop = stop_signals.StopSignals()  # StopOnSignalHook: before_train ... after_train
+    training_loop.__enter__()
+    try:
+        with interrupt.interruptible("the evaluation"):
+            os.kill(os.getpid(), signum)  # Ctrl-C / kill reaching the worker
+            time.sleep(60)
+    except interrupt.Interrupted as e:
+        stopped = e
+    training_loop.__exit__(None, None, None)
+    os.kill(os.getpid(), signum)  # the launcher's copy
+    time.sleep(0.1)
+    print(stopped, flush=True)  # the clean-up goes on: the one line, the status of the signal
+    sys.exit(stopped.code)
+    """)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopping_process_ignores_a_signal_forwarded_after_its_blocks_ended(signum):
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORWARDED_LATE, str(STOP_SIGNALS.parent), signum.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == exit_status(signum), proc.stderr[-3000:]
+    assert proc.stdout == f"stopped by {signum.name} during the evaluation\n"
+    assert "Traceback" not in proc.stderr
+
+
 # A data loader whose worker ignores stop signals; the iterator stays referenced until the
 # interpreter exits, where multiprocessing would SIGTERM (ignored) and join the worker forever.
 _SHIELDED_LOADER = textwrap.dedent("""
