@@ -28,6 +28,7 @@ from .stop_signals import (
     exit_status,
     pending_stop_signal,
     restore_handlers,
+    stopping,
 )
 
 __all__ = ["Interrupted", "interruptible", "signal_name"]
@@ -72,6 +73,8 @@ def interruptible(during: str) -> Iterator[None]:
         raise Interrupted(pending, f"stopped by {signal_name(pending)} before {during}", "before")
 
     def handle(signum, frame):
+        if stopping():
+            return  # a copy that arrived while this handler ran (handlers nest): ignored
         begin_stopping()  # further signals are ignored: the clean-up runs to its end
         raise Interrupted(signum, f"stopped by {signal_name(signum)} during {during}")
 

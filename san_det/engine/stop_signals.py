@@ -52,23 +52,30 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 _active_blocks = []  # the StopSignals blocks in effect, innermost last
-_stopping = threading.Event()  # begin_stopping() was called: the process is on its way out
+# begin_stopping() was called: the process is on its way out. A plain flag, not a
+# threading.Event: signal handlers read and set it, and a handler can be entered again while it
+# runs (a second signal is handled at the next bytecode, even inside the first handler), where a
+# lock (Event.set takes one) would be acquired twice by the same thread and never released.
+_stopping = False
 
 
 def begin_stopping() -> None:
     """Mark this process as stopping on a signal: SIGTERM and SIGINT are ignored from now on, until
     it exits (see the module docstring). Call it where the stop is decided (the handler that
-    raises, the hook that ends training). Ignoring takes effect in the main thread only; a signal
-    ignored before stays so."""
-    _stopping.set()
-    if threading.current_thread() is threading.main_thread():
-        for signum in STOP_SIGNALS:
+    raises, the hook that ends training); safe in a signal handler (no lock). Ignoring takes
+    effect in the main thread only (elsewhere handlers cannot be changed)."""
+    global _stopping
+    _stopping = True
+    for signum in STOP_SIGNALS:
+        try:
             signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            break
 
 
 def stopping() -> bool:
     """Whether :func:`begin_stopping` was called in this process."""
-    return _stopping.is_set()
+    return _stopping
 
 
 def restore_handlers(previous: Dict[int, object]) -> None:
