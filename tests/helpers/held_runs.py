@@ -6,6 +6,11 @@ the driver wraps that function: its ``hold_call``-th call (in every process of t
 its end, then the process writes its pid to ``<hold dir>/<pid>`` and sleeps until
 :meth:`HeldRun.release` (or for :data:`HOLD_S` seconds). A signal sent then finds the process in
 a plain Python ``time.sleep``, where its handlers run at once.
+
+The child starts with SIGINT at its default, as a job started in a terminal does, even where
+pytest itself ignores it (run in the background by a non-interactive shell: ``cmd &``), which the
+run would inherit and keep (:mod:`san_det.engine.stop_signals`): Ctrl-C tests would then wait for
+a run that never sees the signal.
 """
 
 import os
@@ -63,6 +68,34 @@ if __name__ == "__main__":
 """
 
 
+def _as_in_a_terminal(preexec_fn=None):
+    """A ``preexec_fn``: SIGINT at its default (see the module docstring), then ``preexec_fn``."""
+
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+
+    return setup
+
+
+def _processes_of_session(sid: int) -> List[str]:
+    """``pid state command`` of the processes still in session ``sid`` (Linux; else [])."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:150]
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append(f"{entry} {fields[0]} {command}")
+    return found
+
+
 class HeldRun:
     """``script`` (relative to the repository) with ``args``, in a child process of its own
     session, output to ``<log_dir>/<n>.log``; paused at ``hold_at`` (see the module docstring).
@@ -103,7 +136,7 @@ class HeldRun:
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
-            preexec_fn=preexec_fn,
+            preexec_fn=_as_in_a_terminal(preexec_fn),
         )
         self._copy = threading.Thread(target=self._copy_output, daemon=True)
         self._copy.start()
@@ -135,11 +168,18 @@ class HeldRun:
         (self.hold / "go").write_text("")
 
     def wait(self, timeout: float = TIMEOUT) -> int:
-        """The exit status; fails if the run takes longer than ``timeout`` seconds."""
+        """The exit status; fails if the run takes longer than ``timeout`` seconds, naming the
+        processes still running and the end of the output."""
         try:
             code = self.proc.wait(timeout=timeout)
             self._copy.join(timeout=60)
             return code
+        except subprocess.TimeoutExpired:
+            running = "\n".join(_processes_of_session(self.proc.pid))
+            raise AssertionError(
+                f"the run has not exited within {timeout} s; still running (pid state command):"
+                f"\n{running}\noutput:\n{self.output()[-3000:]}"
+            ) from None
         finally:
             self.kill()
 
