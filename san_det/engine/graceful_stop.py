@@ -5,8 +5,9 @@ training loop. After every step all processes agree (an all-reduce of the signal
 NaN guard agrees on non-finite losses) on whether any of them received a signal, so every rank
 stops after the same iteration. Then the main process writes ``model_<iteration>.pth`` (atomically,
 through the trainer's checkpointer), every process waits for it and raises
-:class:`TrainingStopped`: ``--resume`` continues at the next iteration, exactly as from a periodic
-checkpoint (bit-exactly on the CPU with ``SEED`` >= 0).
+:class:`TrainingStopped`, ignoring further signals until it exits
+(:func:`~.stop_signals.begin_stopping`): ``--resume`` continues at the next iteration, exactly as
+from a periodic checkpoint (bit-exactly on the CPU with ``SEED`` >= 0).
 
 A signal during the last iteration lets training write its final checkpoint, then stops before
 the final evaluation; a signal during an evaluation stops it at once
@@ -22,7 +23,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from .interrupt import Interrupted, signal_name
-from .stop_signals import StopSignals
+from .stop_signals import StopSignals, begin_stopping
 
 __all__ = ["StopOnSignalHook", "TrainingStopped"]
 
@@ -89,4 +90,5 @@ class StopOnSignalHook(HookBase):
         path = os.path.join(checkpointer.save_dir, f"{name}.pth")
         stopped = TrainingStopped(signum, iteration, path)
         logger.warning(str(stopped))
+        begin_stopping()  # a late copy of the signal (Ctrl-C twice, the launcher's) is ignored
         raise stopped

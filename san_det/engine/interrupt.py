@@ -7,8 +7,10 @@ SIGTERM or SIGINT raises :class:`Interrupted` (a ``SystemExit`` with status 143 
 main thread as soon as Python runs again (after the current operator: seconds at most). The
 exception unwinds through the writers, which remove their temporary files and staging folders
 (:mod:`san_det.utils.atomic`), so nothing partial is left under a final name. Further signals
-while it unwinds are ignored, so that this clean-up completes (Ctrl-C twice stops just as once);
-SIGKILL still ends a process at once (its temporaries are removed by the next run).
+are ignored until the process exits (:func:`~.stop_signals.begin_stopping`), so that this
+clean-up completes (Ctrl-C twice stops just as once; so does the copy a launcher forwards to its
+workers, however late it arrives); SIGKILL still ends a process at once (its temporaries are
+removed by the next run).
 
 A signal that a surrounding :class:`~.stop_signals.StopSignals` block (the training loop)
 recorded before the ``interruptible`` block starts is honoured on entry: a run asked to stop
@@ -20,11 +22,16 @@ import signal
 import threading
 from typing import Iterator
 
-from .stop_signals import STOP_SIGNALS, exit_status, pending_stop_signal
+from .stop_signals import (
+    STOP_SIGNALS,
+    begin_stopping,
+    exit_status,
+    pending_stop_signal,
+    restore_handlers,
+    stopping,
+)
 
 __all__ = ["Interrupted", "interruptible", "signal_name"]
-
-_stopping = threading.Event()  # an Interrupted was raised: the process is on its way out
 
 
 def signal_name(signum: int) -> str:
@@ -62,13 +69,13 @@ def interruptible(during: str) -> Iterator[None]:
         return
     pending = pending_stop_signal()
     if pending is not None:
-        _stopping.set()
+        begin_stopping()
         raise Interrupted(pending, f"stopped by {signal_name(pending)} before {during}", "before")
 
     def handle(signum, frame):
-        if _stopping.is_set():
-            return  # already stopping: let the clean-up run to its end
-        _stopping.set()
+        if stopping():
+            return  # a copy that arrived while this handler ran (handlers nest): ignored
+        begin_stopping()  # further signals are ignored: the clean-up runs to its end
         raise Interrupted(signum, f"stopped by {signal_name(signum)} during {during}")
 
     previous = {}
@@ -81,5 +88,4 @@ def interruptible(during: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        restore_handlers(previous)

@@ -17,6 +17,14 @@ A signal that is ignored when the block starts (SIGINT of a job started in the b
 shell) stays ignored. Handlers can only be set in the main thread; elsewhere the block does
 nothing. Receiving a signal again changes nothing (Ctrl-C reaches a launcher and its workers at
 once, and the launcher forwards it once more); SIGKILL ends a run at once.
+
+A process that has begun to stop on a signal (:func:`begin_stopping`: an evaluation stopped at
+once, training stopped after its step) ignores both signals from then on until it exits: blocks
+that end while it unwinds leave them ignored instead of restoring the handlers they replaced.
+A copy of the signal that arrives late (the launcher's, when the launcher ran after its workers
+had left their blocks; Ctrl-C pressed twice) would otherwise meet Python's default handlers and
+break the clean-up at any point: a ``KeyboardInterrupt`` in the middle of writing the
+checkpoint, a traceback at exit, or death by SIGTERM.
 """
 
 import functools
@@ -30,17 +38,53 @@ from typing import Callable, Dict, Iterable, Optional
 __all__ = [
     "STOP_SIGNALS",
     "StopSignals",
+    "begin_stopping",
     "exit_status",
     "ignore_stop_signals_in_worker",
     "pending_stop_signal",
+    "restore_handlers",
     "shield_loader_workers",
     "shielded_worker_init",
+    "stopping",
 ]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 _active_blocks = []  # the StopSignals blocks in effect, innermost last
+# begin_stopping() was called: the process is on its way out. A plain flag, not a
+# threading.Event: signal handlers read and set it, and a handler can be entered again while it
+# runs (a second signal is handled at the next bytecode, even inside the first handler), where a
+# lock (Event.set takes one) would be acquired twice by the same thread and never released.
+_stopping = False
+
+
+def begin_stopping() -> None:
+    """Mark this process as stopping on a signal: SIGTERM and SIGINT are ignored from now on, until
+    it exits (see the module docstring). Call it where the stop is decided (the handler that
+    raises, the hook that ends training); safe in a signal handler (no lock). Ignoring takes
+    effect in the main thread only (elsewhere handlers cannot be changed)."""
+    global _stopping
+    _stopping = True
+    for signum in STOP_SIGNALS:
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            break
+
+
+def stopping() -> bool:
+    """Whether :func:`begin_stopping` was called in this process."""
+    return _stopping
+
+
+def restore_handlers(previous: Dict[int, object]) -> None:
+    """Put back the handlers of ``previous`` (signal number: handler, as ``signal.getsignal``
+    returned it), unless the process is :func:`stopping`: then the signals stay ignored."""
+    if stopping():
+        return
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def pending_stop_signal() -> Optional[int]:
@@ -100,8 +144,7 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        restore_handlers(self._previous)
         self._previous.clear()
         if self in _active_blocks:
             _active_blocks.remove(self)

@@ -103,6 +103,116 @@ def test_stop_signals_forward_to_child_processes():
         child.wait()
 
 
+# A worker interrupted during an evaluation (interruptible inside the training loop's StopSignals
+# block), whose copy of the signal forwarded by the launcher arrives only after the training loop
+# has ended its block (the launcher was slow to run): that copy must not end the clean-up. Loads
+# interrupt.py and stop_signals.py as a package of their own (stdlib only, no torch import).
+_FORWARDED_LATE = textwrap.dedent("""
+    import importlib, os, signal, sys, time, types
+    package = types.ModuleType("engine")
+    package.__path__ = [sys.argv[1]]
+    sys.modules["engine"] = package
+    interrupt = importlib.import_module("engine.interrupt")
+    stop_signals = importlib.import_module("engine.stop_signals")
+    signum = getattr(signal, sys.argv[2])
+
+    training_loop = stop_signals.StopSignals()  # StopOnSignalHook: before_train ... after_train
+    training_loop.__enter__()
+    try:
+        with interrupt.interruptible("the evaluation"):
+            os.kill(os.getpid(), signum)  # Ctrl-C / kill reaching the worker
+            time.sleep(60)
+    except interrupt.Interrupted as e:
+        stopped = e
+    training_loop.__exit__(None, None, None)
+    os.kill(os.getpid(), signum)  # the launcher's copy
+    time.sleep(0.1)
+    print(stopped, flush=True)  # the clean-up goes on: the one line, the status of the signal
+    sys.exit(stopped.code)
+    """)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopping_process_ignores_a_signal_forwarded_after_its_blocks_ended(signum):
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORWARDED_LATE, str(STOP_SIGNALS.parent), signum.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == exit_status(signum), proc.stderr[-3000:]
+    assert proc.stdout == f"stopped by {signum.name} during the evaluation\n"
+    assert "Traceback" not in proc.stderr
+
+
+# The same, with the copy sent at the ``at_line``-th line that Python runs after the first signal
+# (a line tracer), so that it lands in turn on every line of the stop: inside the first signal's
+# handler (handlers nest: the copy is handled at the next bytecode, even there), while the blocks
+# put their handlers back, after they have ended.
+_SECOND_SIGNAL = textwrap.dedent("""
+    import importlib, os, signal, sys, time, types
+    package = types.ModuleType("engine")
+    package.__path__ = [sys.argv[1]]
+    sys.modules["engine"] = package
+    interrupt = importlib.import_module("engine.interrupt")
+    stop_signals = importlib.import_module("engine.stop_signals")
+    signum, at_line = getattr(signal, sys.argv[2]), int(sys.argv[3])
+    lines = 0
+
+    def send_the_copy(frame, event, arg):
+        global lines
+        if event == "line":
+            lines += 1
+            if lines == at_line:
+                os.kill(os.getpid(), signum)
+        return send_the_copy
+
+    training_loop = stop_signals.StopSignals()  # StopOnSignalHook: before_train ... after_train
+    training_loop.__enter__()
+    try:
+        with interrupt.interruptible("the evaluation"):
+            sys._getframe().f_trace = send_the_copy
+            sys.settrace(send_the_copy)
+            os.kill(os.getpid(), signum)  # the first signal
+            time.sleep(60)
+    except interrupt.Interrupted as e:
+        stopped = e
+    training_loop.__exit__(None, None, None)
+    for _ in range(3):  # the rest of the clean-up
+        time.sleep(0.01)
+    sys.settrace(None)
+    print(stopped, "/", "sent" if lines >= at_line else "not sent", flush=True)
+    sys.exit(stopped.code)
+    """)
+
+
+@pytest.mark.slow  # a Python process per line of the stop (about 120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_wherever_it_lands_in_the_stop_changes_nothing(signum):
+    sent = "sent"
+    at_line = 0
+    while sent == "sent":
+        at_line += 1
+        assert at_line < 500, "the stop runs more lines than expected"
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _SECOND_SIGNAL, str(STOP_SIGNALS.parent), signum.name,
+                 str(at_line)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            proc = None  # killed by subprocess.run
+        assert proc is not None, f"a second {signum.name} at line {at_line}: no exit within 30 s"
+        where = f"a second {signum.name} at line {at_line}: {proc.stderr[-2000:]}"
+        assert proc.returncode == exit_status(signum), where
+        line, sent = proc.stdout.strip().split(" / ")
+        assert line == f"stopped by {signum.name} during the evaluation", where
+        assert "Traceback" not in proc.stderr, where
+    assert at_line > 10  # the copy landed on every line of the stop, then after it
+
+
 # A data loader whose worker ignores stop signals; the iterator stays referenced until the
 # interpreter exits, where multiprocessing would SIGTERM (ignored) and join the worker forever.
 _SHIELDED_LOADER = textwrap.dedent("""
