@@ -103,17 +103,23 @@ def test_stop_signals_forward_to_child_processes():
         child.wait()
 
 
-# A worker interrupted during an evaluation (interruptible inside the training loop's StopSignals
-# block), whose copy of the signal forwarded by the launcher arrives only after the training loop
-# has ended its block (the launcher was slow to run): that copy must not end the clean-up. Loads
-# interrupt.py and stop_signals.py as a package of their own (stdlib only, no torch import).
-_FORWARDED_LATE = textwrap.dedent("""
+# interrupt.py and stop_signals.py loaded as a package of their own (stdlib only, no torch
+# import), from the folder given as the script's first argument.
+_LOAD_ENGINE = textwrap.dedent("""
     import importlib, os, signal, sys, time, types
     package = types.ModuleType("engine")
     package.__path__ = [sys.argv[1]]
     sys.modules["engine"] = package
     interrupt = importlib.import_module("engine.interrupt")
     stop_signals = importlib.import_module("engine.stop_signals")
+    """)
+
+
+# A worker interrupted during an evaluation (interruptible inside the training loop's StopSignals
+# block), whose copy of the signal forwarded by the launcher arrives only after the training loop
+# has ended its block (the launcher was slow to run): that copy must not end the clean-up. Loads
+# interrupt.py and stop_signals.py as a package of their own (stdlib only, no torch import).
+_FORWARDED_LATE = _LOAD_ENGINE + textwrap.dedent("""
     signum = getattr(signal, sys.argv[2])
 
     training_loop = stop_signals.StopSignals()  # StopOnSignalHook: before_train ... after_train
@@ -149,13 +155,7 @@ def test_a_stopping_process_ignores_a_signal_forwarded_after_its_blocks_ended(si
 # (a line tracer), so that it lands in turn on every line of the stop: inside the first signal's
 # handler (handlers nest: the copy is handled at the next bytecode, even there), while the blocks
 # put their handlers back, after they have ended.
-_SECOND_SIGNAL = textwrap.dedent("""
-    import importlib, os, signal, sys, time, types
-    package = types.ModuleType("engine")
-    package.__path__ = [sys.argv[1]]
-    sys.modules["engine"] = package
-    interrupt = importlib.import_module("engine.interrupt")
-    stop_signals = importlib.import_module("engine.stop_signals")
+_SECOND_SIGNAL = _LOAD_ENGINE + textwrap.dedent("""
     signum, at_line = getattr(signal, sys.argv[2]), int(sys.argv[3])
     lines = 0
 
