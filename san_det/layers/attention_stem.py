@@ -30,7 +30,8 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.san_det.attention_stem)
 from .checks import check_head_width, check_ints
-from .norm_pool import norm_max_pool
+from .norm_pool import can_fuse_for, norm_max_pool, pool_window, pooled_norm, scale_sign
+from .ops.attention_stem import pool_runs_kernels
 
 __all__ = ["SpatiallyAwareAttentionStem"]
 
@@ -140,6 +141,12 @@ class SpatiallyAwareAttentionStem(nn.Module):
         ``torch.ops.san_det.attention_stem`` (:mod:`san_det.layers.ops.attention_stem`)."""
         self._check_input(x)
         return torch.ops.san_det.attention_stem(
+            *self._op_inputs(x), self.num_heads, self.block_size
+        )
+
+    def _op_inputs(self, x: torch.Tensor):
+        """The stem ops' tensor inputs: the image and the parameters as the ops take them."""
+        return (
             x,
             self.query.weight[:, :, 0, 0],
             self.key.weight[:, :, 0, 0],
@@ -147,14 +154,34 @@ class SpatiallyAwareAttentionStem(nn.Module):
             self.rel_row,
             self.rel_col,
             self.mixture_weights().to(x.dtype).view(-1, self.num_value_mixtures),
-            self.num_heads,
-            self.block_size,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``pool(norm(attention(x)))``; the norm and the pool fused (no full-resolution
-        normalised tensor) where :func:`~san_det.layers.norm_pool.norm_max_pool` can."""
+        """``pool(norm(attention(x)))``. Where the attention runs on the kernels and the norm
+        and pool can be fused (:func:`~san_det.layers.norm_pool.can_fuse_for`; the pool's
+        windows are the attention's blocks), by the op ``san_det::attention_stem_pool``, which
+        never forms the full-resolution attention output; else the norm and the pool fused by
+        :func:`~san_det.layers.norm_pool.norm_max_pool` where it can, else the modules."""
+        if self._pools_in_attention(x):
+            return self._pooled_attention(x)
         return norm_max_pool(self.attention(x), self.norm, self.pool)
+
+    def _pools_in_attention(self, x: torch.Tensor) -> bool:
+        self._check_input(x)
+        b = self.block_size
+        shape = torch.Size((x.shape[0], self.out_channels, *x.shape[2:]))
+        return (
+            pool_window(self.pool) == (b, b)
+            and can_fuse_for(shape, x.dtype, x.device, self.norm, self.pool)
+            and pool_runs_kernels(x, self.out_channels, self.num_heads, b)
+        )
+
+    def _pooled_attention(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, _, sums = torch.ops.san_det.attention_stem_pool(
+            *self._op_inputs(x), scale_sign(self.norm, x), self.num_heads,
+            self.block_size,
+        )  # fmt: skip
+        return pooled_norm(pooled, sums, x.shape[0] * x.shape[2] * x.shape[3], self.norm)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` by :meth:`attention_reference` (plain tensor operations) and the

@@ -49,7 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["can_fuse_norm_max_pool", "norm_max_pool"]
+__all__ = [
+    "can_fuse_for",
+    "can_fuse_norm_max_pool",
+    "norm_max_pool",
+    "pool_window",
+    "pooled_norm",
+    "scale_sign",
+]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -75,7 +82,7 @@ def _has_hooks(*modules: nn.Module) -> bool:
     return any(global_hooks) or any(getattr(m, f"_{kind}", None) for m in modules for kind in kinds)
 
 
-def _window(pool: nn.Module) -> Optional[Tuple[int, int]]:
+def pool_window(pool: nn.Module) -> Optional[Tuple[int, int]]:
     """``(kh, kw)`` of an ``nn.MaxPool2d`` with non-overlapping windows, else ``None``."""
     if type(pool) is not nn.MaxPool2d or pool.return_indices:
         return None
@@ -87,28 +94,78 @@ def _window(pool: nn.Module) -> Optional[Tuple[int, int]]:
 
 def can_fuse_norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> bool:
     """Whether :func:`norm_max_pool` computes ``pool(norm(x))`` fused (see the module's doc)."""
-    window = _window(pool)
-    if window is None or x.dim() != 4 or x.dtype not in _DTYPES or x.numel() == 0:
+    return x.dim() == 4 and can_fuse_for(x.shape, x.dtype, x.device, norm, pool)
+
+
+def can_fuse_for(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, norm: nn.Module, pool: nn.Module
+) -> bool:
+    """:func:`can_fuse_norm_max_pool` for an input of this ``(N, C, H, W)`` shape, dtype and
+    device (the input need not exist: see :func:`pooled_norm`)."""
+    window = pool_window(pool)
+    if window is None or dtype not in _DTYPES or shape.numel() == 0:
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or _has_hooks(norm, pool):
         return False
-    if not pool.ceil_mode and (x.shape[2] % window[0] or x.shape[3] % window[1]):
+    if not pool.ceil_mode and (shape[2] % window[0] or shape[3] % window[1]):
         return False  # floor mode drops the last rows/columns; not covered
     if type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        if norm.num_features != x.shape[1]:
+        if norm.num_features != shape[1]:
             return False
         tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
         if _uses_batch_statistics(norm) and (
-            type(norm) is nn.SyncBatchNorm or x.numel() // x.shape[1] < 2
+            type(norm) is nn.SyncBatchNorm or shape.numel() // shape[1] < 2
         ):
             return False  # SyncBatchNorm's synchronised statistics; BatchNorm's error
     elif type(norm) is _frozen_batch_norm_type():
         tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
     else:
         return False
-    if any(t is not None and t.shape != (x.shape[1],) for t in tensors):
+    if any(t is not None and t.shape != (shape[1],) for t in tensors):
         return False
-    return all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in tensors)
+    return all(t is None or (t.dtype == dtype and t.device == device) for t in tensors)
+
+
+def scale_sign(norm: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """``(C,)`` in ``like``'s dtype and device: the sign of the per-channel scale of a norm
+    :func:`can_fuse_for` takes, the weight's (1 without one): the inverse standard deviation it
+    multiplies is positive."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return torch.ones(norm.num_features, dtype=like.dtype, device=like.device)
+    return weight.detach().sign().to(like.dtype)
+
+
+def pooled_norm(
+    pooled: torch.Tensor, sums: torch.Tensor, count: int, norm: nn.Module
+) -> torch.Tensor:
+    """``pool(norm(y))`` from what is left of ``y`` after pooling (for a norm and pool that
+    :func:`can_fuse_for` takes).
+
+    Args:
+        pooled: ``(N, C, Ho, Wo)``, ``y`` where ``scale_sign(norm) * y`` is largest in each
+            window (the window's first pixel where the sign is 0).
+        sums: ``(2, C)`` float64, the sums of ``y`` and of ``y**2`` over its ``count`` values
+            per channel (batch statistics only; autograd differentiates through them).
+        count: ``N * H * W``.
+        norm: its running statistics are updated as its own forward would.
+    """
+    if not (type(norm) is nn.BatchNorm2d and _uses_batch_statistics(norm)):
+        return norm(pooled)  # elementwise with running statistics: as unfused, bitwise
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp_min(0)  # float64 sums: no cancellation to fear
+    factor = _update_factor(norm)
+    if norm.training and norm.track_running_stats:
+        with torch.no_grad():  # as BatchNorm: the unbiased variance goes to running_var
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+            unbiased = var * (count / (count - 1))
+            norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -mean * scale if norm.bias is None else norm.bias - mean * scale
+    c = (slice(None), None, None)
+    return pooled * scale.to(pooled.dtype)[c] + shift.to(pooled.dtype)[c]
 
 
 def norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> torch.Tensor:
@@ -124,7 +181,7 @@ def norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> torch.Te
     """
     if not can_fuse_norm_max_pool(x, norm, pool):
         return pool(norm(x))
-    window = _window(pool)
+    window = pool_window(pool)
     if type(norm) is nn.BatchNorm2d and _uses_batch_statistics(norm):
         mean, invstd = _batch_statistics(x, norm)
         return _BatchNormMaxPool.apply(x, norm.weight, norm.bias, mean, invstd, window)
@@ -140,14 +197,21 @@ def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     return norm.training or (norm.running_mean is None and norm.running_var is None)
 
 
+def _update_factor(norm: nn.BatchNorm2d) -> float:
+    """The weight of this batch's statistics in the running ones (``nn.BatchNorm2d``'s
+    ``exponential_average_factor``); counts the batch in ``num_batches_tracked`` as it does."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else factor
+    return factor
+
+
 def _batch_statistics(x: torch.Tensor, norm: nn.BatchNorm2d) -> Tuple[torch.Tensor, ...]:
     """Per-channel batch ``mean`` and ``invstd`` (biased variance), ``(C,)`` each; updates the
     running statistics and ``num_batches_tracked`` exactly as ``nn.BatchNorm2d.forward``."""
-    factor = 0.0 if norm.momentum is None else norm.momentum
+    factor = _update_factor(norm)
     update = norm.training and norm.track_running_stats
-    if update and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else factor
     running = (norm.running_mean, norm.running_var) if update else (None, None)
     with torch.no_grad():
         # BatchNorm's statistics kernel: mean, biased var; running_var gets the unbiased one.

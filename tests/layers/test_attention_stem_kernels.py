@@ -113,6 +113,21 @@ def test_kernels_run_with_several_threads():
     _assert_match(got, want, torch.float64)
 
 
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_the_widest_head_the_kernels_take(dtype):
+    """Block size 1 with b*b * head width at the limit (128 channels in one head): a thread's
+    per-channel sums fill their arrays. One key per block: the logits have no gradient, so only
+    the output and the gradients of the image, the value weights and the mixture are checked
+    for being exercised."""
+    case = (1, 3, 5, dict(out_channels=128, num_heads=1, block_size=1))
+    tensors, geometry = _op_inputs(case, dtype)
+    got, want = _run("cpu", tensors, geometry), _run("reference", tensors, geometry)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, **TOLERANCES[dtype], msg=f"output/gradient {i}")
+    assert all(want[i].abs().max() > 0 for i in (0, 1, 4, 7))
+
+
 def test_geometries_beyond_the_kernels_take_the_tensor_ops_or_are_refused():
     max_b = STEM_LIMITS[0]
     case = (1, 11, 13, dict(out_channels=8, num_heads=2, block_size=max_b + 1))
@@ -128,14 +143,15 @@ def test_geometries_beyond_the_kernels_take_the_tensor_ops_or_are_refused():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_source_compiles_within_its_launch_bounds(dtype, arch):
-    """NVRTC with CuPy's options: both kernels build for every dtype, with registers for a block
+    """NVRTC with CuPy's options: every kernel builds for every dtype, with registers for a block
     of DEFAULT_THREADS (their per-thread arrays live in local memory: spills are expected)."""
     from san_det.layers.kernel_runtime import DEFAULT_THREADS
     from tests.helpers.nvrtc import kernel_resources
 
     source = KernelSource("attention_stem.cu")
     usage = kernel_resources(source, dtype, arch)
-    assert set(usage) == {"stem_forward", "stem_backward"} == set(source.kernels)
+    kernels = {"stem_forward", "stem_backward", "stem_pool_forward", "stem_pool_backward"}
+    assert set(usage) == kernels == set(source.kernels)
     for name, (registers, _spilled) in usage.items():
         assert registers * DEFAULT_THREADS <= 65536, (name, registers)
 

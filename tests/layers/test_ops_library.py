@@ -49,6 +49,14 @@ SCHEMAS = {
     "Tensor key_weight, Tensor value_weight, Tensor rel_row, Tensor rel_col, "
     "Tensor mixture_probs, SymInt num_heads, SymInt block_size, bool input_grad, "
     'str backend="auto") -> Tensor[]',
+    "attention_stem_pool": "(Tensor x, Tensor query_weight, Tensor key_weight, "
+    "Tensor value_weight, Tensor rel_row, Tensor rel_col, Tensor mixture_probs, "
+    'Tensor pool_sign, SymInt num_heads, SymInt block_size, str backend="auto") '
+    "-> (Tensor, Tensor, Tensor)",
+    "attention_stem_pool_backward": "(Tensor grad_pooled, Tensor grad_sums, Tensor position, "
+    "Tensor x, Tensor query_weight, Tensor key_weight, Tensor value_weight, Tensor rel_row, "
+    "Tensor rel_col, Tensor mixture_probs, Tensor pool_sign, SymInt num_heads, "
+    'SymInt block_size, bool input_grad, str backend="auto") -> Tensor[]',
 }
 
 

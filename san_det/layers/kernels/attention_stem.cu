@@ -206,36 +206,72 @@ __device__ __forceinline__ void stem_probs(const san_vec* X, const acc_t* __rest
     const int tiles_per_row = (nW + SAN_TJ - 1) / SAN_TJ; \
     const int64_t HW = (int64_t)H * W
 
-template <int B, int CIN, int D>
-__device__ __forceinline__ void stem_forward_tiles(const scalar_t* __restrict__ x,
-                                                   const acc_t* __restrict__ qk,
-                                                   const acc_t* __restrict__ weff,
-                                                   scalar_t* __restrict__ out, int N, int C_in_,
-                                                   int H, int W, int C, int heads, int b_) {
+// One tile's attention output. Without POOL it is written to out (N, C, H, W). With POOL nothing
+// at full resolution is written: per channel ch = h d + c and block, pooled (N, C, nH, nW) gets
+// the output y at the first position (in block order, image pixels only) where sign[ch] * y is
+// largest, position (same shape) that position a * b + col, and sums[ch] / sums[C + ch] get the
+// sums of y / y^2 over the tile's image pixels (a zero sign gives the block's first pixel).
+template <int B, int CIN, int D, bool POOL>
+__device__ __forceinline__ void stem_forward_tile(
+    const stem_tile& t, const scalar_t* __restrict__ x, const acc_t* __restrict__ qk,
+    const acc_t* __restrict__ weff, scalar_t* __restrict__ out, const acc_t* __restrict__ sign,
+    scalar_t* __restrict__ pooled, unsigned char* __restrict__ position, double* __restrict__ sums,
+    int C_in_, int H, int W, int C, int heads, int b_) {
     STEM_SIZES(b_, C_in_, C / heads);
-    SAN_GRID_LOOP(idx, (int64_t)N * nH * tiles_per_row) {
-        stem_tile t;
-        stem_tile_of(idx, tiles_per_row, nH, b, H, W, t);
-        san_vec X[STEM_MAX_CIN * STEM_MAX_BB], V[STEM_MAX_VALUES], O[STEM_MAX_VALUES];
-        san_vec U[STEM_MAX_QUERY], P[STEM_MAX_BB];
-        stem_load_image(x, t, C_in, b, HW, X);
-        for (int h = 0; h < heads; ++h) {
-            stem_values(X, weff, h, d, C, C_in, BB, V);
-            for (int a = 0; a < b; ++a) {  // a row of queries, stored in memory order
-                const int count = stem_row_count(t, a, b, H, W);
-                if (count == 0) continue;
-                for (int bb = 0; bb < b; ++bb) {
-                    stem_probs(X, qk + (int64_t)h * C_in * F, t, a * b + bb, b, C_in, F, U, P);
-                    // d independent sums, not a chain of b*b terms per channel
-                    san_vec o[STEM_MAX_VALUES / STEM_MAX_B];
-                    for (int c = 0; c < d; ++c) o[c] = san_vbcast((acc_t)0);
-                    for (int j = 0; j < BB; ++j)
-                        for (int c = 0; c < d; ++c) o[c] = o[c] + P[j] * V[j * d + c];
-                    for (int c = 0; c < d; ++c) O[bb * d + c] = o[c];
-                }
-                scalar_t* row = out + (t.n * C + h * d) * HW + t.pix[a * b];
-                for (int c = 0; c < d; ++c) stem_store_row(row + c * HW, count, b, O + c, d);
+    san_vec X[STEM_MAX_CIN * STEM_MAX_BB], V[STEM_MAX_VALUES], O[STEM_MAX_VALUES];
+    san_vec U[STEM_MAX_QUERY], P[STEM_MAX_BB];
+    // POOL: per channel the largest sign * y so far, its y and position, the sums of y and y^2
+    san_vec best[POOL ? STEM_MAX_VALUES : 1], val[POOL ? STEM_MAX_VALUES : 1];
+    san_vec pos[POOL ? STEM_MAX_VALUES : 1], s1[POOL ? STEM_MAX_VALUES : 1];
+    san_vec s2[POOL ? STEM_MAX_VALUES : 1];
+    stem_load_image(x, t, C_in, b, HW, X);
+    for (int h = 0; h < heads; ++h) {
+        stem_values(X, weff, h, d, C, C_in, BB, V);
+        if (POOL)
+            for (int c = 0; c < d; ++c) {
+                best[c] = san_vbcast(san_lowest());
+                val[c] = pos[c] = s1[c] = s2[c] = san_vbcast((acc_t)0);
             }
+        for (int a = 0; a < b; ++a) {  // a row of queries, stored in memory order
+            const int count = stem_row_count(t, a, b, H, W);
+            if (count == 0) continue;
+            for (int bb = 0; bb < b; ++bb) {
+                const int p = a * b + bb;
+                stem_probs(X, qk + (int64_t)h * C_in * F, t, p, b, C_in, F, U, P);
+                // d independent sums, not a chain of b*b terms per channel
+                san_vec o[STEM_MAX_VALUES];
+                for (int c = 0; c < d; ++c) o[c] = san_vbcast((acc_t)0);
+                for (int j = 0; j < BB; ++j)
+                    for (int c = 0; c < d; ++c) o[c] = o[c] + P[j] * V[j * d + c];
+                if (!POOL) {
+                    for (int c = 0; c < d; ++c) O[bb * d + c] = o[c];
+                    continue;
+                }
+                for (int c = 0; c < d; ++c) {
+                    const san_vec y = san_vselect(o[c], t.valid[p], (acc_t)0);
+                    s1[c] = s1[c] + y;
+                    s2[c] = s2[c] + y * y;
+                    const san_vec s =
+                        san_vselect(o[c] * san_vbcast(sign[h * d + c]), t.valid[p], san_lowest());
+                    const auto take = s > best[c];  // the first of equal ones stays
+                    val[c] = take ? o[c] : val[c];
+                    pos[c] = take ? san_vbcast((acc_t)p) : pos[c];
+                    best[c] = take ? s : best[c];
+                }
+            }
+            if (POOL) continue;
+            scalar_t* row = out + (t.n * C + h * d) * HW + t.pix[a * b];
+            for (int c = 0; c < d; ++c) stem_store_row(row + c * HW, count, b, O + c, d);
+        }
+        if (!POOL) continue;
+        const int blocks = t.lanes[0];  // the tile's blocks (their first pixels are in the image)
+        for (int c = 0; c < d; ++c) {
+            const int ch = h * d + c;
+            const int64_t at = ((t.n * C + ch) * nH + t.I) * nW + t.J0;
+            san_vstore(pooled + at, val[c], san_lanes(0, blocks));
+            for (int l = 0; l < blocks; ++l) position[at + l] = (unsigned char)san_vget(pos[c], l);
+            sums[ch] += (double)san_vsum(s1[c]);
+            sums[C + ch] += (double)san_vsum(s2[c]);
         }
     }
 }
@@ -245,22 +281,86 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS)
     stem_forward(const scalar_t* __restrict__ x, const acc_t* __restrict__ qk,
                  const acc_t* __restrict__ weff, scalar_t* __restrict__ out, int N, int C_in, int H,
                  int W, int C, int heads, int b) {
-    if (b == 4 && C_in == 3 && C == 8 * heads)
-        stem_forward_tiles<4, 3, 8>(x, qk, weff, out, N, C_in, H, W, C, heads, b);
-    else
-        stem_forward_tiles<0, 0, 0>(x, qk, weff, out, N, C_in, H, W, C, heads, b);
+    const int nH = (H + b - 1) / b, nW = (W + b - 1) / b;
+    const int tiles_per_row = (nW + SAN_TJ - 1) / SAN_TJ;
+    SAN_GRID_LOOP(idx, (int64_t)N * nH * tiles_per_row) {
+        stem_tile t;
+        stem_tile_of(idx, tiles_per_row, nH, b, H, W, t);
+        if (b == 4 && C_in == 3 && C == 8 * heads)
+            stem_forward_tile<4, 3, 8, false>(t, x, qk, weff, out, 0, 0, 0, 0, C_in, H, W, C,
+                                              heads, b);
+        else
+            stem_forward_tile<0, 0, 0, false>(t, x, qk, weff, out, 0, 0, 0, 0, C_in, H, W, C,
+                                              heads, b);
+    }
+}
+
+// The attention output max-pooled by sign over each block, and its channel sums (see
+// stem_forward_tile): thread `item` takes tiles [item * tiles_per_item, (item + 1) *
+// tiles_per_item) and adds its sums into part_sums[item] (2, C) (zeros on entry; the host sums
+// the items).
+__global__ void __launch_bounds__(SAN_BLOCK_THREADS)
+    stem_pool_forward(const scalar_t* __restrict__ x, const acc_t* __restrict__ qk,
+                      const acc_t* __restrict__ weff, const acc_t* __restrict__ sign,
+                      scalar_t* __restrict__ pooled, unsigned char* __restrict__ position,
+                      double* __restrict__ part_sums, int N, int C_in, int H, int W, int C,
+                      int heads, int b, int tiles_per_item) {
+    const int nH = (H + b - 1) / b, nW = (W + b - 1) / b;
+    const int tiles_per_row = (nW + SAN_TJ - 1) / SAN_TJ;
+    const int64_t tiles = (int64_t)N * nH * tiles_per_row;
+    SAN_GRID_LOOP(item, (tiles + tiles_per_item - 1) / tiles_per_item) {
+        double* sums = part_sums + item * 2 * C;
+        const int64_t end = (item + 1) * tiles_per_item, last = end < tiles ? end : tiles;
+        for (int64_t idx = item * tiles_per_item; idx < last; ++idx) {
+            stem_tile t;
+            stem_tile_of(idx, tiles_per_row, nH, b, H, W, t);
+            if (b == 4 && C_in == 3 && C == 8 * heads)
+                stem_forward_tile<4, 3, 8, true>(t, x, qk, weff, 0, sign, pooled, position, sums,
+                                                 C_in, H, W, C, heads, b);
+            else
+                stem_forward_tile<0, 0, 0, true>(t, x, qk, weff, 0, sign, pooled, position, sums,
+                                                 C_in, H, W, C, heads, b);
+        }
+    }
+}
+
+// G[c] (c < d), the gradient of head h's output at query p of a tile from that of
+// stem_pool_forward's outputs (see stem_backward_items), 0 at lanes without an image pixel.
+__device__ __forceinline__ void stem_pooled_gradient(const san_vec* P, const san_vec* V,
+                                                     const san_vec* GP, const san_vec* POS,
+                                                     const acc_t* __restrict__ grad_sums,
+                                                     int need_y, san_mask valid, int p, int h,
+                                                     int d, int C, int BB, san_vec* G) {
+    san_vec y[STEM_MAX_VALUES];
+    for (int c = 0; c < d; ++c) y[c] = san_vbcast((acc_t)0);
+    if (need_y)
+        for (int j = 0; j < BB; ++j)
+            for (int c = 0; c < d; ++c) y[c] = y[c] + P[j] * V[j * d + c];
+    for (int c = 0; c < d; ++c) {
+        const int ch = h * d + c;
+        const san_vec at = POS[c] == san_vbcast((acc_t)p) ? GP[c] : san_vbcast((acc_t)0);
+        const san_vec g =
+            san_vbcast(grad_sums[ch]) + san_vbcast(2 * grad_sums[C + ch]) * y[c] + at;
+        G[c] = san_vselect(g, valid, (acc_t)0);
+    }
 }
 
 // The gradients. Thread `item` takes tiles [item * tiles_per_item, (item + 1) * tiles_per_item)
 // and adds, lane by lane, its part of grad qk into part_qk[item] (heads, C_in, F, SAN_TJ) and of
 // grad weff into part_weff[item] (b*b, C_in, C, SAN_TJ) (zeros on entry; the host sums items and
 // lanes). With input_grad, grad_x (N, C_in, H, W) gets every image pixel (each is in one tile).
-template <int B, int CIN, int D>
+// The output's gradient: without POOL grad_out (N, C, H, W); with POOL that of stem_pool_forward's
+// outputs, grad_pooled (N, C, nH, nW) at the saved positions and grad_sums (2, C) of the sums
+// (the output's gradient is grad_sums[ch] + 2 grad_sums[C + ch] y + grad_pooled at the position;
+// the output y is recomputed where need_y, i.e. some grad_sums[C + ch] is not 0).
+template <int B, int CIN, int D, bool POOL>
 __device__ __forceinline__ void stem_backward_items(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
-    const acc_t* __restrict__ qk, const acc_t* __restrict__ weff, acc_t* __restrict__ part_qk,
-    acc_t* __restrict__ part_weff, scalar_t* __restrict__ grad_x, int N, int C_in_, int H, int W,
-    int C, int heads, int b_, int tiles_per_item, int input_grad) {
+    const scalar_t* __restrict__ grad_pooled, const unsigned char* __restrict__ position,
+    const acc_t* __restrict__ grad_sums, int need_y, const acc_t* __restrict__ qk,
+    const acc_t* __restrict__ weff, acc_t* __restrict__ part_qk, acc_t* __restrict__ part_weff,
+    scalar_t* __restrict__ grad_x, int N, int C_in_, int H, int W, int C, int heads, int b_,
+    int tiles_per_item, int input_grad) {
     STEM_SIZES(b_, C_in_, C / heads);
     const int NQ = C_in + 2 * b;
     const int64_t tiles = (int64_t)N * nH * tiles_per_row;
@@ -276,22 +376,32 @@ __device__ __forceinline__ void stem_backward_items(
             san_vec V[STEM_MAX_VALUES], G[STEM_MAX_VALUES], GV[STEM_MAX_VALUES];
             san_vec U[STEM_MAX_QUERY], GU[STEM_MAX_QUERY], P[STEM_MAX_BB], DL[STEM_MAX_BB];
             san_vec GQ[STEM_MAX_CIN * STEM_MAX_F];
+            san_vec GP[POOL ? STEM_MAX_VALUES : 1], POS[POOL ? STEM_MAX_VALUES : 1];
             stem_load_image(x, t, C_in, b, HW, X);
             for (int k = 0; k < C_in * BB; ++k) GX[k] = san_vbcast((acc_t)0);
             for (int h = 0; h < heads; ++h) {
                 const acc_t* q = qk + (int64_t)h * C_in * F;
                 stem_values(X, weff, h, d, C, C_in, BB, V);
-                for (int a = 0; a < b; ++a) {  // grad_out, G[p * d + c]
+                for (int a = 0; !POOL && a < b; ++a) {  // grad_out, G[p * d + c]
                     const int count = stem_row_count(t, a, b, H, W);
                     const scalar_t* row = grad_out + (t.n * C + h * d) * HW + t.pix[a * b];
                     for (int c = 0; c < d; ++c)
                         stem_load_row(row + c * HW, count, b, G + a * b * d + c, d);
+                }
+                for (int c = 0; POOL && c < d; ++c) {  // the pooled gradient and its positions
+                    const int64_t at = ((t.n * C + h * d + c) * nH + t.I) * nW + t.J0;
+                    GP[c] = san_vload(grad_pooled + at, san_lanes(0, t.lanes[0]));
+                    POS[c] = san_vbcast((acc_t)-1);
+                    for (int l = 0; l < t.lanes[0]; ++l)
+                        POS[c] = san_vset(POS[c], l, (acc_t)position[at + l]);
                 }
                 for (int k = 0; k < BB * d; ++k) GV[k] = san_vbcast((acc_t)0);
                 for (int k = 0; k < C_in * F; ++k) GQ[k] = san_vbcast((acc_t)0);
                 for (int p = 0; p < BB; ++p) {
                     if (t.lanes[p] == 0) continue;  // grad_out 0: no term
                     stem_probs(X, q, t, p, b, C_in, F, U, P);
+                    if (POOL) stem_pooled_gradient(P, V, GP, POS, grad_sums, need_y, t.valid[p],
+                                                   p, h, d, C, BB, G + p * d);
                     // out[p] = sum_j P[j] V[j]: dP[j] = g[p] . V[j], dlogit = P (dP - sum P dP)
                     for (int j = 0; j < BB; ++j) DL[j] = san_vbcast((acc_t)0);
                     for (int c = 0; c < d; ++c) {
@@ -362,9 +472,30 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS)
                   scalar_t* __restrict__ grad_x, int N, int C_in, int H, int W, int C, int heads,
                   int b, int tiles_per_item, int input_grad) {
     if (b == 4 && C_in == 3 && C == 8 * heads)
-        stem_backward_items<4, 3, 8>(x, grad_out, qk, weff, part_qk, part_weff, grad_x, N, C_in,
-                                     H, W, C, heads, b, tiles_per_item, input_grad);
+        stem_backward_items<4, 3, 8, false>(x, grad_out, 0, 0, 0, 0, qk, weff, part_qk, part_weff,
+                                            grad_x, N, C_in, H, W, C, heads, b, tiles_per_item,
+                                            input_grad);
     else
-        stem_backward_items<0, 0, 0>(x, grad_out, qk, weff, part_qk, part_weff, grad_x, N, C_in,
-                                     H, W, C, heads, b, tiles_per_item, input_grad);
+        stem_backward_items<0, 0, 0, false>(x, grad_out, 0, 0, 0, 0, qk, weff, part_qk, part_weff,
+                                            grad_x, N, C_in, H, W, C, heads, b, tiles_per_item,
+                                            input_grad);
+}
+
+// The gradients of stem_pool_forward (see stem_backward_items).
+__global__ void __launch_bounds__(SAN_BLOCK_THREADS)
+    stem_pool_backward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_pooled,
+                       const unsigned char* __restrict__ position,
+                       const acc_t* __restrict__ grad_sums, int need_y,
+                       const acc_t* __restrict__ qk, const acc_t* __restrict__ weff,
+                       acc_t* __restrict__ part_qk, acc_t* __restrict__ part_weff,
+                       scalar_t* __restrict__ grad_x, int N, int C_in, int H, int W, int C,
+                       int heads, int b, int tiles_per_item, int input_grad) {
+    if (b == 4 && C_in == 3 && C == 8 * heads)
+        stem_backward_items<4, 3, 8, true>(x, 0, grad_pooled, position, grad_sums, need_y, qk,
+                                           weff, part_qk, part_weff, grad_x, N, C_in, H, W, C,
+                                           heads, b, tiles_per_item, input_grad);
+    else
+        stem_backward_items<0, 0, 0, true>(x, 0, grad_pooled, position, grad_sums, need_y, qk,
+                                           weff, part_qk, part_weff, grad_x, N, C_in, H, W, C,
+                                           heads, b, tiles_per_item, input_grad);
 }

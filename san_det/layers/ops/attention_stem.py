@@ -393,3 +393,168 @@ def grads(ctx, grad_out):
         grad_out, *ctx.saved_tensors, *ctx.geometry, input_grad, ctx.backend
     )
     return (grads[0] if input_grad else None, *grads[1:], None, None, None)
+
+
+# ------------------------------------------------------------------- pooled: attention_stem_pool
+# ``san_det::attention_stem_pool``: the stem's attention output reduced, inside the op, to what
+# its norm and max pool need (:mod:`san_det.layers.norm_pool`): per channel and block the output
+# at the largest ``sign * output``, and the channel sums of the output and of its square. The
+# kernels never write the full-resolution output; their backward recomputes it where the
+# gradient of the squares' sum needs it.
+def _pool_blocks(t: Tensor, b: int, fill: float) -> Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, nH, nW, b*b)``, padded with ``fill`` to whole blocks."""
+    n, c, h, w = t.shape
+    t = F.pad(t, (0, (-w) % b, 0, (-h) % b), value=fill)
+    nh, nw = t.shape[2] // b, t.shape[3] // b
+    return t.view(n, c, nh, b, nw, b).permute(0, 1, 2, 4, 3, 5).reshape(n, c, nh, nw, b * b)
+
+
+def _pool_reference(y: Tensor, sign: Tensor, b: int):
+    """:func:`pool_impl`'s outputs from the attention output ``y`` by tensor operations."""
+    signed = _pool_blocks(y * sign.to(y.dtype)[:, None, None], b, float("-inf"))
+    position = signed.argmax(-1, keepdim=True)  # the first of equal values
+    pooled = _pool_blocks(y, b, 0.0).gather(-1, position).squeeze(-1)
+    y64 = y.double()
+    sums = torch.stack([y64.sum((0, 2, 3)), (y64 * y64).sum((0, 2, 3))])
+    return pooled, position.squeeze(-1).to(torch.uint8), sums
+
+
+def _pool_gradient(grad_pooled, grad_sums, position, y: Tensor, b: int) -> Tensor:
+    """The gradient of the attention output ``y (N, C, H, W)`` from those of :func:`pool_impl`'s
+    ``pooled`` and ``sums``."""
+    n, c, h, w = y.shape
+    at = torch.zeros_like(_pool_blocks(y, b, 0.0))
+    at.scatter_(-1, position.long().unsqueeze(-1), grad_pooled.to(y.dtype).unsqueeze(-1))
+    nh, nw = at.shape[2:4]
+    at = at.view(n, c, nh, nw, b, b).permute(0, 1, 2, 4, 3, 5).reshape(n, c, nh * b, nw * b)
+    g = grad_sums.to(y.dtype)
+    return at[:, :, :h, :w] + g[0][:, None, None] + 2 * g[1][:, None, None] * y
+
+
+def pool_impl(
+    x: Tensor,
+    query_weight: Tensor,
+    key_weight: Tensor,
+    value_weight: Tensor,
+    rel_row: Tensor,
+    rel_col: Tensor,
+    mixture_probs: Tensor,
+    pool_sign: Tensor,
+    num_heads: int,
+    block_size: int,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.san_det.attention_stem_pool``: :func:`impl`'s output ``y`` reduced over each
+    ``b x b`` block (the blocks of the attention, clipped to the image), without ``y``.
+
+    Args:
+        x ... block_size: as :func:`impl`; pool_sign: ``(C,)``, -1, 0 or 1 per channel (the sign of
+            the norm's scale; not differentiable).
+        backend: as :func:`impl`.
+
+    Returns:
+        ``pooled (N, C, nH, nW)``: ``y`` at the block's first pixel (in row-major order) where
+        ``pool_sign * y`` is largest (the block's first pixel where the sign is 0);
+        ``position`` (same shape, uint8): that pixel's ``row * b + col`` in the block, not
+        differentiable; ``sums (2, C)`` float64: the sums of ``y`` and of ``y**2`` over the
+        batch and the image.
+    """
+    _check_pool(x, query_weight, value_weight, rel_row, pool_sign, num_heads, block_size)
+    weights = (query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs)
+    backend = _backend(backend, x, query_weight, num_heads, block_size)
+    if backend == "reference":
+        y = _forward(x, *weights, num_heads, block_size)
+        pooled, position, sums = _pool_reference(y, pool_sign, block_size)
+    else:
+        image, _, qk, w_eff = _kernel_inputs(backend, x, weights, num_heads, block_size)
+        pooled, position, sums = kernels.attention_stem_pool_forward(
+            backend, image, qk, w_eff, pool_sign, num_heads, block_size
+        )
+    return pooled.to(x.dtype), position, sums
+
+
+def _check_pool(x, wq, wv, rel_row, pool_sign, num_heads: int, b: int) -> None:
+    _check(x, wq, wv, rel_row, num_heads, b)
+    if pool_sign.shape != (wq.shape[0],):
+        raise ValueError(
+            f"attention_stem_pool: pool_sign must be (C,) = ({wq.shape[0]},), got "
+            f"{tuple(pool_sign.shape)}"
+        )
+    if b * b > 256:
+        raise ValueError(f"attention_stem_pool: block_size must be <= 16, got {b}")
+
+
+def pool_fake(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
+              pool_sign, num_heads, block_size, backend="auto"):  # fmt: skip
+    _check_pool(x, query_weight, value_weight, rel_row, pool_sign, num_heads, block_size)
+    n, _, h, w = x.shape
+    c, b = query_weight.shape[0], block_size
+    pooled = x.new_empty(n, c, -(-h // b), -(-w // b))
+    position = torch.empty(pooled.shape, dtype=torch.uint8, device=x.device)
+    return pooled, position, x.new_empty(2, c, dtype=torch.float64)
+
+
+def pool_backward_impl(grad_pooled: Tensor, grad_sums: Tensor, position: Tensor, *args,
+                       backend: str = AUTO) -> List[Tensor]:  # fmt: skip
+    """``torch.ops.san_det.attention_stem_pool_backward`` (:data:`POOL_BACKWARD_SCHEMA`): the
+    gradients of :func:`pool_impl`'s seven tensor inputs but ``pool_sign`` (zeros for ``x``
+    unless ``input_grad``); ``args`` are :func:`pool_impl`'s arguments but the backend, then
+    ``input_grad`` and the backend."""
+    *inputs, _, num_heads, block_size, input_grad = args[:11]
+    backend = args[11] if len(args) > 11 else backend
+    x, query_weight = inputs[:2]
+    backend = _backend(backend, x, query_weight, num_heads, block_size)
+    if backend == "reference":
+        y = _forward(x, *inputs[1:], num_heads, block_size)
+        grad_y = _pool_gradient(grad_pooled, grad_sums, position, y, block_size)
+        grads = _backward(grad_y, *inputs, num_heads, block_size, input_grad)
+    else:
+        image, weights, qk, w_eff = _kernel_inputs(backend, x, inputs[1:], num_heads, block_size)
+        (grad_pooled,) = prepared(backend, x.dtype, grad_pooled)
+        grad_qk, grad_w_eff, grad_x = kernels.attention_stem_pool_backward(
+            backend, grad_pooled, grad_sums, position.contiguous(), image, qk, w_eff, num_heads,
+            block_size, input_grad,
+        )  # fmt: skip
+        grad_ar = grad_qk.transpose(0, 1)
+        grads = _derived_backward(grad_ar, grad_w_eff, *weights, num_heads, block_size)
+        grads = [grad_x if input_grad else torch.zeros_like(x), *grads]
+    return [g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+def pool_backward_fake(grad_pooled, grad_sums, position, *inputs_and_geometry, backend=AUTO):
+    return [t.new_empty(t.shape) for t in inputs_and_geometry[:7]]
+
+
+_POOL_ARGUMENTS = torch.library.infer_schema(pool_impl, mutates_args=()).split(" -> ")[0][1:-1]
+_POOL_TENSORS_AND_GEOMETRY = _POOL_ARGUMENTS.rsplit(", ", 1)[0]
+POOL_BACKWARD_SCHEMA = (
+    f"(Tensor grad_pooled, Tensor grad_sums, Tensor position, {_POOL_TENSORS_AND_GEOMETRY}, "
+    f"bool input_grad, {_BACKEND}) -> Tensor[]"
+)
+
+
+def pool_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8], output[1])
+    ctx.geometry = inputs[8:10]
+    ctx.backend = _backend(inputs[10], inputs[0], inputs[1], *ctx.geometry)
+
+
+def pool_grads(ctx, grad_pooled, grad_position, grad_sums):
+    *inputs, position = ctx.saved_tensors
+    input_grad = ctx.needs_input_grad[0]
+    grads = torch.ops.san_det.attention_stem_pool_backward(
+        grad_pooled, grad_sums, position, *inputs, *ctx.geometry, input_grad, ctx.backend
+    )
+    return (grads[0] if input_grad else None, *grads[1:], None, None, None, None)
+
+
+def pool_runs_kernels(x: Tensor, channels: int, num_heads: int, block_size: int) -> bool:
+    """Whether ``attention_stem_pool`` on ``x`` under ``backend="auto"`` runs the kernels (the
+    reference backend forms the full output, forward and backward: no gain over
+    ``attention_stem`` then)."""
+    try:
+        backend = resolve_backend(AUTO, x)
+    except (RuntimeError, ValueError):
+        return False
+    fits = stem_fits_kernels(x.shape[1], channels, num_heads, block_size)
+    return backend != "reference" and fits and block_size <= 16

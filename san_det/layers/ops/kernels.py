@@ -22,6 +22,8 @@ __all__ = [
     "aggregation_weight_backward",
     "attention_stem_backward",
     "attention_stem_forward",
+    "attention_stem_pool_backward",
+    "attention_stem_pool_forward",
     "local_attention_backward",
     "local_attention_forward",
     "stem_fits_kernels",
@@ -264,25 +266,72 @@ def attention_stem_forward(backend: str, x, qk, w_eff, num_heads: int, block_siz
     return out
 
 
+def _stem_items(run, kernel: str, backend: str, x: torch.Tensor, block_size: int):
+    """``(tiles per item, items)``: kernels whose threads add into their own part of a sum take
+    items of tiles, at most :data:`_STEM_PARTS` of them."""
+    tiles = _stem_tiles(run, kernel, x, block_size)
+    max_parts = _STEM_PARTS[backend] * (torch.get_num_threads() if backend == "cpu" else 1)
+    per_part = -(-tiles // max_parts)
+    return per_part, -(-tiles // per_part)
+
+
 def attention_stem_backward(
     backend: str, grad_out, x, qk, w_eff, num_heads: int, block_size: int, input_grad: bool
 ):
     """``(grad_qk, grad_w_eff, grad_x)`` (``grad_x`` None unless ``input_grad``)."""
+    return _stem_backward(
+        backend, "stem_backward", (grad_out,), x, qk, w_eff, num_heads, block_size, input_grad
+    )
+
+
+def attention_stem_pool_forward(backend: str, x, qk, w_eff, sign, num_heads: int, block_size: int):
+    """The stem's attention output max-pooled over its blocks by ``sign (C,)`` and its channel
+    sums, without the output: ``(pooled (N, C, nH, nW), position uint8 (N, C, nH, nW),
+    sums float64 (2, C))`` (see :func:`.attention_stem.pool_impl`)."""
+    n, c_in, h, w = x.shape
+    c = w_eff.shape[2]
+    blocks_h, blocks_w = -(-h // block_size), -(-w // block_size)
+    pooled = x.new_empty(n, c, blocks_h, blocks_w)
+    position = torch.empty(pooled.shape, dtype=torch.uint8, device=x.device)
+    run = _ATTENTION_STEM.bind(backend, x.dtype, x.device)
+    name = "stem_pool_forward"
+    per_part, parts = _stem_items(run, name, backend, x, block_size)
+    part_sums = torch.zeros(parts, 2, c, dtype=torch.float64, device=x.device)
+    sign = sign.to(qk.dtype).contiguous()
+    run(
+        name, parts,
+        x, qk, w_eff, sign, pooled, position, part_sums,
+        n, c_in, h, w, c, num_heads, block_size, per_part,
+    )  # fmt: skip
+    return pooled, position, part_sums.sum(0)
+
+
+def attention_stem_pool_backward(
+    backend: str, grad_pooled, grad_sums, position, x, qk, w_eff, num_heads: int,
+    block_size: int, input_grad: bool,
+):  # fmt: skip
+    """:func:`attention_stem_backward` for :func:`attention_stem_pool_forward`'s outputs, from
+    the gradients of ``pooled`` and ``sums``."""
+    need_y = bool(grad_sums[1].any())  # the output's own term
+    inputs = (grad_pooled, position, grad_sums.to(qk.dtype).contiguous(), int(need_y))
+    return _stem_backward(
+        backend, "stem_pool_backward", inputs, x, qk, w_eff, num_heads, block_size, input_grad
+    )
+
+
+def _stem_backward(backend, name, gradient, x, qk, w_eff, num_heads, block_size, input_grad):
+    """Run backward kernel ``name`` with the output's ``gradient`` arguments."""
     n, c_in, h, w = x.shape
     c = w_eff.shape[2]
     run = _ATTENTION_STEM.bind(backend, x.dtype, x.device)
-    name = "stem_backward"
     lanes = run.tile(name).pixels
-    tiles = _stem_tiles(run, name, x, block_size)
-    max_parts = _STEM_PARTS[backend] * (torch.get_num_threads() if backend == "cpu" else 1)
-    per_part = -(-tiles // max_parts)
-    parts = -(-tiles // per_part)
+    per_part, parts = _stem_items(run, name, backend, x, block_size)
     part_qk = qk.new_zeros(parts, *qk.shape, lanes)
     part_w = w_eff.new_zeros(parts, *w_eff.shape, lanes)
     grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
     run(
         name, parts,
-        x, grad_out, qk, w_eff, part_qk, part_w, grad_x,
+        x, *gradient, qk, w_eff, part_qk, part_w, grad_x,
         n, c_in, h, w, c, num_heads, block_size, per_part, int(input_grad),
     )  # fmt: skip
     grad_qk, grad_w = part_qk.sum(dim=(0, -1)), part_w.sum(dim=(0, -1))

@@ -15,7 +15,10 @@ one node per op call instead of Python code. :data:`OP_TABLE` lists them, one
   ``aggregation_weight_backward``;
 - ``attention_stem(x, query_weight, key_weight, value_weight, rel_row, rel_col, mixture_probs,
   num_heads, block_size)``, backward ``attention_stem_backward`` (:mod:`.attention_stem`; its
-  ``reference`` backend, tensor operations, runs on any device).
+  ``reference`` backend, tensor operations, runs on any device);
+- ``attention_stem_pool(x, ..., mixture_probs, pool_sign, num_heads, block_size) -> (pooled,
+  position, sums)``, backward ``attention_stem_pool_backward``: the stem's output reduced to what
+  its norm and max pool need, without the output itself (:mod:`.attention_stem`).
 
 Every op ends in ``backend: str = "auto"`` (see :mod:`.registry`: the entry points of
 :mod:`.functional` pass the resolved name, a forward passes its own to its backward).
@@ -345,6 +348,10 @@ OP_TABLE = (
            schema=stem.BACKWARD_SCHEMA),
     OpSpec("attention_stem", stem.impl, stem.fake, stem.grads, stem.setup_context,
            device_types=None),
+    OpSpec("attention_stem_pool_backward", stem.pool_backward_impl, stem.pool_backward_fake,
+           device_types=None, schema=stem.POOL_BACKWARD_SCHEMA),
+    OpSpec("attention_stem_pool", stem.pool_impl, stem.pool_fake, stem.pool_grads,
+           stem.pool_setup_context, device_types=None),
 )  # fmt: skip
 
 # Every registered op by its name in the namespace.
