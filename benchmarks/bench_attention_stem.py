@@ -5,8 +5,14 @@ detection crop), float32, training mode:
 
 - ``conv stem``: ``Conv2d(3, 64, 7, stride 2, padding 3)`` + ``BatchNorm2d`` + ReLU +
   ``MaxPool2d(3, stride 2, padding 1)`` (ResNet's stem; output S/4 x S/4);
-- ``attention stem``: ``SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8)``, its
-  attention by the registered op ``san_det::attention_stem``; output S/4 x S/4;
+- ``attention stem``: ``SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8)``: its
+  forward, the op ``san_det::attention_stem_pool`` (attention, pooling by the norm's sign and
+  the channel sums in the kernels, no full-resolution output) and the BatchNorm on the pooled
+  tensor; output S/4 x S/4;
+- ``attention stem (op + fused norm and pool)``: the same module as ``norm_max_pool(attention(x))``:
+  the op ``san_det::attention_stem`` writing the full-resolution output, then
+  :func:`~san_det.layers.norm_pool.norm_max_pool` (the stem's forward before
+  ``attention_stem_pool``);
 - ``attention stem (op reference backend)``: the same module with the op's ``reference`` backend
   (its chunked tensor operations, the op before it had kernels);
 - ``attention stem (unfused norm + pool)``: the same module with ``pool(norm(attention(x)))``
@@ -53,6 +59,7 @@ from _common import cpu_name, reset_peak_rss, run_child, status_mb, write_report
 CASES = (
     "conv stem",
     "attention stem",
+    "attention stem (op + fused norm and pool)",
     "attention stem (op reference backend)",
     "attention stem (unfused norm + pool)",
     "attention stem (tensor ops)",
@@ -85,6 +92,9 @@ def _case(name: str, batch: int, size: int):
     stem = SpatiallyAwareAttentionStem(3, 64, block_size=4, num_heads=8).train()
     forward = {
         "attention stem": stem,
+        "attention stem (op + fused norm and pool)": lambda t: norm_max_pool(
+            stem.attention(t), stem.norm, stem.pool
+        ),
         "attention stem (op reference backend)": _on_reference_backend(stem),
         "attention stem (unfused norm + pool)": lambda t: stem.pool(stem.norm(stem.attention(t))),
         "attention stem (tensor ops)": stem.forward_reference,
