@@ -25,6 +25,13 @@ head); ``auto`` takes the reference for others. Both backward passes recompute t
 saved input (three channels) instead of keeping them. Padded keys (image sides that are not
 multiples of ``b``) are masked, as in the module's reference. float64 computes in float64, other
 dtypes in float32.
+
+``torch.ops.san_det.attention_stem_pool`` (:func:`pool_impl`) is the same attention followed by
+what the stem's BatchNorm and ``b x b`` max pool need of its output: per channel and block the
+output where ``sign * output`` is largest, and the channel sums of the output and its square
+(:mod:`san_det.layers.norm_pool` turns them into the normalised pooled output). The kernels
+compute these while a block's output is in registers and never write the output; the backward
+recomputes it where the gradient of the squares' sum needs it.
 """
 
 from typing import List, Tuple
