@@ -23,6 +23,11 @@ other dtypes, modules with hooks, tracing with ``torch.jit.trace`` or compiling 
 ``torch.compile``/``torch.export``, which see the plain modules) runs the modules unfused,
 unchanged.
 
+:func:`pooled_norm` is the same norm for a producer that pools by :func:`scale_sign` and sums
+each channel itself (the attention stem's op ``san_det::attention_stem_pool``): it normalises
+from float64 channel sums, and so takes ``nn.SyncBatchNorm`` with batch statistics too (the sums
+added up over the processes, as SyncBatchNorm synchronises its statistics).
+
 With batch statistics the results equal the unfused ones up to float rounding, and the running
 statistics are updated as ``nn.BatchNorm2d`` updates them (``torch.batch_norm_update_stats``,
 BatchNorm's own statistics kernel). Ties: where several pixels of a window hold the same
@@ -98,10 +103,17 @@ def can_fuse_norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) ->
 
 
 def can_fuse_for(
-    shape: torch.Size, dtype: torch.dtype, device: torch.device, norm: nn.Module, pool: nn.Module
+    shape: torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    norm: nn.Module,
+    pool: nn.Module,
+    from_sums: bool = False,
 ) -> bool:
     """:func:`can_fuse_norm_max_pool` for an input of this ``(N, C, H, W)`` shape, dtype and
-    device (the input need not exist: see :func:`pooled_norm`)."""
+    device (the input need not exist). ``from_sums``: for :func:`pooled_norm`, which normalises
+    from channel sums; those SyncBatchNorm's synchronisation can add up across processes, so
+    ``nn.SyncBatchNorm`` with batch statistics is taken too."""
     window = pool_window(pool)
     if window is None or dtype not in _DTYPES or shape.numel() == 0:
         return False
@@ -114,7 +126,7 @@ def can_fuse_for(
             return False
         tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
         if _uses_batch_statistics(norm) and (
-            type(norm) is nn.SyncBatchNorm or shape.numel() // shape[1] < 2
+            (type(norm) is nn.SyncBatchNorm and not from_sums) or shape.numel() // shape[1] < 2
         ):
             return False  # SyncBatchNorm's synchronised statistics; BatchNorm's error
     elif type(norm) is _frozen_batch_norm_type():
@@ -148,10 +160,16 @@ def pooled_norm(
         sums: ``(2, C)`` float64, the sums of ``y`` and of ``y**2`` over its ``count`` values
             per channel (batch statistics only; autograd differentiates through them).
         count: ``N * H * W``.
-        norm: its running statistics are updated as its own forward would.
+        norm: its running statistics are updated as its own forward would. A training
+            ``nn.SyncBatchNorm`` in a process group of several processes adds ``sums`` and
+            ``count`` up across them first, as it synchronises its statistics (the gradients of
+            the sums are added up the same way in the backward).
     """
-    if not (type(norm) is nn.BatchNorm2d and _uses_batch_statistics(norm)):
+    batch_norms = (nn.BatchNorm2d, nn.SyncBatchNorm)
+    if not (type(norm) in batch_norms and _uses_batch_statistics(norm)):
         return norm(pooled)  # elementwise with running statistics: as unfused, bitwise
+    if _synchronises(norm):
+        sums, count = _all_reduced(sums, count, norm.process_group)
     mean = sums[0] / count
     var = (sums[1] / count - mean * mean).clamp_min(0)  # float64 sums: no cancellation to fear
     factor = _update_factor(norm)
@@ -195,6 +213,41 @@ def norm_max_pool(x: torch.Tensor, norm: nn.Module, pool: nn.Module) -> torch.Te
 
 def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     return norm.training or (norm.running_mean is None and norm.running_var is None)
+
+
+def _synchronises(norm: nn.Module) -> bool:
+    """Whether ``nn.SyncBatchNorm.forward`` would synchronise its statistics (training, in an
+    initialised process group of more than one process)."""
+    if type(norm) is not nn.SyncBatchNorm or not norm.training:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    group = norm.process_group or torch.distributed.group.WORLD
+    return torch.distributed.get_world_size(group) > 1
+
+
+def _all_reduced(sums: torch.Tensor, count: int, group) -> Tuple[torch.Tensor, int]:
+    """``sums`` (differentiably) and ``count`` added up over the processes of ``group``."""
+    group = group or torch.distributed.group.WORLD
+    total = torch.tensor([float(count)], dtype=torch.float64, device=sums.device)
+    torch.distributed.all_reduce(total, group=group)
+    return _SumOverProcesses.apply(sums, group), int(total.item())
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """``t`` added up over the processes of a group; its gradient is added up the same way (each
+    process's loss depends on every process's ``t``)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SumOverProcesses.apply(grad, ctx.group), None
 
 
 def _update_factor(norm: nn.BatchNorm2d) -> float:

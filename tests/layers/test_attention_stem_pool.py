@@ -248,6 +248,8 @@ def test_bad_arguments():
 def _norm(kind: str, channels: int, dtype) -> nn.Module:
     if kind == "frozen":
         norm = FrozenBatchNorm2d(channels)
+    elif kind == "sync":  # one process: BatchNorm's statistics
+        norm = nn.SyncBatchNorm(channels)
     else:
         options = {
             "no_affine": dict(affine=False),
@@ -267,7 +269,7 @@ def _norm(kind: str, channels: int, dtype) -> nn.Module:
     return norm.to(dtype)
 
 
-NORMS = ["train", "eval", "momentum_none", "no_affine", "no_running_stats", "frozen"]
+NORMS = ["train", "eval", "momentum_none", "no_affine", "no_running_stats", "frozen", "sync"]
 
 
 def _stem(kind: str, dtype, **kwargs):
@@ -352,3 +354,60 @@ def test_cases_that_do_not_take_the_op(change):
         assert not stem._pools_in_attention(x)
     with torch.no_grad():
         torch.testing.assert_close(stem(x), stem.forward_reference(x))
+
+
+def _synchronised_stem_step(rank: int, init_file: str, results: str) -> None:
+    """One process of two (gloo): its half of the batch through a stem with SyncBatchNorm."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    try:
+        stem = _stem("sync", torch.float64)
+        x = _synchronised_input()[rank::2]
+        assert stem._pools_in_attention(x)
+        out, grad_x, *grads = _step(stem, stem.forward, x, times=1)[0]
+        torch.save(
+            {"out": out, "grad_x": grad_x, "grads": grads, "buffers": list(stem.norm.buffers())},
+            f"{results}.{rank}",
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _synchronised_input():
+    return torch.randn(4, 3, 9, 13, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_sync_batch_norm_over_two_processes_is_batch_norm_over_the_whole_batch(tmp_path):
+    """SyncBatchNorm's statistics over two processes (the channel sums added up, and their
+    gradients in the backward): the outputs, the image's gradient and the running statistics
+    equal BatchNorm over the whole batch; each process's parameter gradients add up to its."""
+    torch.multiprocessing.spawn(
+        _synchronised_stem_step,
+        args=(str(tmp_path / "init"), str(tmp_path / "results")),
+        nprocs=2,
+    )
+    parts = [torch.load(tmp_path / f"results.{rank}", weights_only=True) for rank in (0, 1)]
+    stem = _stem("train", torch.float64)
+    x = _synchronised_input()
+    order = torch.cat([torch.arange(0, 4, 2), torch.arange(1, 4, 2)])
+    leaf = x[order].clone().requires_grad_()
+    out = stem.forward_reference(leaf)
+    grad = torch.cat(  # each process's, as _step draws it
+        [
+            torch.randn(p["out"].shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+            for p in parts
+        ]
+    )
+    grad_x, *grads = torch.autograd.grad(out, [leaf, *stem.parameters()], grad)
+    tol = TOLERANCES[torch.float64]
+    torch.testing.assert_close(torch.cat([p["out"] for p in parts]), out.detach(), **tol)
+    torch.testing.assert_close(torch.cat([p["grad_x"] for p in parts]), grad_x, **tol)
+    for i, want in enumerate(grads):
+        got = parts[0]["grads"][i] + parts[1]["grads"][i]
+        torch.testing.assert_close(got, want, **tol, msg=f"parameter {i}")
+    for rank in (0, 1):
+        for got, want in zip(parts[rank]["buffers"], stem.norm.buffers()):
+            torch.testing.assert_close(got, want, **tol)
