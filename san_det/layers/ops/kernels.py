@@ -239,6 +239,9 @@ STEM_LIMITS = (4, 4, 256)
 # The backward's threads each add into their own part of the weight gradients: at most this many
 # parts (CPU: per OpenMP block of emulated threads; CUDA: enough threads to fill a GPU).
 _STEM_PARTS = {"cpu": 16, "cuda": 8192}  # CPU: times the threads
+# The pooled forward's parts are (2, C) channel sums only: on the GPU one part per tile up to
+# this many (8192 threads would fill 32 blocks of 256, a quarter of an H100's SMs).
+_STEM_SUM_PARTS = {"cpu": 16, "cuda": 65536}
 
 
 def stem_fits_kernels(c_in: int, channels: int, num_heads: int, block_size: int) -> bool:
@@ -266,11 +269,12 @@ def attention_stem_forward(backend: str, x, qk, w_eff, num_heads: int, block_siz
     return out
 
 
-def _stem_items(run, kernel: str, backend: str, x: torch.Tensor, block_size: int):
+def _stem_items(run, kernel: str, backend: str, x: torch.Tensor, block_size: int, limits=None):
     """``(tiles per item, items)``: kernels whose threads add into their own part of a sum take
-    items of tiles, at most :data:`_STEM_PARTS` of them."""
+    items of tiles, at most ``limits`` (:data:`_STEM_PARTS`) of them."""
     tiles = _stem_tiles(run, kernel, x, block_size)
-    max_parts = _STEM_PARTS[backend] * (torch.get_num_threads() if backend == "cpu" else 1)
+    limit = (limits or _STEM_PARTS)[backend]
+    max_parts = limit * (torch.get_num_threads() if backend == "cpu" else 1)
     per_part = -(-tiles // max_parts)
     return per_part, -(-tiles // per_part)
 
@@ -295,7 +299,7 @@ def attention_stem_pool_forward(backend: str, x, qk, w_eff, sign, num_heads: int
     position = torch.empty(pooled.shape, dtype=torch.uint8, device=x.device)
     run = _ATTENTION_STEM.bind(backend, x.dtype, x.device)
     name = "stem_pool_forward"
-    per_part, parts = _stem_items(run, name, backend, x, block_size)
+    per_part, parts = _stem_items(run, name, backend, x, block_size, _STEM_SUM_PARTS)
     part_sums = torch.zeros(parts, 2, c, dtype=torch.float64, device=x.device)
     sign = sign.to(qk.dtype).contiguous()
     run(
