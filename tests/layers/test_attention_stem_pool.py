@@ -25,9 +25,10 @@ from torch import nn
 import san_det  # noqa: F401  (compat before detectron2)
 from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 from san_det.layers.backend import use_backend
-from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
+from tests.helpers.kernel_variants import CPU_VARIANTS, variant_id
 from tests.helpers.launch import launch_config
 from tests.helpers.skips import needs_cuda, needs_cxx
+from tests.layers.test_attention_stem_kernels import cpu_variant  # noqa: F401  (fixture)
 from tests.layers.test_attention_stem_kernels import CASES, TOLERANCES, _case_id, _op_inputs
 
 # The sums are float64 sums of the output (float32 in the float32 kernels' tiles).
@@ -125,12 +126,6 @@ def _has_cxx():
 
 
 # ---------------------------------------------------------------------------------- kernels
-@pytest.fixture
-def cpu_variant(request, monkeypatch):
-    with compile_or_skip(monkeypatch, request.param, "attention_stem.cu"):
-        yield request.param
-
-
 @needs_cxx
 @pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, ids=variant_id, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
