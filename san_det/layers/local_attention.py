@@ -7,11 +7,11 @@ runs is :func:`~san_det.layers.ops.local_attention`.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_head_width, check_ints, check_odd_int
 from .ops import local_attention
-from .stacked_conv import stacked_conv1x1
 
 __all__ = ["LocalSelfAttention2d"]
 
@@ -100,12 +100,10 @@ class LocalSelfAttention2d(nn.Module):
     def project(self, x: torch.Tensor):
         """``(q, k, v)``, each ``(N, out_channels, H, W)``, from ``x`` ``(N, in_channels, H, W)``
         by one 1x1 convolution with the three projection weights stacked (one pass over ``x`` and
-        one product in the backward instead of three; :func:`~.stacked_conv.stacked_conv1x1`
-        keeps no stacked copy of the weights for the backward). Each is made contiguous here,
-        once: the op needs contiguous inputs and would otherwise copy them again in its
-        backward."""
-        weights = (self.query.weight, self.key.weight, self.value.weight)
-        return tuple(t.contiguous() for t in stacked_conv1x1(x, weights).chunk(3, dim=1))
+        one product in the backward instead of three). Each is made contiguous here, once: the op
+        needs contiguous inputs and would otherwise copy them again in its backward."""
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        return tuple(t.contiguous() for t in F.conv2d(x, weight).chunk(3, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
