@@ -325,6 +325,7 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc.stdout.close()
         self._log.close()
 
 
@@ -448,7 +449,7 @@ def _measure_times(args, env: dict, schedule: list) -> dict:
         name: {
             **described[name],
             **times[name],
-            "load_average_1min": statistics.median(train_loads),
+            "load_average_1min": round(statistics.median(train_loads), 2),
             **profiles[name],
         }
         for name in workers
