@@ -17,7 +17,9 @@ inference, and the two "above the bottom-up network" cases) ``--warmup`` untimed
 per round, from figures measured seconds apart, and the median of those ratios is reported
 (``vs_base``; every round's figures and ratios are kept, ``*_rounds``, ``vs_base_rounds``).
 Each figure is wall time with the worker's process CPU time beside it; the 1-minute load
-average is read before every round (``meta.schedule``, with the order the models ran in).
+average is read before every round (``meta.schedule``, with the order the models ran in). The
+workers keep glibc's default allocator, as a training does (before the interleaving, the timing
+ran with the memory measurement's fixed mmap threshold, which made every step slower).
 
 - train step: forward with losses, backward and an SGD step (``model.train()``), median over the
   rounds of wall and process CPU time;
@@ -488,10 +490,15 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
 
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # freed blocks go back to the OS
+    # Memory children: glibc's mmap threshold fixed, so freed blocks go back to the OS (the peak
+    # resident set is the peak of live memory). Timing workers keep the default allocator, as a
+    # training does (with the fixed threshold every large allocation faults its pages in again:
+    # at batch 2 256x256 R50's step took 2.46 CPU s instead of 1.69 and
+    # retinanet_sasa50_attention_fpn_head's 1.20x R50's instead of 1.30x).
+    memory_env = dict(os.environ)
+    memory_env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     load_start = os.getloadavg()
-    peaks = _measure_memory(args, env)
+    peaks = _measure_memory(args, memory_env)
     header = (f"batch {args.batch} x {args.size}x{args.size}, OMP_NUM_THREADS="
               f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {cpu_name()}")  # fmt: skip
     if args.memory_only:
@@ -502,7 +509,7 @@ def main(argv=None) -> int:
             print(f"  {name}: train peak extra {_mb(peak)} MB ({ratio})")
         return 0
     schedule = []
-    measured = _measure_times(args, env, schedule)
+    measured = _measure_times(args, dict(os.environ), schedule)
     results = [
         {"model": name, **measured[name], "train_peak_extra_mb": peaks[name]}
         for name in args.models
@@ -567,6 +574,7 @@ def main(argv=None) -> int:
             "load_average_start": load_start,
             "torch": __import__("torch").__version__,
             "timing": "interleaved: one worker process per model, every round calls each once",
+            "timing_malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "schedule": schedule,
             "targets": verdicts,
         }
