@@ -7,7 +7,6 @@ runs is :func:`~san_det.layers.ops.local_attention`.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_head_width, check_ints, check_odd_int
@@ -20,9 +19,7 @@ class LocalSelfAttention2d(nn.Module):
     """SASA's stand-alone local self-attention layer, a drop-in for a ``k x k`` convolution.
 
     ``q = W_q x``, ``k = W_k x``, ``v = W_v x`` are 1x1 convolutions without bias
-    (``in_channels -> out_channels``), run as one convolution with ``3 * out_channels`` outputs
-    (:meth:`project`: the three weights concatenated at run time, so that state-dict keys stay
-    ``query.weight``, ``key.weight``, ``value.weight``); the logits add learned relative
+    (``in_channels -> out_channels``; :meth:`project`); the logits add learned relative
     embeddings to the keys: inside every head the first half of the head's channels carries a
     row-offset embedding (depends on the window row ``a`` only) and the second half a
     column-offset embedding (window column ``b`` only). ``stride > 1`` runs attention at stride 1
@@ -98,12 +95,17 @@ class LocalSelfAttention2d(nn.Module):
         return torch.cat([row, col], dim=1).reshape(self.out_channels, ks, ks)
 
     def project(self, x: torch.Tensor):
-        """``(q, k, v)``, each ``(N, out_channels, H, W)``, from ``x`` ``(N, in_channels, H, W)``
-        by one 1x1 convolution with the three projection weights stacked (one pass over ``x`` and
-        one product in the backward instead of three). Each is made contiguous here, once: the op
-        needs contiguous inputs and would otherwise copy them again in its backward."""
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        return tuple(t.contiguous() for t in F.conv2d(x, weight).chunk(3, dim=1))
+        """``(q, k, v)``, each ``(N, out_channels, H, W)`` and contiguous (as the op needs them),
+        from ``x`` ``(N, in_channels, H, W)`` by three 1x1 convolutions.
+
+        Not one convolution by the three weights concatenated at run time (commit 2ca7f51):
+        autograd kept each call's concatenated copy of the weights for the backward
+        (52 MB of the 701 MB peak of a batch-2 256x256 ``retinanet_sasa50_attention_fpn_head``
+        training step, whose FPN and head call each layer once per pyramid level), and its
+        output chunks had to be copied to be contiguous. Three convolutions keep only ``x`` and
+        the parameters, and were faster on the CPU (``benchmarks/bench_retinanet.py``: that
+        step 2.7% and its inference 10% in an interleaved A/B)."""
+        return self.query(x), self.key(x), self.value(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -406,9 +406,11 @@ def _assert_all_close_list(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11)
 
 
-def _three_projection_layer_output(layer, x):
-    """The layer as it was before the single projection: three 1x1 convolutions, then the op."""
-    q, k, v = (F.conv2d(x, m.weight) for m in (layer.query, layer.key, layer.value))
+def _stacked_projection_layer_output(layer, x):
+    """The layer as it was with one projection (commit 2ca7f51): a 1x1 convolution by the three
+    weights concatenated at run time, its output chunks made contiguous, then the op."""
+    weight = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight])
+    q, k, v = (t.contiguous() for t in F.conv2d(x, weight).chunk(3, dim=1))
     out = local_attention(
         q, k, v, layer.relative_embedding(),
         num_heads=layer.num_heads, kernel_size=layer.kernel_size, dilation=layer.dilation,
@@ -418,9 +420,10 @@ def _three_projection_layer_output(layer, x):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_single_projection_matches_three_projections(backend, dtype):
-    """The stacked q/k/v convolution gives the output and every gradient of three separate ones
-    (batch of 2, so the chunks of the stacked output are not contiguous)."""
+def test_three_projections_match_the_stacked_projection(backend, dtype):
+    """The layer's three q/k/v convolutions give the output and every gradient of the one
+    convolution by the stacked weights it replaced (batch of 2, so the chunks of the stacked
+    output are not contiguous; different output and input widths, stride 2)."""
     if backend == "cpu" and not cpu_compiler_available():
         pytest.skip("no C++ compiler")
     torch.manual_seed(0)
@@ -428,7 +431,7 @@ def test_single_projection_matches_three_projections(backend, dtype):
     x = torch.randn(2, 6, 7, 9, dtype=dtype)
     grad = torch.randn(2, 8, 4, 5, dtype=dtype)
     results = []
-    for run in (layer, lambda xi: _three_projection_layer_output(layer, xi)):
+    for run in (layer, lambda xi: _stacked_projection_layer_output(layer, xi)):
         xi = x.clone().requires_grad_()
         with use_backend(backend):
             out = run(xi)
@@ -438,9 +441,36 @@ def test_single_projection_matches_three_projections(backend, dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_keeps_for_the_backward_only_what_it_needs(stride):
+    """What autograd saves in a training forward: the input, the parameters, q, k, v, the
+    embedding tensor and the probabilities; no stacked copy of the projection weights, no
+    stacked projection output, nothing twice (and the average pool's input for stride 2)."""
+    layer = LocalSelfAttention2d(6, 8, kernel_size=3, num_heads=2, stride=stride)
+    x = torch.randn(2, 6, 7, 9, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with use_backend("reference"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    projections = [layer.query.weight, layer.key.weight, layer.value.weight]
+    assert {w.untyped_storage().data_ptr() for w in projections} <= set(saved)
+    feature = 2 * 8 * 7 * 9 * 4  # bytes of one of q, k, v and of the attention output
+    probabilities = 2 * 2 * 7 * 9 * 9 * 4  # (N, heads, H, k*k, W) float32
+    rel = 8 * 3 * 3 * 4
+    expected = x.numel() * 4 + 3 * feature + probabilities + rel + (feature if stride > 1 else 0)
+    assert sum(n for ptr, n in saved.items() if ptr not in params) == expected
+    out.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
 def test_checkpoint_of_three_projections_loads_bit_for_bit():
-    """A state dict written before the single projection (keys query/key/value.weight, rel_row,
-    rel_col) loads into the same parameters and gives the output of the three projections."""
+    """A state dict of three projections (keys query/key/value.weight, rel_row, rel_col) loads
+    into the same parameters and gives the output of the three projections."""
     torch.manual_seed(0)
     ks, heads, c_in, c = 3, 2, 4, 8
     old = {
