@@ -11,8 +11,9 @@ dtype, device and tile and sizes the grid:
   enough work to pay for its call.
 
 Tiles: the kernels take the compile-time macros ``SAN_TJ`` (pixels of a row per thread, held in
-the lanes of one ``san_vec``, see ``kernels/san_lanes.h``), ``SAN_CG`` (channels per thread) and
-``SAN_UT`` (taps summed at once). :data:`TILES` says which tile every kernel is compiled and
+the lanes of one ``san_vec``, see ``kernels/san_lanes.h``), ``SAN_CG`` (channels per thread),
+``SAN_UT`` (taps summed at once) and ``SAN_UR`` (image rows per thread, SASA's forward and logit
+backward). :data:`TILES` says which tile every kernel is compiled and
 launched with on the GPU and on each CPU instruction-set level (:func:`~.kernel_runtime.cpu_isa`),
 and :data:`KERNEL_TILES` the kernels that differ from it (a new kernel needs no entry); a CPU
 tile's ``pixels`` is :data:`REGISTER`, one SIMD register of the level and dtype, so loads at the
@@ -55,31 +56,42 @@ CPU_REGISTER_BYTES = {"portable": 16, "avx2": 32, "avx512": 64}
 
 class Tile(NamedTuple):
     """Work per thread: ``pixels`` of an image row, ``channels`` of a head (SASA) or sharing a
-    weight channel (SAN aggregation), ``taps`` of a window column summed at once (SASA)."""
+    weight channel (SAN aggregation), ``taps`` of a window column summed at once (SASA), ``rows``
+    of the same columns, ``dilation`` apart, whose windows share neighbour rows (SASA's forward
+    and logit backward; other kernels ignore it)."""
 
     pixels: int = 1
     channels: int = 1
     taps: int = 1
+    rows: int = 1
 
     def flags(self):
-        return (f"-DSAN_TJ={self.pixels}", f"-DSAN_CG={self.channels}", f"-DSAN_UT={self.taps}")
+        return (
+            f"-DSAN_TJ={self.pixels}", f"-DSAN_CG={self.channels}", f"-DSAN_UT={self.taps}",
+            f"-DSAN_UR={self.rows}",
+        )  # fmt: skip
 
 
 # CUDA or CPU level -> the tile of its kernels. AVX-512's 32 vector registers hold 8 channels'
-# sums, AVX2's and SSE2's 16 hold 4.
+# sums, AVX2's and SSE2's 16 hold 4. SASA's forward and logit backward take 3 rows per thread on
+# AVX-512; with 16 registers 2 rows were slower than 1 (docs/SASA_CPU_PROFILE.md); 1 on the GPU
+# (not measured there; 2 rows spill in the half-precision build).
 TILES: Dict[str, Tile] = {
-    "cuda": Tile(1, 4, 4),
-    "avx512": Tile(REGISTER, 8, 4),
-    "avx2": Tile(REGISTER, 4, 4),
-    "portable": Tile(REGISTER, 4, 4),
+    "cuda": Tile(1, 4, 4, 1),
+    "avx512": Tile(REGISTER, 8, 4, 3),
+    "avx2": Tile(REGISTER, 4, 4, 1),
+    "portable": Tile(REGISTER, 4, 4, 1),
 }
 # CUDA or CPU level -> kernel -> its tile, where it differs from TILES. sasa_rel_backward holds
 # channels * taps sums: 4 x 6 of AVX-512's 32 registers (A/B against 8 x 2: 0.85 at N2 C64 56x56,
 # 0.78 at N2 C256 28x28), 4 x 2 of the 16 of AVX2 and SSE2.
 KERNEL_TILES: Dict[str, Dict[str, Tile]] = {target: {} for target in TILES}
-KERNEL_TILES["avx512"]["sasa_rel_backward"] = Tile(REGISTER, 4, 6)
-KERNEL_TILES["avx2"]["sasa_rel_backward"] = Tile(REGISTER, 4, 2)
-KERNEL_TILES["portable"]["sasa_rel_backward"] = Tile(REGISTER, 4, 2)
+KERNEL_TILES["avx512"]["sasa_rel_backward"] = Tile(REGISTER, 4, 6, 3)
+KERNEL_TILES["avx2"]["sasa_rel_backward"] = Tile(REGISTER, 4, 2, 1)
+KERNEL_TILES["portable"]["sasa_rel_backward"] = Tile(REGISTER, 4, 2, 1)
+# sasa_forward on AVX-512: the 7 taps of a window column at once, 3 rows x 7 sums (A/B against 4
+# taps: 0.91 / 0.97 at N2 C64 56x56 / N2 C256 28x28; the logit backward was not faster).
+KERNEL_TILES["avx512"]["sasa_forward"] = Tile(REGISTER, 8, 7, 3)
 assert set(CPU_ISAS) <= set(TILES)
 
 
@@ -99,9 +111,10 @@ class LaunchOverride(NamedTuple):
     Attributes:
         grid, block: launch every kernel with this grid and block size; a grid much smaller
             than the work makes each thread go round its grid-stride loop.
-        tile: ``(pixels, channels, taps)``, the ``SAN_TJ`` (1 or a power of two up to 32),
-            ``SAN_CG`` and ``SAN_UT`` every CPU kernel is compiled with (``(1, 4, 4)`` runs the
-            CUDA build's code path on the CPU); an entry ``None`` keeps that kernel's own.
+        tile: ``(pixels, channels, taps)`` or ``(pixels, channels, taps, rows)``, the ``SAN_TJ``
+            (1 or a power of two up to 32), ``SAN_CG``, ``SAN_UT`` and ``SAN_UR`` every CPU
+            kernel is compiled with (``(1, 4, 4, 1)`` runs the CUDA build's code path on the
+            CPU); an entry ``None``, or one left out, keeps that kernel's own.
     """
 
     grid: Optional[int] = None
@@ -155,7 +168,8 @@ class BoundLauncher:
         """The tile ``kernel`` is compiled with."""
         tile = default_tile(self.isa or "cuda", kernel, self.dtype)
         if self.backend == "cpu" and self._override.tile is not None:
-            tile = Tile(*(o or t for o, t in zip(self._override.tile, tile)))
+            override = tuple(self._override.tile) + (None,) * (len(tile) - len(self._override.tile))
+            tile = Tile(*(o or t for o, t in zip(override, tile)))
         return tile
 
     def _module(self, kernel: str):

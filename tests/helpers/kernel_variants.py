@@ -18,9 +18,10 @@ from .launch import launch_config
 
 __all__ = ["CPU_VARIANTS", "compile_or_skip", "variant_id"]
 
-# (isa, tile override or None). Odd tiles: (1, 4, 4) is the CUDA build's code path (scalar
-# lanes); (2, 3, 2) and (4, 1, 3) have row widths, head widths and window heights that are not
-# multiples of the tile.
+# (isa, tile override or None). Odd tiles: (1, 4, 4) has the CUDA build's scalar lanes (with the
+# level's rows per thread, which only SASA's kernels read); (2, 3, 2) and (4, 1, 3) have row
+# widths, head widths and window heights that are not multiples of the tile. A fourth entry
+# overrides the rows per thread (see tests/layers/test_local_attention.py).
 CPU_VARIANTS = [(isa, None) for isa in CPU_ISAS] + [
     ("portable", (1, 4, 4)),
     ("portable", (2, 3, 2)),
@@ -30,7 +31,9 @@ CPU_VARIANTS = [(isa, None) for isa in CPU_ISAS] + [
 
 def variant_id(variant) -> str:
     isa, tile = variant
-    return isa if tile is None else "{}-TJ{}CG{}UT{}".format(isa, *tile)
+    if tile is None:
+        return isa
+    return "{}-TJ{}CG{}UT{}".format(isa, *tile) + ("UR{}".format(tile[3]) if len(tile) > 3 else "")
 
 
 def compile_or_skip(monkeypatch, variant, filename: str, dtypes=(torch.float32, torch.float64)):

@@ -15,11 +15,12 @@ def launch_config(
     cpu_pixels_per_thread: Optional[int] = None,
     cpu_channels_per_thread: Optional[int] = None,
     cpu_taps_at_once: Optional[int] = None,
+    cpu_rows_per_thread: Optional[int] = None,
 ) -> Iterator[None]:
     """Launch the kernels bound inside this block with this grid, block and CPU tile (see
     :class:`~san_det.layers.launcher.LaunchOverride`), in every thread (a CUDA backward runs in
     autograd's thread)."""
-    tile = (cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once)
+    tile = (cpu_pixels_per_thread, cpu_channels_per_thread, cpu_taps_at_once, cpu_rows_per_thread)
     if all(t is None for t in tile):
         tile = None
     previous = set_launch_override(LaunchOverride(grid, block, tile))

@@ -119,7 +119,10 @@ def test_bitwise_repeat_in_deterministic_mode(device, backend, pad_mode, determi
 def test_cuda_tile_on_the_cpu_writes_every_output_entry(pad_mode, deterministic_mode):
     """Deterministic mode fills new tensors with NaN: the CUDA build's code path (one pixel per
     thread, the .cu defaults, emulated on the CPU) leaves no entry of any output unwritten."""
-    with launch_config(cpu_pixels_per_thread=1, cpu_channels_per_thread=4, cpu_taps_at_once=4):
+    with launch_config(
+        cpu_pixels_per_thread=1, cpu_channels_per_thread=4, cpu_taps_at_once=4,
+        cpu_rows_per_thread=1,
+    ):  # fmt: skip
         for name, op, inputs in _cases("cpu", torch.float32, pad_mode):
             got, grad = _run("cpu", op, inputs)
             assert all(torch.isfinite(g).all() for g in got), name

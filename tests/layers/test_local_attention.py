@@ -19,7 +19,7 @@ from san_det.layers.ops import kernels as op_kernels
 from san_det.layers.ops import local_attention, local_attention_reference
 from san_det.layers.ops.rel_gradient import rel_grad_per_image
 from tests.helpers.launch import launch_config
-from tests.helpers.nvrtc import compile_kernel_file
+from tests.helpers.nvrtc import compile_kernel_file, nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 # (N, C, H, W, heads, kernel_size, dilation): odd sizes, 1x1, H and W < kernel_size, dilation
@@ -184,6 +184,66 @@ def test_cpu_kernels_larger_image_with_8_channels_per_head(dtype, cpu_variant):
     _check_larger_image(32, dtype)
 
 
+# Several rows per thread (Tile.rows: SASA's forward and logit backward take the rows i, i + dil,
+# ... of a tile and share the neighbour rows their windows have in common): image heights that
+# are not multiples of the rows (the last group has fewer), dilations 1-3 (a group's rows are dil
+# apart), images smaller than the window, one channel group per head (8 channels on AVX-512) and
+# several, on every level, against the reference: forward and every gradient.
+ROW_GEOMETRIES = [
+    (1, 8, 11, 9, 2, 7, 1),
+    (2, 6, 7, 5, 3, 5, 2),
+    (1, 4, 3, 4, 2, 7, 1),
+    (1, 4, 13, 6, 1, 3, 3),
+    (1, 16, 5, 19, 2, 7, 1),
+    (1, 24, 10, 17, 3, 7, 1),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("rows", [2, 3, 4])
+@pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, ids=variant_id, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernels_several_rows_per_thread(dtype, cpu_variant, rows):
+    tile = (cpu_variant[1] or (None, None, None))[:3]  # the variant's tile, `rows` rows
+    for geometry in ROW_GEOMETRIES:
+        q, k, v, rel = _inputs(geometry, dtype=dtype)
+        want = _run("reference", geometry, q.double(), k.double(), v.double(), rel.double())
+        with launch_config(None, None, *tile, rows):
+            got = _run("cpu", geometry, q, k, v, rel)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+        _assert_all_close([g.double() for g in got], want, **tol)
+
+
+# The CUDA build's code path (scalar lanes, one row per thread) and an odd tile with three rows,
+# on the geometries above and the shared ones.
+ROW_VARIANTS = [("portable", (1, 4, 4, 1)), ("portable", (2, 3, 2, 3))]
+
+
+@needs_cxx
+@pytest.mark.parametrize("cpu_variant", ROW_VARIANTS, ids=variant_id, indirect=True)
+@pytest.mark.parametrize("with_rel", [True, False])
+@pytest.mark.parametrize("geometry", GEOMETRIES + ROW_GEOMETRIES, ids=_ids)
+def test_cpu_kernels_row_tiles_match_reference_float64(geometry, with_rel, cpu_variant):
+    q, k, v, rel = _inputs(geometry, with_rel=with_rel)
+    want = _run("reference", geometry, q, k, v, rel)
+    got = _run("cpu", geometry, q, k, v, rel)
+    _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_cxx
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_cpu_kernels_write_every_output_entry(rows, deterministic_mode):
+    """Deterministic mode fills new tensors (the outputs, attn, dlogit) with NaN: with every row
+    count, the kernels leave no entry that is read or returned unwritten."""
+    geometry = (1, 8, 8, 9, 2, 5, 1)
+    q, k, v, rel = _inputs(geometry)
+    want = _run("reference", geometry, q, k, v, rel)
+    with launch_config(cpu_rows_per_thread=rows):
+        got = _run("cpu", geometry, q, k, v, rel)
+    assert all(torch.isfinite(g).all() for g in got)
+    _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def _check_larger_image(channels: int, dtype) -> None:
     geometry = (1, channels, 13, 37, 4, 7, 1)
     q, k, v, rel = _inputs(geometry, dtype=dtype)
@@ -341,6 +401,17 @@ def test_kernels_compile_with_nvrtc(dtype, arch):
     """The CUDA build (SAN_TJ = 1; shapes are run-time arguments) compiles for every dtype."""
     kernels = ("sasa_forward", "sasa_logit_q_backward", "sasa_kv_backward", "sasa_rel_backward")
     compile_kernel_file("local_attention.cu", kernels, [dtype], arch)
+
+
+@pytest.mark.slow
+@needs_nvrtc
+@pytest.mark.parametrize("rows", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_with_several_rows_per_thread_compile_with_nvrtc(dtype, rows):
+    """The CUDA build runs one row per thread (SAN_UR 1); the multi-row code it shares with the
+    CPU builds compiles for the GPU too."""
+    source = KernelSource("local_attention.cu")
+    assert len(nvrtc_compile(source, dtype, "sm_90", (f"-DSAN_UR={rows}",))) > 1000
 
 
 # ----------------------------------------------------------------------------------- the layer

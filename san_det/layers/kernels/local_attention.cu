@@ -23,10 +23,16 @@
 // channels at once, so a probability or
 // logit gradient read from memory serves SAN_CG channels. The kernels that produce per-channel
 // gradients of the neighbours (sasa_kv_backward) take a group of SAN_CG channels per thread; the
-// others take the whole head and loop over its channel groups.
+// others take the whole head and loop over its channel groups. The forward and the logit
+// backward take SAN_UR tiles of one column, rows i, i + dil, ..., per thread: their windows
+// overlap in all but SAN_UR - 1 neighbour rows, and a neighbour loaded once serves every row that
+// sees it (sasa_rows_window).
 
 #ifndef SAN_UT
 #define SAN_UT 4
+#endif
+#ifndef SAN_UR
+#define SAN_UR 1
 #endif
 
 #include "san_lanes.h"
@@ -39,17 +45,6 @@
     const int r = K / 2;                      \
     const int KK = K * K;                     \
     const int WT = (W + SAN_TJ - 1) / SAN_TJ
-
-// The tile of thread `idx` of a kernel over (n, head, i, row tile), after SASA_SIZES: t, its row
-// i, first column j0, its hi0 pixels and their mask m0, the offsets of pixel (i, j0) and of the
-// head's first channel.
-#define SASA_TILE(idx)                                         \
-    const sasa_tile t = sasa_tile_of(idx, WT, H, heads);       \
-    const int i = t.i, j0 = t.j0;                              \
-    const int hi0 = san_tile_lanes(W, j0);                     \
-    const san_mask m0 = san_lanes(0, hi0);                     \
-    const int64_t pix0 = (int64_t)i * W + j0;                  \
-    const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW
 
 // The lanes of the tile at column j0 whose neighbour at column offset `off` is inside a row of W
 // pixels (hi0 = min(SAN_TJ, W - j0) lanes are pixels of the row at all), as a range [lo, hi).
@@ -105,84 +100,160 @@ __device__ __forceinline__ san_mask sasa_column_mask(int j0, int b, int sign, in
 // running maximum (the forward's logits) or sum_ab p[ab] * dot[ab] (the backward's weighted sum).
 enum { SASA_NONE = 0, SASA_MAX = 1, SASA_PSUM = 2 };
 
-// For the U taps (a0 + u, b) of one window column: dst[u] = sum_{c < d} x_c * (y_c + rel_c),
-// x_c the tile in channel c, y_c its neighbour (a0 + u, b), rel_c = rel[c, a0 + u, b] (REL) or 0.
-// x points at the tile in channel 0, y at the neighbour row of a0 in channel 0 (in-image lanes
-// `m`), relT at relT[h, a0 * K + b, 0]; channels are HW apart in x and y, rows rowstep apart in y;
-// dst at tap a0 * K + b of the tile (taps W apart). Lanes outside `m` are stored as `fill`.
-// EXTRA: `red` takes the maximum of the stored values (SASA_MAX) or adds p * value, p read at
-// the same tap offsets from `p` (SASA_PSUM).
-template <int U, bool REL, int EXTRA>
+// The window of a thread's rows. A thread works on the R rows i + t * dil (t < R) of a tile;
+// row t's neighbour (a, b) lies in image row i + (a + t - r) * dil, so the rows share the
+// neighbour rows e = a + t in [0, K + R - 1): a neighbour row loaded once serves up to R taps.
+// cols: the columns [b_lo, b_hi) of the window (the same for every row; its a range is row 0's);
+// [e_lo, e_hi): the neighbour rows in the image; [a_lo[t], a_hi[t]): the window rows of row t,
+// the taps a with a + t in [e_lo, e_hi).
+struct sasa_rows_window {
+    sasa_window cols;
+    int e_lo, e_hi;
+    int a_lo[SAN_UR], a_hi[SAN_UR];
+};
+
+template <int R>
+__device__ __forceinline__ sasa_rows_window sasa_rows_window_of(int i, int j0, int hi0, int H,
+                                                                int W, int K, int r, int dil) {
+    sasa_rows_window rw;
+    rw.cols = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
+    sasa_window_range(i, 1, H, K + R - 1, r, dil, rw.e_lo, rw.e_hi);
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        rw.a_lo[t] = rw.e_lo - t > 0 ? rw.e_lo - t : 0;
+        rw.a_hi[t] = rw.e_hi - t < K ? rw.e_hi - t : K;
+    }
+    return rw;
+}
+
+// Row t's window as a sasa_window.
+__device__ __forceinline__ sasa_window sasa_row_window(const sasa_rows_window& rw, int t) {
+    sasa_window win = rw.cols;
+    win.a_lo = rw.a_lo[t];
+    win.a_hi = rw.a_hi[t];
+    return win;
+}
+
+// For the R rows of a tile and the U taps (a0 + u, b) of one window column:
+// dst_t[u] = sum_{c < d} x_{t,c} * (y_c(a0 + u + t) + rel_c(a0 + u)), x_{t,c} the tile's row t in
+// channel c, y_c(e) its neighbour row e (see sasa_rows_window) at column b, rel_c(a) =
+// rel[c, a, b] (REL) or 0. x points at row 0 of the tile in channel 0, y at neighbour row a0 in
+// channel 0 (in-image lanes `m`), relT at relT[h, a0 * K + b, 0]; channels are HW apart in x and
+// y, rows (t, and e) rowstep apart; dst at tap a0 * K + b of row 0 (taps (a, b) and (a + 1, b)
+// rowtaps apart, rows bufstep apart). Only the taps of each row's window are stored, lanes
+// outside `m` as `fill`. MASKED: only the neighbour rows a0 + e in [rw.e_lo, rw.e_hi) are read
+// (the others are outside the image and count as 0); otherwise all are in the image.
+// EXTRA: red[t] takes the maximum of row t's stored values (SASA_MAX) or adds p * value, p read
+// at the same tap offsets from `p` (SASA_PSUM).
+template <int R, int U, bool REL, int EXTRA, bool MASKED>
 __device__ __forceinline__ void sasa_col_dots(const scalar_t* __restrict__ x,
                                               const scalar_t* __restrict__ y,
                                               const scalar_t* __restrict__ relT,
                                               acc_t* __restrict__ dst,
-                                              const acc_t* __restrict__ p, int64_t HW, int W,
-                                              int64_t rowstep, int K, int d, san_mask m,
-                                              san_mask m0, acc_t fill, san_vec& red) {
-    san_vec s[U];
-    SAN_UNROLL for (int u = 0; u < U; ++u) s[u] = san_vbcast((acc_t)0);
+                                              const acc_t* __restrict__ p, int64_t HW,
+                                              int64_t rowstep, int64_t rowtaps, int64_t bufstep,
+                                              int K, int d, int a0, const sasa_rows_window& rw,
+                                              san_mask m, san_mask m0, acc_t fill, san_vec* red) {
+    constexpr int E = U + R - 1;  // neighbour rows of the chunk
+    san_vec s[R][U];
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        SAN_UNROLL for (int u = 0; u < U; ++u) s[t][u] = san_vbcast((acc_t)0);
+    }
+    san_mask me[E];
+    SAN_UNROLL for (int e = 0; e < E; ++e) {
+        me[e] = !MASKED || (a0 + e >= rw.e_lo && a0 + e < rw.e_hi) ? m : san_lanes(0, 0);
+    }
     const int64_t relstep = (int64_t)K * d;  // relT rows of taps (a, b) and (a + 1, b)
     for (int c = 0; c < d; ++c) {
-        const san_vec xc = san_vload(x + c * HW, m0);
+        san_vec xc[R];
+        SAN_UNROLL for (int t = 0; t < R; ++t) xc[t] = san_vload(x + c * HW + t * rowstep, m0);
         const scalar_t* yc = y + c * HW;
-        SAN_UNROLL for (int u = 0; u < U; ++u) {
-            san_vec yv = san_vload(yc + u * rowstep, m);
-            if (REL) yv = yv + san_vbcast(TO_ACC(relT[u * relstep + c]));
-            s[u] = s[u] + xc * yv;
+        SAN_UNROLL for (int e = 0; e < E; ++e) {
+            san_vec yv = san_vload(yc + e * rowstep, MASKED ? me[e] : m);
+            // One row: the embedding added to the neighbour (one add per tap, as many operations
+            // as a second multiply-add and one register fewer).
+            if (R == 1 && REL) yv = yv + san_vbcast(TO_ACC(relT[e * relstep + c]));
+            SAN_UNROLL for (int t = 0; t < R; ++t) {
+                if (e - t >= 0 && e - t < U) s[t][e - t] = s[t][e - t] + xc[t] * yv;
+            }
+        }
+        if (R > 1 && REL) {
+            SAN_UNROLL for (int u = 0; u < U; ++u) {
+                const san_vec rv = san_vbcast(TO_ACC(relT[u * relstep + c]));
+                SAN_UNROLL for (int t = 0; t < R; ++t) s[t][u] = s[t][u] + xc[t] * rv;
+            }
         }
     }
-    const int64_t rowtaps = (int64_t)K * W;  // taps (a, b) and (a + 1, b) in the buffer
-    SAN_UNROLL for (int u = 0; u < U; ++u) {
-        const san_vec value = san_vselect(s[u], m, fill);
-        san_vstore(dst + u * rowtaps, value, m0);
-        if (EXTRA == SASA_MAX) red = san_vmax(red, value);
-        if (EXTRA == SASA_PSUM) red = red + san_vload(p + u * rowtaps, m0) * value;
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        SAN_UNROLL for (int u = 0; u < U; ++u) {
+            // Not in row t's window (one row: the chunks are inside it).
+            if (R > 1 && (a0 + u < rw.a_lo[t] || a0 + u >= rw.a_hi[t])) continue;
+            const san_vec value = san_vselect(s[t][u], m, fill);
+            san_vstore(dst + t * bufstep + u * rowtaps, value, m0);
+            if (EXTRA == SASA_MAX) red[t] = san_vmax(red[t], value);
+            if (EXTRA == SASA_PSUM) {
+                red[t] = red[t] + san_vload(p + t * bufstep + u * rowtaps, m0) * value;
+            }
+        }
     }
 }
 
-// sasa_col_dots for `rows` (1 <= rows <= U) taps: the instance with exactly that many sums.
-template <int U, bool REL, int EXTRA>
-__device__ __forceinline__ void sasa_col_dots_upto(int rows, const scalar_t* x, const scalar_t* y,
+// sasa_col_dots for `taps` (1 <= taps <= U) taps: the instance with exactly that many sums.
+template <int R, int U, bool REL, int EXTRA, bool MASKED>
+__device__ __forceinline__ void sasa_col_dots_upto(int taps, const scalar_t* x, const scalar_t* y,
                                                    const scalar_t* relT, acc_t* dst,
-                                                   const acc_t* p, int64_t HW, int W,
-                                                   int64_t rowstep, int K, int d, san_mask m,
-                                                   san_mask m0, acc_t fill, san_vec& red) {
+                                                   const acc_t* p, int64_t HW, int64_t rowstep,
+                                                   int64_t rowtaps, int64_t bufstep, int K, int d,
+                                                   int a0, const sasa_rows_window& rw,
+                                                   san_mask m, san_mask m0, acc_t fill,
+                                                   san_vec* red) {
     if constexpr (U > 1) {
-        if (rows < U) {
-            sasa_col_dots_upto<U - 1, REL, EXTRA>(rows, x, y, relT, dst, p, HW, W, rowstep, K, d,
-                                                  m, m0, fill, red);
+        if (taps < U) {
+            sasa_col_dots_upto<R, U - 1, REL, EXTRA, MASKED>(taps, x, y, relT, dst, p, HW,
+                                                             rowstep, rowtaps, bufstep, K, d, a0,
+                                                             rw, m, m0, fill, red);
             return;
         }
     }
-    sasa_col_dots<U, REL, EXTRA>(x, y, relT, dst, p, HW, W, rowstep, K, d, m, m0, fill, red);
+    sasa_col_dots<R, U, REL, EXTRA, MASKED>(x, y, relT, dst, p, HW, rowstep, rowtaps, bufstep, K,
+                                            d, a0, rw, m, m0, fill, red);
 }
 
-// dst[ab] = sum_{c < d} x_c * (y_c(neighbour ab) + rel[c, ab]) for the taps of `win` (fill where
-// the neighbour is outside; taps outside `win` are not written). x at the tile in channel 0, y at
-// channel 0, row 0, column j0; dst (and p) at tap 0 of the tile (taps W apart); m0: the tile's
-// lanes. Returns the EXTRA reduction (see sasa_col_dots), started from `init`.
-template <bool REL, int EXTRA>
-__device__ __forceinline__ san_vec sasa_window_dots(const scalar_t* x, const scalar_t* y,
-                                                    const scalar_t* relT, acc_t* dst,
-                                                    const acc_t* p, int64_t HW,
-                                                    const sasa_window& win, int i, int j0, int K,
-                                                    int d, int r, int dil, int W, int hi0,
-                                                    san_mask m0, acc_t fill, acc_t init) {
+// dst_t[ab] = sum_{c < d} x_{t,c} * (y_c(neighbour ab of row t) + rel[c, ab]) for the taps of
+// each row's window (fill where the neighbour is outside the image; other taps are not
+// written). x at row 0 of the tile in channel 0, y at channel 0, image row 0, column j0; dst
+// (and p) at tap 0 of row 0 (taps W apart, rows dil * K * K * W apart); m0: the tile's lanes.
+// red[t]: row t's EXTRA reduction (see sasa_col_dots), started by the caller.
+template <int R, bool REL, int EXTRA>
+__device__ __forceinline__ void sasa_window_dots(const scalar_t* x, const scalar_t* y,
+                                                 const scalar_t* relT, acc_t* dst,
+                                                 const acc_t* p, int64_t HW,
+                                                 const sasa_rows_window& rw, int i, int j0, int K,
+                                                 int d, int r, int dil, int W, int hi0,
+                                                 san_mask m0, acc_t fill, san_vec* red) {
     const int64_t rowstep = (int64_t)dil * W;
-    san_vec red = san_vbcast(init);
-    for (int b = win.b_lo; b < win.b_hi; ++b) {
+    const int64_t rowtaps = (int64_t)K * W;
+    const int64_t bufstep = (int64_t)dil * K * K * W;
+    // The union of the rows' windows (a_lo and a_hi fall with t).
+    const int u_lo = rw.a_lo[R - 1], u_hi = rw.a_hi[0];
+    for (int b = rw.cols.b_lo; b < rw.cols.b_hi; ++b) {
         const int off = (b - r) * dil;
         const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
-        for (int a = win.a_lo; a < win.a_hi; a += SAN_UT) {
+        for (int a = u_lo; a < u_hi; a += SAN_UT) {
             const int ab = a * K + b;
-            const int rows = win.a_hi - a < SAN_UT ? win.a_hi - a : SAN_UT;
-            sasa_col_dots_upto<SAN_UT, REL, EXTRA>(
-                rows, x, y + (int64_t)(i + (a - r) * dil) * W + off, relT + (int64_t)ab * d,
-                dst + ab * W, p + ab * W, HW, W, rowstep, K, d, m, m0, fill, red);
+            const int taps = u_hi - a < SAN_UT ? u_hi - a : SAN_UT;
+            const scalar_t* ya = y + (int64_t)(i + (a - r) * dil) * W + off;
+            // (One row: its window's neighbour rows are all in the image.)
+            if (R == 1 || (a >= rw.e_lo && a + taps + R - 1 <= rw.e_hi)) {
+                sasa_col_dots_upto<R, SAN_UT, REL, EXTRA, false>(
+                    taps, x, ya, relT + (int64_t)ab * d, dst + ab * W, p + ab * W, HW, rowstep,
+                    rowtaps, bufstep, K, d, a, rw, m, m0, fill, red);
+            } else {
+                sasa_col_dots_upto<R, SAN_UT, REL, EXTRA, true>(
+                    taps, x, ya, relT + (int64_t)ab * d, dst + ab * W, p + ab * W, HW, rowstep,
+                    rowtaps, bufstep, K, d, a, rw, m, m0, fill, red);
+            }
         }
     }
-    return red;
 }
 
 // Stores 0 at every tap of the tile outside `win` (dst at tap 0, taps W apart).
@@ -203,99 +274,195 @@ __device__ __forceinline__ void sasa_zero_outside(acc_t* dst, const sasa_window&
 // the dots gv in w and the probabilities p).
 enum { SASA_AS_IS = 0, SASA_SCALE = 1, SASA_DLOGIT = 2 };
 
-// For G channels g: dst_g = sum_{a, b} w[ab] * (y_g(neighbour ab) + rel[c0 + g, ab]) over the
-// in-image neighbours of the tile at (i, j0); w (and p) at tap 0 of the tile in an acc_t buffer
-// (taps W apart), y at channel c0, row 0, column j0, relT at relT[h, 0, c0 - h * d] (REL).
-// FINISH (not SASA_AS_IS): w[ab] is first replaced by its finished value (see above, with
-// `scale` or `shift`), which is what the sum uses.
-template <int G, bool REL, int FINISH>
+// For the R rows t of a tile and G channels g: dst_{t,g} = sum_{a, b} w_t[ab] *
+// (y_g(neighbour ab of row t) + rel[c0 + g, ab]) over the in-image neighbours; w (and p) at tap
+// 0 of row 0 in an acc_t buffer (taps W apart, rows dil * K * K * W apart), holding 0 at the taps
+// outside each row's window; y at channel c0, image row 0, column j0; relT at
+// relT[h, 0, c0 - h * d] (REL); dst at row 0 of the tile in channel c0. A neighbour row e is
+// loaded once for all rows t that use it (tap a = e - t). FINISH (not SASA_AS_IS): w_t[ab] is
+// first replaced by its finished value (see above, with sos[t] as scale or shift), which is what
+// the sum uses. With several rows the embedding term is a second pass over the finished weights,
+// where one broadcast of rel[c, ab] serves every row; with one it is added to the neighbour.
+template <int R, int G, bool REL, int FINISH>
 __device__ __forceinline__ void sasa_gather_taps(acc_t* __restrict__ w,
                                                  const acc_t* __restrict__ p,
                                                  const scalar_t* __restrict__ y,
                                                  const scalar_t* __restrict__ relT,
                                                  scalar_t* __restrict__ dst, int64_t HW,
-                                                 const sasa_window& win, int i, int j0, int K,
+                                                 const sasa_rows_window& rw, int i, int j0, int K,
                                                  int d, int r, int dil, int W, int hi0,
-                                                 san_mask m0, san_vec scale_or_shift) {
-    san_vec s[G];
-    SAN_UNROLL for (int g = 0; g < G; ++g) s[g] = san_vbcast((acc_t)0);
-    for (int b = win.b_lo; b < win.b_hi; ++b) {
+                                                 san_mask m0, const san_vec* sos) {
+    const int64_t rowstep = (int64_t)dil * W;
+    const int64_t bufstep = (int64_t)dil * K * K * W;
+    san_vec s[R][G];
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        SAN_UNROLL for (int g = 0; g < G; ++g) s[t][g] = san_vbcast((acc_t)0);
+    }
+    for (int b = rw.cols.b_lo; b < rw.cols.b_hi; ++b) {
         const int off = (b - r) * dil;
         const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
-        const scalar_t* yp = y + (int64_t)(i + (win.a_lo - r) * dil) * W + off;
-        for (int a = win.a_lo; a < win.a_hi; ++a, yp += (int64_t)dil * W) {
-            const int ab = a * K + b;
-            san_vec wv;
-            if (FINISH == SASA_AS_IS) {
-                wv = san_vload(w + ab * W, m);
-            } else {
-                // Lanes outside m hold 0 in w (and p): they stay 0.
-                wv = san_vload(w + ab * W, m0);
-                if (FINISH == SASA_SCALE) wv = wv * scale_or_shift;
-                if (FINISH == SASA_DLOGIT) wv = san_vload(p + ab * W, m0) * (wv - scale_or_shift);
-                san_vstore(w + ab * W, wv, m0);
+        const scalar_t* yp = y + (int64_t)(i + (rw.e_lo - r) * dil) * W + off;
+        for (int e = rw.e_lo; e < rw.e_hi; ++e, yp += rowstep) {
+            san_vec wv[R];
+            SAN_UNROLL for (int t = 0; t < R; ++t) {
+                const int a = e - t;  // row t's tap (in its window, since row e is in the image)
+                if (R > 1 && (a < 0 || a >= K)) {
+                    wv[t] = san_vbcast((acc_t)0);
+                    continue;
+                }
+                acc_t* wt = w + t * bufstep + (a * K + b) * W;
+                if (FINISH == SASA_AS_IS) {
+                    wv[t] = san_vload(wt, m);
+                } else {
+                    // Lanes outside m hold 0 in w (and p): they stay 0.
+                    wv[t] = san_vload(wt, m0);
+                    if (FINISH == SASA_SCALE) wv[t] = wv[t] * sos[t];
+                    if (FINISH == SASA_DLOGIT) {
+                        wv[t] = san_vload(p + t * bufstep + (a * K + b) * W, m0) * (wv[t] - sos[t]);
+                    }
+                    san_vstore(wt, wv[t], m0);
+                }
             }
             SAN_UNROLL for (int g = 0; g < G; ++g) {
                 san_vec yv = san_vload(yp + g * HW, m);
-                if (REL) yv = yv + san_vbcast(TO_ACC(relT[(int64_t)ab * d + g]));
-                s[g] = s[g] + wv * yv;
+                if (R == 1 && REL) yv = yv + san_vbcast(TO_ACC(relT[(int64_t)(e * K + b) * d + g]));
+                SAN_UNROLL for (int t = 0; t < R; ++t) s[t][g] = s[t][g] + wv[t] * yv;
             }
         }
     }
-    SAN_UNROLL for (int g = 0; g < G; ++g) san_vstore(dst + g * HW, s[g], m0);
+    if (R > 1 && REL) {
+        // sum_ab w_t[ab] rel[c, ab] over the union of the rows' windows (w is 0 outside each).
+        for (int a = rw.a_lo[R - 1]; a < rw.a_hi[0]; ++a) {
+            for (int b = rw.cols.b_lo; b < rw.cols.b_hi; ++b) {
+                const int ab = a * K + b;
+                san_vec wv[R];
+                SAN_UNROLL for (int t = 0; t < R; ++t) {
+                    wv[t] = san_vload(w + t * bufstep + ab * W, m0);
+                }
+                SAN_UNROLL for (int g = 0; g < G; ++g) {
+                    const san_vec rv = san_vbcast(TO_ACC(relT[(int64_t)ab * d + g]));
+                    SAN_UNROLL for (int t = 0; t < R; ++t) s[t][g] = s[t][g] + wv[t] * rv;
+                }
+            }
+        }
+    }
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        SAN_UNROLL for (int g = 0; g < G; ++g) san_vstore(dst + t * rowstep + g * HW, s[t][g], m0);
+    }
 }
 
 // sasa_gather_taps over all d channels of a head: groups of SAN_CG channels, then one at a time;
 // the first group finishes w (FINISH), the others read the finished weights.
-template <bool REL, int FINISH>
+template <int R, bool REL, int FINISH>
 __device__ __forceinline__ void sasa_gather_head(acc_t* w, const acc_t* p, const scalar_t* y,
                                                  const scalar_t* relT, scalar_t* dst,
-                                                 int64_t HW, const sasa_window& win, int i,
+                                                 int64_t HW, const sasa_rows_window& rw, int i,
                                                  int j0, int K, int d, int r, int dil, int W,
-                                                 int hi0, san_mask m0, san_vec scale_or_shift) {
+                                                 int hi0, san_mask m0, const san_vec* sos) {
     int c = 0;
     if (d >= SAN_CG) {
-        sasa_gather_taps<SAN_CG, REL, FINISH>(w, p, y, relT, dst, HW, win, i, j0, K, d, r, dil, W,
-                                              hi0, m0, scale_or_shift);
+        sasa_gather_taps<R, SAN_CG, REL, FINISH>(w, p, y, relT, dst, HW, rw, i, j0, K, d, r, dil,
+                                                 W, hi0, m0, sos);
         c = SAN_CG;
     } else {
-        sasa_gather_taps<1, REL, FINISH>(w, p, y, relT, dst, HW, win, i, j0, K, d, r, dil, W, hi0,
-                                         m0, scale_or_shift);
+        sasa_gather_taps<R, 1, REL, FINISH>(w, p, y, relT, dst, HW, rw, i, j0, K, d, r, dil, W,
+                                            hi0, m0, sos);
         c = 1;
     }
     for (; c + SAN_CG <= d; c += SAN_CG) {
-        sasa_gather_taps<SAN_CG, REL, SASA_AS_IS>(w, p, y + c * HW, relT + c, dst + c * HW, HW,
-                                                  win, i, j0, K, d, r, dil, W, hi0, m0,
-                                                  scale_or_shift);
+        sasa_gather_taps<R, SAN_CG, REL, SASA_AS_IS>(w, p, y + c * HW, relT + c, dst + c * HW, HW,
+                                                     rw, i, j0, K, d, r, dil, W, hi0, m0, sos);
     }
     for (; c < d; ++c) {
-        sasa_gather_taps<1, REL, SASA_AS_IS>(w, p, y + c * HW, relT + c, dst + c * HW, HW, win,
-                                             i, j0, K, d, r, dil, W, hi0, m0, scale_or_shift);
+        sasa_gather_taps<R, 1, REL, SASA_AS_IS>(w, p, y + c * HW, relT + c, dst + c * HW, HW, rw,
+                                                i, j0, K, d, r, dil, W, hi0, m0, sos);
     }
 }
 
-// The tile of thread `idx` over (n, head, i, row tile): its batch-head index nh = n * heads + h,
-// head h, row i and first column j0.
+// Row groups of a kernel over (n, head, row group, row tile): the rows i0 + t * dil (t < SAN_UR)
+// of group g, i0 = (g / dil) * SAN_UR * dil + g % dil, are its rows inside the image (all SAN_UR
+// but at the image's bottom, where a group may have fewer or none); groups = dil *
+// ceil(H / (SAN_UR * dil)), H with one row per group (ops/kernels.py sizes the grids alike).
+__device__ __forceinline__ int sasa_row_groups(int H, int dil) {
+    return SAN_UR == 1 ? H : dil * ((H + SAN_UR * dil - 1) / (SAN_UR * dil));
+}
+
+// The tile of thread `idx` over (n, head, row group, row tile): its batch-head index
+// nh = n * heads + h, head h, first row i, rows inside the image and first column j0.
 struct sasa_tile {
     int64_t n, nh;
-    int h, i, j0;
+    int h, i, rows, j0;
 };
 
-__device__ __forceinline__ sasa_tile sasa_tile_of(int64_t idx, int WT, int H, int heads) {
+__device__ __forceinline__ sasa_tile sasa_tile_of(int64_t idx, int WT, int H, int heads,
+                                                  int dil) {
+    const int groups = sasa_row_groups(H, dil);
     sasa_tile t;
-    const int64_t nhi = san_div(idx, WT);  // (n * heads + h) * H + i
-    t.j0 = (int)(idx - nhi * WT) * SAN_TJ;
-    t.nh = san_div(nhi, H);
-    t.i = (int)(nhi - t.nh * H);
+    const int64_t nhg = san_div(idx, WT);  // (n * heads + h) * groups + g
+    t.j0 = (int)(idx - nhg * WT) * SAN_TJ;
+    t.nh = san_div(nhg, groups);
+    const int g = (int)(nhg - t.nh * groups);
     t.n = san_div(t.nh, heads);
     t.h = (int)(t.nh - t.n * heads);
+    if (SAN_UR == 1) {
+        t.i = g;
+        t.rows = 1;
+    } else {
+        t.i = (g / dil) * SAN_UR * dil + g % dil;
+        const int left = t.i < H ? (H - t.i + dil - 1) / dil : 0;
+        t.rows = left < SAN_UR ? left : SAN_UR;
+    }
     return t;
 }
 
-// Forward. One thread per (n, head, i, row tile): the K*K logits
+// The forward for the R rows i + t * dil of the tile at column j0 (see sasa_forward); q, k, v,
+// out and attn at channel 0 of the head (attn: row 0, tap 0, column 0), relT at the head's.
+template <int R>
+__device__ __forceinline__ void sasa_forward_rows(const scalar_t* q, const scalar_t* k,
+                                                  const scalar_t* v, const scalar_t* relT,
+                                                  acc_t* attn, scalar_t* out, int64_t HW, int i,
+                                                  int j0, int H, int W, int K, int d, int r,
+                                                  int dil, acc_t lowest) {
+    const int KK = K * K;
+    const int hi0 = san_tile_lanes(W, j0);
+    const san_mask m0 = san_lanes(0, hi0);
+    const int64_t pix0 = (int64_t)i * W + j0;
+    const int64_t bufstep = (int64_t)dil * KK * W;
+    acc_t* a_ptr = attn + (int64_t)i * KK * W + j0;
+    const sasa_rows_window rw = sasa_rows_window_of<R>(i, j0, hi0, H, W, K, r, dil);
+
+    // Logits (masked lanes hold `lowest`) and each row's maximum; 0 outside the rows' windows.
+    san_vec vmax[R];
+    SAN_UNROLL for (int t = 0; t < R; ++t) vmax[t] = san_vbcast(lowest);
+    sasa_window_dots<R, true, SASA_MAX>(q + pix0, k + j0, relT, a_ptr, a_ptr, HW, rw, i, j0, K, d,
+                                        r, dil, W, hi0, m0, lowest, vmax);
+    // exp and sum per row (out-of-image neighbours get probability 0); the gather normalises.
+    san_vec inv[R];
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        const sasa_window win = sasa_row_window(rw, t);
+        acc_t* at = a_ptr + t * bufstep;
+        sasa_zero_outside(at, win, K, W, m0);
+        san_vec total = san_vbcast((acc_t)0);
+        for (int b = win.b_lo; b < win.b_hi; ++b) {
+            const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
+            for (int a = win.a_lo; a < win.a_hi; ++a) {
+                acc_t* pa = at + (a * K + b) * W;
+                const san_vec e = san_vselect(san_vexp(san_vload(pa, m0) - vmax[t]), m, (acc_t)0);
+                total = total + e;
+                san_vstore(pa, e, m0);
+            }
+        }
+        inv[t] = (acc_t)1 / san_vselect(total, m0, (acc_t)1);
+    }
+    sasa_gather_head<R, false, SASA_SCALE>(a_ptr, a_ptr, v + j0, relT, out + pix0, HW, rw, i, j0,
+                                           K, d, r, dil, W, hi0, m0, inv);
+}
+
+// Forward. One thread per (n, head, row group, row tile) (see sasa_tile_of): the K*K logits
 // sum_{c in head} q[c, i, j] * (k[c, i', j'] + rel[c, a, b]) go to attn and become the softmax
 // over the in-image neighbours there (max, exp and sum, normalise); then
-// out[c, i, j] = sum_{a, b} attn[i, a, b, j] * v[c, i', j'] for every channel of the head.
+// out[c, i, j] = sum_{a, b} attn[i, a, b, j] * v[c, i', j'] for every channel of the head. A
+// group with fewer than SAN_UR rows (at the image's bottom) does its rows one at a time.
 // Bounded to 2 blocks per SM: unbounded, the double build takes 168 registers (sm_80) since the
 // logits' running maximum is kept in registers.
 __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
@@ -305,36 +472,56 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
                  int heads, int K, int dil) {
     SASA_SIZES;
     const acc_t lowest = san_lowest();
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        SASA_TILE(idx);
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * sasa_row_groups(H, dil) * WT) {
+        const sasa_tile t = sasa_tile_of(idx, WT, H, heads, dil);
+        const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW;
         const scalar_t* relT_h = relT + (int64_t)t.h * KK * d;
-        acc_t* a_ptr = attn + (t.nh * H + i) * KK * W + j0;
-        const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
-
-        // Logits (masked lanes hold `lowest`) and their maximum; 0 outside the window.
-        const san_vec vmax = sasa_window_dots<true, SASA_MAX>(
-            q + chan0 + pix0, k + chan0 + j0, relT_h, a_ptr, a_ptr, HW, win, i, j0, K, d, r, dil,
-            W, hi0, m0, lowest, lowest);
-        sasa_zero_outside(a_ptr, win, K, W, m0);
-        // exp and sum (out-of-image neighbours get probability 0); the gather normalises.
-        san_vec total = san_vbcast((acc_t)0);
-        for (int b = win.b_lo; b < win.b_hi; ++b) {
-            const san_mask m = sasa_column_mask(j0, b, 1, W, hi0, r, dil);
-            for (int a = win.a_lo; a < win.a_hi; ++a) {
-                acc_t* p = a_ptr + (a * K + b) * W;
-                const san_vec e = san_vselect(san_vexp(san_vload(p, m0) - vmax), m, (acc_t)0);
-                total = total + e;
-                san_vstore(p, e, m0);
+        acc_t* a_h = attn + t.nh * H * KK * W;
+        if (SAN_UR == 1 || t.rows == SAN_UR) {  // (one call site where SAN_UR is 1)
+            sasa_forward_rows<SAN_UR>(q + chan0, k + chan0, v + chan0, relT_h, a_h, out + chan0,
+                                      HW, t.i, t.j0, H, W, K, d, r, dil, lowest);
+        } else {
+            for (int s = 0; s < t.rows; ++s) {
+                sasa_forward_rows<1>(q + chan0, k + chan0, v + chan0, relT_h, a_h, out + chan0,
+                                     HW, t.i + s * dil, t.j0, H, W, K, d, r, dil, lowest);
             }
         }
-        const san_vec inv = (acc_t)1 / san_vselect(total, m0, (acc_t)1);
-        sasa_gather_head<false, SASA_SCALE>(a_ptr, a_ptr, v + chan0 + j0, relT_h,
-                                            out + chan0 + pix0, HW, win, i, j0, K, d, r, dil, W,
-                                            hi0, m0, inv);
     }
 }
 
-// Gradient of the logits and of q. One thread per (n, head, i, row tile):
+// The logit and q gradients for the R rows i + t * dil of the tile at column j0 (see
+// sasa_logit_q_backward); grad_out, k, v, grad_q at channel 0 of the head, attn, dlogit at its
+// row 0, tap 0, column 0, psum at its pixel 0, relT at the head's.
+template <int R>
+__device__ __forceinline__ void sasa_logit_q_rows(const scalar_t* grad_out, const scalar_t* k,
+                                                  const scalar_t* v, const scalar_t* relT,
+                                                  const acc_t* attn, acc_t* dlogit, acc_t* psum,
+                                                  scalar_t* grad_q, int64_t HW, int i, int j0,
+                                                  int H, int W, int K, int d, int r, int dil) {
+    const int KK = K * K;
+    const int hi0 = san_tile_lanes(W, j0);
+    const san_mask m0 = san_lanes(0, hi0);
+    const int64_t pix0 = (int64_t)i * W + j0;
+    const int64_t bufstep = (int64_t)dil * KK * W;
+    const acc_t* p_ptr = attn + (int64_t)i * KK * W + j0;
+    acc_t* dl_ptr = dlogit + (int64_t)i * KK * W + j0;
+    const sasa_rows_window rw = sasa_rows_window_of<R>(i, j0, hi0, H, W, K, r, dil);
+
+    // gv into dlogit (0 where the neighbour is outside: p is 0 there too) and
+    // weighted = sum_ab p[ab] gv[ab] per row; the gather turns gv into dlogit = p (gv - weighted).
+    san_vec weighted[R];
+    SAN_UNROLL for (int t = 0; t < R; ++t) weighted[t] = san_vbcast((acc_t)0);
+    sasa_window_dots<R, false, SASA_PSUM>(grad_out + pix0, v + j0, relT, dl_ptr, p_ptr, HW, rw, i,
+                                          j0, K, d, r, dil, W, hi0, m0, (acc_t)0, weighted);
+    SAN_UNROLL for (int t = 0; t < R; ++t) {
+        san_vstore(psum + pix0 + t * dil * W, weighted[t], m0);
+        sasa_zero_outside(dl_ptr + t * bufstep, sasa_row_window(rw, t), K, W, m0);
+    }
+    sasa_gather_head<R, true, SASA_DLOGIT>(dl_ptr, p_ptr, k + j0, relT, grad_q + pix0, HW, rw, i,
+                                           j0, K, d, r, dil, W, hi0, m0, weighted);
+}
+
+// Gradient of the logits and of q. One thread per (n, head, row group, row tile):
 // gv[ab] = sum_{c in head} grad_out[c, i, j] * v[c, i', j'],
 // dlogit[ab] = p[ab] * (gv[ab] - psum) (0 for out-of-image neighbours) with the per-pixel
 // psum = sum_ab' p[ab'] gv[ab'] (stored to psum, (N, heads, H, W)), then
@@ -350,22 +537,22 @@ __global__ void __launch_bounds__(SAN_BLOCK_THREADS, 2)
                           acc_t* __restrict__ psum, scalar_t* __restrict__ grad_q, int N, int C,
                           int H, int W, int heads, int K, int dil) {
     SASA_SIZES;
-    SAN_GRID_LOOP(idx, (int64_t)N * heads * H * WT) {
-        SASA_TILE(idx);
-        const acc_t* p_ptr = attn + (t.nh * H + i) * KK * W + j0;
-        acc_t* dl_ptr = dlogit + (t.nh * H + i) * KK * W + j0;
-        const sasa_window win = sasa_window_of(i, j0, hi0, 1, H, W, K, r, dil);
-
-        // gv into dlogit (0 where the neighbour is outside: p is 0 there too) and
-        // weighted = sum_ab p[ab] gv[ab]; the gather turns gv into dlogit = p * (gv - weighted).
-        const san_vec weighted = sasa_window_dots<false, SASA_PSUM>(
-            grad_out + chan0 + pix0, v + chan0 + j0, relT, dl_ptr, p_ptr, HW, win, i, j0, K, d, r,
-            dil, W, hi0, m0, (acc_t)0, (acc_t)0);
-        san_vstore(psum + t.nh * HW + pix0, weighted, m0);
-        sasa_zero_outside(dl_ptr, win, K, W, m0);
-        sasa_gather_head<true, SASA_DLOGIT>(dl_ptr, p_ptr, k + chan0 + j0,
-                                            relT + (int64_t)t.h * KK * d, grad_q + chan0 + pix0,
-                                            HW, win, i, j0, K, d, r, dil, W, hi0, m0, weighted);
+    SAN_GRID_LOOP(idx, (int64_t)N * heads * sasa_row_groups(H, dil) * WT) {
+        const sasa_tile t = sasa_tile_of(idx, WT, H, heads, dil);
+        const int64_t chan0 = (t.n * C + (int64_t)t.h * d) * HW;
+        const scalar_t* relT_h = relT + (int64_t)t.h * KK * d;
+        const int64_t buf = t.nh * H * KK * W;
+        if (SAN_UR == 1 || t.rows == SAN_UR) {  // (one call site where SAN_UR is 1)
+            sasa_logit_q_rows<SAN_UR>(grad_out + chan0, k + chan0, v + chan0, relT_h, attn + buf,
+                                      dlogit + buf, psum + t.nh * HW, grad_q + chan0, HW, t.i,
+                                      t.j0, H, W, K, d, r, dil);
+        } else {
+            for (int s = 0; s < t.rows; ++s) {
+                sasa_logit_q_rows<1>(grad_out + chan0, k + chan0, v + chan0, relT_h, attn + buf,
+                                     dlogit + buf, psum + t.nh * HW, grad_q + chan0, HW,
+                                     t.i + s * dil, t.j0, H, W, K, d, r, dil);
+            }
+        }
     }
 }
 

@@ -48,6 +48,13 @@ def _row_threads(run, kernel: str, rows: int, width: int) -> int:
     return rows * -(-width // run.tile(kernel).pixels)
 
 
+def _row_groups(run, kernel: str, height: int, dilation: int) -> int:
+    """Row groups per (image, head) of a kernel that takes ``tile.rows`` rows ``dilation`` apart
+    per thread (``sasa_row_groups`` in the kernel source)."""
+    rows = run.tile(kernel).rows
+    return height if rows == 1 else dilation * -(-height // (rows * dilation))
+
+
 def _channel_groups(run, kernel: str, head_dim: int) -> int:
     """Threads per (pixel tile, head) of a kernel that works on groups of a head's channels."""
     return -(-head_dim // run.tile(kernel).channels)
@@ -75,7 +82,8 @@ def local_attention_forward(
     shape = (n, c, h, w, num_heads, kernel_size, dilation)
     rel_t = _rel_by_tap(q, rel, num_heads, kernel_size)
     name = "sasa_forward"
-    run(name, _row_threads(run, name, n * num_heads * h, w), q, k, v, rel_t, attn, out, *shape)
+    rows = n * num_heads * _row_groups(run, name, h, dilation)
+    run(name, _row_threads(run, name, rows, w), q, k, v, rel_t, attn, out, *shape)
     return out, attn
 
 
@@ -102,8 +110,8 @@ def local_attention_backward(
     dlogit = scratch[: attn.numel()].view(attn.shape)
     psum = scratch[attn.numel() :].view(n, num_heads, h, w)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    rows = n * num_heads * h
     name = "sasa_logit_q_backward"
+    rows = n * num_heads * _row_groups(run, name, h, dilation)
     run(
         name, _row_threads(run, name, rows, w),
         grad_out, k, v, rel_t, attn, dlogit, psum, grad_q, *shape,
