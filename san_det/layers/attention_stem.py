@@ -159,9 +159,10 @@ class SpatiallyAwareAttentionStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``pool(norm(attention(x)))``. Where the attention runs on the kernels and the norm
         and pool can be fused (:func:`~san_det.layers.norm_pool.can_fuse_for`, SyncBatchNorm
-        included; the pool's windows are the attention's blocks), by the op ``san_det::attention_stem_pool``, which
-        never forms the full-resolution attention output; else the norm and the pool fused by
-        :func:`~san_det.layers.norm_pool.norm_max_pool` where it can, else the modules."""
+        included; the pool's windows are the attention's blocks), by the op
+        ``san_det::attention_stem_pool``, which never forms the full-resolution attention output;
+        else the norm and the pool fused by :func:`~san_det.layers.norm_pool.norm_max_pool` where
+        it can, else the modules."""
         if self._pools_in_attention(x):
             return self._pooled_attention(x)
         return norm_max_pool(self.attention(x), self.norm, self.pool)
@@ -173,7 +174,7 @@ class SpatiallyAwareAttentionStem(nn.Module):
         return (
             pool_window(self.pool) == (b, b)
             and can_fuse_for(shape, x.dtype, x.device, self.norm, self.pool, from_sums=True)
-            and pool_runs_kernels(x, self.out_channels, self.num_heads, b)
+            and pool_runs_kernels(x, self.query.weight[:, :, 0, 0], self.num_heads, b)
         )
 
     def _pooled_attention(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ setting read when a kernel is bound (``tests/helpers/launch.py`` wraps it in a c
 """
 
 import threading
+from itertools import zip_longest
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -168,8 +169,7 @@ class BoundLauncher:
         """The tile ``kernel`` is compiled with."""
         tile = default_tile(self.isa or "cuda", kernel, self.dtype)
         if self.backend == "cpu" and self._override.tile is not None:
-            override = tuple(self._override.tile) + (None,) * (len(tile) - len(self._override.tile))
-            tile = Tile(*(o or t for o, t in zip(override, tile)))
+            tile = Tile(*(o or t for o, t in zip_longest(self._override.tile, tile)))
         return tile
 
     def _module(self, kernel: str):

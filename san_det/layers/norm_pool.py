@@ -168,8 +168,9 @@ def pooled_norm(
     batch_norms = (nn.BatchNorm2d, nn.SyncBatchNorm)
     if not (type(norm) in batch_norms and _uses_batch_statistics(norm)):
         return norm(pooled)  # elementwise with running statistics: as unfused, bitwise
-    if _synchronises(norm):
-        sums, count = _all_reduced(sums, count, norm.process_group)
+    group = _synchronised_group(norm)
+    if group is not None:
+        sums, count = _all_reduced(sums, count, group)
     mean = sums[0] / count
     var = (sums[1] / count - mean * mean).clamp_min(0)  # float64 sums: no cancellation to fear
     factor = _update_factor(norm)
@@ -215,23 +216,23 @@ def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     return norm.training or (norm.running_mean is None and norm.running_var is None)
 
 
-def _synchronises(norm: nn.Module) -> bool:
-    """Whether ``nn.SyncBatchNorm.forward`` would synchronise its statistics (training, in an
-    initialised process group of more than one process)."""
+def _synchronised_group(norm: nn.Module):
+    """The process group over which ``nn.SyncBatchNorm.forward`` would synchronise its statistics
+    (training, in an initialised group of more than one process), else None."""
     if type(norm) is not nn.SyncBatchNorm or not norm.training:
-        return False
+        return None
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
+        return None
     group = norm.process_group or torch.distributed.group.WORLD
-    return torch.distributed.get_world_size(group) > 1
+    return group if torch.distributed.get_world_size(group) > 1 else None
 
 
 def _all_reduced(sums: torch.Tensor, count: int, group) -> Tuple[torch.Tensor, int]:
-    """``sums`` (differentiably) and ``count`` added up over the processes of ``group``."""
-    group = group or torch.distributed.group.WORLD
-    total = torch.tensor([float(count)], dtype=torch.float64, device=sums.device)
-    torch.distributed.all_reduce(total, group=group)
-    return _SumOverProcesses.apply(sums, group), int(total.item())
+    """``sums`` (differentiably) and ``count`` added up over the processes of ``group``, in one
+    collective."""
+    counts = sums.new_full((1, sums.shape[1]), float(count))
+    total = _SumOverProcesses.apply(torch.cat([sums, counts]), group)
+    return total[:2], int(total[2, 0])
 
 
 class _SumOverProcesses(torch.autograd.Function):

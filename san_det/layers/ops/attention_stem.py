@@ -555,13 +555,11 @@ def pool_grads(ctx, grad_pooled, grad_position, grad_sums):
     return (grads[0] if input_grad else None, *grads[1:], None, None, None, None)
 
 
-def pool_runs_kernels(x: Tensor, channels: int, num_heads: int, block_size: int) -> bool:
+def pool_runs_kernels(x: Tensor, query_weight: Tensor, num_heads: int, block_size: int) -> bool:
     """Whether ``attention_stem_pool`` on ``x`` under ``backend="auto"`` runs the kernels (the
     reference backend forms the full output, forward and backward: no gain over
     ``attention_stem`` then)."""
     try:
-        backend = resolve_backend(AUTO, x)
-    except (RuntimeError, ValueError):
+        return _backend(AUTO, x, query_weight, num_heads, block_size) != "reference"
+    except (RuntimeError, ValueError):  # a forced backend that cannot run here
         return False
-    fits = stem_fits_kernels(x.shape[1], channels, num_heads, block_size)
-    return backend != "reference" and fits and block_size <= 16

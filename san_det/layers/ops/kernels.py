@@ -277,12 +277,13 @@ def attention_stem_forward(backend: str, x, qk, w_eff, num_heads: int, block_siz
     return out
 
 
-def _stem_items(run, kernel: str, backend: str, x: torch.Tensor, block_size: int, limits=None):
+def _stem_items(
+    run, kernel: str, backend: str, x: torch.Tensor, block_size: int, limits=_STEM_PARTS
+):
     """``(tiles per item, items)``: kernels whose threads add into their own part of a sum take
-    items of tiles, at most ``limits`` (:data:`_STEM_PARTS`) of them."""
+    items of tiles, at most ``limits[backend]`` of them."""
     tiles = _stem_tiles(run, kernel, x, block_size)
-    limit = (limits or _STEM_PARTS)[backend]
-    max_parts = limit * (torch.get_num_threads() if backend == "cpu" else 1)
+    max_parts = limits[backend] * (torch.get_num_threads() if backend == "cpu" else 1)
     per_part = -(-tiles // max_parts)
     return per_part, -(-tiles // per_part)
 
