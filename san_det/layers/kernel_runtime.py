@@ -16,7 +16,8 @@ CPU path can emulate: every ``__global__`` function is a grid-stride loop over i
   the caller's flags, e.g. tile macros) into a shared library cached by the hash of source,
   compiler and flags under ``$SAN_DET_CACHE`` (default ``~/.cache/san_det``) and calls it through
   ctypes; each launch runs every (block, thread) pair of the grid, so a tiny grid exercises the
-  grid-stride loops. The library is built for one instruction-set level of :data:`CPU_ISAS`
+  grid-stride loops, with denormal numbers flushed to zero on every thread while it runs
+  (``san_flush_denormals`` in ``cpu_prelude.h``; the caller's mode is restored on return). The library is built for one instruction-set level of :data:`CPU_ISAS`
   (:func:`cpu_isa`: ``avx512``, ``avx2`` or the ``portable`` baseline), the best the host runs
   unless ``SAN_DET_CPU_ISA`` names another; :meth:`KernelSource.build_cpu` also builds levels
   the host cannot run (compile-only checks).
@@ -340,7 +341,9 @@ class KernelSource:
             sep = ", " if decls else ""
             parts.append(
                 f'extern "C" void san_launch_{name}(int grid_, int block_{sep}{decls}) {{\n'
-                "  #pragma omp parallel for schedule(static)\n"
+                "  #pragma omp parallel\n  {\n"
+                "  const san_flush_denormals flush_;\n"
+                "  #pragma omp for schedule(static)\n"
                 # Loop variables end in '_' so they cannot shadow a kernel parameter.
                 "  for (int block_idx_ = 0; block_idx_ < grid_; ++block_idx_) {\n"
                 "    gridDim = {(unsigned)grid_, 1, 1}; blockDim = {(unsigned)block_, 1, 1};\n"
@@ -348,7 +351,7 @@ class KernelSource:
                 "    for (int thread_idx_ = 0; thread_idx_ < block_; ++thread_idx_) {\n"
                 "      threadIdx = {(unsigned)thread_idx_, 0, 0};\n"
                 f"      {name}({names});\n"
-                "    }\n  }\n}\n"
+                "    }\n  }\n  }\n}\n"
             )
         return "\n".join(parts)
 

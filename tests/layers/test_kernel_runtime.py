@@ -143,6 +143,56 @@ def test_cpu_block_and_thread_indices(toy_source):
     assert out.tolist() == want
 
 
+# Where san_flush_denormals sets the flush mode (cpu_prelude.h); elsewhere denormals stay IEEE.
+FLUSHES_DENORMALS = platform.machine().lower() in ("x86_64", "amd64", "i686", "aarch64", "arm64")
+
+
+@needs_cxx
+@pytest.mark.skipif(not FLUSHES_DENORMALS, reason="no flush-to-zero mode on this architecture")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_cpu_kernels_flush_denormals_and_restore_the_callers_mode(
+    toy_source, dtype, threads, caller_flushes
+):
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number
+    n = 64
+    normal = torch.full((n,), tiny * 4, dtype=dtype)
+    denormal = torch.full((n,), tiny / 4, dtype=dtype)
+    assert (denormal > 0).all() and (denormal * 4 == tiny).all()  # IEEE here, before the launch
+    kernels = toy_source.cpu(dtype)
+    saved_threads = torch.get_num_threads()
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        torch.set_num_threads(threads)
+        visits = torch.zeros(n, dtype=torch.int32)
+        # A denormal result (tiny * 4 / 16) is flushed to 0 ...
+        flushed = torch.zeros(n, dtype=dtype)
+        kernels.axpby(4, 4, normal, flushed, visits, n, 1.0 / 16, 0.0)
+        assert (flushed == 0).all()
+        # ... a denormal operand reads as 0 (y = 1 * denormal + 1 * y) ...
+        read = torch.full((n,), tiny, dtype=dtype)
+        kernels.axpby(4, 4, denormal, read, visits, n, 1.0, 1.0)
+        assert (read == tiny).all()
+        # ... and normal numbers are untouched.
+        kept = torch.zeros(n, dtype=dtype)
+        kernels.axpby(4, 4, normal, kept, visits, n, 1.0, 0.0)
+        assert torch.equal(kept, normal)
+        # Every thread keeps its own mode: torch's ops after the launch see IEEE denormals on
+        # all threads (a tensor large enough for torch to split it over them), unless the
+        # caller had asked for flushing on its own thread (a tensor torch does not split).
+        # Compared as bits: with DAZ on, a float comparison would read the denormal as 0 too.
+        bits = torch.int32 if dtype == torch.float32 else torch.int64
+        if caller_flushes:
+            assert (torch.full((n,), tiny, dtype=dtype) / 4).view(bits).eq(0).all()
+        else:
+            after = torch.full((1 << 17,), tiny, dtype=dtype) / 4
+            assert after.view(bits).eq(denormal.view(bits)[0]).all()
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(saved_threads)
+
+
 @needs_cxx
 def test_cpu_cache_and_flags(toy_source, tmp_path):
     toy_source.cpu(torch.float32)
