@@ -1,11 +1,13 @@
-"""Launch overrides for the kernel tests: tiny grids and odd CPU tiles."""
+"""Launch overrides for the kernel tests: tiny grids, odd CPU tiles, OpenMP thread counts."""
 
 import contextlib
 from typing import Iterator, Optional
 
+import torch
+
 from san_det.layers.launcher import LaunchOverride, set_launch_override
 
-__all__ = ["launch_config"]
+__all__ = ["launch_config", "torch_threads"]
 
 
 @contextlib.contextmanager
@@ -28,3 +30,15 @@ def launch_config(
         yield
     finally:
         set_launch_override(previous)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run this block with ``torch.set_num_threads(threads)`` (the CPU kernels' OpenMP threads
+    too), restoring the previous count after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -13,7 +13,7 @@ from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 from san_det.layers.kernel_runtime import KernelSource
 from san_det.layers.ops.kernels import STEM_LIMITS
 from tests.helpers.kernel_variants import CPU_VARIANTS, compile_or_skip, variant_id
-from tests.helpers.launch import launch_config
+from tests.helpers.launch import launch_config, torch_threads
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
 TOLERANCES = {
@@ -104,12 +104,8 @@ def test_grid_stride_launches_and_parts_of_the_weight_gradients(launch, input_gr
 def test_kernels_run_with_several_threads():
     tensors, geometry = _op_inputs(CASES[0], torch.float64)
     want = _run("reference", tensors, geometry)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         got = _run("cpu", tensors, geometry)
-    finally:
-        torch.set_num_threads(threads)
     _assert_match(got, want, torch.float64)
 
 

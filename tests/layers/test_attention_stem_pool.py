@@ -26,7 +26,7 @@ import san_det  # noqa: F401  (compat before detectron2)
 from san_det.layers.attention_stem import SpatiallyAwareAttentionStem
 from san_det.layers.backend import use_backend
 from tests.helpers.kernel_variants import CPU_VARIANTS, variant_id
-from tests.helpers.launch import launch_config
+from tests.helpers.launch import launch_config, torch_threads
 from tests.helpers.skips import needs_cuda, needs_cxx
 from tests.layers.test_attention_stem_kernels import cpu_variant  # noqa: F401  (fixture)
 from tests.layers.test_attention_stem_kernels import CASES, TOLERANCES, _case_id, _op_inputs
@@ -167,12 +167,8 @@ def test_kernels_run_with_several_threads():
     tensors, geometry = _op_inputs(CASES[0], torch.float64)
     sign = _sign(tensors[1].shape[0])
     want = _run("reference", tensors, geometry, sign)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         got = _run("cpu", tensors, geometry, sign)
-    finally:
-        torch.set_num_threads(threads)
     _assert_match(got, want, torch.float64)
 
 

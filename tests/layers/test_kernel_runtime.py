@@ -33,6 +33,7 @@ from san_det.layers.kernel_runtime import (
     cpu_isa,
     supported_cpu_isas,
 )
+from tests.helpers.launch import torch_threads
 from tests.helpers.nvrtc import kernel_resources, nvrtc_compile
 from tests.helpers.skips import needs_cuda, needs_cxx, needs_nvrtc
 
@@ -161,36 +162,34 @@ def test_cpu_kernels_flush_denormals_and_restore_the_callers_mode(
     denormal = torch.full((n,), tiny / 4, dtype=dtype)
     assert (denormal > 0).all() and (denormal * 4 == tiny).all()  # IEEE here, before the launch
     kernels = toy_source.cpu(dtype)
-    saved_threads = torch.get_num_threads()
     torch.set_flush_denormal(caller_flushes)
     try:
-        torch.set_num_threads(threads)
-        visits = torch.zeros(n, dtype=torch.int32)
-        # A denormal result (tiny * 4 / 16) is flushed to 0 ...
-        flushed = torch.zeros(n, dtype=dtype)
-        kernels.axpby(4, 4, normal, flushed, visits, n, 1.0 / 16, 0.0)
-        assert (flushed == 0).all()
-        # ... a denormal operand reads as 0 (y = 1 * denormal + 1 * y) ...
-        read = torch.full((n,), tiny, dtype=dtype)
-        kernels.axpby(4, 4, denormal, read, visits, n, 1.0, 1.0)
-        assert (read == tiny).all()
-        # ... and normal numbers are untouched.
-        kept = torch.zeros(n, dtype=dtype)
-        kernels.axpby(4, 4, normal, kept, visits, n, 1.0, 0.0)
-        assert torch.equal(kept, normal)
-        # Every thread keeps its own mode: torch's ops after the launch see IEEE denormals on
-        # all threads (a tensor large enough for torch to split it over them), unless the
-        # caller had asked for flushing on its own thread (a tensor torch does not split).
-        # Compared as bits: with DAZ on, a float comparison would read the denormal as 0 too.
-        bits = torch.int32 if dtype == torch.float32 else torch.int64
-        if caller_flushes:
-            assert (torch.full((n,), tiny, dtype=dtype) / 4).view(bits).eq(0).all()
-        else:
-            after = torch.full((1 << 17,), tiny, dtype=dtype) / 4
-            assert after.view(bits).eq(denormal.view(bits)[0]).all()
+        with torch_threads(threads):
+            visits = torch.zeros(n, dtype=torch.int32)
+            # A denormal result (tiny * 4 / 16) is flushed to 0 ...
+            flushed = torch.zeros(n, dtype=dtype)
+            kernels.axpby(4, 4, normal, flushed, visits, n, 1.0 / 16, 0.0)
+            assert (flushed == 0).all()
+            # ... a denormal operand reads as 0 (y = 1 * denormal + 1 * y) ...
+            read = torch.full((n,), tiny, dtype=dtype)
+            kernels.axpby(4, 4, denormal, read, visits, n, 1.0, 1.0)
+            assert (read == tiny).all()
+            # ... and normal numbers are untouched.
+            kept = torch.zeros(n, dtype=dtype)
+            kernels.axpby(4, 4, normal, kept, visits, n, 1.0, 0.0)
+            assert torch.equal(kept, normal)
+            # Every thread keeps its own mode: torch's ops after the launch see IEEE denormals on
+            # all threads (a tensor large enough for torch to split it over them), unless the
+            # caller had asked for flushing on its own thread (a tensor torch does not split).
+            # Compared as bits: with DAZ on, a float comparison would read the denormal as 0 too.
+            bits = torch.int32 if dtype == torch.float32 else torch.int64
+            if caller_flushes:
+                assert (torch.full((n,), tiny, dtype=dtype) / 4).view(bits).eq(0).all()
+            else:
+                after = torch.full((1 << 17,), tiny, dtype=dtype) / 4
+                assert after.view(bits).eq(denormal.view(bits)[0]).all()
     finally:
         torch.set_flush_denormal(False)
-        torch.set_num_threads(saved_threads)
 
 
 @needs_cxx
